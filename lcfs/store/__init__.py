@@ -1,0 +1,19 @@
+"""The on-device layer store. See ``lcfs.store.format`` for the layout."""
+
+from . import errors
+from .format import BLOCK_SIZE, ROOT_INO
+from .namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
+from .store import Attr, StatFs, Store
+
+__all__ = [
+    "Attr",
+    "BLOCK_SIZE",
+    "RENAME_EXCHANGE",
+    "RENAME_NOREPLACE",
+    "ROOT_INO",
+    "StatFs",
+    "Store",
+    "XATTR_CREATE",
+    "XATTR_REPLACE",
+    "errors",
+]

@@ -1,0 +1,255 @@
+"""File data of the store (a mixin of ``Store``): extents, reads and writes.
+
+An inode version's data is a map of extents ``(file block -> physical block,
+count, owned)``. A child layer that changes a file gets a copy of the map
+with every extent marked not owned; a write then allocates new blocks only
+for the 4 KiB blocks it touches (branch on write) and overwrites in place
+only blocks its own layer owns. Unmapped blocks are holes and read as zeros.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from . import errors
+from .format import BLOCK_SIZE, EXTENT, U64X2, extent_key
+
+# Largest run handed to one pwrite or pread.
+IO_CHUNK_BLOCKS = 256
+
+
+class DataMixin:
+    # -- extent map ------------------------------------------------------------
+
+    def _extents(self, ino: int, layer: int, first: int, end: int) -> list[list[int]]:
+        """Return [file block, physical block, count, owned] of extents overlapping [first, end)."""
+        db = self.dbs["extents"]
+        prefix = U64X2.pack(ino, layer)
+        start_key = extent_key(ino, layer, first)
+        cursor = self._txn.cursor(db=db)
+        found = []
+        # The extent that starts before ``first`` may still cover it.
+        moved = cursor.prev() if cursor.set_range(start_key) else cursor.last()
+        if moved and cursor.key()[:16] == prefix:
+            block = int.from_bytes(cursor.key()[16:24], "big")
+            phys, count, owned = EXTENT.unpack(cursor.value())
+            if block < first < block + count:
+                found.append([block, phys, count, owned])
+        if not cursor.set_range(start_key):
+            return found
+        for key, value in cursor.iternext():
+            if key[:16] != prefix:
+                break
+            block = int.from_bytes(key[16:24], "big")
+            if block >= end:
+                break
+            phys, count, owned = EXTENT.unpack(value)
+            found.append([block, phys, count, owned])
+        return found
+
+    def _put_extent(self, ino: int, layer: int, block: int, phys: int, count: int, owned: int) -> None:
+        self._txn.put(extent_key(ino, layer, block), EXTENT.pack(phys, count, owned), db=self.dbs["extents"])
+
+    def _copy_extents(self, ino: int, source: int, dest: int) -> None:
+        for key, value in list(self._prefix_items(self.dbs["extents"], U64X2.pack(ino, source))):
+            phys, count, _ = EXTENT.unpack(value)
+            self._put_extent(ino, dest, int.from_bytes(key[16:24], "big"), phys, count, 0)
+
+    def _unmap(self, inode, layer: int, first: int, end: int) -> None:
+        """Remove the mapping of file blocks [first, end), freeing what the layer owns."""
+        db = self.dbs["extents"]
+        for block, phys, count, owned in self._extents(inode.ino, layer, first, end):
+            self._txn.delete(extent_key(inode.ino, layer, block), db=db)
+            cut_start = max(block, first)
+            cut_end = min(block + count, end)
+            if block < cut_start:
+                self._put_extent(inode.ino, layer, block, phys, cut_start - block, owned)
+            if cut_end < block + count:
+                self._put_extent(inode.ino, layer, cut_end, phys + (cut_end - block),
+                                 block + count - cut_end, owned)  # fmt: skip
+            if owned:
+                self.alloc.release(self._txn, phys + (cut_start - block), cut_end - cut_start)
+            inode.blocks -= cut_end - cut_start
+
+    def _map(self, inode, layer: int, block: int, phys: int, count: int) -> None:
+        """Map file blocks [block, block+count) to new owned blocks at ``phys``."""
+        self._unmap(inode, layer, block, block + count)
+        before = self._extents(inode.ino, layer, block - 1, block) if block else []
+        if before:
+            prev_block, prev_phys, prev_count, prev_owned = before[0]
+            if prev_owned and prev_block + prev_count == block and prev_phys + prev_count == phys:
+                self._put_extent(inode.ino, layer, prev_block, prev_phys, prev_count + count, 1)
+                inode.blocks += count
+                return
+        self._put_extent(inode.ino, layer, block, phys, count, 1)
+        inode.blocks += count
+
+    def _free_extents(self, ino: int, layer: int) -> None:
+        txn, db = self._txn, self.dbs["extents"]
+        for key, value in list(self._prefix_items(db, U64X2.pack(ino, layer))):
+            phys, count, owned = EXTENT.unpack(value)
+            if owned:
+                self.alloc.release(txn, phys, count)
+            txn.delete(key, db=db)
+
+    # -- device I/O --------------------------------------------------------------
+
+    def _pread(self, phys: int, length: int, offset_in_block: int = 0) -> bytes:
+        if phys < 0 or phys * BLOCK_SIZE + offset_in_block + length > self.data_blocks * BLOCK_SIZE:
+            raise errors.StoreError(f"read of block {phys} outside the data region")
+        data = os.pread(self.fd, length, self.data_offset + phys * BLOCK_SIZE + offset_in_block)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def _pwrite(self, phys: int, data, offset_in_block: int = 0) -> None:
+        if phys < 0 or phys * BLOCK_SIZE + offset_in_block + len(data) > self.data_blocks * BLOCK_SIZE:
+            raise errors.StoreError(f"write of block {phys} outside the data region")
+        view = memoryview(data)
+        position = self.data_offset + phys * BLOCK_SIZE + offset_in_block
+        while view:
+            written = os.pwrite(self.fd, view, position)
+            view = view[written:]
+            position += written
+
+    # -- reading -------------------------------------------------------------------
+
+    def read(self, layer: int, ino: int, offset: int, size: int) -> bytes:
+        with self.lock:
+            self._ready()
+            self._layer(layer)
+            owner, inode = self._resolve(layer, ino)
+            if inode.is_dir:
+                raise errors.IsDir(f"inode {ino} is a directory")
+            if offset < 0 or size < 0:
+                raise errors.Invalid(f"invalid read range {offset}+{size}")
+            end = min(offset + size, inode.size)
+            if end <= offset:
+                return b""
+            return self._read_range(inode.ino, owner, offset, end)
+
+    def _read_range(self, ino: int, owner: int, offset: int, end: int) -> bytes:
+        out = bytearray(end - offset)
+        first = offset // BLOCK_SIZE
+        last = (end + BLOCK_SIZE - 1) // BLOCK_SIZE
+        for block, phys, count, _ in self._extents(ino, owner, first, last):
+            start = max(block * BLOCK_SIZE, offset)
+            stop = min((block + count) * BLOCK_SIZE, end)
+            if start >= stop:
+                continue
+            delta = start - block * BLOCK_SIZE
+            chunk = self._pread(phys + delta // BLOCK_SIZE, stop - start, delta % BLOCK_SIZE)
+            out[start - offset : stop - offset] = chunk
+        return bytes(out)
+
+    # -- writing ---------------------------------------------------------------------
+
+    def write(self, layer: int, ino: int, offset: int, data) -> int:
+        return self._write(self._write_data, layer, ino, offset, data)
+
+    def _write_data(self, layer, ino, offset, data, touch=True):
+        self._writable(layer)
+        if offset < 0:
+            raise errors.Invalid(f"invalid write offset {offset}")
+        current = self._inode(layer, ino)
+        if not current.is_reg:
+            if current.is_dir:
+                raise errors.IsDir(f"inode {ino} is a directory")
+            raise errors.Invalid(f"inode {ino} is not a regular file")
+        if not data:
+            return 0
+        inode = self._own(layer, ino)
+        self._store_bytes(inode, layer, offset, memoryview(data))
+        end = offset + len(data)
+        if end > inode.size:
+            inode.size = end
+        if touch:
+            now = self._now_ns()
+            inode.mtime_ns = inode.ctime_ns = now
+        self._put_inode(layer, inode)
+        return len(data)
+
+    @staticmethod
+    def _now_ns() -> int:
+        import time
+
+        return time.time_ns()
+
+    def _store_bytes(self, inode, layer: int, offset: int, data: memoryview) -> None:
+        """Write ``data`` at ``offset``: in place into owned blocks, to new blocks elsewhere."""
+        end = offset + len(data)
+        first = offset // BLOCK_SIZE
+        last = (end + BLOCK_SIZE - 1) // BLOCK_SIZE
+        mapping = {}
+        for block, phys, count, owned in self._extents(inode.ino, layer, first, last):
+            for i in range(max(block, first), min(block + count, last)):
+                mapping[i] = (phys + i - block, owned)
+        block = first
+        while block < last:
+            phys, owned = mapping.get(block, (None, 0))
+            run_end = block + 1
+            if owned:
+                while run_end < last and mapping.get(run_end, (None, 0))[1] and \
+                        mapping[run_end][0] == phys + run_end - block:  # fmt: skip
+                    run_end += 1
+                start = max(block * BLOCK_SIZE, offset)
+                stop = min(run_end * BLOCK_SIZE, end)
+                self._pwrite(phys, data[start - offset : stop - offset], start - block * BLOCK_SIZE)
+            else:
+                while run_end < last and not mapping.get(run_end, (None, 0))[1] and \
+                        run_end - block < IO_CHUNK_BLOCKS:  # fmt: skip
+                    run_end += 1
+                self._branch(inode, layer, block, run_end, mapping, offset, data)
+            block = run_end
+
+    def _branch(self, inode, layer, first, end, mapping, offset, data) -> None:
+        """Write file blocks [first, end), which the layer does not own, to new blocks."""
+        length = (end - first) * BLOCK_SIZE
+        buffer = bytearray(length)
+        base = first * BLOCK_SIZE
+        head_partial = offset > base
+        tail_partial = offset + len(data) < base + length
+        for block in {first, end - 1}:
+            partial = (block == first and head_partial) or (block == end - 1 and tail_partial)
+            old = mapping.get(block)
+            if partial and old is not None:
+                at = (block - first) * BLOCK_SIZE
+                buffer[at : at + BLOCK_SIZE] = self._pread(old[0], BLOCK_SIZE)
+        start = max(offset, base)
+        stop = min(offset + len(data), base + length)
+        buffer[start - base : stop - base] = data[start - offset : stop - offset]
+        hint = None
+        previous = mapping.get(first - 1)
+        if previous is not None and previous[1]:
+            hint = previous[0] + 1
+        elif first:
+            before = self._extents(inode.ino, layer, first - 1, first)
+            if before and before[0][3]:
+                b, p, c, _ = before[0]
+                hint = p + (first - 1 - b) + 1
+        done = 0
+        for phys, count in self.alloc.allocate(self._txn, end - first, hint):
+            self._pwrite(phys, memoryview(buffer)[done * BLOCK_SIZE : (done + count) * BLOCK_SIZE])
+            self._map(inode, layer, first + done, phys, count)
+            for i in range(count):
+                mapping[first + done + i] = (phys + i, 1)
+            done += count
+
+    def _truncate(self, layer: int, inode, size: int) -> None:
+        """Change the file size, dropping blocks past the end and zeroing the tail block."""
+        old = inode.size
+        if size < old:
+            keep = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
+            self._unmap(inode, layer, keep, 1 << 62)
+            tail = size % BLOCK_SIZE
+            if tail and self._extents(inode.ino, layer, size // BLOCK_SIZE, size // BLOCK_SIZE + 1):
+                self._store_bytes(inode, layer, size, memoryview(bytes(BLOCK_SIZE - tail)))
+        inode.size = size
+
+    def zero_block(self) -> bytes:
+        return bytes(BLOCK_SIZE)
+
+
+def is_regular(mode: int) -> bool:
+    return stat.S_ISREG(mode)

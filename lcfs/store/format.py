@@ -1,0 +1,353 @@
+"""On-device format: the device layout, the LMDB databases and their records.
+
+A device (an image file or a block device) has two regions::
+
+    [0, M)      an LMDB environment holding every piece of metadata
+    [M, end)    file data in 4 KiB blocks, numbered from 0
+
+LMDB is opened with ``subdir=False, lock=False, map_size=M`` and never writes
+past M. It cannot initialise itself on a zeroed device, so ``mkfs`` builds a
+fresh environment in a temporary file and copies it to the start of the device.
+
+Keys use big-endian fixed-width integers so that LMDB's byte order groups the
+records of one inode, one directory or one layer together.
+
+=========  ==========================================  =============================
+database   key                                          value
+=========  ==========================================  =============================
+meta       ascii name                                   superblock JSON, counters, settings
+layers     layer u64                                    layer record JSON
+layer_ids  Docker id (utf-8)                            layer u64
+children   parent u64, child u64                        empty
+inodes     ino u64, layer u64                           ``Inode`` record
+dirents    dir ino u64, name, NUL, layer u64            ino u64 + type byte, or empty (tombstone)
+xattrs     ino u64, layer u64, name                     value
+extents    ino u64, layer u64, file block u64           physical block u64, count u32, owned u8
+free       physical block u64                           count u64
+changes    layer u64, ``i`` + ino u64                   empty: the layer changed this inode
+           layer u64, ``d`` + dir ino u64 + name        empty: the layer changed this entry
+nodes      node id u64                                  layer u64, ino u64
+node_keys  layer u64, ino u64                           node id u64
+intents    intent u64                                   intent record JSON (see lcfs.journal)
+=========  ==========================================  =============================
+
+Inode numbers come from one counter for the whole device, so an inode keeps
+its number in every layer that inherits it; only the root directory, inode 1,
+is created separately by every base layer. A layer sees the record of the
+nearest layer on its ancestry that has one (per-inode copy-on-write). An
+extent copied into a child when the child first changes the inode is marked
+not owned: removing the child never frees it, and the parent it belongs to
+cannot be removed while the child exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+
+import lmdb
+
+from . import errors
+
+FORMAT_VERSION = 1
+BLOCK_SIZE = 4096
+ROOT_INO = 1
+MAGIC = "lcfs"
+
+DATABASES = (
+    "meta",
+    "layers",
+    "layer_ids",
+    "children",
+    "inodes",
+    "dirents",
+    "xattrs",
+    "extents",
+    "free",
+    "changes",
+    "nodes",
+    "node_keys",
+    "intents",
+)
+
+U64 = struct.Struct(">Q")
+U64X2 = struct.Struct(">QQ")
+U64X3 = struct.Struct(">QQQ")
+EXTENT = struct.Struct(">QIB")
+DIRENT = struct.Struct(">QB")
+
+MIN_METADATA_SIZE = 16 << 20
+MAX_DEFAULT_METADATA_SIZE = 64 << 30
+
+
+def inode_key(ino: int, layer: int) -> bytes:
+    return U64X2.pack(ino, layer)
+
+
+def dirent_prefix(dir_ino: int, name: bytes) -> bytes:
+    return U64.pack(dir_ino) + name + b"\0"
+
+
+def dirent_key(dir_ino: int, name: bytes, layer: int) -> bytes:
+    return U64.pack(dir_ino) + name + b"\0" + U64.pack(layer)
+
+
+def split_dirent_key(key: bytes) -> tuple[int, bytes, int]:
+    return U64.unpack_from(key)[0], key[8:-9], U64.unpack_from(key, len(key) - 8)[0]
+
+
+def xattr_key(ino: int, layer: int, name: bytes) -> bytes:
+    return U64X2.pack(ino, layer) + name
+
+
+def extent_key(ino: int, layer: int, block: int) -> bytes:
+    return U64X3.pack(ino, layer, block)
+
+
+def change_inode_key(layer: int, ino: int) -> bytes:
+    return U64.pack(layer) + b"i" + U64.pack(ino)
+
+
+def change_dirent_key(layer: int, dir_ino: int, name: bytes) -> bytes:
+    return U64.pack(layer) + b"d" + U64.pack(dir_ino) + name
+
+
+# The fixed part of an inode record; the primary name and the symlink target
+# follow it.
+_INODE = struct.Struct(">IIIIQQQqqqQQBH")
+
+FLAG_XATTRS = 1
+
+
+@dataclass(slots=True)
+class Inode:
+    """One layer's version of an inode.
+
+    ``parent`` and ``name`` locate the inode's primary link: for directories
+    the only one, for files the link made last. Diff and Changes use them to
+    turn a changed inode back into a path. ``opaque`` is the number of the
+    layer at which this directory hides the entries of older layers (0: none).
+    ``blocks`` counts mapped 4 KiB blocks.
+    """
+
+    ino: int
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    nlink: int = 1
+    size: int = 0
+    rdev: int = 0
+    blocks: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    parent: int = 0
+    opaque: int = 0
+    flags: int = 0
+    name: bytes = b""
+    target: bytes = field(default=b"")
+
+    def pack(self) -> bytes:
+        return (
+            _INODE.pack(
+                self.mode,
+                self.uid,
+                self.gid,
+                self.nlink,
+                self.size,
+                self.rdev,
+                self.blocks,
+                self.atime_ns,
+                self.mtime_ns,
+                self.ctime_ns,
+                self.parent,
+                self.opaque,
+                self.flags,
+                len(self.name),
+            )
+            + self.name
+            + self.target
+        )
+
+    @classmethod
+    def unpack(cls, ino: int, raw: bytes) -> Inode:
+        (mode, uid, gid, nlink, size, rdev, blocks, atime, mtime, ctime, parent, opaque,
+         flags, name_len) = _INODE.unpack_from(raw)  # fmt: skip
+        start = _INODE.size
+        name = bytes(raw[start : start + name_len])
+        target = bytes(raw[start + name_len :])
+        return cls(ino, mode, uid, gid, nlink, size, rdev, blocks, atime, mtime, ctime,
+                   parent, opaque, flags, name, target)  # fmt: skip
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def has_xattrs(self) -> bool:
+        return bool(self.flags & FLAG_XATTRS)
+
+
+@dataclass(slots=True)
+class Layer:
+    """A layer record. ``state`` is ``ready`` or ``removing``."""
+
+    number: int
+    id: str
+    parent: int | None
+    depth: int
+    frozen: bool = False
+    created: float = 0.0
+    state: str = "ready"
+    parent_id: str | None = None
+
+    def pack(self) -> bytes:
+        return json.dumps(
+            {
+                "id": self.id,
+                "parent": self.parent,
+                "depth": self.depth,
+                "frozen": self.frozen,
+                "created": self.created,
+                "state": self.state,
+            }
+        ).encode()
+
+    @classmethod
+    def unpack(cls, number: int, raw: bytes) -> Layer:
+        rec = json.loads(bytes(raw))
+        return cls(number, rec["id"], rec["parent"], rec["depth"], rec["frozen"],
+                   rec["created"], rec["state"])  # fmt: skip
+
+
+def device_size(fd: int) -> int:
+    """Return the size in bytes of an open image file or block device."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    raise errors.FormatError(f"{fd}: not a regular file or block device")
+
+
+def default_metadata_size(size: int) -> int:
+    wanted = max(MIN_METADATA_SIZE, min(size // 16, MAX_DEFAULT_METADATA_SIZE))
+    return wanted // BLOCK_SIZE * BLOCK_SIZE
+
+
+def open_env(path: str, metadata_size: int) -> lmdb.Environment:
+    return lmdb.open(
+        path,
+        subdir=False,
+        lock=False,
+        map_size=metadata_size,
+        max_dbs=len(DATABASES) + 1,
+        readahead=False,
+        meminit=False,
+        max_spare_txns=0,
+    )
+
+
+def open_databases(env: lmdb.Environment, txn=None) -> dict:
+    return {name: env.open_db(name.encode(), txn=txn) for name in DATABASES}
+
+
+def read_superblock(path: str) -> dict | None:
+    """Return the superblock of the store on ``path``, or None if it holds none."""
+    try:
+        env = lmdb.open(path, subdir=False, lock=False, readonly=True, max_dbs=len(DATABASES) + 1)
+    except lmdb.Error:
+        return None
+    try:
+        with env.begin() as txn:
+            try:
+                meta = env.open_db(b"meta", txn=txn, create=False)
+            except lmdb.Error:
+                return None
+            raw = txn.get(b"super", db=meta)
+            return json.loads(bytes(raw)) if raw else None
+    finally:
+        env.close()
+
+
+def mkfs(path: str, size: int | None = None, metadata_size: int | None = None,
+         force: bool = False) -> dict:  # fmt: skip
+    """Format ``path`` as an empty store and return its superblock.
+
+    An image file that does not exist is created sparse with ``size`` bytes.
+    A device that already holds a store is only overwritten with ``force``.
+    """
+    created = False
+    if not os.path.exists(path):
+        if size is None:
+            raise errors.Invalid(f"{path} does not exist; give a size to create it")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        created = True
+    elif not force and read_superblock(path) is not None:
+        raise errors.Exists(f"{path} already holds an lcfs store; pass --force to overwrite it")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and size is not None:
+            os.ftruncate(fd, size)
+        total = device_size(fd)
+        if metadata_size is None:
+            metadata_size = default_metadata_size(total)
+        metadata_size = metadata_size // BLOCK_SIZE * BLOCK_SIZE
+        if metadata_size < MIN_METADATA_SIZE:
+            raise errors.Invalid(f"metadata size {metadata_size} is below the minimum {MIN_METADATA_SIZE}")
+        data_blocks = (total - metadata_size) // BLOCK_SIZE
+        if data_blocks < 16:
+            raise errors.Invalid(
+                f"{path}: {total} bytes leave no room for data after {metadata_size} bytes of metadata"
+            )
+        superblock = {
+            "magic": MAGIC,
+            "format": FORMAT_VERSION,
+            "uuid": str(uuid.uuid4()),
+            "block_size": BLOCK_SIZE,
+            "metadata_size": metadata_size,
+            "data_blocks": data_blocks,
+            "state": "clean",
+        }
+        image = _build_empty_environment(metadata_size, superblock)
+        os.pwrite(fd, image, 0)
+        if stat.S_ISREG(st.st_mode):
+            # Zero the rest of the old metadata region so that no stale LMDB
+            # page of an earlier store can look valid.
+            os.pwrite(fd, bytes(BLOCK_SIZE * 4), len(image))
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        if created:
+            os.unlink(path)
+        raise
+    os.close(fd)
+    return superblock
+
+
+def _build_empty_environment(metadata_size: int, superblock: dict) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="lcfs-mkfs-") as tmp:
+        path = os.path.join(tmp, "meta.lmdb")
+        env = open_env(path, metadata_size)
+        with env.begin(write=True) as txn:
+            dbs = open_databases(env, txn)
+            txn.put(b"super", json.dumps(superblock).encode(), db=dbs["meta"])
+            txn.put(b"next_ino", U64.pack(ROOT_INO + 1), db=dbs["meta"])
+            txn.put(b"next_layer", U64.pack(1), db=dbs["meta"])
+            txn.put(b"next_node", U64.pack(2), db=dbs["meta"])
+            txn.put(b"next_intent", U64.pack(1), db=dbs["meta"])
+            txn.put(U64.pack(0), U64.pack(superblock["data_blocks"]), db=dbs["free"])
+        env.sync(True)
+        env.close()
+        with open(path, "rb") as f:
+            return f.read()

@@ -1,0 +1,579 @@
+"""Inodes, directory entries and xattrs of the store (a mixin of ``Store``).
+
+Resolution: layer L sees inode i through the record ``(i, A)`` of the
+nearest layer A on L's ancestry that has one, and sees name n in directory d
+through the entry ``(d, n, A)`` of the nearest such layer, stopping at the
+layer where d became opaque. An empty entry value is a tombstone: the name
+was deleted in that layer. Changing an inode first copies its record, its
+xattrs and its extent map (not its data) into the leaf layer.
+"""
+
+from __future__ import annotations
+
+import stat
+import time
+
+from lcfs.journal import intents
+
+from . import errors
+from .format import (
+    DIRENT,
+    FLAG_XATTRS,
+    ROOT_INO,
+    U64,
+    U64X2,
+    Inode,
+    change_dirent_key,
+    dirent_key,
+    dirent_prefix,
+    inode_key,
+    split_dirent_key,
+    xattr_key,
+)
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def check_name(name: bytes) -> None:
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise errors.Invalid(f"invalid file name {name!r}")
+    if len(name) > NAME_MAX:
+        raise errors.NameTooLong(f"file name {name[:40]!r}... is longer than {NAME_MAX} bytes")
+
+
+class NamespaceMixin:
+    # -- resolution ----------------------------------------------------------
+
+    def _resolve(self, layer: int, ino: int) -> tuple[int, Inode]:
+        """Return (owner layer, record) of inode ``ino`` as layer ``layer`` sees it."""
+        number = layer
+        walked = []
+        layers = self._layers
+        while number is not None:
+            entry = layers[number]
+            if entry.frozen:
+                cached = self._inode_cache.get((number, ino))
+                if cached is not None:
+                    owner, raw = cached
+                    break
+            raw = self._txn.get(inode_key(ino, number), db=self.dbs["inodes"])
+            if raw is not None:
+                owner, raw = number, bytes(raw)
+                break
+            walked.append(number)
+            number = entry.parent
+        else:
+            raise errors.NotFound(f"inode {ino} not found in layer {layers[layer].id}")
+        if len(self._inode_cache) > 200_000:
+            self._inode_cache.clear()
+        for number in walked:
+            if layers[number].frozen:
+                self._inode_cache[(number, ino)] = (owner, raw)
+        if layers[owner].frozen:
+            self._inode_cache[(owner, ino)] = (owner, raw)
+        return owner, Inode.unpack(ino, raw)
+
+    def _inode(self, layer: int, ino: int) -> Inode:
+        return self._resolve(layer, ino)[1]
+
+    def _own(self, layer: int, ino: int) -> Inode:
+        """Return layer's own record of ``ino``, copying it up from an ancestor first."""
+        owner, inode = self._resolve(layer, ino)
+        if owner != layer:
+            txn, dbs = self._txn, self.dbs
+            prefix = U64X2.pack(ino, owner)
+            for key, value in list(self._prefix_items(dbs["xattrs"], prefix)):
+                txn.put(xattr_key(ino, layer, key[16:]), value, db=dbs["xattrs"])
+            self._copy_extents(ino, owner, layer)
+            self._put_inode(layer, inode)
+            self._log_inode(layer, ino)
+        return inode
+
+    def _put_inode(self, layer: int, inode: Inode) -> None:
+        self._txn.put(inode_key(inode.ino, layer), inode.pack(), db=self.dbs["inodes"])
+
+    def _prefix_items(self, db, prefix: bytes):
+        cursor = self._txn.cursor(db=db)
+        if not cursor.set_range(prefix):
+            return
+        for key, value in cursor:
+            if not key.startswith(prefix):
+                return
+            yield bytes(key), bytes(value)
+
+    def _dir(self, layer: int, ino: int) -> Inode:
+        inode = self._inode(layer, ino)
+        if not inode.is_dir:
+            raise errors.NotDir(f"inode {ino} is not a directory")
+        return inode
+
+    def _boundary(self, layer: int, dir_inode: Inode) -> int:
+        """Return the lowest depth whose entries the directory still shows."""
+        if dir_inode.opaque:
+            return self._layers[dir_inode.opaque].depth
+        return 0
+
+    def _entry(self, layer: int, dir_inode: Inode, name: bytes) -> tuple[int, int] | None:
+        """Return (ino, type) of ``name`` in the directory, or None."""
+        depth_limit = self._boundary(layer, dir_inode)
+        number = layer
+        walked = []
+        result = None
+        layers = self._layers
+        while number is not None and layers[number].depth >= depth_limit:
+            entry = layers[number]
+            if entry.frozen:
+                key = (number, dir_inode.ino, name)
+                if key in self._entry_cache:
+                    result = self._entry_cache[key]
+                    break
+            raw = self._txn.get(dirent_key(dir_inode.ino, name, number), db=self.dbs["dirents"])
+            walked.append(number)
+            if raw is not None:
+                result = DIRENT.unpack(raw) if raw else None
+                break
+            number = entry.parent
+        if len(self._entry_cache) > 200_000:
+            self._entry_cache.clear()
+        for number in walked:
+            if layers[number].frozen:
+                self._entry_cache[(number, dir_inode.ino, name)] = result
+        return result
+
+    def _child(self, layer: int, dir_ino: int, name: bytes) -> Inode:
+        dir_inode = self._dir(layer, dir_ino)
+        found = self._entry(layer, dir_inode, name)
+        if found is None:
+            raise errors.NotFound(f"{name.decode(errors='replace')!r} not found in directory inode {dir_ino}")
+        return self._inode(layer, found[0])
+
+    def _entries(self, layer: int, dir_inode: Inode) -> dict[bytes, int]:
+        """Return {name: ino} of every live entry of a directory."""
+        chain = self._ancestry(layer)
+        limit = self._boundary(layer, dir_inode)
+        best: dict[bytes, tuple[int, bytes]] = {}
+        for key, value in self._prefix_items(self.dbs["dirents"], U64.pack(dir_inode.ino)):
+            _, name, number = split_dirent_key(key)
+            depth = chain.get(number)
+            if depth is None or depth < limit:
+                continue
+            current = best.get(name)
+            if current is None or depth > current[0]:
+                best[name] = (depth, value)
+        return {name: DIRENT.unpack(value)[0] for name, (_, value) in best.items() if value}
+
+    def _add_entry(self, layer: int, dir_ino: int, name: bytes, inode: Inode) -> None:
+        value = DIRENT.pack(inode.ino, stat.S_IFMT(inode.mode) >> 12)
+        self._txn.put(dirent_key(dir_ino, name, layer), value, db=self.dbs["dirents"])
+        self._txn.put(change_dirent_key(layer, dir_ino, name), b"", db=self.dbs["changes"])
+
+    def _remove_entry(self, layer: int, dir_inode: Inode, name: bytes) -> None:
+        txn, dbs = self._txn, self.dbs
+        txn.delete(dirent_key(dir_inode.ino, name, layer), db=dbs["dirents"])
+        parent = self._layers[layer].parent
+        inherited = False
+        if parent is not None and self._layers[parent].depth >= self._boundary(layer, dir_inode):
+            inherited = self._entry(parent, dir_inode, name) is not None
+        if inherited:
+            txn.put(dirent_key(dir_inode.ino, name, layer), b"", db=dbs["dirents"])
+            txn.put(change_dirent_key(layer, dir_inode.ino, name), b"", db=dbs["changes"])
+        else:
+            txn.delete(change_dirent_key(layer, dir_inode.ino, name), db=dbs["changes"])
+
+    def _touch_dir(self, layer: int, dir_ino: int, nlink_delta: int = 0) -> Inode:
+        inode = self._own(layer, dir_ino)
+        now = _now()
+        inode.mtime_ns = inode.ctime_ns = now
+        inode.nlink += nlink_delta
+        self._put_inode(layer, inode)
+        return inode
+
+    def _is_inherited(self, layer: int, ino: int) -> bool:
+        parent = self._layers[layer].parent
+        if parent is None:
+            return False
+        try:
+            self._resolve(parent, ino)
+        except errors.NotFound:
+            return False
+        return True
+
+    def _destroy_inode(self, layer: int, ino: int) -> None:
+        """Free a layer's copy of an inode that has no links and no open handles."""
+        inherited = self._is_inherited(layer, ino)
+        self._drop_inode_records(layer, ino, keep_record=inherited)
+        if not inherited:
+            self._txn.delete(U64.pack(layer) + b"i" + U64.pack(ino), db=self.dbs["changes"])
+
+    def _drop_inode_records(self, layer: int, ino: int, keep_record: bool = False) -> None:
+        txn, dbs = self._txn, self.dbs
+        self._free_extents(ino, layer)
+        for key, _ in list(self._prefix_items(dbs["xattrs"], U64X2.pack(ino, layer))):
+            txn.delete(key, db=dbs["xattrs"])
+        if keep_record:
+            raw = txn.get(inode_key(ino, layer), db=dbs["inodes"])
+            if raw is not None:
+                inode = Inode.unpack(ino, raw)
+                inode.nlink = 0
+                inode.size = 0
+                inode.blocks = 0
+                inode.flags &= ~FLAG_XATTRS
+                self._put_inode(layer, inode)
+        else:
+            txn.delete(inode_key(ino, layer), db=dbs["inodes"])
+
+    # -- reading ---------------------------------------------------------------
+
+    def getattr(self, layer: int, ino: int):
+        from .store import Attr
+
+        with self.lock:
+            self._ready()
+            self._layer(layer)
+            return Attr.of(self._inode(layer, ino))
+
+    def lookup(self, layer: int, dir_ino: int, name: bytes):
+        from .store import Attr
+
+        with self.lock:
+            self._ready()
+            self._layer(layer)
+            return Attr.of(self._child(layer, dir_ino, name))
+
+    def readdir(self, layer: int, dir_ino: int) -> list:
+        from .store import Attr
+
+        with self.lock:
+            self._ready()
+            self._layer(layer)
+            entries = self._entries(layer, self._dir(layer, dir_ino))
+            return [(name, Attr.of(self._inode(layer, entries[name]))) for name in sorted(entries)]
+
+    def readlink(self, layer: int, ino: int) -> bytes:
+        with self.lock:
+            self._ready()
+            self._layer(layer)
+            inode = self._inode(layer, ino)
+            if not stat.S_ISLNK(inode.mode):
+                raise errors.Invalid(f"inode {ino} is not a symbolic link")
+            return inode.target
+
+    def _ready(self) -> None:
+        if self._txn is None:
+            self._txn = self._group_txn()
+
+    # -- creating ----------------------------------------------------------------
+
+    def _create(self, layer: int, dir_ino: int, name: bytes, mode: int, uid: int, gid: int,
+                rdev: int = 0, target: bytes = b""):  # fmt: skip
+        from .store import Attr
+
+        check_name(name)
+        self._writable(layer)
+        dir_inode = self._dir(layer, dir_ino)
+        if self._entry(layer, dir_inode, name) is not None:
+            raise errors.Exists(f"{name.decode(errors='replace')!r} already exists in directory inode {dir_ino}")
+        now = _now()
+        is_dir = stat.S_ISDIR(mode)
+        inode = Inode(self._next_counter(b"next_ino"), mode, uid, gid, 2 if is_dir else 1,
+                      len(target), rdev, 0, now, now, now, dir_ino, 0, 0, name, target)  # fmt: skip
+        self._put_inode(layer, inode)
+        self._log_inode(layer, inode.ino)
+        self._add_entry(layer, dir_ino, name, inode)
+        self._touch_dir(layer, dir_ino, 1 if is_dir else 0)
+        return Attr.of(inode)
+
+    def mknod(self, layer: int, dir_ino: int, name: bytes, mode: int, rdev: int = 0, uid: int = 0, gid: int = 0):
+        fmt = stat.S_IFMT(mode) or stat.S_IFREG
+        if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise errors.Invalid(f"mknod of file type {oct(fmt)} is not supported")
+        if fmt not in (stat.S_IFCHR, stat.S_IFBLK):
+            rdev = 0
+        return self._write(self._create, layer, dir_ino, name, fmt | stat.S_IMODE(mode), uid, gid, rdev)
+
+    def mkdir(self, layer: int, dir_ino: int, name: bytes, mode: int, uid: int = 0, gid: int = 0):
+        return self._write(self._create, layer, dir_ino, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+
+    def symlink(self, layer: int, dir_ino: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0):
+        if not target or b"\0" in target or len(target) > 4095:
+            raise errors.Invalid(f"invalid symbolic link target {target[:40]!r}")
+        return self._write(self._create, layer, dir_ino, name, stat.S_IFLNK | 0o777, uid, gid, 0, target)
+
+    def _write(self, fn, *args, **kwargs):
+        from .store import write_op
+
+        return write_op(lambda self, *a, **k: fn(*a, **k))(self, *args, **kwargs)
+
+    def link(self, layer: int, ino: int, new_dir_ino: int, new_name: bytes):
+        return self._write(self._link, layer, ino, new_dir_ino, new_name)
+
+    def _link(self, layer, ino, new_dir_ino, new_name):
+        from .store import Attr
+
+        check_name(new_name)
+        self._writable(layer)
+        inode = self._inode(layer, ino)
+        if inode.is_dir:
+            raise errors.StoreError(f"inode {ino} is a directory and cannot be hard-linked")
+        dir_inode = self._dir(layer, new_dir_ino)
+        if self._entry(layer, dir_inode, new_name) is not None:
+            raise errors.Exists(f"{new_name.decode(errors='replace')!r} already exists in directory inode {new_dir_ino}")
+        inode = self._own(layer, ino)
+        inode.nlink += 1
+        inode.ctime_ns = _now()
+        self._put_inode(layer, inode)
+        self._add_entry(layer, new_dir_ino, new_name, inode)
+        self._touch_dir(layer, new_dir_ino)
+        return Attr.of(inode)
+
+    # -- removing ------------------------------------------------------------------
+
+    def unlink(self, layer: int, dir_ino: int, name: bytes) -> None:
+        return self._write(self._unlink, layer, dir_ino, name)
+
+    def _unlink(self, layer, dir_ino, name):
+        self._writable(layer)
+        dir_inode = self._dir(layer, dir_ino)
+        inode = self._child(layer, dir_ino, name)
+        if inode.is_dir:
+            raise errors.IsDir(f"{name.decode(errors='replace')!r} is a directory")
+        self._remove_entry(layer, dir_inode, name)
+        self._touch_dir(layer, dir_ino)
+        self._drop_link(layer, inode.ino)
+
+    def _drop_link(self, layer: int, ino: int) -> None:
+        inode = self._own(layer, ino)
+        inode.nlink = max(inode.nlink - 1, 0)
+        inode.ctime_ns = _now()
+        self._put_inode(layer, inode)
+        if inode.nlink == 0:
+            if self._pins.get((layer, ino)):
+                self._orphan(layer, ino)
+            else:
+                self._destroy_inode(layer, ino)
+
+    def _orphan(self, layer: int, ino: int) -> None:
+        if (layer, ino) in self._orphans:
+            return
+        number = intents.begin(self._txn, self.dbs["intents"], self.dbs["meta"], "orphan",
+                               layer=layer, ino=ino)  # fmt: skip
+        self._orphans[(layer, ino)] = number
+        self._undo.append(lambda: self._orphans.pop((layer, ino), None))
+
+    def rmdir(self, layer: int, dir_ino: int, name: bytes) -> None:
+        return self._write(self._rmdir, layer, dir_ino, name)
+
+    def _rmdir(self, layer, dir_ino, name):
+        self._writable(layer)
+        dir_inode = self._dir(layer, dir_ino)
+        inode = self._child(layer, dir_ino, name)
+        if not inode.is_dir:
+            raise errors.NotDir(f"{name.decode(errors='replace')!r} is not a directory")
+        if self._entries(layer, inode):
+            raise errors.NotEmpty(f"directory {name.decode(errors='replace')!r} is not empty")
+        self._remove_entry(layer, dir_inode, name)
+        self._touch_dir(layer, dir_ino, -1)
+        self._drop_dir(layer, inode.ino)
+
+    def _drop_dir(self, layer: int, ino: int) -> None:
+        if self._is_inherited(layer, ino):
+            inode = self._own(layer, ino)
+            inode.nlink = 0
+            self._put_inode(layer, inode)
+        else:
+            self._drop_inode_records(layer, ino)
+            self._txn.delete(U64.pack(layer) + b"i" + U64.pack(ino), db=self.dbs["changes"])
+
+    # -- rename --------------------------------------------------------------------
+
+    def rename(self, layer: int, old_dir: int, old_name: bytes, new_dir: int, new_name: bytes,
+               flags: int = 0) -> None:  # fmt: skip
+        return self._write(self._rename, layer, old_dir, old_name, new_dir, new_name, flags)
+
+    def _rename(self, layer, old_dir, old_name, new_dir, new_name, flags):
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise errors.Invalid(f"invalid rename flags {flags}")
+        check_name(new_name)
+        self._writable(layer)
+        old_dir_inode = self._dir(layer, old_dir)
+        new_dir_inode = self._dir(layer, new_dir)
+        source = self._child(layer, old_dir, old_name)
+        found = self._entry(layer, new_dir_inode, new_name)
+        target = self._inode(layer, found[0]) if found else None
+        if old_dir == new_dir and old_name == new_name:
+            return
+        if target is not None and flags & RENAME_NOREPLACE:
+            raise errors.Exists(f"{new_name.decode(errors='replace')!r} already exists")
+        if source.is_dir:
+            self._check_not_inside(layer, source.ino, new_dir)
+        if flags & RENAME_EXCHANGE:
+            if target is None:
+                raise errors.NotFound(f"{new_name.decode(errors='replace')!r} not found")
+            if target.is_dir:
+                self._check_not_inside(layer, target.ino, old_dir)
+            self._exchange(layer, old_dir_inode, old_name, source, new_dir_inode, new_name, target)
+            return
+        if target is not None:
+            if target.ino == source.ino:
+                return
+            if source.is_dir and not target.is_dir:
+                raise errors.NotDir(f"{new_name.decode(errors='replace')!r} is not a directory")
+            if not source.is_dir and target.is_dir:
+                raise errors.IsDir(f"{new_name.decode(errors='replace')!r} is a directory")
+            if target.is_dir:
+                if self._entries(layer, target):
+                    raise errors.NotEmpty(f"directory {new_name.decode(errors='replace')!r} is not empty")
+                self._touch_dir(layer, new_dir, -1)
+                self._drop_dir(layer, target.ino)
+            else:
+                self._drop_link(layer, target.ino)
+        self._add_entry(layer, new_dir, new_name, source)
+        self._remove_entry(layer, self._dir(layer, old_dir), old_name)
+        self._relink(layer, source.ino, new_dir, new_name)
+        if source.is_dir and old_dir != new_dir:
+            self._touch_dir(layer, old_dir, -1)
+            self._touch_dir(layer, new_dir, 1)
+        else:
+            self._touch_dir(layer, old_dir)
+            if new_dir != old_dir:
+                self._touch_dir(layer, new_dir)
+
+    def _exchange(self, layer, old_dir_inode, old_name, source, new_dir_inode, new_name, target):
+        old_dir, new_dir = old_dir_inode.ino, new_dir_inode.ino
+        self._add_entry(layer, new_dir, new_name, source)
+        self._add_entry(layer, old_dir, old_name, target)
+        self._relink(layer, source.ino, new_dir, new_name)
+        self._relink(layer, target.ino, old_dir, old_name)
+        if old_dir != new_dir and source.is_dir != target.is_dir:
+            delta = 1 if source.is_dir else -1
+            self._touch_dir(layer, new_dir, delta)
+            self._touch_dir(layer, old_dir, -delta)
+        else:
+            self._touch_dir(layer, old_dir)
+            self._touch_dir(layer, new_dir)
+
+    def _relink(self, layer: int, ino: int, dir_ino: int, name: bytes) -> None:
+        inode = self._own(layer, ino)
+        inode.parent = dir_ino
+        inode.name = name
+        inode.ctime_ns = _now()
+        self._put_inode(layer, inode)
+
+    def _check_not_inside(self, layer: int, dir_ino: int, target_dir: int) -> None:
+        """Raise Invalid if ``target_dir`` is ``dir_ino`` or below it."""
+        current = target_dir
+        seen = 0
+        while current and current != ROOT_INO:
+            if current == dir_ino:
+                raise errors.Invalid(f"cannot move directory inode {dir_ino} into itself")
+            current = self._inode(layer, current).parent
+            seen += 1
+            if seen > 100_000:
+                raise errors.StoreError(f"directory parent loop above inode {target_dir}")
+        if current == dir_ino:
+            raise errors.Invalid(f"cannot move directory inode {dir_ino} into itself")
+
+    # -- attributes ------------------------------------------------------------------
+
+    def setattr(self, layer: int, ino: int, mode=None, uid=None, gid=None, size=None,
+                atime_ns=None, mtime_ns=None, ctime_ns=None):  # fmt: skip
+        return self._write(self._setattr, layer, ino, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns)
+
+    def _setattr(self, layer, ino, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns):
+        from .store import Attr
+
+        self._writable(layer)
+        current = self._inode(layer, ino)
+        if size is not None:
+            if current.is_dir:
+                raise errors.IsDir(f"inode {ino} is a directory")
+            if not current.is_reg:
+                raise errors.Invalid(f"inode {ino} is not a regular file")
+            if size < 0:
+                raise errors.Invalid(f"invalid file size {size}")
+        inode = self._own(layer, ino)
+        now = _now()
+        if mode is not None:
+            inode.mode = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
+        if uid is not None:
+            inode.uid = uid
+        if gid is not None:
+            inode.gid = gid
+        if atime_ns is not None:
+            inode.atime_ns = atime_ns
+        if mtime_ns is not None:
+            inode.mtime_ns = mtime_ns
+        if size is not None and size != inode.size:
+            self._truncate(layer, inode, size)
+            if mtime_ns is None:
+                inode.mtime_ns = now
+        inode.ctime_ns = ctime_ns if ctime_ns is not None else now
+        self._put_inode(layer, inode)
+        return Attr.of(inode)
+
+    # -- xattrs ----------------------------------------------------------------------
+
+    def getxattr(self, layer: int, ino: int, name: bytes) -> bytes:
+        with self.lock:
+            self._ready()
+            self._layer(layer)
+            owner, inode = self._resolve(layer, ino)
+            if inode.has_xattrs:
+                value = self._txn.get(xattr_key(ino, owner, name), db=self.dbs["xattrs"])
+                if value is not None:
+                    return bytes(value)
+            raise errors.NoData(f"no xattr {name.decode(errors='replace')!r} on inode {ino}")
+
+    def listxattr(self, layer: int, ino: int) -> list[bytes]:
+        with self.lock:
+            self._ready()
+            self._layer(layer)
+            owner, inode = self._resolve(layer, ino)
+            if not inode.has_xattrs:
+                return []
+            return [key[16:] for key, _ in self._prefix_items(self.dbs["xattrs"], U64X2.pack(ino, owner))]
+
+    def setxattr(self, layer: int, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        return self._write(self._setxattr, layer, ino, name, value, flags)
+
+    def _setxattr(self, layer, ino, name, value, flags):
+        if not name or len(name) > NAME_MAX or b"\0" in name:
+            raise errors.Invalid(f"invalid xattr name {name[:40]!r}")
+        if len(value) > XATTR_SIZE_MAX:
+            raise errors.StoreError(f"xattr {name!r} value of {len(value)} bytes is too large")
+        self._writable(layer)
+        inode = self._own(layer, ino)
+        key = xattr_key(ino, layer, name)
+        exists = inode.has_xattrs and self._txn.get(key, db=self.dbs["xattrs"]) is not None
+        if flags & XATTR_CREATE and exists:
+            raise errors.Exists(f"xattr {name.decode(errors='replace')!r} already exists on inode {ino}")
+        if flags & XATTR_REPLACE and not exists:
+            raise errors.NoData(f"no xattr {name.decode(errors='replace')!r} on inode {ino}")
+        self._txn.put(key, value, db=self.dbs["xattrs"])
+        inode.flags |= FLAG_XATTRS
+        inode.ctime_ns = _now()
+        self._put_inode(layer, inode)
+
+    def removexattr(self, layer: int, ino: int, name: bytes) -> None:
+        return self._write(self._removexattr, layer, ino, name)
+
+    def _removexattr(self, layer, ino, name):
+        self._writable(layer)
+        if not self._inode(layer, ino).has_xattrs:
+            raise errors.NoData(f"no xattr {name.decode(errors='replace')!r} on inode {ino}")
+        inode = self._own(layer, ino)
+        if not self._txn.delete(xattr_key(ino, layer, name), db=self.dbs["xattrs"]):
+            raise errors.NoData(f"no xattr {name.decode(errors='replace')!r} on inode {ino}")
+        if not any(True for _ in self._prefix_items(self.dbs["xattrs"], U64X2.pack(ino, layer))):
+            inode.flags &= ~FLAG_XATTRS
+        inode.ctime_ns = _now()
+        self._put_inode(layer, inode)

@@ -1,0 +1,595 @@
+"""The layer store: one device, many copy-on-write layers.
+
+Concurrency: every public method takes ``Store.lock``. All LMDB access goes
+through one long-lived write transaction (the group transaction) that
+``commit`` makes durable. Each modifying call runs in a nested transaction of
+the group, so a call that fails part way leaves nothing behind. LMDB is
+opened without its own lock file, so the store takes an exclusive ``flock``
+on the device for as long as it is open.
+
+Invariants every change keeps:
+
+* a layer with children is frozen, and nothing changes the records of a
+  frozen layer;
+* every record a layer owns (inode, entry, xattr, extent) is named by that
+  layer's change log, so removing a layer or diffing it walks the log only;
+* data blocks are written before the metadata that maps them is committed,
+  and a block mapped by an extent that its layer does not own is never
+  written to.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+
+from lcfs.journal import intents
+
+from . import errors
+from .alloc import Allocator
+from .data import DataMixin
+from .format import (
+    BLOCK_SIZE,
+    ROOT_INO,
+    U64,
+    U64X2,
+    Inode,
+    Layer,
+    change_inode_key,
+    device_size,
+    inode_key,
+    open_databases,
+    open_env,
+    read_superblock,
+)
+from .namespace import NamespaceMixin
+
+log = logging.getLogger(__name__)
+
+# Frozen-layer lookups are cached; the caches are dropped when they grow past this.
+CACHE_LIMIT = 200_000
+# Records removed per LMDB commit while a layer is purged.
+PURGE_BATCH = 5000
+
+
+@dataclass(slots=True, frozen=True)
+class StatFs:
+    block_size: int
+    total_blocks: int
+    free_blocks: int
+    files: int
+    free_files: int
+
+
+@dataclass(slots=True, frozen=True)
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    has_xattrs: bool
+
+    @classmethod
+    def of(cls, inode: Inode) -> Attr:
+        return cls(inode.ino, inode.mode, inode.nlink, inode.uid, inode.gid, inode.rdev,
+                   inode.size, inode.blocks * (BLOCK_SIZE // 512), inode.atime_ns,
+                   inode.mtime_ns, inode.ctime_ns, inode.has_xattrs)  # fmt: skip
+
+
+def write_op(fn):
+    """Run a modifying method in a nested transaction that is aborted if it raises."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            if self._nested is not None:
+                return fn(self, *args, **kwargs)
+            group = self._group_txn()
+            nested = self.env.begin(write=True, parent=group)
+            self._txn = self._nested = nested
+            free_before = self.alloc.free_blocks
+            undo_mark = len(self._undo)
+            try:
+                result = fn(self, *args, **kwargs)
+            except BaseException:
+                nested.abort()
+                self.alloc.free_blocks = free_before
+                while len(self._undo) > undo_mark:
+                    self._undo.pop()()
+                raise
+            else:
+                nested.commit()
+                self._dirty = True
+                return result
+            finally:
+                self._txn = group
+                self._nested = None
+                del self._undo[undo_mark:]
+
+    return wrapper
+
+
+def read_op(fn):
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            if self._txn is None:
+                self._txn = self._group_txn()
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
+def lock_holder(path: str) -> int | None:
+    """Return the pid holding a flock on ``path``, from /proc/locks, if any."""
+    try:
+        st = os.stat(path)
+        dev = st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev
+        ino = st.st_ino
+        with open("/proc/locks") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        try:
+            major, minor, lock_ino = parts[5].split(":")
+            if (int(major, 16), int(minor, 16), int(lock_ino)) == (os.major(st.st_dev), os.minor(st.st_dev), ino):
+                return int(parts[4])
+        except ValueError:
+            continue
+    del dev
+    return None
+
+
+class Store(NamespaceMixin, DataMixin):
+    """An open store. Create one with ``Store.open``; see the module docstring."""
+
+    block_size = BLOCK_SIZE
+
+    def __init__(self, path: str, fd: int, superblock: dict):
+        self.path = path
+        self.fd = fd
+        self.superblock = superblock
+        self.metadata_size = superblock["metadata_size"]
+        self.data_blocks = superblock["data_blocks"]
+        self.data_offset = self.metadata_size
+        self.lock = threading.RLock()
+        self.env = open_env(path, self.metadata_size)
+        self._group = None
+        self._txn = None
+        self._nested = None
+        self._undo: list = []
+        self._dirty = False
+        with self.env.begin(write=True) as txn:
+            self.dbs = open_databases(self.env, txn)
+        self.alloc = Allocator(self.dbs["free"], self.data_blocks)
+        self._layers: dict[int, Layer] = {}
+        self._ids: dict[str, int] = {}
+        self._children: dict[int, set[int]] = {}
+        self._ancestors: dict[int, dict[int, int]] = {}
+        self._inode_cache: dict[tuple[int, int], tuple[int, bytes]] = {}
+        self._entry_cache: dict[tuple[int, int, bytes], tuple[int, int] | None] = {}
+        self._nodes: dict[int, tuple[int, int]] = {}
+        self._node_keys: dict[tuple[int, int], int] = {}
+        self._pins: dict[tuple[int, int], int] = {}
+        self._orphans: dict[tuple[int, int], int] = {}
+        self._closed = False
+
+    # -- opening and closing -------------------------------------------------
+
+    @classmethod
+    def mkfs(cls, path: str, size: int | None = None, metadata_size: int | None = None,
+             force: bool = False) -> dict:  # fmt: skip
+        from .format import mkfs
+
+        if lock_holder(path) is not None and os.path.exists(path):
+            raise errors.DeviceBusy(f"{path} is in use by pid {lock_holder(path)}")
+        superblock = mkfs(path, size, metadata_size, force)
+        log.info("formatted %s: %d data blocks, %d bytes of metadata", path,
+                 superblock["data_blocks"], superblock["metadata_size"])  # fmt: skip
+        return superblock
+
+    @classmethod
+    def open(cls, path: str) -> Store:
+        """Open the store on ``path``, lock it, and recover unfinished operations."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise errors.NotFound(f"{path} does not exist; create it with 'lcfs mkfs {path}'") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = lock_holder(path)
+            raise errors.DeviceBusy(f"{path} is in use by pid {holder}") from None
+        try:
+            superblock = read_superblock(path)
+            if superblock is None or superblock.get("magic") != "lcfs":
+                raise errors.FormatError(f"{path} holds no lcfs store; format it with 'lcfs mkfs {path}'")
+            if superblock["format"] != 1:
+                raise errors.FormatError(f"{path}: unsupported format version {superblock['format']}")
+            needed = superblock["metadata_size"] + superblock["data_blocks"] * BLOCK_SIZE
+            if device_size(fd) < needed:
+                raise errors.FormatError(f"{path} is smaller than its store ({needed} bytes)")
+            store = cls(path, fd, superblock)
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            store._load()
+            store._recover()
+        except BaseException:
+            store.close()
+            raise
+        log.info("opened %s: %d layers, %d of %d data blocks free", path, len(store._layers),
+                 store.alloc.free_blocks, store.data_blocks)  # fmt: skip
+        return store
+
+    def _load(self) -> None:
+        with self.lock:
+            txn = self._txn = self._group_txn()
+            for key, value in txn.cursor(db=self.dbs["layers"]):
+                number = U64.unpack(key)[0]
+                layer = Layer.unpack(number, value)
+                self._layers[number] = layer
+                self._ids[layer.id] = number
+            for key, _ in txn.cursor(db=self.dbs["children"]):
+                parent, child = U64X2.unpack(key)
+                self._children.setdefault(parent, set()).add(child)
+            for layer in self._layers.values():
+                if layer.parent is not None:
+                    layer.parent_id = self._layers[layer.parent].id
+            self.alloc.count(txn)
+            self._set_state("dirty")
+        self.commit()
+
+    def _recover(self) -> None:
+        from lcfs.journal.recovery import recover
+
+        recover(self)
+
+    def _set_state(self, state: str) -> None:
+        self.superblock["state"] = state
+        import json
+
+        self._txn.put(b"super", json.dumps(self.superblock).encode(), db=self.dbs["meta"])
+
+    def close(self) -> None:
+        """Commit, mark the store clean and release the device."""
+        with self.lock:
+            if self._closed:
+                return
+            try:
+                if self._nested is None:
+                    self._txn = self._group_txn()
+                    self._set_state("clean")
+                    self.commit()
+            finally:
+                if self._group is not None:
+                    self._group.abort()
+                    self._group = None
+                self.env.close()
+                os.close(self.fd)
+                self._closed = True
+            log.info("closed %s", self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _group_txn(self):
+        if self._closed:
+            raise errors.StoreError(f"store {self.path} is closed")
+        if self._group is None:
+            self._group = self.env.begin(write=True)
+        return self._group
+
+    def commit(self) -> None:
+        """Make every change so far durable (data first, then metadata)."""
+        with self.lock:
+            if self._nested is not None:
+                raise errors.StoreError("commit inside an operation")
+            if self._group is None:
+                return
+            os.fdatasync(self.fd)
+            self._group.commit()
+            self._group = None
+            self._txn = None
+            self._dirty = False
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    # -- settings --------------------------------------------------------------
+
+    @read_op
+    def get_meta(self, key: str) -> bytes | None:
+        value = self._txn.get(b"setting:" + key.encode(), db=self.dbs["meta"])
+        return bytes(value) if value is not None else None
+
+    @write_op
+    def set_meta(self, key: str, value: bytes) -> None:
+        self._txn.put(b"setting:" + key.encode(), value, db=self.dbs["meta"])
+
+    def _next_counter(self, name: bytes) -> int:
+        value = U64.unpack(self._txn.get(name, db=self.dbs["meta"]))[0]
+        self._txn.put(name, U64.pack(value + 1), db=self.dbs["meta"])
+        return value
+
+    @read_op
+    def statfs(self) -> StatFs:
+        next_ino = U64.unpack(self._txn.get(b"next_ino", db=self.dbs["meta"]))[0]
+        files = 1 << 48
+        return StatFs(BLOCK_SIZE, self.data_blocks, self.alloc.free_blocks, files, files - next_ino)
+
+    # -- layers ----------------------------------------------------------------
+
+    @read_op
+    def exists(self, layer_id: str) -> bool:
+        number = self._ids.get(layer_id)
+        return number is not None and self._layers[number].state == "ready"
+
+    @read_op
+    def get_layer(self, layer_id: str) -> Layer:
+        number = self._ids.get(layer_id)
+        if number is None:
+            raise errors.LayerNotFound(f"layer {layer_id} not found")
+        return self._layers[number]
+
+    @read_op
+    def layer_by_number(self, number: int) -> Layer:
+        return self._layer(number)
+
+    @read_op
+    def list_layers(self) -> list[Layer]:
+        return [layer for layer in self._layers.values() if layer.state == "ready"]
+
+    @read_op
+    def children(self, layer_id: str) -> list[str]:
+        number = self.get_layer(layer_id).number
+        return sorted(self._layers[c].id for c in self._children.get(number, ()))
+
+    def _layer(self, number: int) -> Layer:
+        layer = self._layers.get(number)
+        if layer is None or layer.state != "ready":
+            raise errors.LayerNotFound(f"layer number {number} not found")
+        return layer
+
+    def _writable(self, number: int) -> Layer:
+        layer = self._layer(number)
+        if layer.frozen:
+            raise errors.ReadOnly(f"layer {layer.id} is read-only because it has child layers")
+        return layer
+
+    @staticmethod
+    def _check_layer_id(layer_id: str) -> None:
+        if (not isinstance(layer_id, str) or not layer_id or len(layer_id) > 255 or "/" in layer_id
+                or "\0" in layer_id or layer_id in (".", "..")):  # fmt: skip
+            raise errors.Invalid(f"invalid layer id {layer_id!r}: use 1 to 255 characters without '/'")
+
+    @write_op
+    def create_layer(self, layer_id: str, parent_id: str | None = None) -> Layer:
+        """Create a layer that sees ``parent_id``'s tree; O(1). Freezes the parent."""
+        self._check_layer_id(layer_id)
+        if layer_id in self._ids:
+            raise errors.LayerExists(f"layer {layer_id} already exists")
+        parent = None
+        if parent_id:
+            parent = self.get_layer(parent_id)
+        number = self._next_counter(b"next_layer")
+        layer = Layer(number, layer_id, parent.number if parent else None,
+                      parent.depth + 1 if parent else 0, created=time.time(),
+                      parent_id=parent.id if parent else None)  # fmt: skip
+        txn, dbs = self._txn, self.dbs
+        txn.put(U64.pack(number), layer.pack(), db=dbs["layers"])
+        txn.put(layer_id.encode(), U64.pack(number), db=dbs["layer_ids"])
+        if parent is None:
+            now = time.time_ns()
+            root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, nlink=2, atime_ns=now, mtime_ns=now,
+                         ctime_ns=now)  # fmt: skip
+            txn.put(inode_key(ROOT_INO, number), root.pack(), db=dbs["inodes"])
+        else:
+            txn.put(U64X2.pack(parent.number, number), b"", db=dbs["children"])
+            if not parent.frozen:
+                self._set_frozen(parent, True)
+            self._children.setdefault(parent.number, set()).add(number)
+            self._undo.append(lambda: self._children[parent.number].discard(number))
+        self._layers[number] = layer
+        self._ids[layer_id] = number
+        self._undo.append(lambda: (self._layers.pop(number), self._ids.pop(layer_id)))
+        log.debug("created layer %s (number %d, parent %s)", layer_id, number, parent_id)
+        return layer
+
+    def _set_frozen(self, layer: Layer, frozen: bool) -> None:
+        layer.frozen = frozen
+        self._txn.put(U64.pack(layer.number), layer.pack(), db=self.dbs["layers"])
+        self._undo.append(lambda: (setattr(layer, "frozen", not frozen), self._clear_caches()))
+        self._ancestors.pop(layer.number, None)
+
+    def remove_layer(self, layer_id: str) -> None:
+        """Remove a layer and return all of its space; atomic through the journal."""
+        with self.lock:
+            layer = self.get_layer(layer_id)
+            kids = self._children.get(layer.number)
+            if kids:
+                names = ", ".join(sorted(self._layers[c].id for c in kids))
+                raise errors.LayerHasChildren(f"layer {layer_id} has child layers: {names}")
+            self._mark_removing(layer)
+            self.commit()
+            self._purge(layer.number)
+            self._drop_layer(layer)
+            self.commit()
+            log.info("removed layer %s (number %d)", layer_id, layer.number)
+
+    @write_op
+    def _mark_removing(self, layer: Layer, record_intent: bool = True) -> None:
+        if record_intent:
+            intents.begin(self._txn, self.dbs["intents"], self.dbs["meta"], "remove",
+                          layer=layer.number, id=layer.id)  # fmt: skip
+        layer.state = "removing"
+        self._undo.append(lambda: setattr(layer, "state", "ready"))
+        self._txn.put(U64.pack(layer.number), layer.pack(), db=self.dbs["layers"])
+
+    def _purge(self, number: int) -> None:
+        """Delete every record layer ``number`` owns, in batches of commits."""
+        while self._purge_batch(number):
+            self.commit()
+        self._clear_caches()
+
+    @write_op
+    def _purge_batch(self, number: int) -> bool:
+        txn, dbs = self._txn, self.dbs
+        prefix = U64.pack(number)
+        cursor = txn.cursor(db=dbs["changes"])
+        done = 0
+        if not cursor.set_range(prefix):
+            return False
+        while cursor.key()[:8] == prefix and done < PURGE_BATCH:
+            key = bytes(cursor.key())
+            if key[8:9] == b"i":
+                ino = U64.unpack_from(key, 9)[0]
+                self._drop_inode_records(number, ino)
+            else:
+                dir_ino = U64.unpack_from(key, 9)[0]
+                txn.delete(prefix_dirent(dir_ino, key[17:], number), db=dbs["dirents"])
+            if not cursor.delete():
+                break
+            done += 1
+        for key in [k for k in self._pins if k[0] == number]:
+            del self._pins[key]
+        return done > 0
+
+    @write_op
+    def _drop_layer(self, layer: Layer) -> None:
+        txn, dbs = self._txn, self.dbs
+        txn.delete(U64.pack(layer.number), db=dbs["layers"])
+        txn.delete(layer.id.encode(), db=dbs["layer_ids"])
+        if layer.parent is not None:
+            txn.delete(U64X2.pack(layer.parent, layer.number), db=dbs["children"])
+            self._children.get(layer.parent, set()).discard(layer.number)
+        for number, intent in intents.pending(txn, dbs["intents"]):
+            if intent.get("layer") == layer.number:
+                intents.finish(txn, dbs["intents"], number)
+        self._layers.pop(layer.number, None)
+        if self._ids.get(layer.id) == layer.number:
+            del self._ids[layer.id]
+        self._children.pop(layer.number, None)
+        self._clear_caches()
+
+    def _clear_caches(self) -> None:
+        self._inode_cache.clear()
+        self._entry_cache.clear()
+        self._ancestors.clear()
+
+    def _ancestry(self, number: int) -> dict[int, int]:
+        """Return {layer number: depth} for ``number`` and all its ancestors."""
+        chain = self._ancestors.get(number)
+        if chain is None:
+            layer = self._layers[number]
+            chain = dict(self._ancestry(layer.parent)) if layer.parent is not None else {}
+            chain[number] = layer.depth
+            if layer.frozen:
+                self._ancestors[number] = chain
+        return chain
+
+    def _has_changes(self, number: int) -> bool:
+        cursor = self._txn.cursor(db=self.dbs["changes"])
+        prefix = U64.pack(number)
+        return cursor.set_range(prefix) and cursor.key()[:8] == prefix
+
+    def _log_inode(self, layer: int, ino: int) -> None:
+        self._txn.put(change_inode_key(layer, ino), b"", db=self.dbs["changes"])
+
+    @write_op
+    def _finish_intent(self, number: int) -> None:
+        intents.finish(self._txn, self.dbs["intents"], number)
+
+    # -- node ids --------------------------------------------------------------
+
+    @write_op
+    def node_id(self, layer: int, ino: int) -> int:
+        """Return the node id of (layer, inode), allocating a new one on first use."""
+        key = (layer, ino)
+        node = self._node_keys.get(key)
+        if node is not None:
+            return node
+        packed = U64X2.pack(layer, ino)
+        raw = self._txn.get(packed, db=self.dbs["node_keys"])
+        if raw is not None:
+            node = U64.unpack(raw)[0]
+        else:
+            node = self._next_counter(b"next_node")
+            self._txn.put(packed, U64.pack(node), db=self.dbs["node_keys"])
+            self._txn.put(U64.pack(node), packed, db=self.dbs["nodes"])
+            self._undo.append(lambda: self._forget_node(node, key))
+        self._node_keys[key] = node
+        self._nodes[node] = key
+        return node
+
+    def _forget_node(self, node: int, key: tuple[int, int]) -> None:
+        self._node_keys.pop(key, None)
+        self._nodes.pop(node, None)
+
+    @read_op
+    def node_target(self, node: int) -> tuple[int, int]:
+        """Return the (layer number, inode) a node id stands for."""
+        target = self._nodes.get(node)
+        if target is None:
+            raw = self._txn.get(U64.pack(node), db=self.dbs["nodes"])
+            if raw is None:
+                raise errors.NotFound(f"node id {node} not found")
+            target = U64X2.unpack(raw)
+            self._nodes[node] = target
+            self._node_keys[target] = node
+        return target
+
+    # -- open files ----------------------------------------------------------------
+
+    @read_op
+    def pin(self, layer: int, ino: int) -> None:
+        key = (layer, ino)
+        self._pins[key] = self._pins.get(key, 0) + 1
+
+    def unpin(self, layer: int, ino: int) -> None:
+        with self.lock:
+            key = (layer, ino)
+            count = self._pins.get(key, 0) - 1
+            if count > 0:
+                self._pins[key] = count
+                return
+            self._pins.pop(key, None)
+            if key in self._orphans:
+                self._reap_orphan(layer, ino)
+
+    @write_op
+    def _reap_orphan(self, layer: int, ino: int) -> None:
+        number = self._orphans.pop((layer, ino))
+        self._undo.append(lambda: self._orphans.__setitem__((layer, ino), number))
+        intents.finish(self._txn, self.dbs["intents"], number)
+        if layer in self._layers and self._layers[layer].state == "ready":
+            self._destroy_inode(layer, ino)
+
+
+def prefix_dirent(dir_ino: int, name: bytes, layer: int) -> bytes:
+    from .format import dirent_key
+
+    return dirent_key(dir_ino, name, layer)

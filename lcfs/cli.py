@@ -1,0 +1,215 @@
+"""The ``lcfs`` command: the daemon and the small commands for operators.
+
+Exit codes: 0 success, 1 an unexpected failure (with a traceback), 2 a
+mistake the user can fix (a bad option, a busy or unformatted device), told
+in one line on stderr.
+"""
+
+import argparse
+import logging
+import sys
+
+from lcfs.sizes import parse_size
+
+DEFAULT_DEVICE = "/var/lib/lcfs/lcfs.img"
+
+EXIT_USER_ERROR = 2
+
+log = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """A mistake in the command line or the environment; printed as one line."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that reports a bad command line in one line, not two."""
+
+    def error(self, message: str):
+        self.exit(
+            EXIT_USER_ERROR,
+            f"{self.prog}: error: {message} (see {self.prog} --help)\n",
+        )
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="lcfs", description="Copy-on-write store for container image layers."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    daemon = commands.add_parser(
+        "daemon",
+        help="serve the store over FUSE and as Docker's graphdriver plugin",
+        description="Mount the store and serve Docker's graphdriver plugin "
+        "protocol until SIGTERM or SIGINT.",
+    )
+    daemon.add_argument(
+        "--device",
+        default=DEFAULT_DEVICE,
+        help="image file or block device holding the store; a missing image "
+        f"file is created sparse and formatted (default {DEFAULT_DEVICE})",
+    )
+    daemon.add_argument(
+        "--size",
+        type=_size,
+        help="size of a new image file in bytes, K, M, G or T suffix allowed "
+        "(default 64G; ignored when the device exists)",
+    )
+    daemon.add_argument(
+        "--socket",
+        default="/run/docker/plugins/lcfs.sock",
+        help="unix socket for the plugin protocol (default %(default)s)",
+    )
+    daemon.add_argument(
+        "--mountpoint",
+        help="mount the layers here at start and keep them mounted; without "
+        "it they are mounted at the Home that dockerd's Init names",
+    )
+    daemon.add_argument(
+        "--pid-file",
+        help="file to write the daemon's pid to (default: the socket path "
+        "with .pid in place of .sock)",
+    )
+    _add_log_level(daemon, "info")
+
+    mkfs = commands.add_parser(
+        "mkfs",
+        help="format a device or image file",
+        description="Format DEVICE as an empty lcfs store. A missing image "
+        "file is created sparse.",
+    )
+    mkfs.add_argument("device", metavar="DEVICE", help="image file or block device")
+    mkfs.add_argument(
+        "--size",
+        type=_size,
+        help="size in bytes, K, M, G or T suffix allowed (default: the size "
+        "of an existing device or file)",
+    )
+    mkfs.add_argument(
+        "--metadata-size",
+        type=_size,
+        help="bytes reserved for the metadata database at the start of the "
+        "device, K, M, G or T suffix allowed (default: chosen from the size)",
+    )
+    mkfs.add_argument(
+        "--force",
+        action="store_true",
+        help="format even if DEVICE already holds an lcfs store or other data",
+    )
+    _add_log_level(mkfs, "warning")
+
+    layers = commands.add_parser(
+        "layers",
+        help="list the layers of a store that no daemon has open",
+        description="List every layer: Docker id, parent id and whether it "
+        "is frozen (has children and is read-only).",
+    )
+    layers.add_argument(
+        "--device",
+        default=DEFAULT_DEVICE,
+        help="image file or block device (default %(default)s)",
+    )
+    _add_log_level(layers, "warning")
+    return parser
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="lowest level of log messages written to stderr (default %(default)s)",
+    )
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _run_daemon(args: argparse.Namespace) -> int:
+    from lcfs.driver.daemon import DaemonConfig, Daemon
+
+    config = DaemonConfig(
+        device=args.device,
+        size=args.size,
+        socket_path=args.socket,
+        mountpoint=args.mountpoint,
+        pid_file=args.pid_file,
+    )
+    return Daemon(config).run()
+
+
+def _run_mkfs(args: argparse.Namespace) -> int:
+    from lcfs.store import Store
+
+    Store.mkfs(
+        args.device,
+        size=args.size,
+        metadata_size=args.metadata_size,
+        force=args.force,
+    )
+    print(f"formatted {args.device}")
+    return 0
+
+
+def _run_layers(args: argparse.Namespace) -> int:
+    from lcfs.store import Store
+
+    store = Store.open(args.device)
+    try:
+        layers = sorted(store.list_layers(), key=lambda layer: layer.number)
+    finally:
+        store.close()
+    rows = [("ID", "PARENT", "FROZEN")]
+    rows += [
+        (layer.id, layer.parent_id or "-", "yes" if layer.frozen else "no")
+        for layer in layers
+    ]
+    id_width = max(len(row[0]) for row in rows)
+    parent_width = max(len(row[1]) for row in rows)
+    for layer_id, parent_id, frozen in rows:
+        print(f"{layer_id:<{id_width}}  {parent_id:<{parent_width}}  {frozen}")
+    return 0
+
+
+_COMMANDS = {"daemon": _run_daemon, "mkfs": _run_mkfs, "layers": _run_layers}
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from lcfs.driver.daemon import DaemonError
+    from lcfs.store import errors
+
+    # NOTE: every StoreError counts as the user's to fix here (a busy, missing
+    # or unformatted device, a size that does not fit). A store bug that
+    # raises one loses its traceback; --log-level debug logs it.
+    return (UserError, DaemonError, errors.StoreError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``lcfs`` command line and return its exit code."""
+    args = _build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    user_errors = _user_error_types()
+    try:
+        return _COMMANDS[args.command](args)
+    except user_errors as error:
+        log.debug("lcfs %s failed", args.command, exc_info=True)
+        print(f"lcfs {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The ``lcfs daemon`` process: one store, its FUSE mount and the plugin socket.
+
+Start order: claim the socket path (refusing when another live process
+serves it), write the pid file, open the device (creating and formatting an
+image file on first start; opening runs journal recovery), mount, then
+listen. Stop order on SIGTERM or SIGINT: stop listening and finish the
+requests in flight, wait for their worker threads, unmount, commit, close
+the store, remove the socket and the pid file.
+
+Threads: the event loop (this module and the plugin server) runs on the
+main thread, FUSE runs its own trio thread, and store calls run on an
+executor whose threads the loop waits for before the store is closed.
+"""
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from lcfs.store import Store
+
+from .mounts import MountError, MountManager
+from .server import GraphDriverPlugin
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DEVICE = "/var/lib/lcfs/lcfs.img"
+DEFAULT_SIZE = 64 * 1024**3
+DEFAULT_SOCKET = "/run/docker/plugins/lcfs.sock"
+
+# Threads serving store calls. Each request holds one for the length of a
+# store call, which is short apart from Diff and ApplyDiff (they use their
+# own threads).
+STORE_THREADS = 16
+
+# Seconds that a stopping daemon waits for requests in flight (a long
+# ApplyDiff, say) before it cancels them; a cancelled ApplyDiff rolls back.
+SHUTDOWN_TIMEOUT = 30.0
+
+
+class DaemonError(Exception):
+    """A start-up failure that the operator can fix; the message says how."""
+
+
+@dataclass
+class DaemonConfig:
+    device: str = DEFAULT_DEVICE
+    size: int | None = None
+    socket_path: str = DEFAULT_SOCKET
+    mountpoint: str | None = None
+    pid_file: str | None = None
+
+    def resolved_pid_file(self) -> str:
+        """The pid file path: the one given, or the socket's path ending in .pid."""
+        if self.pid_file:
+            return self.pid_file
+        return os.path.splitext(self.socket_path)[0] + ".pid"
+
+
+def claim_socket_path(path: str) -> None:
+    """Make ``path`` free for a new listening socket.
+
+    A socket file whose server is gone is removed. Raises DaemonError when a
+    live process accepts connections on it, or when the path is not a socket.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise DaemonError(f"{path} exists and is not a socket; remove it or pass --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(path)
+    except OSError as error:
+        if error.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise DaemonError(f"cannot probe socket {path}: {error}") from error
+    else:
+        raise DaemonError(
+            f"another process is serving {path}; stop it first or pass another --socket"
+        )
+    finally:
+        probe.close()
+    log.info("removing stale socket %s left by a process that has exited", path)
+    os.unlink(path)
+
+
+def bind_socket(path: str) -> socket.socket:
+    """Return a socket listening on ``path`` with mode 0600 from its first moment.
+
+    The socket is bound under a temporary name, restricted, then renamed into
+    place, so no one can connect while its mode is still the umask's.
+    """
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(temporary)
+        os.chmod(temporary, 0o600)
+        os.rename(temporary, path)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return sock
+
+
+def open_store(device: str, size: int | None) -> Store:
+    """Open the store on ``device``, formatting a new sparse image if it does not exist."""
+    if not os.path.exists(device):
+        size = size or DEFAULT_SIZE
+        log.info("creating image %s of %d bytes", device, size)
+        os.makedirs(os.path.dirname(os.path.abspath(device)), mode=0o700, exist_ok=True)
+        Store.mkfs(device, size=size)
+    elif size is not None:
+        log.info("ignoring --size: %s exists already", device)
+    return Store.open(device)
+
+
+def write_pid_file(path: str) -> None:
+    """Write this process's pid to ``path``, replacing a file left by a dead one."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="ascii") as f:
+        f.write(f"{os.getpid()}\n")
+    os.rename(temporary, path)
+
+
+def remove_own_file(path: str, expected_inode: int | None = None) -> None:
+    """Remove ``path`` if it is still the file this process made (same inode)."""
+    try:
+        if expected_inode is not None and os.lstat(path).st_ino != expected_inode:
+            log.warning("not removing %s: another process has replaced it", path)
+            return
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.error("cannot remove %s: %s", path, error)
+
+
+class Daemon:
+    """One run of the daemon, from start to a signal."""
+
+    def __init__(self, config: DaemonConfig):
+        self.config = config
+        self._stop = asyncio.Event()
+        self._signal_name = ""
+        self._workers_left = False
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; return the exit code (0 after a clean stop)."""
+        return asyncio.run(self._main())
+
+    def _on_signal(self, signum: int) -> None:
+        if self._stop.is_set():
+            log.info("still stopping; %s ignored", signal.Signals(signum).name)
+            return
+        self._signal_name = signal.Signals(signum).name
+        self._stop.set()
+
+    async def _main(self) -> int:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="lcfs-store")
+        loop.set_default_executor(executor)
+        log.info("lcfs daemon starting: device %s, pid %d", config.device, os.getpid())
+
+        claim_socket_path(config.socket_path)
+        pid_file = config.resolved_pid_file()
+        write_pid_file(pid_file)
+        pid_inode = os.lstat(pid_file).st_ino
+        try:
+            store = await asyncio.to_thread(open_store, config.device, config.size)
+            try:
+                await self._serve(store)
+            finally:
+                if not self._workers_left:
+                    await asyncio.to_thread(self._close_store, store)
+                else:
+                    # NOTE: a worker thread may still be inside a store call, so
+                    # the store is left to process exit; the next open rolls
+                    # back what the thread had not committed.
+                    log.error("not closing the store on %s: a store call is still running", config.device)
+        finally:
+            remove_own_file(pid_file, pid_inode)
+        log.info("lcfs daemon stopped (pid %d)", os.getpid())
+        return 0
+
+    async def _serve(self, store: Store) -> None:
+        """Mount and serve until a signal, then unmount."""
+        config = self.config
+        mounts = MountManager(store, config.mountpoint)
+        plugin = GraphDriverPlugin(store, config.device, mounts)
+        try:
+            await asyncio.to_thread(mounts.start, plugin.stored_home())
+        except MountError as error:
+            await asyncio.to_thread(mounts.stop)
+            raise DaemonError(str(error)) from error
+        runner = web.AppRunner(
+            plugin.make_app(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+        )
+        socket_inode = None
+        try:
+            await runner.setup()
+            sock = bind_socket(config.socket_path)
+            socket_inode = os.lstat(config.socket_path).st_ino
+            await web.SockSite(runner, sock).start()
+            log.info(
+                "lcfs daemon ready: socket %s, mount %s",
+                config.socket_path,
+                mounts.mountpoint or "none until Init",
+            )
+            await self._stop.wait()
+            log.info("lcfs daemon stopping on %s", self._signal_name)
+        finally:
+            await runner.cleanup()
+            if socket_inode is not None:
+                remove_own_file(config.socket_path, socket_inode)
+            still_running = await asyncio.to_thread(plugin.workers.join_all, SHUTDOWN_TIMEOUT)
+            if still_running:
+                self._workers_left = True
+                log.error("worker threads still running at stop: %s", ", ".join(still_running))
+            await asyncio.to_thread(mounts.stop)
+
+    @staticmethod
+    def _close_store(store: Store) -> None:
+        try:
+            store.commit()
+        finally:
+            store.close()

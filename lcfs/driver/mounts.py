@@ -1,0 +1,149 @@
+"""Where the FUSE filesystem is mounted, and when it is mounted and unmounted.
+
+Two modes:
+
+* A fixed mount point (``lcfs daemon --mountpoint DIR``): mounted at start,
+  kept until the daemon stops. Init only records Docker's Home, and Cleanup
+  leaves the mount alone.
+* Docker's Home: Init mounts at the Home it names (creating the directory),
+  Cleanup unmounts, and the next Init mounts again. A daemon that restarts
+  while dockerd runs mounts at the Home recorded by the last Init, because
+  dockerd does not call Init again.
+
+Every method blocks (mounting waits for the FUSE thread), so the plugin
+server calls them from worker threads. One lock serialises them.
+"""
+
+import errno
+import logging
+import os
+import subprocess
+import threading
+from collections.abc import Callable
+
+from lcfs.fuse.mount import FSTYPE, FuseServer, find_mount
+
+log = logging.getLogger(__name__)
+
+
+class MountError(Exception):
+    """The filesystem could not be mounted or unmounted at a path."""
+
+
+def _is_disconnected(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as error:
+        return error.errno == errno.ENOTCONN
+    return False
+
+
+def detach_stale_mount(path: str) -> None:
+    """Detach an lcfs mount at ``path`` whose FUSE server has died.
+
+    A FUSE server killed without unmounting (SIGKILL, a crash) leaves its
+    mount point answering ENOTCONN, and mounting on top of it would hide the
+    problem rather than fix it. Only an lcfs mount in that state is
+    detached, with ``fusermount3 -u -z``.
+    """
+    if find_mount(path, FSTYPE) is None or not _is_disconnected(path):
+        return
+    log.warning("detaching stale lcfs mount at %s left by a dead daemon", path)
+    result = subprocess.run(
+        ["fusermount3", "-u", "-z", path], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise MountError(
+            f"cannot detach the stale lcfs mount at {path}: "
+            f"{result.stderr.strip() or 'fusermount3 failed'}; unmount it by hand"
+        )
+
+
+class MountManager:
+    """Mounts the store's FUSE filesystem at the fixed mount point or Docker's Home."""
+
+    def __init__(
+        self,
+        store,
+        fixed_mountpoint: str | None,
+        fuse_factory: Callable = FuseServer,
+    ):
+        self._store = store
+        self._fixed = os.path.abspath(fixed_mountpoint) if fixed_mountpoint else None
+        self._fuse_factory = fuse_factory
+        self._lock = threading.Lock()
+        self._server = None
+        self._mountpoint: str | None = None
+
+    @property
+    def mountpoint(self) -> str | None:
+        """The path the filesystem is mounted at now, or None."""
+        return self._mountpoint
+
+    @property
+    def fixed(self) -> bool:
+        """Whether the mount point was given at start and is kept until the end."""
+        return self._fixed is not None
+
+    def start(self, stored_home: str | None) -> None:
+        """Mount at the fixed mount point, or at the Home recorded by an earlier Init."""
+        with self._lock:
+            if self._fixed is not None:
+                self._mount(self._fixed)
+            elif stored_home:
+                log.info("mounting at Docker's Home %s recorded by Init", stored_home)
+                self._mount(stored_home)
+
+    def init(self, home: str) -> None:
+        """Mount at ``home`` unless a fixed mount point is in use."""
+        with self._lock:
+            if self._fixed is not None or self._mountpoint == home:
+                return
+            if self._mountpoint is not None:
+                log.info("Home moved from %s to %s", self._mountpoint, home)
+                self._unmount()
+            self._mount(home)
+
+    def cleanup(self) -> None:
+        """Unmount the filesystem mounted at Docker's Home; keep a fixed mount."""
+        with self._lock:
+            if self._fixed is None:
+                self._unmount()
+
+    def stop(self) -> None:
+        """Unmount whatever is mounted."""
+        with self._lock:
+            self._unmount()
+
+    def notify_layer_removed(self, layer_id: str) -> None:
+        """Tell the FUSE frontend to drop what the kernel caches about a layer."""
+        server = self._server
+        if server is not None:
+            server.notify_layer_removed(layer_id)
+
+    def _mount(self, path: str) -> None:
+        path = os.path.abspath(path)
+        detach_stale_mount(path)
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as error:
+            raise MountError(f"cannot create mount point {path}: {error}") from error
+        server = self._fuse_factory(self._store)
+        try:
+            server.start(path)
+        except Exception as error:
+            server.stop()
+            raise MountError(f"cannot mount lcfs at {path}: {error}") from error
+        self._server = server
+        self._mountpoint = path
+
+    def _unmount(self) -> None:
+        server, path = self._server, self._mountpoint
+        if server is None:
+            return
+        self._server = None
+        self._mountpoint = None
+        try:
+            server.stop()
+        except Exception as error:
+            raise MountError(f"cannot unmount lcfs from {path}: {error}") from error

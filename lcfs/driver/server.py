@@ -1,0 +1,431 @@
+"""Docker's graphdriver plugin protocol, served by aiohttp on a unix socket.
+
+Every call is ``POST /NAME`` with a JSON body and no Content-Type; fields
+with empty values are left out. A failure is ``{"Err": "..."}`` with HTTP
+status 500: dockerd's plugin client reads Err from the body of any non-200
+reply, and a non-200 status is the only way to report a failed Diff, whose
+successful reply is a raw tar stream. The message names the layer id,
+because Docker shows it to the user.
+
+Store calls block, so they run on the executor or, for the tar streams of
+Diff and ApplyDiff, on a dedicated thread per request. Every call that
+changes the store commits before it replies, so the reply means durable.
+"""
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from lcfs.store import errors
+
+from . import streams
+from .mounts import MountError, MountManager
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
+
+HOME_KEY = "driver.home"
+OPTS_KEY = "driver.opts"
+
+# Bytes read from an ApplyDiff request body at a time.
+APPLY_CHUNK_SIZE = 1 << 16
+
+# Longest layer id accepted: it is a directory name under the mount point.
+MAX_ID_BYTES = 255
+
+
+class RequestError(Exception):
+    """A request that is malformed or asks for something lcfs does not do."""
+
+
+Handler = Callable[[dict], Awaitable[dict]]
+
+
+def _error_reply(message: str) -> web.Response:
+    return web.json_response({"Err": message}, status=500, content_type=CONTENT_TYPE)
+
+
+def _describe(error: Exception, layer_id: str) -> str:
+    message = str(error) or type(error).__name__
+    if layer_id and layer_id not in message:
+        message = f"layer {layer_id}: {message}"
+    return message
+
+
+def _string_field(args: dict, name: str) -> str:
+    value = args.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RequestError(f"invalid request: field {name} must be a string")
+    return value
+
+
+def validate_layer_id(layer_id: str) -> None:
+    """Raise RequestError unless ``layer_id`` can name a directory under the mount."""
+    if not layer_id:
+        raise RequestError("invalid request: the layer ID is missing")
+    encoded = layer_id.encode("utf-8", "surrogateescape")
+    if (
+        layer_id in (".", "..")
+        or "/" in layer_id
+        or "\0" in layer_id
+        or len(encoded) > MAX_ID_BYTES
+    ):
+        raise RequestError(
+            f"invalid layer id {layer_id!r}: it must be a file name of 1 to "
+            f"{MAX_ID_BYTES} bytes without '/'"
+        )
+
+
+class GraphDriverPlugin:
+    """The graphdriver calls, implemented on one store and one mount manager."""
+
+    def __init__(self, store, device: str, mounts: MountManager):
+        self.store = store
+        self.device = device
+        self.mounts = mounts
+        self.workers = streams.WorkerThreads()
+
+    def make_app(self) -> web.Application:
+        """Return the aiohttp application that routes every plugin call."""
+        app = web.Application(client_max_size=1 << 20)
+        json_calls: dict[str, Handler] = {
+            "Plugin.Activate": self.activate,
+            "GraphDriver.Init": self.init,
+            "GraphDriver.Create": self.create,
+            "GraphDriver.CreateReadWrite": self.create,
+            "GraphDriver.Remove": self.remove,
+            "GraphDriver.Get": self.get,
+            "GraphDriver.Put": self.put,
+            "GraphDriver.Exists": self.exists,
+            "GraphDriver.Status": self.status,
+            "GraphDriver.GetMetadata": self.get_metadata,
+            "GraphDriver.Cleanup": self.cleanup,
+            "GraphDriver.Changes": self.changes,
+            "GraphDriver.DiffSize": self.diff_size,
+            "GraphDriver.Capabilities": self.capabilities,
+        }
+        for name, handler in json_calls.items():
+            app.router.add_post(f"/{name}", functools.partial(self._serve, name, handler))
+        app.router.add_post("/GraphDriver.Diff", self.diff)
+        app.router.add_post("/GraphDriver.ApplyDiff", self.apply_diff)
+        app.router.add_route("*", "/{call:.*}", self.unknown_call)
+        return app
+
+    async def _run(self, func: Callable, *args) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(func, *args))
+
+    async def _serve(self, name: str, handler: Handler, request: web.Request):
+        layer_id = ""
+        try:
+            args = await self._read_args(request)
+            layer_id = args.get("ID") if isinstance(args.get("ID"), str) else ""
+            log.debug("%s %s", name, f"layer {layer_id}" if layer_id else "")
+            reply = await handler(args)
+        except (errors.StoreError, RequestError, MountError) as error:
+            message = _describe(error, layer_id)
+            log.warning("%s failed for layer %s: %s", name, layer_id or "-", message)
+            return _error_reply(message)
+        except Exception as error:
+            log.exception("%s failed for layer %s", name, layer_id or "-")
+            return _error_reply(f"internal error: {_describe(error, layer_id)}")
+        return web.json_response(reply, content_type=CONTENT_TYPE)
+
+    @staticmethod
+    async def _read_args(request: web.Request) -> dict:
+        body = await request.read()
+        if not body.strip():
+            return {}
+        try:
+            args = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RequestError(f"invalid request: body is not JSON: {error}") from None
+        if not isinstance(args, dict):
+            raise RequestError("invalid request: body is not a JSON object")
+        return args
+
+    # -- plugin and driver set-up ------------------------------------------
+
+    async def activate(self, args: dict) -> dict:
+        return {"Implements": ["GraphDriver"]}
+
+    async def init(self, args: dict) -> dict:
+        home = _string_field(args, "Home")
+        if not home or not os.path.isabs(home):
+            raise RequestError(f"invalid Home {home!r}: it must be an absolute path")
+        opts = args.get("Opts") or []
+        if opts:
+            raise RequestError(
+                f"unknown storage options {', '.join(map(str, opts))}: "
+                "lcfs takes none; remove the --storage-opt flags"
+            )
+        if args.get("UIDMaps") or args.get("GIDMaps"):
+            raise RequestError(
+                "user namespace remapping is not supported by lcfs; "
+                "start dockerd without --userns-remap"
+            )
+        await self._run(self._record_init, home, opts)
+        await self._run(self.mounts.init, home)
+        log.info("initialised by dockerd: Home %s", home)
+        return {}
+
+    def _record_init(self, home: str, opts: list) -> None:
+        self.store.set_meta(HOME_KEY, home.encode())
+        self.store.set_meta(OPTS_KEY, json.dumps(opts).encode())
+        self.store.commit()
+
+    def stored_home(self) -> str | None:
+        """Return the Home that the last Init recorded, or None."""
+        value = self.store.get_meta(HOME_KEY)
+        return value.decode() if value else None
+
+    async def capabilities(self, args: dict) -> dict:
+        exact = bool(getattr(self.store, "reproduces_exact_diffs", False))
+        return {"Capabilities": {"ReproducesExactDiffs": exact}}
+
+    async def status(self, args: dict) -> dict:
+        return {"Status": await self._run(self._status_pairs)}
+
+    def _status_pairs(self) -> list[list[str]]:
+        # Status has no error reply in dockerd's plugin client, so a failing
+        # part is reported as a pair rather than failing the whole call.
+        pairs = [
+            ["Device", self.device],
+            ["Mount Path", self.mounts.mountpoint or "not mounted"],
+        ]
+        try:
+            home = self.stored_home()
+            pairs.append(["Docker Home", home or "not initialised"])
+            stat = self.store.statfs()
+            block_size = stat.block_size
+            pairs += [
+                ["Block Size", str(block_size)],
+                ["Data Space Used (bytes)", str((stat.total_blocks - stat.free_blocks) * block_size)],
+                ["Data Space Total (bytes)", str(stat.total_blocks * block_size)],
+                ["Data Space Available (bytes)", str(stat.free_blocks * block_size)],
+                ["Inodes Used", str(stat.files - stat.free_files)],
+                ["Layers", str(len(self.store.list_layers()))],
+            ]
+        except Exception as error:
+            log.exception("Status could not read the store on %s", self.device)
+            pairs.append(["Error", str(error)])
+        return pairs
+
+    async def cleanup(self, args: dict) -> dict:
+        await self._run(self.store.commit)
+        await self._run(self.mounts.cleanup)
+        return {}
+
+    # -- layers --------------------------------------------------------------
+
+    async def create(self, args: dict) -> dict:
+        layer_id = _string_field(args, "ID")
+        parent_id = _string_field(args, "Parent") or None
+        validate_layer_id(layer_id)
+        storage_opt = args.get("StorageOpt") or {}
+        if storage_opt:
+            names = ", ".join(sorted(map(str, storage_opt)))
+            raise RequestError(
+                f"layer {layer_id}: storage options {names} are not supported by lcfs"
+            )
+        await self._run(self._create_layer, layer_id, parent_id)
+        log.debug("created layer %s with parent %s", layer_id, parent_id or "-")
+        return {}
+
+    def _create_layer(self, layer_id: str, parent_id: str | None) -> None:
+        self.store.create_layer(layer_id, parent_id)
+        self.store.commit()
+
+    async def remove(self, args: dict) -> dict:
+        layer_id = _string_field(args, "ID")
+        await self._run(self._remove_layer, layer_id)
+        log.debug("removed layer %s", layer_id)
+        return {}
+
+    def _remove_layer(self, layer_id: str) -> None:
+        self.store.remove_layer(layer_id)
+        self.store.commit()
+        self.mounts.notify_layer_removed(layer_id)
+
+    async def get(self, args: dict) -> dict:
+        layer_id = _string_field(args, "ID")
+        await self._run(self.store.get_layer, layer_id)
+        mountpoint = self.mounts.mountpoint
+        if mountpoint is None:
+            raise RequestError(
+                f"layer {layer_id}: lcfs is not mounted; dockerd must call Init "
+                "first, or start the daemon with --mountpoint"
+            )
+        return {"Dir": os.path.join(mountpoint, layer_id)}
+
+    async def put(self, args: dict) -> dict:
+        layer_id = _string_field(args, "ID")
+        await self._run(self._put_layer, layer_id)
+        return {}
+
+    def _put_layer(self, layer_id: str) -> None:
+        self.store.get_layer(layer_id)
+        self.store.commit()
+
+    async def exists(self, args: dict) -> dict:
+        layer_id = _string_field(args, "ID")
+        try:
+            found = await self._run(self.store.exists, layer_id)
+        except Exception:
+            log.exception("Exists could not look up layer %s", layer_id)
+            found = False
+        return {"Exists": bool(found)}
+
+    async def get_metadata(self, args: dict) -> dict:
+        layer_id = _string_field(args, "ID")
+        layer = await self._run(self.store.get_layer, layer_id)
+        metadata = {
+            "Device": self.device,
+            "Layer": str(layer.number),
+            "Frozen": "true" if layer.frozen else "false",
+        }
+        if layer.parent_id:
+            metadata["Parent"] = layer.parent_id
+        return {"Metadata": metadata}
+
+    # -- diffs ---------------------------------------------------------------
+
+    def _check_parent(self, layer_id: str, parent_id: str, *, required: bool) -> None:
+        """Raise RequestError unless ``parent_id`` is the layer's own parent.
+
+        The store tracks changes against a layer's own parent only, so a diff
+        against any other layer cannot be computed. With ``required`` false an
+        empty ``parent_id`` passes.
+        """
+        layer = self.store.get_layer(layer_id)
+        actual = layer.parent_id or ""
+        if parent_id == actual or (not parent_id and not required):
+            return
+        raise RequestError(
+            f"layer {layer_id} has parent {actual or '(none)'}, not "
+            f"{parent_id or '(none)'}; lcfs computes diffs only against a "
+            "layer's own parent"
+        )
+
+    async def changes(self, args: dict) -> dict:
+        layer_id = _string_field(args, "ID")
+        parent_id = _string_field(args, "Parent")
+        changes = await self._run(self._changes, layer_id, parent_id)
+        return {"Changes": [{"Path": path, "Kind": kind} for path, kind in changes]}
+
+    def _changes(self, layer_id: str, parent_id: str) -> list[tuple[str, int]]:
+        self._check_parent(layer_id, parent_id, required=True)
+        return self.store.changes(layer_id)
+
+    async def diff_size(self, args: dict) -> dict:
+        layer_id = _string_field(args, "ID")
+        parent_id = _string_field(args, "Parent")
+        size = await self._run(self._diff_size, layer_id, parent_id)
+        return {"Size": size}
+
+    def _diff_size(self, layer_id: str, parent_id: str) -> int:
+        self._check_parent(layer_id, parent_id, required=True)
+        return self.store.diff_size(layer_id)
+
+    async def diff(self, request: web.Request) -> web.StreamResponse:
+        """Stream the layer's changes against its parent as an uncompressed tar."""
+        layer_id = ""
+        try:
+            args = await self._read_args(request)
+            layer_id = _string_field(args, "ID")
+            parent_id = _string_field(args, "Parent")
+            log.debug("GraphDriver.Diff layer %s parent %s", layer_id, parent_id or "-")
+        except RequestError as error:
+            log.warning("GraphDriver.Diff failed for layer %s: %s", layer_id or "-", error)
+            return _error_reply(_describe(error, layer_id))
+
+        def make_iterator():
+            self._check_parent(layer_id, parent_id, required=True)
+            return self.store.diff(layer_id)
+
+        chunks = streams.iterate_in_thread(make_iterator, self.workers, f"diff-{layer_id}")
+        async with contextlib.aclosing(chunks):
+            try:
+                first = await anext(chunks, b"")
+            except (errors.StoreError, RequestError) as error:
+                message = _describe(error, layer_id)
+                log.warning("GraphDriver.Diff failed for layer %s: %s", layer_id, message)
+                return _error_reply(message)
+            except Exception as error:
+                log.exception("GraphDriver.Diff failed for layer %s", layer_id)
+                return _error_reply(f"internal error: {_describe(error, layer_id)}")
+            response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
+            await response.prepare(request)
+            sent = len(first)
+            try:
+                await response.write(first)
+                async for chunk in chunks:
+                    await response.write(chunk)
+                    sent += len(chunk)
+            except (ConnectionError, asyncio.CancelledError):
+                log.warning("GraphDriver.Diff of layer %s: client went away after %d bytes", layer_id, sent)
+                raise
+            except Exception:
+                # The status line is gone already: break the connection so that
+                # dockerd reads a truncated tar instead of a complete one.
+                log.exception(
+                    "GraphDriver.Diff of layer %s failed after %d bytes; aborting the stream",
+                    layer_id,
+                    sent,
+                )
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+        await response.write_eof()
+        log.debug("GraphDriver.Diff of layer %s sent %d bytes", layer_id, sent)
+        return response
+
+    async def apply_diff(self, request: web.Request) -> web.Response:
+        """Import the tar in the request body into a layer, streaming it to the store."""
+        layer_id = request.query.get("id", "")
+        parent_id = request.query.get("parent", "")
+        log.debug("GraphDriver.ApplyDiff layer %s parent %s", layer_id or "-", parent_id or "-")
+
+        def work(fileobj) -> int:
+            self._check_parent(layer_id, parent_id, required=False)
+            size = self.store.apply_diff(layer_id, fileobj)
+            self.store.commit()
+            return size
+
+        try:
+            if not layer_id:
+                raise RequestError("invalid request: the query parameter id is missing")
+            size = await streams.consume_in_thread(
+                request.content.iter_chunked(APPLY_CHUNK_SIZE),
+                work,
+                self.workers,
+                f"apply-{layer_id}",
+            )
+        except (errors.StoreError, RequestError, streams.BodyAborted) as error:
+            message = _describe(error, layer_id)
+            log.warning("GraphDriver.ApplyDiff failed for layer %s: %s", layer_id or "-", message)
+            return _error_reply(message)
+        except Exception as error:
+            log.exception("GraphDriver.ApplyDiff failed for layer %s", layer_id or "-")
+            return _error_reply(f"internal error: {_describe(error, layer_id)}")
+        log.debug("GraphDriver.ApplyDiff of layer %s applied %d bytes", layer_id, size)
+        return web.json_response({"Size": size}, content_type=CONTENT_TYPE)
+
+    async def unknown_call(self, request: web.Request) -> web.Response:
+        call = request.match_info.get("call", "")
+        log.warning("unknown plugin call %s %r", request.method, call)
+        return web.json_response(
+            {"Err": f"unknown plugin call {call!r}: lcfs implements GraphDriver"},
+            status=404,
+            content_type=CONTENT_TYPE,
+        )

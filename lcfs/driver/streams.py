@@ -1,0 +1,241 @@
+"""Bridges between the plugin's event loop and the threads that run store calls.
+
+Store calls block (LMDB transactions, fdatasync, tar parsing), so long ones
+run on a dedicated thread per request and exchange data with the event loop
+through a bounded ``asyncio.Queue``. The bound keeps memory flat: a layer tar
+of any size passes through at most ``MAX_PENDING_CHUNKS`` chunks at a time,
+and the side that runs ahead waits for the other.
+
+Every worker thread is registered in a ``WorkerThreads`` set so that the
+daemon can wait for all of them before it closes the store.
+"""
+
+import asyncio
+import io
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import BinaryIO, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAX_PENDING_CHUNKS = 8
+READ_BUFFER_SIZE = 1 << 20
+
+# How often a worker thread blocked on the queue checks whether the request
+# was abandoned, in seconds.
+_POLL_INTERVAL = 0.2
+
+_END = object()
+
+
+class BodyAborted(OSError):
+    """The request body ended before the client finished sending it."""
+
+
+class WorkerThreads:
+    """The set of running worker threads, so that shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+
+    def start(self, target: Callable[[], None], name: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                target()
+            finally:
+                with self._lock:
+                    self._threads.discard(threading.current_thread())
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+        return thread
+
+    def join_all(self, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` seconds in total; return the names still running."""
+        deadline = threading.Event()
+        timer = threading.Timer(timeout, deadline.set)
+        timer.start()
+        try:
+            while not deadline.is_set():
+                with self._lock:
+                    threads = list(self._threads)
+                if not threads:
+                    return []
+                threads[0].join(_POLL_INTERVAL)
+        finally:
+            timer.cancel()
+        with self._lock:
+            return sorted(thread.name for thread in self._threads)
+
+
+def _wait_threadsafe(future, abandoned: threading.Event):
+    """Return the result of a future scheduled on the loop, unless abandoned is set.
+
+    Returns ``_END`` when the request was abandoned before the future finished.
+    """
+    while True:
+        try:
+            return future.result(timeout=_POLL_INTERVAL)
+        except TimeoutError:
+            if abandoned.is_set():
+                future.cancel()
+                return _END
+
+
+async def iterate_in_thread(
+    make_iterator: Callable[[], Iterator[bytes]], workers: WorkerThreads, name: str
+) -> AsyncIterator[bytes]:
+    """Yield the chunks of ``make_iterator()``, which is created and run on one thread.
+
+    The iterator never leaves that thread, so a generator holding an LMDB
+    read transaction stays on the thread that opened it. An exception raised
+    by the iterator is raised here. Closing this async generator early (the
+    client went away) makes the thread close the iterator and end.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=MAX_PENDING_CHUNKS)
+    abandoned = threading.Event()
+
+    def put(item) -> bool:
+        future = asyncio.run_coroutine_threadsafe(queue.put(item), loop)
+        return _wait_threadsafe(future, abandoned) is not _END
+
+    def produce() -> None:
+        try:
+            iterator = make_iterator()
+            try:
+                for chunk in iterator:
+                    if not put(chunk):
+                        return
+            finally:
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+        except BaseException as error:  # handed to the event loop and raised there
+            put(error)
+            return
+        put(_END)
+
+    workers.start(produce, name)
+    try:
+        while True:
+            item = await queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        abandoned.set()
+
+
+class _QueueReader(io.RawIOBase):
+    """A readable raw file whose bytes come from an asyncio queue on another thread.
+
+    The queue carries ``bytes`` chunks, then ``_END`` at the clean end of the
+    body or an exception when the body broke off.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+        super().__init__()
+        self._loop = loop
+        self._queue = queue
+        self._pending = memoryview(b"")
+        self._error: BaseException | None = None
+        self._eof = False
+        self._abandoned = threading.Event()
+        self._abandon_error: BaseException = BodyAborted("the request was abandoned")
+
+    def abandon(self, error: BaseException) -> None:
+        """Make the reading thread raise ``error`` instead of waiting for more bytes."""
+        self._abandon_error = error
+        self._abandoned.set()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            if self._eof:
+                return 0
+            if self._error is not None:
+                raise self._error
+            future = asyncio.run_coroutine_threadsafe(self._queue.get(), self._loop)
+            item = _wait_threadsafe(future, self._abandoned)
+            if item is _END and self._abandoned.is_set():
+                self._error = self._abandon_error
+            elif item is _END:
+                self._eof = True
+            elif isinstance(item, BaseException):
+                self._error = item
+            else:
+                self._pending = memoryview(item)
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+
+async def consume_in_thread(
+    chunks: AsyncIterator[bytes],
+    work: Callable[[BinaryIO], T],
+    workers: WorkerThreads,
+    name: str,
+) -> T:
+    """Run ``work(fileobj)`` on a thread while ``fileobj`` streams ``chunks``.
+
+    Returns what ``work`` returns, or raises what it raises. If ``work``
+    returns or fails before the body ends, the rest of the body is read and
+    discarded, so the client can finish sending and read the reply. If the
+    body breaks off (client gone, handler cancelled), ``fileobj.read`` raises
+    ``BodyAborted`` so that ``work`` fails instead of seeing a short body as
+    a complete one.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue(maxsize=MAX_PENDING_CHUNKS)
+    reader = _QueueReader(loop, queue)
+    outcome: asyncio.Future = loop.create_future()
+
+    def settle(value, error) -> None:
+        if outcome.done():
+            return
+        if error is not None:
+            outcome.set_exception(error)
+        else:
+            outcome.set_result(value)
+
+    def run() -> None:
+        try:
+            with io.BufferedReader(reader, READ_BUFFER_SIZE) as fileobj:
+                value = work(fileobj)
+        except BaseException as error:  # handed to the event loop and raised there
+            loop.call_soon_threadsafe(settle, None, error)
+        else:
+            loop.call_soon_threadsafe(settle, value, None)
+
+    async def deliver(item) -> None:
+        # Waits for room in the queue, unless the worker has already finished
+        # and will never take the item.
+        if outcome.done():
+            return
+        put = asyncio.ensure_future(queue.put(item))
+        try:
+            await asyncio.wait({put, outcome}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            put.cancel()
+
+    workers.start(run, name)
+    try:
+        async for chunk in chunks:
+            await deliver(chunk)
+        await deliver(_END)
+    except BaseException as error:
+        reader.abandon(BodyAborted(f"the request body broke off: {error!r}"))
+        raise
+    return await outcome

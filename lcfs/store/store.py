@@ -49,6 +49,7 @@ from .format import (
     read_superblock,
 )
 from .namespace import NamespaceMixin
+from .tar import TarMixin
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def lock_holder(path: str) -> int | None:
     return None
 
 
-class Store(NamespaceMixin, DataMixin):
+class Store(NamespaceMixin, DataMixin, TarMixin):
     """An open store. Create one with ``Store.open``; see the module docstring."""
 
     block_size = BLOCK_SIZE
@@ -189,6 +190,7 @@ class Store(NamespaceMixin, DataMixin):
         self._node_keys: dict[tuple[int, int], int] = {}
         self._pins: dict[tuple[int, int], int] = {}
         self._orphans: dict[tuple[int, int], int] = {}
+        self._applying: dict[int, int] = {}
         self._closed = False
 
     # -- opening and closing -------------------------------------------------

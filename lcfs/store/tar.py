@@ -1,0 +1,644 @@
+"""Layer tars: ApplyDiff imports one into a layer, Diff exports a layer's changes.
+
+The tar dialect is Docker's: uncompressed, PAX or GNU headers, deletions as
+``.wh.NAME`` whiteout files, and ``.wh..wh..opq`` in a directory that hides
+everything older layers put there. Xattrs travel as ``SCHILY.xattr.NAME``
+PAX records and nanosecond times as PAX ``mtime``/``atime`` records.
+
+Import is atomic through an ``apply`` intent: it is committed before the
+first member is written and removed in the commit that finishes the import,
+so a crash rolls the layer's contents back on the next open, and a malformed
+tar rolls them back at once.
+
+Diff, Changes and DiffSize read the layer's change log (what the layer itself
+wrote), not a walk of the whole tree.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import stat
+import tarfile
+import time
+from decimal import Decimal
+
+from lcfs.journal import intents
+
+from . import errors
+from .format import ROOT_INO, U64, U64X2, Inode
+
+log = logging.getLogger(__name__)
+
+WHITEOUT = b".wh."
+OPAQUE = b".wh..wh..opq"
+# Bytes of file content written per store call while importing.
+CHUNK = 1 << 20
+# Seconds between group commits during a long import.
+COMMIT_INTERVAL = 1.0
+CHANGE_MODIFY, CHANGE_ADD, CHANGE_DELETE = 0, 1, 2
+
+_TYPE_MODES = {
+    tarfile.REGTYPE: stat.S_IFREG,
+    tarfile.AREGTYPE: stat.S_IFREG,
+    tarfile.CONTTYPE: stat.S_IFREG,
+    tarfile.FIFOTYPE: stat.S_IFIFO,
+    tarfile.CHRTYPE: stat.S_IFCHR,
+    tarfile.BLKTYPE: stat.S_IFBLK,
+}
+
+
+def _split(name: str, layer_id: str) -> list[bytes]:
+    """Return the components of a member name, rejecting names that leave the layer."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if raw.startswith(b"/"):
+        raise errors.BadArchive(f"layer {layer_id}: absolute member name {name!r} in tar")
+    parts = [p for p in raw.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise errors.BadArchive(f"layer {layer_id}: member name {name!r} leaves the layer")
+    return parts
+
+
+def _pax_time_ns(member: tarfile.TarInfo, key: str, fallback: float) -> int:
+    value = member.pax_headers.get(key)
+    if value is not None:
+        try:
+            return int(Decimal(value) * 1_000_000_000)
+        except ArithmeticError:
+            pass
+    return int(Decimal(str(fallback)) * 1_000_000_000)
+
+
+def _xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
+    found = {}
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            name = key[len("SCHILY.xattr.") :].encode("utf-8", "surrogateescape")
+            found[name] = value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = key[len("LIBARCHIVE.xattr.") :].encode("utf-8", "surrogateescape")
+            padded = value + "=" * (-len(value) % 4)
+            found[name] = base64.b64decode(padded)
+    return found
+
+
+class TarMixin:
+    # -- import ------------------------------------------------------------
+
+    def apply_diff(self, layer_id: str, fileobj) -> int:
+        """Apply a layer tar to an empty writable layer; return its content size in bytes."""
+        with self.lock:
+            layer = self.get_layer(layer_id)
+            self._begin_apply(layer)
+            self.commit()
+        started = time.monotonic()
+        applier = _Applier(self, layer)
+        try:
+            with tarfile.open(fileobj=fileobj, mode="r|", errors="surrogateescape") as archive:
+                for member in archive:
+                    applier.apply(member, archive)
+        except (tarfile.TarError, EOFError, OSError, errors.StoreError, ValueError) as exc:
+            self._roll_back_apply(layer)
+            if isinstance(exc, errors.BadArchive):
+                raise
+            if isinstance(exc, errors.NoSpace):
+                raise errors.NoSpace(f"layer {layer_id}: {exc}") from exc
+            raise errors.BadArchive(f"layer {layer_id}: invalid layer tar: {exc}") from exc
+        except BaseException:
+            self._roll_back_apply(layer)
+            raise
+        with self.lock:
+            applier.finish()
+            self._end_apply(layer)
+            self.commit()
+        log.info("applied %d bytes in %d entries to layer %s in %.2f s", applier.size,
+                 applier.entries, layer_id, time.monotonic() - started)  # fmt: skip
+        return applier.size
+
+    def _begin_apply(self, layer) -> None:
+        from .store import write_op
+
+        def begin(self):
+            self._writable(layer.number)
+            if self._has_changes(layer.number):
+                raise errors.Invalid(f"layer {layer.id} already has content; apply a tar to a new layer")
+            self._applying[layer.number] = intents.begin(self._txn, self.dbs["intents"], self.dbs["meta"], "apply",
+                                           layer=layer.number, id=layer.id)  # fmt: skip
+
+        write_op(begin)(self)
+
+    def _end_apply(self, layer) -> None:
+        self._finish_intent(self._applying.pop(layer.number))
+
+    def _roll_back_apply(self, layer) -> None:
+        """Remove everything an unfinished import wrote, leaving the layer empty."""
+        with self.lock:
+            log.warning("rolling back the import into layer %s", layer.id)
+            self.commit()
+            self._purge(layer.number)
+            self._reset_root(layer)
+            self._finish_intent(self._applying.pop(layer.number))
+            self.commit()
+
+    def _reset_root(self, layer) -> None:
+        from .store import write_op
+
+        def reset(self):
+            if layer.parent is None:
+                now = time.time_ns()
+                root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, nlink=2, atime_ns=now, mtime_ns=now,
+                             ctime_ns=now)  # fmt: skip
+                self._put_inode(layer.number, root)
+
+        write_op(reset)(self)
+
+    # -- export ------------------------------------------------------------------
+
+    def changes(self, layer_id: str) -> list[tuple[str, int]]:
+        """Return (path, kind) for every path the layer changed against its parent."""
+        with self.lock:
+            plan = _DiffPlan(self, self.get_layer(layer_id))
+            return [(path.decode("utf-8", "surrogateescape"), kind) for path, kind in plan.changes()]
+
+    def diff_size(self, layer_id: str) -> int:
+        with self.lock:
+            plan = _DiffPlan(self, self.get_layer(layer_id))
+            return plan.size()
+
+    def diff(self, layer_id: str):
+        """Yield the layer's changes against its parent as an uncompressed tar, in chunks."""
+        with self.lock:
+            plan = _DiffPlan(self, self.get_layer(layer_id))
+            entries = plan.entries()
+        sink = _Sink()
+        archive = tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT,
+                               encoding="utf-8", errors="surrogateescape")  # fmt: skip
+        archive.copybufsize = CHUNK
+        written: dict[int, str] = {}
+        layer = plan.number
+        for path, kind, ino in entries:
+            with self.lock:
+                self._ready()
+                self._layer(layer)
+                member, inode = plan.header(path, kind, ino, written)
+            if member is None:
+                continue
+            if member.type == tarfile.REGTYPE and member.size:
+                archive.addfile(member, _FileReader(self, layer, inode, member.size))
+            else:
+                archive.addfile(member)
+            if sink.chunks:
+                yield from sink.take()
+        archive.close()
+        yield from sink.take()
+
+
+class _Applier:
+    def __init__(self, store, layer):
+        self.store = store
+        self.layer = layer
+        self.number = layer.number
+        self.size = 0
+        self.entries = 0
+        self.dir_times: dict[int, tuple[int, int]] = {}
+        self.last_commit = time.monotonic()
+
+    def apply(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+        from .store import write_op
+
+        parts = _split(member.name, self.layer.id)
+        self.entries += 1
+        if parts and parts[-1].startswith(WHITEOUT):
+            write_op(lambda store: self._whiteout(parts))(self.store)
+        elif not parts:
+            if member.isdir():
+                write_op(lambda store: self._set_metadata(ROOT_INO, member))(self.store)
+        else:
+            ino = write_op(lambda store: self._create(parts, member))(self.store)
+            if member.isreg() and member.size:
+                self._copy_data(ino, member, archive)
+            if not member.islnk():
+                write_op(lambda store: self._set_metadata(ino, member))(self.store)
+        if time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
+            self.store.commit()
+            self.last_commit = time.monotonic()
+
+    def _parent(self, parts: list[bytes], create: bool) -> int | None:
+        """Return the inode of the directory holding ``parts[-1]``, making missing ones if asked."""
+        store, number = self.store, self.number
+        ino = ROOT_INO
+        for part in parts[:-1]:
+            dir_inode = store._dir(number, ino)
+            found = store._entry(number, dir_inode, part)
+            if found is not None and stat.S_ISDIR(store._inode(number, found[0]).mode):
+                ino = found[0]
+                continue
+            if not create:
+                return None
+            if found is not None:
+                self._remove(dir_inode, part)
+            ino = store._create(number, ino, part, stat.S_IFDIR | 0o755, 0, 0).ino
+        return ino
+
+    def _whiteout(self, parts: list[bytes]) -> None:
+        store, number = self.store, self.number
+        dir_ino = self._parent(parts, create=False)
+        if dir_ino is None:
+            return
+        name = parts[-1]
+        if name == OPAQUE:
+            inode = store._own(number, dir_ino)
+            inode.opaque = number
+            store._put_inode(number, inode)
+            return
+        if name.startswith(WHITEOUT + WHITEOUT):
+            return
+        target = name[len(WHITEOUT) :]
+        dir_inode = store._dir(number, dir_ino)
+        if store._entry(number, dir_inode, target) is not None:
+            self._remove(dir_inode, target)
+
+    def _remove(self, dir_inode, name: bytes) -> None:
+        store, number = self.store, self.number
+        found = store._entry(number, dir_inode, name)
+        inode = store._inode(number, found[0])
+        store._remove_entry(number, dir_inode, name)
+        store._touch_dir(number, dir_inode.ino, -1 if inode.is_dir else 0)
+        if inode.is_dir:
+            store._drop_dir(number, inode.ino)
+        else:
+            store._drop_link(number, inode.ino)
+
+    def _create(self, parts: list[bytes], member: tarfile.TarInfo) -> int:
+        store, number = self.store, self.number
+        dir_ino = self._parent(parts, create=True)
+        name = parts[-1]
+        dir_inode = store._dir(number, dir_ino)
+        found = store._entry(number, dir_inode, name)
+        if found is not None:
+            existing = store._inode(number, found[0])
+            if existing.is_dir and member.isdir():
+                return existing.ino
+            self._remove(dir_inode, name)
+        uid, gid = member.uid, member.gid
+        if member.isdir():
+            return store._create(number, dir_ino, name, stat.S_IFDIR | 0o755, uid, gid).ino
+        if member.issym():
+            target = member.linkname.encode("utf-8", "surrogateescape")
+            return store._create(number, dir_ino, name, stat.S_IFLNK | 0o777, uid, gid, 0, target).ino
+        if member.islnk():
+            link_parts = _split(member.linkname, self.layer.id)
+            source_dir = self._parent(link_parts, create=False) if link_parts else None
+            source = None
+            if source_dir is not None:
+                source = store._entry(number, store._dir(number, source_dir), link_parts[-1])
+            if source is None:
+                raise errors.BadArchive(
+                    f"layer {self.layer.id}: hard link {member.name!r} points to missing {member.linkname!r}"
+                )
+            return store._link(number, source[0], dir_ino, name).ino
+        fmt = _TYPE_MODES.get(member.type)
+        if fmt is None:
+            raise errors.BadArchive(f"layer {self.layer.id}: unsupported tar entry type {member.type!r} for {member.name!r}")
+        rdev = 0
+        if member.ischr() or member.isblk():
+            import os
+
+            rdev = os.makedev(member.devmajor, member.devminor)
+        return store._create(number, dir_ino, name, fmt | 0o644, uid, gid, rdev).ino
+
+    def _copy_data(self, ino: int, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+        from .store import write_op
+
+        source = archive.extractfile(member)
+        offset = 0
+        zero = bytes(4096)
+        while offset < member.size:
+            chunk = source.read(min(CHUNK, member.size - offset))
+            if not chunk:
+                raise errors.BadArchive(f"layer {self.layer.id}: tar ends inside {member.name!r}")
+            runs = _nonzero_runs(chunk, zero)
+            if runs:
+                write_op(lambda store: self._write_runs(ino, offset, chunk, runs))(self.store)
+            offset += len(chunk)
+            if time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
+                self.store.commit()
+                self.last_commit = time.monotonic()
+        self.size += member.size
+
+    def _write_runs(self, ino, offset, chunk, runs) -> None:
+        view = memoryview(chunk)
+        for start, stop in runs:
+            self.store._write_data(self.number, ino, offset + start, view[start:stop], touch=False)
+
+    def _set_metadata(self, ino: int, member: tarfile.TarInfo) -> None:
+        store, number = self.store, self.number
+        inode = store._own(number, ino)
+        if member.isreg() and inode.size != member.size:
+            store._truncate(number, inode, member.size)
+        inode.mode = stat.S_IFMT(inode.mode) | (member.mode & 0o7777)
+        if stat.S_ISLNK(inode.mode):
+            inode.mode = stat.S_IFLNK | 0o777
+        inode.uid, inode.gid = member.uid, member.gid
+        inode.mtime_ns = _pax_time_ns(member, "mtime", member.mtime)
+        inode.atime_ns = _pax_time_ns(member, "atime", member.mtime)
+        inode.ctime_ns = time.time_ns()
+        store._put_inode(number, inode)
+        for name, value in _xattrs(member).items():
+            store._setxattr(number, ino, name, value, 0)
+        if inode.is_dir:
+            self.dir_times[ino] = (inode.atime_ns, inode.mtime_ns)
+
+    def finish(self) -> None:
+        """Set directory times again, now that adding their entries has moved them."""
+        from .store import write_op
+
+        def restore(store):
+            for ino, (atime_ns, mtime_ns) in self.dir_times.items():
+                try:
+                    inode = store._own(self.number, ino)
+                except errors.NotFound:
+                    continue
+                inode.atime_ns, inode.mtime_ns = atime_ns, mtime_ns
+                store._put_inode(self.number, inode)
+
+        write_op(restore)(self.store)
+
+
+def _nonzero_runs(chunk: bytes, zero: bytes) -> list[tuple[int, int]]:
+    """Return byte ranges of ``chunk`` that are not whole zero 4 KiB blocks."""
+    runs = []
+    start = None
+    size = len(chunk)
+    for offset in range(0, size, 4096):
+        block = chunk[offset : offset + 4096]
+        is_zero = len(block) == 4096 and block == zero
+        if is_zero:
+            if start is not None:
+                runs.append((start, offset))
+                start = None
+        elif start is None:
+            start = offset
+    if start is not None:
+        runs.append((start, size))
+    return runs
+
+
+class _DiffPlan:
+    """The paths a layer changed against its parent, computed from its change log."""
+
+    def __init__(self, store, layer):
+        self.store = store
+        self.layer = layer
+        self.number = layer.number
+        self.parent = layer.parent
+        self._paths: dict[int, bytes | None] = {ROOT_INO: b""}
+        store._ready()
+        # path -> (kind, ino or None for a whiteout)
+        self.items: dict[bytes, tuple[int, int | None]] = {}
+        self._collect()
+
+    def _path(self, ino: int) -> bytes | None:
+        """Return the path of ``ino`` in the layer, or None if no name reaches it."""
+        if ino in self._paths:
+            return self._paths[ino]
+        store, number = self.store, self.number
+        try:
+            inode = store._inode(number, ino)
+        except errors.NotFound:
+            return None
+        path = None
+        if inode.nlink and inode.parent:
+            parent_path = self._path(inode.parent)
+            if parent_path is not None:
+                try:
+                    dir_inode = store._dir(number, inode.parent)
+                    found = store._entry(number, dir_inode, inode.name)
+                except errors.StoreError:
+                    found = None
+                if found is not None and found[0] == ino:
+                    path = parent_path + b"/" + inode.name
+        self._paths[ino] = path
+        return path
+
+    def _parent_entry(self, path: bytes) -> int | None:
+        """Return the inode at ``path`` in the parent layer, or None."""
+        if self.parent is None:
+            return None
+        store = self.store
+        ino = ROOT_INO
+        for part in path.split(b"/")[1:]:
+            try:
+                dir_inode = store._dir(self.parent, ino)
+            except errors.StoreError:
+                return None
+            found = store._entry(self.parent, dir_inode, part)
+            if found is None:
+                return None
+            ino = found[0]
+        return ino
+
+    def _unchanged(self, path: bytes, ino: int) -> bool:
+        """Return True if the layer's copy of ``ino`` differs from its parent's in nothing
+        that a file comparison sees (a link count or ctime change only)."""
+        if self.parent is None or self._parent_entry(path) != ino:
+            return False
+        store = self.store
+        mine = store._inode(self.number, ino)
+        try:
+            parent_owner, theirs = store._resolve(self.parent, ino)
+        except errors.NotFound:
+            return False
+        same = (mine.mode, mine.uid, mine.gid, mine.rdev, mine.size, mine.mtime_ns, mine.target) == (
+            theirs.mode, theirs.uid, theirs.gid, theirs.rdev, theirs.size, theirs.mtime_ns, theirs.target)
+        if not same or mine.opaque == self.number:
+            return False
+        for _, value in store._prefix_items(store.dbs["extents"], U64X2.pack(ino, self.number)):
+            if value[-1]:
+                return False
+        mine_x = list(store._prefix_items(store.dbs["xattrs"], U64X2.pack(ino, self.number)))
+        theirs_x = list(store._prefix_items(store.dbs["xattrs"], U64X2.pack(ino, parent_owner)))
+        return [(k[16:], v) for k, v in mine_x] == [(k[16:], v) for k, v in theirs_x]
+
+    def _add(self, path: bytes, ino: int) -> None:
+        if path in self.items:
+            return
+        kind = CHANGE_MODIFY if self._parent_entry(path) is not None else CHANGE_ADD
+        self.items[path] = (kind, ino)
+
+    def _collect(self) -> None:
+        store, number = self.store, self.number
+        prefix = U64.pack(number)
+        subtrees = []
+        for key, _ in list(store._prefix_items(store.dbs["changes"], prefix)):
+            if key[8:9] == b"i":
+                ino = U64.unpack_from(key, 9)[0]
+                path = self._path(ino)
+                if path and not self._unchanged(path, ino):
+                    self._add(path, ino)
+                    inode = store._inode(number, ino)
+                    if inode.is_dir and inode.opaque == number:
+                        self.items[path + b"/" + OPAQUE] = (CHANGE_DELETE, None)
+                continue
+            dir_ino = U64.unpack_from(key, 9)[0]
+            name = key[17:]
+            dir_path = self._path(dir_ino)
+            if dir_path is None:
+                continue
+            path = dir_path + b"/" + name
+            before = self._parent_entry(path)
+            now = store._entry(number, store._dir(number, dir_ino), name)
+            if now is None:
+                if before is not None:
+                    self.items.setdefault(path, (CHANGE_DELETE, None))
+                continue
+            self._add(path, now[0])
+            inode = store._inode(number, now[0])
+            if inode.is_dir and before != now[0]:
+                if before is not None and store._inode(self.parent, before).is_dir:
+                    self.items[path + b"/" + OPAQUE] = (CHANGE_DELETE, None)
+                subtrees.append((path, inode))
+        for path, inode in subtrees:
+            self._add_subtree(path, inode)
+
+    def _add_subtree(self, path: bytes, dir_inode: Inode) -> None:
+        store, number = self.store, self.number
+        for name, ino in store._entries(number, dir_inode).items():
+            child = path + b"/" + name
+            if child in self.items:
+                continue
+            self.items[child] = (CHANGE_ADD, ino)
+            inode = store._inode(number, ino)
+            if inode.is_dir:
+                self._add_subtree(child, inode)
+
+    @staticmethod
+    def _order(path: bytes):
+        return path.split(b"/")
+
+    def changes(self) -> list[tuple[bytes, int]]:
+        result = []
+        for path in sorted(self.items, key=self._order):
+            kind, _ = self.items[path]
+            if path.endswith(b"/" + OPAQUE):
+                continue
+            result.append((path, kind))
+        return result
+
+    def size(self) -> int:
+        total = 0
+        seen = set()
+        for path, (kind, ino) in self.items.items():
+            if ino is None or ino in seen:
+                continue
+            seen.add(ino)
+            inode = self.store._inode(self.number, ino)
+            if inode.is_reg:
+                total += inode.size
+        return total
+
+    def entries(self) -> list[tuple[bytes, int, int | None]]:
+        """Return (path, kind, ino) in tar order: parents first, whiteouts as ino None."""
+        return [(path, *self.items[path]) for path in sorted(self.items, key=self._order)]
+
+    def header(self, path: bytes, kind: int, ino: int | None, written: dict[int, str]):
+        name = path[1:].decode("utf-8", "surrogateescape")
+        member = tarfile.TarInfo(name)
+        if ino is None:
+            base = path.rsplit(b"/", 1)
+            if base[1] == OPAQUE:
+                member.name = name
+            else:
+                member.name = (base[0] + b"/" + WHITEOUT + base[1])[1:].decode("utf-8", "surrogateescape")
+            member.type = tarfile.REGTYPE
+            member.mode = 0
+            member.mtime = 0
+            return member, None
+        store, number = self.store, self.number
+        owner, inode = store._resolve(number, ino)
+        member.mode = stat.S_IMODE(inode.mode)
+        member.uid, member.gid = inode.uid, inode.gid
+        member.uname = member.gname = ""
+        member.mtime = inode.mtime_ns // 1_000_000_000
+        pax = {}
+        if inode.mtime_ns % 1_000_000_000:
+            pax["mtime"] = _format_ns(inode.mtime_ns)
+        if inode.has_xattrs:
+            for xname in store.listxattr(number, ino):
+                value = store._txn.get(store_xattr_key(ino, owner, xname), db=store.dbs["xattrs"])
+                if value is not None:
+                    key = "SCHILY.xattr." + xname.decode("utf-8", "surrogateescape")
+                    pax[key] = bytes(value).decode("utf-8", "surrogateescape")
+        member.pax_headers = pax
+        fmt = stat.S_IFMT(inode.mode)
+        if fmt == stat.S_IFREG and inode.nlink > 1 and ino in written:
+            member.type = tarfile.LNKTYPE
+            member.linkname = written[ino]
+            return member, inode
+        if fmt == stat.S_IFDIR:
+            member.type = tarfile.DIRTYPE
+        elif fmt == stat.S_IFREG:
+            member.type = tarfile.REGTYPE
+            member.size = inode.size
+            written[ino] = name
+        elif fmt == stat.S_IFLNK:
+            member.type = tarfile.SYMTYPE
+            member.linkname = inode.target.decode("utf-8", "surrogateescape")
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            import os
+
+            member.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
+            member.devmajor, member.devminor = os.major(inode.rdev), os.minor(inode.rdev)
+        elif fmt == stat.S_IFIFO:
+            member.type = tarfile.FIFOTYPE
+        else:
+            # Sockets cannot be stored in a tar; Docker's own archiver skips them too.
+            return None, inode
+        return member, inode
+
+
+def store_xattr_key(ino: int, owner: int, name: bytes) -> bytes:
+    from .format import xattr_key
+
+    return xattr_key(ino, owner, name)
+
+
+def _format_ns(ns: int) -> str:
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return f"{seconds}.{fraction:09d}".rstrip("0").rstrip(".")
+
+
+class _Sink:
+    def __init__(self):
+        self.chunks: list[bytes] = []
+
+    def write(self, data) -> int:
+        self.chunks.append(bytes(data))
+        return len(data)
+
+    def take(self):
+        chunks, self.chunks = self.chunks, []
+        return chunks
+
+
+class _FileReader:
+    """A file object over a stored inode, read under the store lock chunk by chunk."""
+
+    def __init__(self, store, layer: int, inode: Inode, size: int):
+        self.store = store
+        self.layer = layer
+        self.ino = inode.ino
+        self.size = size
+        self.offset = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.size - self.offset
+        size = min(size, self.size - self.offset, CHUNK)
+        if size <= 0:
+            return b""
+        data = self.store.read(self.layer, self.ino, self.offset, size)
+        if len(data) < size:
+            data += bytes(size - len(data))
+        self.offset += size
+        return data

@@ -505,12 +505,18 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
     def _ancestry(self, number: int) -> dict[int, int]:
         """Return {layer number: depth} for ``number`` and all its ancestors."""
         chain = self._ancestors.get(number)
-        if chain is None:
-            layer = self._layers[number]
-            chain = dict(self._ancestry(layer.parent)) if layer.parent is not None else {}
-            chain[number] = layer.depth
-            if layer.frozen:
-                self._ancestors[number] = chain
+        if chain is not None:
+            return chain
+        chain = {}
+        current = number
+        while current is not None:
+            layer = self._layers[current]
+            chain[current] = layer.depth
+            current = layer.parent
+        if self._layers[number].frozen:
+            if len(self._ancestors) > 64:
+                self._ancestors.clear()
+            self._ancestors[number] = chain
         return chain
 
     def _has_changes(self, number: int) -> bool:

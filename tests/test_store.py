@@ -1,0 +1,293 @@
+"""Store tests on a real LMDB environment, on an image file and on a loop device."""
+
+import errno
+import os
+import stat
+import subprocess
+
+import pytest
+
+from lcfs.store import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, Store, errors
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = str(tmp_path / "store.img")
+    Store.mkfs(path, size=256 * MiB)
+    return path
+
+
+@pytest.fixture
+def store(image):
+    s = Store.open(image)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def loop_device(tmp_path):
+    backing = tmp_path / "loop.img"
+    with open(backing, "wb") as f:
+        f.truncate(256 * MiB)
+    try:
+        device = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True,
+                                capture_output=True, text=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"no loop device available: {exc}")
+    yield device
+    subprocess.run(["losetup", "-d", device], check=False)
+
+
+def write_tree(s, layer):
+    """Create a small tree with every file type; return {path: expected content or kind}."""
+    etc = s.mkdir(layer, ROOT_INO, b"etc", 0o755)
+    f = s.mknod(layer, etc.ino, b"hosts", stat.S_IFREG | 0o644)
+    s.write(layer, f.ino, 0, b"127.0.0.1 localhost\n")
+    big = s.mknod(layer, ROOT_INO, b"big", stat.S_IFREG | 0o600, uid=1000, gid=1000)
+    payload = os.urandom(3 * MiB + 123)
+    s.write(layer, big.ino, 0, payload)
+    sparse = s.mknod(layer, ROOT_INO, b"sparse", stat.S_IFREG | 0o644)
+    s.write(layer, sparse.ino, 100 * MiB, b"end")
+    s.symlink(layer, ROOT_INO, b"link", b"etc/hosts")
+    s.link(layer, f.ino, ROOT_INO, b"hosts.hard")
+    s.mknod(layer, ROOT_INO, b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    s.mknod(layer, ROOT_INO, b"fifo", stat.S_IFIFO | 0o644)
+    suid = s.mknod(layer, ROOT_INO, b"suid", stat.S_IFREG | 0o4755)
+    s.setxattr(layer, suid.ino, b"security.capability", b"\x01\x00\x00\x02" + bytes(16))
+    s.setattr(layer, big.ino, mtime_ns=1_600_000_000_123_456_789)
+    return payload
+
+
+def check_tree(s, layer, payload):
+    etc = s.lookup(layer, ROOT_INO, b"etc")
+    hosts = s.lookup(layer, etc.ino, b"hosts")
+    assert s.read(layer, hosts.ino, 0, 100) == b"127.0.0.1 localhost\n"
+    assert hosts.nlink == 2
+    assert s.lookup(layer, ROOT_INO, b"hosts.hard").ino == hosts.ino
+    big = s.lookup(layer, ROOT_INO, b"big")
+    assert (big.uid, big.gid, stat.S_IMODE(big.mode)) == (1000, 1000, 0o600)
+    assert big.mtime_ns == 1_600_000_000_123_456_789
+    assert s.read(layer, big.ino, 0, 4 * MiB) == payload
+    sparse = s.lookup(layer, ROOT_INO, b"sparse")
+    assert sparse.size == 100 * MiB + 3
+    assert sparse.blocks == 8  # one 4 KiB block in 512-byte units
+    assert s.read(layer, sparse.ino, 50 * MiB, 10) == bytes(10)
+    assert s.readlink(layer, s.lookup(layer, ROOT_INO, b"link").ino) == b"etc/hosts"
+    null = s.lookup(layer, ROOT_INO, b"null")
+    assert stat.S_ISCHR(null.mode) and null.rdev == os.makedev(1, 3)
+    assert stat.S_ISFIFO(s.lookup(layer, ROOT_INO, b"fifo").mode)
+    suid = s.lookup(layer, ROOT_INO, b"suid")
+    assert stat.S_IMODE(suid.mode) == 0o4755
+    assert s.getxattr(layer, suid.ino, b"security.capability")[:4] == b"\x01\x00\x00\x02"
+
+
+@pytest.mark.parametrize("kind", ["image", "loop"])
+def test_tree_survives_reopen(kind, tmp_path, request):
+    if kind == "image":
+        path = str(tmp_path / "store.img")
+        Store.mkfs(path, size=256 * MiB)
+    else:
+        path = request.getfixturevalue("loop_device")
+        Store.mkfs(path)
+    with Store.open(path) as s:
+        free_before = s.statfs().free_blocks
+        layer = s.create_layer("base").number
+        payload = write_tree(s, layer)
+        check_tree(s, layer, payload)
+    with Store.open(path) as s:
+        layer = s.get_layer("base").number
+        check_tree(s, layer, payload)
+        s.remove_layer("base")
+        assert s.statfs().free_blocks == free_before
+    with Store.open(path) as s:
+        assert s.list_layers() == []
+        assert s.statfs().free_blocks == free_before
+
+
+def test_layer_chain_1000_deep(store):
+    free_before = store.statfs().free_blocks
+    parent = None
+    for i in range(1000):
+        layer = store.create_layer(f"layer{i}", parent)
+        f = store.mknod(layer.number, ROOT_INO, f"f{i}".encode(), stat.S_IFREG | 0o644)
+        store.write(layer.number, f.ino, 0, f"content {i}".encode())
+        parent = layer.id
+    store.commit()
+    top = store.get_layer("layer999").number
+    names = [name for name, _ in store.readdir(top, ROOT_INO)]
+    assert len(names) == 1000
+    for i in range(1000):
+        attr = store.lookup(top, ROOT_INO, f"f{i}".encode())
+        assert store.read(top, attr.ino, 0, 100) == f"content {i}".encode()
+    for i in reversed(range(1000)):
+        store.remove_layer(f"layer{i}")
+    free_after = store.statfs().free_blocks
+    assert abs(free_after - free_before) <= free_before // 100
+    assert free_after == free_before
+
+
+def test_one_byte_write_branches_one_block(store):
+    base = store.create_layer("base").number
+    f = store.mknod(base, ROOT_INO, b"big", stat.S_IFREG | 0o644)
+    data = os.urandom(8 * MiB)
+    store.write(base, f.ino, 0, data)
+    child = store.create_layer("child", "base").number
+    free = store.statfs().free_blocks
+    store.write(child, f.ino, 5 * MiB + 7, b"X")
+    assert free - store.statfs().free_blocks == 1
+    assert store.read(child, f.ino, 5 * MiB, 16) == data[5 * MiB : 5 * MiB + 7] + b"X" + data[5 * MiB + 8 : 5 * MiB + 16]
+    assert store.read(base, f.ino, 0, 8 * MiB) == data
+
+
+def test_frozen_parent_rejects_writes(store):
+    base = store.create_layer("base").number
+    f = store.mknod(base, ROOT_INO, b"a", stat.S_IFREG | 0o644)
+    store.create_layer("child", "base")
+    assert store.get_layer("base").frozen
+    with pytest.raises(errors.ReadOnly) as info:
+        store.write(base, f.ino, 0, b"x")
+    assert info.value.errno == errno.EROFS
+    with pytest.raises(errors.ReadOnly):
+        store.mkdir(base, ROOT_INO, b"d", 0o755)
+
+
+def test_namespace_errors(store):
+    layer = store.create_layer("base").number
+    d = store.mkdir(layer, ROOT_INO, b"d", 0o755)
+    store.mknod(layer, d.ino, b"f", stat.S_IFREG | 0o644)
+    with pytest.raises(errors.Exists):
+        store.mkdir(layer, ROOT_INO, b"d", 0o755)
+    with pytest.raises(errors.NotEmpty):
+        store.rmdir(layer, ROOT_INO, b"d")
+    with pytest.raises(errors.NotFound):
+        store.lookup(layer, ROOT_INO, b"missing")
+    with pytest.raises(errors.IsDir):
+        store.unlink(layer, ROOT_INO, b"d")
+    with pytest.raises(errors.NotDir):
+        store.rmdir(layer, d.ino, b"f")
+    with pytest.raises(errors.Invalid):
+        store.rename(layer, ROOT_INO, b"d", d.ino, b"inside")
+    with pytest.raises(errors.NameTooLong):
+        store.mkdir(layer, ROOT_INO, b"x" * 256, 0o755)
+
+
+def test_rename_inherited_directory(store):
+    base = store.create_layer("base").number
+    d = store.mkdir(base, ROOT_INO, b"dir", 0o755)
+    sub = store.mkdir(base, d.ino, b"sub", 0o755)
+    f = store.mknod(base, sub.ino, b"file", stat.S_IFREG | 0o644)
+    store.write(base, f.ino, 0, b"data")
+    child = store.create_layer("child", "base").number
+    other = store.mkdir(child, ROOT_INO, b"other", 0o755)
+    store.rename(child, ROOT_INO, b"dir", other.ino, b"moved")
+    moved = store.lookup(child, other.ino, b"moved")
+    sub2 = store.lookup(child, moved.ino, b"sub")
+    assert store.read(child, store.lookup(child, sub2.ino, b"file").ino, 0, 10) == b"data"
+    with pytest.raises(errors.NotFound):
+        store.lookup(child, ROOT_INO, b"dir")
+    assert store.lookup(base, ROOT_INO, b"dir").ino == d.ino
+    changes = dict(store.changes("child"))
+    assert changes["/dir"] == 2
+    assert changes["/other/moved/sub/file"] == 1
+
+
+def test_rename_flags(store):
+    layer = store.create_layer("base").number
+    a = store.mknod(layer, ROOT_INO, b"a", stat.S_IFREG | 0o644)
+    b = store.mkdir(layer, ROOT_INO, b"b", 0o755)
+    with pytest.raises(errors.Exists):
+        store.rename(layer, ROOT_INO, b"a", ROOT_INO, b"b", RENAME_NOREPLACE)
+    store.rename(layer, ROOT_INO, b"a", ROOT_INO, b"b", RENAME_EXCHANGE)
+    assert store.lookup(layer, ROOT_INO, b"a").ino == b.ino
+    assert store.lookup(layer, ROOT_INO, b"b").ino == a.ino
+    with pytest.raises(errors.NotFound):
+        store.rename(layer, ROOT_INO, b"a", ROOT_INO, b"c", RENAME_EXCHANGE)
+
+
+def test_delete_then_recreate_over_inherited(store):
+    base = store.create_layer("base").number
+    d = store.mkdir(base, ROOT_INO, b"d", 0o755)
+    store.mknod(base, d.ino, b"old", stat.S_IFREG | 0o644)
+    child = store.create_layer("child", "base").number
+    store.unlink(child, d.ino, b"old")
+    store.rmdir(child, ROOT_INO, b"d")
+    new = store.mkdir(child, ROOT_INO, b"d", 0o700)
+    assert new.ino != d.ino
+    assert store.readdir(child, new.ino) == []
+    store.mknod(child, new.ino, b"old", stat.S_IFREG | 0o600)
+    assert [n for n, _ in store.readdir(child, new.ino)] == [b"old"]
+
+
+def test_chmod_keeps_mtime(store):
+    base = store.create_layer("base").number
+    f = store.mknod(base, ROOT_INO, b"f", stat.S_IFREG | 0o644)
+    store.setattr(base, f.ino, mtime_ns=1_000_000_000)
+    child = store.create_layer("child", "base").number
+    attr = store.setattr(child, f.ino, mode=0o600, uid=5)
+    assert attr.mtime_ns == 1_000_000_000
+    assert stat.S_IMODE(attr.mode) == 0o600
+    assert store.lookup(child, ROOT_INO, b"f").uid == 5
+
+
+def test_truncate_zeroes_tail(store):
+    layer = store.create_layer("base").number
+    f = store.mknod(layer, ROOT_INO, b"f", stat.S_IFREG | 0o644)
+    store.write(layer, f.ino, 0, b"x" * 10000)
+    store.setattr(layer, f.ino, size=5000)
+    store.setattr(layer, f.ino, size=10000)
+    assert store.read(layer, f.ino, 0, 10000) == b"x" * 5000 + bytes(5000)
+
+
+def test_unlinked_open_file_freed_at_unpin(store):
+    layer = store.create_layer("base").number
+    f = store.mknod(layer, ROOT_INO, b"f", stat.S_IFREG | 0o644)
+    free = store.statfs().free_blocks
+    store.write(layer, f.ino, 0, b"y" * 65536)
+    store.pin(layer, f.ino)
+    store.unlink(layer, ROOT_INO, b"f")
+    assert store.read(layer, f.ino, 0, 4) == b"yyyy"
+    store.unpin(layer, f.ino)
+    assert store.statfs().free_blocks == free
+
+
+def test_remove_layer_with_children_rejected(store):
+    store.create_layer("base")
+    store.create_layer("child", "base")
+    with pytest.raises(errors.LayerHasChildren) as info:
+        store.remove_layer("base")
+    assert "child" in str(info.value)
+    with pytest.raises(errors.LayerExists):
+        store.create_layer("child", "base")
+    with pytest.raises(errors.LayerNotFound):
+        store.create_layer("x", "nope")
+
+
+def test_node_ids_persist_and_never_repeat(image):
+    with Store.open(image) as s:
+        layer = s.create_layer("base").number
+        f = s.mknod(layer, ROOT_INO, b"f", stat.S_IFREG | 0o644)
+        node = s.node_id(layer, f.ino)
+        root_node = s.node_id(layer, ROOT_INO)
+    with Store.open(image) as s:
+        assert s.node_target(node) == (layer, f.ino)
+        assert s.node_id(layer, ROOT_INO) == root_node
+        s.remove_layer("base")
+        layer2 = s.create_layer("again").number
+        assert s.node_id(layer2, ROOT_INO) not in (node, root_node)
+
+
+def test_device_locked_while_open(image):
+    with Store.open(image):
+        with pytest.raises(errors.DeviceBusy) as info:
+            Store.open(image)
+        assert str(os.getpid()) in str(info.value)
+
+
+def test_mkfs_refuses_existing_store(image):
+    with pytest.raises(errors.Exists):
+        Store.mkfs(image)
+    Store.mkfs(image, force=True)
+    with Store.open(image) as s:
+        assert s.list_layers() == []

@@ -1,0 +1,770 @@
+"""Plugin protocol tests against a real ``lcfs daemon`` subprocess.
+
+Each test starts the daemon (``python -m lcfs.cli daemon``) on a fresh
+sparse image, with its socket and mount point in the test's temporary
+directory, and talks to it with the request shapes dockerd 20.10 sends:
+``POST /NAME``, an Accept header, no Content-Type, a JSON body ending in a
+newline with empty fields left out (``Opts`` and the ID maps as null), an
+empty body for Plugin.Activate, and a chunked tar body for ApplyDiff.
+
+Teardown kills the daemon by pid if it is still running and detaches its
+mount point if it is still mounted, touching nothing else.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ACCEPT = {"Accept": "application/vnd.docker.plugins.v1.2+json"}
+IMAGE_SIZE = "512M"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+pytestmark = pytest.mark.fuse
+
+if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+    pytest.skip("the daemon's FUSE mount needs root and /dev/fuse", allow_module_level=True)
+
+
+# -- helpers ---------------------------------------------------------------
+
+
+def _unescape_mountinfo(field: str) -> str:
+    for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(escaped, plain)
+    return field
+
+
+def mount_type(path: str | os.PathLike) -> str | None:
+    """Return the filesystem type mounted at ``path`` (the top one), or None."""
+    target = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            separator = fields.index("-")
+            if _unescape_mountinfo(fields[4]) == target:
+                found = fields[separator + 1]
+    return found
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 60.0):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class PluginClient:
+    """Sends plugin calls the way dockerd's plugin client does."""
+
+    def __init__(self, socket_path: str):
+        self.socket_path = socket_path
+
+    def raw(self, name: str, args: dict | None = None) -> tuple[int, str, bytes]:
+        """Send one call; return (status, content type, body)."""
+        body = b"" if args is None else json.dumps(args).encode() + b"\n"
+        connection = _UnixConnection(self.socket_path)
+        try:
+            connection.request("POST", f"/{name}", body=body, headers=ACCEPT)
+            response = connection.getresponse()
+            return response.status, response.getheader("Content-Type", ""), response.read()
+        finally:
+            connection.close()
+
+    def call(self, name: str, args: dict | None = None) -> tuple[int, dict]:
+        status, _, body = self.raw(name, args)
+        return status, json.loads(body)
+
+    def ok(self, name: str, args: dict | None = None) -> dict:
+        """Send a call that must succeed and return its reply."""
+        status, reply = self.call(name, args)
+        assert status == 200, f"{name} {args}: HTTP {status} {reply}"
+        assert "Err" not in reply, f"{name} {args}: {reply}"
+        return reply
+
+    def err(self, name: str, args: dict | None = None) -> str:
+        """Send a call that must fail and return its Err message."""
+        status, reply = self.call(name, args)
+        assert status == 500, f"{name} {args}: HTTP {status} {reply}"
+        assert reply.get("Err"), f"{name} {args}: {reply}"
+        return reply["Err"]
+
+    def apply_diff(
+        self, layer_id: str, parent: str, data: bytes, chunk_size: int = 8192
+    ) -> tuple[int, dict]:
+        """Send ApplyDiff with ``data`` as a chunked body, as dockerd streams it."""
+        chunks = (data[i : i + chunk_size] for i in range(0, len(data), chunk_size))
+        connection = _UnixConnection(self.socket_path)
+        try:
+            connection.request(
+                "POST",
+                f"/GraphDriver.ApplyDiff?id={layer_id}&parent={parent}",
+                body=chunks,
+                headers=ACCEPT,
+                encode_chunked=True,
+            )
+            response = connection.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            connection.close()
+
+    def status_pairs(self) -> dict[str, str]:
+        return dict(self.ok("GraphDriver.Status", {})["Status"])
+
+
+class DaemonProcess:
+    """An ``lcfs daemon`` subprocess with its own image, socket and mount point."""
+
+    def __init__(self, directory: Path, fixed_mountpoint: bool = True):
+        self.directory = directory
+        self.image = directory / "lcfs.img"
+        self.socket = directory / "run" / "lcfs.sock"
+        self.pid_file = directory / "run" / "lcfs.pid"
+        self.mountpoint = directory / "mnt" if fixed_mountpoint else None
+        self.log_path = directory / "daemon.log"
+        self.client = PluginClient(str(self.socket))
+        self.process: subprocess.Popen | None = None
+        # Paths the daemon may have mounted, for teardown.
+        self.mount_paths: set[Path] = set()
+        if self.mountpoint is not None:
+            self.mount_paths.add(self.mountpoint)
+
+    def command(self, *extra: str) -> list[str]:
+        command = [
+            sys.executable, "-m", "lcfs.cli", "daemon",
+            "--device", str(self.image),
+            "--size", IMAGE_SIZE,
+            "--socket", str(self.socket),
+            "--log-level", "debug",
+        ]  # fmt: skip
+        if self.mountpoint is not None:
+            command += ["--mountpoint", str(self.mountpoint)]
+        return command + list(extra)
+
+    def spawn(self, command: list[str], log_path: Path) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+            )
+
+    def start(self) -> None:
+        self.process = self.spawn(self.command(), self.log_path)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"daemon exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if self.client.call("Plugin.Activate")[0] == 200:
+                    return
+            except (ConnectionError, FileNotFoundError):
+                pass
+            time.sleep(0.05)
+        pytest.fail(f"daemon not ready after {START_TIMEOUT} s:\n{self.log()}")
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """Signal the daemon and return its exit code."""
+        assert self.process is not None
+        self.process.send_signal(signum)
+        try:
+            return self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"daemon did not stop within {STOP_TIMEOUT} s:\n{self.log()}")
+
+    def restart(self) -> None:
+        code = self.stop()
+        assert code == 0, self.log()
+        self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """Kill the daemon if it still runs and detach what it left mounted."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        for path in self.mount_paths:
+            if mount_type(path) is not None:
+                subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    handle = DaemonProcess(tmp_path)
+    try:
+        handle.start()
+        yield handle
+    finally:
+        handle.kill()
+
+
+@pytest.fixture
+def home_daemon(tmp_path):
+    """A daemon without --mountpoint: it mounts at the Home that Init names."""
+    handle = DaemonProcess(tmp_path, fixed_mountpoint=False)
+    handle.mount_paths.add(tmp_path / "docker" / "lcfs")
+    try:
+        handle.start()
+        yield handle
+    finally:
+        handle.kill()
+
+
+def make_tar(entries: list[tuple]) -> bytes:
+    """Build a tar from (kind, name, payload) entries.
+
+    Kinds: ``dir``; ``file`` with bytes; ``exe`` with bytes (mode 0755);
+    ``symlink`` and ``hardlink`` with a target.
+    """
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for kind, name, payload in entries:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            info.uid = info.gid = 0
+            data = None
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+            elif kind in ("file", "exe"):
+                info.mode = 0o755 if kind == "exe" else 0o644
+                info.size = len(payload)
+                data = io.BytesIO(payload)
+            elif kind == "symlink":
+                info.type = tarfile.SYMTYPE
+                info.linkname = payload
+                info.mode = 0o777
+            elif kind == "hardlink":
+                info.type = tarfile.LNKTYPE
+                info.linkname = payload
+                info.mode = 0o755
+            else:
+                raise ValueError(kind)
+            tar.addfile(info, data)
+    return buffer.getvalue()
+
+
+def read_tar(data: bytes) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        return {member.name.rstrip("/"): member for member in tar.getmembers()}
+
+
+def tar_contents(data: bytes) -> dict[str, bytes]:
+    contents = {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar.getmembers():
+            if member.isreg():
+                contents[member.name] = tar.extractfile(member).read()
+    return contents
+
+
+def diff_bytes(client: PluginClient, layer_id: str, parent: str | None) -> bytes:
+    args = {"ID": layer_id}
+    if parent:
+        args["Parent"] = parent
+    status, content_type, body = client.raw("GraphDriver.Diff", args)
+    assert status == 200, body[:500]
+    assert content_type == "application/x-tar"
+    return body
+
+
+HOSTS = b"127.0.0.1 localhost\n"
+TOOL = bytes(range(256)) * 300  # 76800 bytes: more than one data block
+
+BASE_TAR_ENTRIES = [
+    ("dir", "etc", None),
+    ("file", "etc/hosts", HOSTS),
+    ("dir", "bin", None),
+    ("exe", "bin/tool", TOOL),
+    ("symlink", "bin/link", "tool"),
+    ("hardlink", "bin/hard", "bin/tool"),
+    ("file", "empty", b""),
+]
+
+
+# -- activation, Init and Home -----------------------------------------------
+
+
+def test_activate_and_capabilities(daemon):
+    status, content_type, body = daemon.client.raw("Plugin.Activate")
+    assert status == 200
+    assert json.loads(body) == {"Implements": ["GraphDriver"]}
+    reply = daemon.client.ok("GraphDriver.Capabilities", {})
+    assert reply == {"Capabilities": {"ReproducesExactDiffs": False}}
+
+
+def test_socket_and_pid_file(daemon):
+    mode = os.stat(daemon.socket).st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+    assert daemon.pid_file.read_text().strip() == str(daemon.process.pid)
+
+
+def test_init_home_survives_restart(daemon, tmp_path):
+    home = str(tmp_path / "docker" / "lcfs")
+    init = {"Home": home, "Opts": None, "UIDMaps": None, "GIDMaps": None}
+    assert daemon.client.ok("GraphDriver.Init", init) == {}
+    assert daemon.client.status_pairs()["Docker Home"] == home
+
+    daemon.restart()
+    pairs = daemon.client.status_pairs()
+    assert pairs["Docker Home"] == home
+    # With --mountpoint, Init only records Home: the layers stay where they were.
+    assert pairs["Mount Path"] == str(daemon.mountpoint)
+    assert mount_type(daemon.mountpoint) == "fuse.lcfs"
+    assert mount_type(home) is None
+
+
+def test_init_rejects_options(daemon, tmp_path):
+    home = str(tmp_path / "home")
+    message = daemon.client.err("GraphDriver.Init", {"Home": home, "Opts": ["lcfs.x=1"]})
+    assert "lcfs.x=1" in message
+    message = daemon.client.err("GraphDriver.Init", {"Home": "relative/home"})
+    assert "relative/home" in message
+
+
+def test_home_mount_follows_init(home_daemon, tmp_path):
+    client = home_daemon.client
+    home = tmp_path / "docker" / "lcfs"
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    assert client.status_pairs()["Mount Path"] == "not mounted"
+    assert "not mounted" in client.err("GraphDriver.Get", {"ID": "base"})
+
+    client.ok("GraphDriver.Init", {"Home": str(home), "Opts": None, "UIDMaps": None, "GIDMaps": None})
+    assert mount_type(home) == "fuse.lcfs"
+    assert client.ok("GraphDriver.Get", {"ID": "base"}) == {"Dir": str(home / "base")}
+    assert (home / "base").is_dir()
+
+    # dockerd sends no Init to a restarted plugin: the recorded Home is mounted.
+    home_daemon.restart()
+    assert mount_type(home) == "fuse.lcfs"
+    assert client.ok("GraphDriver.Get", {"ID": "base"}) == {"Dir": str(home / "base")}
+    assert (home / "base").is_dir()
+
+    client.ok("GraphDriver.Cleanup", {})
+    assert mount_type(home) is None
+    assert client.status_pairs()["Mount Path"] == "not mounted"
+
+    client.ok("GraphDriver.Init", {"Home": str(home)})
+    assert mount_type(home) == "fuse.lcfs"
+    assert (home / "base").is_dir()
+
+    assert home_daemon.stop() == 0
+    assert mount_type(home) is None
+
+
+# -- layers ----------------------------------------------------------------
+
+
+def test_layer_lifecycle(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    client.ok("GraphDriver.CreateReadWrite", {"ID": "c-init", "Parent": "base"})
+    client.ok("GraphDriver.CreateReadWrite", {"ID": "c", "Parent": "c-init"})
+    assert client.status_pairs()["Layers"] == "3"
+
+    for layer_id in ("base", "c-init", "c"):
+        assert client.ok("GraphDriver.Exists", {"ID": layer_id}) == {"Exists": True}
+
+    directory = client.ok("GraphDriver.Get", {"ID": "c"})["Dir"]
+    assert directory == str(daemon.mountpoint / "c")
+    Path(directory, "hello").write_bytes(b"hello\n")
+    assert client.ok("GraphDriver.Put", {"ID": "c"}) == {}
+
+    metadata = client.ok("GraphDriver.GetMetadata", {"ID": "c"})["Metadata"]
+    assert metadata["Device"] == str(daemon.image)
+    assert metadata["Parent"] == "c-init"
+    assert metadata["Layer"].isdigit()
+    assert all(isinstance(value, str) for value in metadata.values())
+    assert client.ok("GraphDriver.GetMetadata", {"ID": "base"})["Metadata"]["Frozen"] == "true"
+
+    changes = client.ok("GraphDriver.Changes", {"ID": "c", "Parent": "c-init"})["Changes"]
+    assert {"Path": "/hello", "Kind": 1} in changes
+
+    for layer_id in ("c", "c-init", "base"):
+        assert client.ok("GraphDriver.Remove", {"ID": layer_id}) == {}
+        assert client.ok("GraphDriver.Exists", {"ID": layer_id}) == {"Exists": False}
+    assert client.status_pairs()["Layers"] == "0"
+    assert not Path(directory).exists()
+
+
+def test_create_existing_id(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    message = client.err("GraphDriver.Create", {"ID": "base"})
+    assert "base" in message
+    assert "exists" in message
+    message = client.err("GraphDriver.CreateReadWrite", {"ID": "base"})
+    assert "base" in message
+
+
+def test_create_invalid_id(daemon):
+    for bad_id in ("a/b", "..", ""):
+        message = daemon.client.err("GraphDriver.Create", {"ID": bad_id})
+        assert "invalid" in message
+    assert daemon.client.status_pairs()["Layers"] == "0"
+
+
+UNKNOWN = "3f2a0c9e1b7d4a65"
+
+
+@pytest.mark.parametrize(
+    "call, args",
+    [
+        ("GraphDriver.Create", {"ID": "new", "Parent": UNKNOWN}),
+        ("GraphDriver.CreateReadWrite", {"ID": "new", "Parent": UNKNOWN}),
+        ("GraphDriver.Remove", {"ID": UNKNOWN}),
+        ("GraphDriver.Get", {"ID": UNKNOWN}),
+        ("GraphDriver.Put", {"ID": UNKNOWN}),
+        ("GraphDriver.GetMetadata", {"ID": UNKNOWN}),
+        ("GraphDriver.Diff", {"ID": UNKNOWN}),
+        ("GraphDriver.Changes", {"ID": UNKNOWN}),
+        ("GraphDriver.DiffSize", {"ID": UNKNOWN}),
+    ],
+)
+def test_unknown_id(daemon, call, args):
+    message = daemon.client.err(call, args)
+    assert UNKNOWN in message
+    assert "not found" in message
+    assert daemon.client.status_pairs()["Layers"] == "0"
+
+
+def test_unknown_id_exists_and_apply_diff(daemon):
+    assert daemon.client.ok("GraphDriver.Exists", {"ID": UNKNOWN}) == {"Exists": False}
+    status, reply = daemon.client.apply_diff(UNKNOWN, "", make_tar(BASE_TAR_ENTRIES))
+    assert status == 500
+    assert UNKNOWN in reply["Err"]
+
+
+def test_remove_layer_with_children(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    client.ok("GraphDriver.CreateReadWrite", {"ID": "child", "Parent": "base"})
+    message = client.err("GraphDriver.Remove", {"ID": "base"})
+    assert "base" in message
+    assert "child" in message
+    assert client.ok("GraphDriver.Exists", {"ID": "base"}) == {"Exists": True}
+
+    client.ok("GraphDriver.Remove", {"ID": "child"})
+    client.ok("GraphDriver.Remove", {"ID": "base"})
+    assert client.status_pairs()["Layers"] == "0"
+
+
+def test_malformed_requests(daemon):
+    status, _, body = daemon.client.raw("GraphDriver.Unknown", {})
+    assert status == 404
+    assert "GraphDriver.Unknown" in json.loads(body)["Err"]
+
+    connection = _UnixConnection(str(daemon.socket))
+    connection.request("POST", "/GraphDriver.Create", body=b"{not json", headers=ACCEPT)
+    response = connection.getresponse()
+    assert response.status == 500
+    assert "JSON" in json.loads(response.read())["Err"]
+    connection.close()
+
+
+# -- tar import and export -------------------------------------------------
+
+
+def test_apply_diff_then_diff(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "l1"})
+    status, reply = client.apply_diff("l1", "", make_tar(BASE_TAR_ENTRIES))
+    assert status == 200, reply
+    assert reply == {"Size": len(HOSTS) + len(TOOL)}
+    assert client.ok("GraphDriver.DiffSize", {"ID": "l1"}) == {"Size": len(HOSTS) + len(TOOL)}
+
+    root = Path(client.ok("GraphDriver.Get", {"ID": "l1"})["Dir"])
+    assert (root / "etc" / "hosts").read_bytes() == HOSTS
+    assert (root / "bin" / "tool").read_bytes() == TOOL
+    assert stat.S_IMODE((root / "bin" / "tool").stat().st_mode) == 0o755
+    assert os.readlink(root / "bin" / "link") == "tool"
+    assert (root / "bin" / "hard").stat().st_ino == (root / "bin" / "tool").stat().st_ino
+    assert (root / "bin" / "tool").stat().st_nlink == 2
+    assert (root / "empty").stat().st_size == 0
+    client.ok("GraphDriver.Put", {"ID": "l1"})
+
+    members = read_tar(diff_bytes(client, "l1", None))
+    assert set(members) == {"etc", "etc/hosts", "bin", "bin/tool", "bin/link", "bin/hard", "empty"}
+    assert members["bin/link"].issym()
+    assert members["bin/link"].linkname == "tool"
+    linked = {members["bin/hard"].islnk(), members["bin/tool"].islnk()}
+    assert linked == {True, False}
+    contents = tar_contents(diff_bytes(client, "l1", None))
+    assert HOSTS == contents["etc/hosts"]
+    assert TOOL == contents.get("bin/tool", contents.get("bin/hard"))
+
+    changes = client.ok("GraphDriver.Changes", {"ID": "l1"})["Changes"]
+    assert sorted((c["Path"], c["Kind"]) for c in changes) == [
+        ("/bin", 1),
+        ("/bin/hard", 1),
+        ("/bin/link", 1),
+        ("/bin/tool", 1),
+        ("/empty", 1),
+        ("/etc", 1),
+        ("/etc/hosts", 1),
+    ]
+
+
+def test_apply_diff_on_child(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "l1"})
+    assert client.apply_diff("l1", "", make_tar(BASE_TAR_ENTRIES))[0] == 200
+    client.ok("GraphDriver.Create", {"ID": "l2", "Parent": "l1"})
+    new_hosts = b"10.0.0.1 db\n"
+    child_tar = make_tar(
+        [
+            ("dir", "etc", None),
+            ("file", "etc/hosts", new_hosts),
+            ("dir", "bin", None),
+            ("file", "bin/.wh.link", b""),
+            ("file", "new.txt", b"new\n"),
+        ]
+    )
+    status, reply = client.apply_diff("l2", "l1", child_tar)
+    assert status == 200, reply
+    assert reply["Size"] == len(new_hosts) + len(b"new\n")
+
+    root = Path(client.ok("GraphDriver.Get", {"ID": "l2"})["Dir"])
+    assert (root / "etc" / "hosts").read_bytes() == new_hosts
+    assert not (root / "bin" / "link").exists()
+    assert (root / "bin" / "tool").read_bytes() == TOOL
+    assert (daemon.mountpoint / "l1" / "etc" / "hosts").read_bytes() == HOSTS
+    client.ok("GraphDriver.Put", {"ID": "l2"})
+
+    changes = client.ok("GraphDriver.Changes", {"ID": "l2", "Parent": "l1"})["Changes"]
+    kinds = {change["Path"]: change["Kind"] for change in changes}
+    assert kinds["/etc/hosts"] == 0
+    assert kinds["/bin/link"] == 2
+    assert kinds["/new.txt"] == 1
+    assert "/bin/tool" not in kinds
+
+    members = read_tar(diff_bytes(client, "l2", "l1"))
+    assert "bin/.wh.link" in members
+    assert "new.txt" in members
+    assert "bin/tool" not in members
+    assert tar_contents(diff_bytes(client, "l2", "l1"))["etc/hosts"] == new_hosts
+
+    message = client.err("GraphDriver.Diff", {"ID": "l2", "Parent": "other"})
+    assert "l2" in message
+    message = client.err("GraphDriver.DiffSize", {"ID": "l2"})
+    assert "l2" in message
+
+
+def test_diff_of_empty_layer(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    assert read_tar(diff_bytes(client, "base", None)) == {}
+    assert client.ok("GraphDriver.Changes", {"ID": "base"}) == {"Changes": []}
+    assert client.ok("GraphDriver.DiffSize", {"ID": "base"}) == {"Size": 0}
+
+
+def _truncated_tar() -> bytes:
+    data = make_tar([("file", "big", os.urandom(200_000))])
+    return data[:150_000]
+
+
+def _garbage_after_member() -> bytes:
+    good = make_tar([("file", "first", b"x" * 5000)])
+    # Cut the end-of-archive blocks and put random bytes where a header belongs.
+    return good[: 512 + 5120] + os.urandom(4096)
+
+
+BAD_TARS = {
+    "truncated": _truncated_tar,
+    "random bytes": lambda: os.urandom(20_000),
+    "garbage after a member": _garbage_after_member,
+    "parent reference": lambda: make_tar([("file", "ok", b"x" * 9000), ("file", "../x", b"evil")]),
+    "absolute name": lambda: make_tar([("file", "ok", b"x" * 9000), ("file", "/etc/evil", b"evil")]),
+    "hard link to missing target": lambda: make_tar(
+        [("file", "ok", b"x" * 9000), ("hardlink", "link", "missing")]
+    ),
+}
+
+
+def _assert_layer_empty(client: PluginClient, layer_id: str, mountpoint: Path) -> None:
+    assert client.ok("GraphDriver.Changes", {"ID": layer_id}) == {"Changes": []}, layer_id
+    assert client.ok("GraphDriver.DiffSize", {"ID": layer_id}) == {"Size": 0}, layer_id
+    assert list((mountpoint / layer_id).iterdir()) == [], layer_id
+
+
+def test_bad_tars_leave_nothing(daemon):
+    client = daemon.client
+    used_before = client.status_pairs()["Data Space Used (bytes)"]
+    layer_ids = []
+    for number, (case, build) in enumerate(BAD_TARS.items()):
+        layer_id = f"bad{number}"
+        layer_ids.append(layer_id)
+        client.ok("GraphDriver.Create", {"ID": layer_id})
+        status, reply = client.apply_diff(layer_id, "", build())
+        assert status == 500, f"{case}: {reply}"
+        assert layer_id in reply["Err"], case
+        _assert_layer_empty(client, layer_id, daemon.mountpoint)
+        assert client.status_pairs()["Data Space Used (bytes)"] == used_before, case
+
+    daemon.restart()
+    for layer_id in layer_ids:
+        _assert_layer_empty(client, layer_id, daemon.mountpoint)
+    assert client.status_pairs()["Data Space Used (bytes)"] == used_before
+
+
+def test_apply_diff_body_cut_off(daemon):
+    """A client that disconnects mid-body leaves an empty layer, not a partial one."""
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "cut"})
+    used_before = client.status_pairs()["Data Space Used (bytes)"]
+    data = make_tar([("file", f"f{i}", os.urandom(20_000)) for i in range(20)])
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(daemon.socket))
+    head = (
+        "POST /GraphDriver.ApplyDiff?id=cut&parent= HTTP/1.1\r\n"
+        "Host: localhost\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    sock.sendall(head.encode())
+    # Send whole members only, so that what arrived would parse as a shorter tar.
+    part = data[: 512 + 20_480 + 512 + 20_480]
+    sock.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+    time.sleep(0.5)
+    sock.close()
+
+    deadline = time.monotonic() + 10
+    while "ApplyDiff failed for layer cut" not in daemon.log():
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.1)
+    _assert_layer_empty(client, "cut", daemon.mountpoint)
+    assert client.status_pairs()["Data Space Used (bytes)"] == used_before
+
+
+# -- process life ------------------------------------------------------------
+
+
+def test_sigterm_unmounts_and_exits_zero(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    directory = client.ok("GraphDriver.Get", {"ID": "base"})["Dir"]
+    Path(directory, "file").write_bytes(b"data")
+    assert mount_type(daemon.mountpoint) == "fuse.lcfs"
+
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert mount_type(daemon.mountpoint) is None
+    assert not daemon.socket.exists()
+    assert not daemon.pid_file.exists()
+    log = daemon.log()
+    assert "lcfs daemon stopping on SIGTERM" in log
+    assert "lcfs daemon stopped" in log
+
+    daemon.start()
+    assert (daemon.mountpoint / "base" / "file").read_bytes() == b"data"
+    assert daemon.stop(signal.SIGINT) == 0
+    assert mount_type(daemon.mountpoint) is None
+
+
+def test_second_daemon_rejected(daemon, tmp_path):
+    other = DaemonProcess(tmp_path / "other")
+    (tmp_path / "other").mkdir()
+    other.socket = daemon.socket
+    other.mount_paths = {other.mountpoint}
+    try:
+        process = other.spawn(other.command("--log-level", "info"), other.log_path)
+        assert process.wait(START_TIMEOUT) == 2
+    finally:
+        other.kill()
+    message = other.log()
+    assert str(daemon.socket) in message
+    assert "Traceback" not in message
+    assert daemon.client.ok("Plugin.Activate") == {"Implements": ["GraphDriver"]}
+
+
+def test_stale_socket_replaced(tmp_path):
+    handle = DaemonProcess(tmp_path)
+    handle.socket.parent.mkdir(parents=True)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(handle.socket))
+    stale.close()
+    assert handle.socket.exists()
+    try:
+        handle.start()
+        assert handle.client.ok("Plugin.Activate") == {"Implements": ["GraphDriver"]}
+        assert "removing stale socket" in handle.log()
+    finally:
+        handle.kill()
+
+
+# -- the lcfs command ----------------------------------------------------------
+
+
+def run_lcfs(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "lcfs.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+def test_mkfs_and_layers(tmp_path):
+    image = str(tmp_path / "cli.img")
+    result = run_lcfs("mkfs", image, "--size", "256M")
+    assert result.returncode == 0, result.stderr
+    assert os.path.getsize(image) == 256 << 20
+
+    result = run_lcfs("mkfs", image, "--size", "256M")
+    assert result.returncode == 2
+    assert image in result.stderr
+    assert "--force" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    result = run_lcfs("layers", "--device", image)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ID", "PARENT", "FROZEN"]
+
+
+def test_layers_lists_daemon_layers(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    client.ok("GraphDriver.Create", {"ID": "top", "Parent": "base"})
+
+    result = run_lcfs("layers", "--device", str(daemon.image))
+    assert result.returncode == 2
+    assert str(daemon.image) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    assert daemon.stop() == 0
+    result = run_lcfs("layers", "--device", str(daemon.image))
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert rows == [["ID", "PARENT", "FROZEN"], ["base", "-", "yes"], ["top", "base", "no"]]
+
+
+@pytest.mark.parametrize("size", ["10Q", "-5", "1.5"])
+def test_bad_size_is_one_line(tmp_path, size):
+    result = run_lcfs("mkfs", str(tmp_path / "x.img"), "--size", size)
+    assert result.returncode == 2
+    assert size in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.img").exists()

@@ -1,0 +1,328 @@
+"""Layer tar import and export: round trips, Docker's tar dialect, and bad input."""
+
+import io
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+
+import pytest
+
+from lcfs.store import ROOT_INO, Store, errors
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = str(tmp_path / "store.img")
+    Store.mkfs(path, size=2048 * MiB)
+    return path
+
+
+@pytest.fixture
+def store(image):
+    s = Store.open(image)
+    yield s
+    s.close()
+
+
+def make_tar(entries, fmt=tarfile.PAX_FORMAT) -> bytes:
+    """Build a tar from (name, type, extra) tuples; extra may hold data, linkname, mode, pax."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt, encoding="utf-8",
+                      errors="surrogateescape") as archive:  # fmt: skip
+        for name, kind, extra in entries:
+            member = tarfile.TarInfo(name)
+            member.type = kind
+            member.mode = extra.get("mode", 0o755 if kind == tarfile.DIRTYPE else 0o644)
+            member.mtime = extra.get("mtime", 1_700_000_000)
+            member.linkname = extra.get("linkname", "")
+            member.pax_headers = extra.get("pax", {})
+            data = extra.get("data", b"")
+            member.size = len(data) if kind == tarfile.REGTYPE else 0
+            archive.addfile(member, io.BytesIO(data) if member.size else None)
+    return buffer.getvalue()
+
+
+DIR, REG, SYM, LNK = tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE
+
+
+def tree_of(store, layer_id):
+    """Return {path: (type, mode, size, content, target)} of a layer's whole tree."""
+    number = store.get_layer(layer_id).number
+    result = {}
+
+    def walk(ino, prefix):
+        for name, attr in store.readdir(number, ino):
+            path = prefix + b"/" + name
+            content = store.read(number, attr.ino, 0, attr.size) if stat.S_ISREG(attr.mode) else None
+            target = store.readlink(number, attr.ino) if stat.S_ISLNK(attr.mode) else None
+            result[path] = (stat.S_IFMT(attr.mode), stat.S_IMODE(attr.mode), content, target)
+            if stat.S_ISDIR(attr.mode):
+                walk(attr.ino, path)
+
+    walk(ROOT_INO, b"")
+    return result
+
+
+def apply(store, layer_id, parent, data):
+    store.create_layer(layer_id, parent)
+    return store.apply_diff(layer_id, io.BytesIO(data))
+
+
+def test_whiteouts_and_opaque(store):
+    apply(store, "L1", None, make_tar([
+        ("a", DIR, {}), ("a/x", REG, {"data": b"x"}), ("a/y", REG, {"data": b"y"}),
+        ("b", DIR, {}), ("b/old", REG, {"data": b"old"}), ("c", REG, {"data": b"c"}),
+    ]))  # fmt: skip
+    apply(store, "L2", "L1", make_tar([
+        ("a/.wh.x", REG, {}), ("b", DIR, {}), ("b/.wh..wh..opq", REG, {}),
+        ("b/new", REG, {"data": b"new"}), (".wh.c", REG, {}),
+    ]))  # fmt: skip
+    tree = tree_of(store, "L2")
+    assert b"/a/x" not in tree and b"/a/y" in tree
+    assert b"/b/old" not in tree and tree[b"/b/new"][2] == b"new"
+    assert b"/c" not in tree
+    assert b"/a/x" in tree_of(store, "L1")
+    changes = dict(store.changes("L2"))
+    assert changes["/a/x"] == 2
+    assert changes["/c"] == 2
+    assert changes["/b/new"] == 1
+    names = [m.name for m in tarfile.open(fileobj=io.BytesIO(b"".join(store.diff("L2"))))]
+    assert "a/.wh.x" in names and ".wh.c" in names and "b/.wh..wh..opq" in names
+
+
+def test_whiteout_order_and_nested_whiteouts(store):
+    apply(store, "L1", None, make_tar([
+        ("d", DIR, {}), ("d/sub", DIR, {}), ("d/sub/f", REG, {"data": b"f"}), ("e", REG, {"data": b"e"}),
+    ]))  # fmt: skip
+    apply(store, "L2", "L1", make_tar([
+        ("d/sub/.wh.f", REG, {}), (".wh.d", REG, {}), ("e2", REG, {"data": b"2"}), (".wh.e", REG, {}),
+    ]))  # fmt: skip
+    tree = tree_of(store, "L2")
+    assert set(tree) == {b"/e2"}
+
+
+def test_duplicate_entries_last_wins(store):
+    apply(store, "L1", None, make_tar([
+        ("f", REG, {"data": b"first"}), ("f", REG, {"data": b"second"}),
+        ("g", DIR, {}), ("g", REG, {"data": b"file now"}),
+    ]))  # fmt: skip
+    tree = tree_of(store, "L1")
+    assert tree[b"/f"][2] == b"second"
+    assert tree[b"/g"][2] == b"file now"
+
+
+def test_missing_parent_directories_created(store):
+    apply(store, "L1", None, make_tar([("deep/er/file", REG, {"data": b"z"})]))
+    tree = tree_of(store, "L1")
+    assert tree[b"/deep"][0] == stat.S_IFDIR
+    assert tree[b"/deep/er/file"][2] == b"z"
+
+
+def test_long_and_non_utf8_names(store):
+    long_name = "d" * 200 + "/" + "f" * 250
+    odd = b"caf\xe9".decode("utf-8", "surrogateescape")
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        layer_id = f"L{fmt}"
+        apply(store, layer_id, None, make_tar([(long_name, REG, {"data": b"long"}), (odd, REG, {"data": b"odd"})], fmt))
+        tree = tree_of(store, layer_id)
+        assert tree[b"/" + long_name.encode()][2] == b"long"
+        assert tree[b"/caf\xe9"][2] == b"odd"
+        out = tarfile.open(fileobj=io.BytesIO(b"".join(store.diff(layer_id))), encoding="utf-8",
+                           errors="surrogateescape")  # fmt: skip
+        assert {m.name for m in out} >= {long_name, odd}
+
+
+def test_hard_links_and_xattrs_round_trip(store):
+    cap = "\x01\x00\x00\x02" + "\x00" * 16
+    apply(store, "L1", None, make_tar([
+        ("bin", DIR, {}),
+        ("bin/ping", REG, {"data": b"ELF", "mode": 0o4755,
+                           "pax": {"SCHILY.xattr.security.capability": cap,
+                                   "mtime": "1700000000.123456789"}}),
+        ("bin/ping2", LNK, {"linkname": "bin/ping"}),
+    ]))  # fmt: skip
+    number = store.get_layer("L1").number
+    bin_dir = store.lookup(number, ROOT_INO, b"bin")
+    ping = store.lookup(number, bin_dir.ino, b"ping")
+    assert ping.nlink == 2
+    assert ping.mtime_ns == 1_700_000_000_123_456_789
+    assert stat.S_IMODE(ping.mode) == 0o4755
+    assert store.lookup(number, bin_dir.ino, b"ping2").ino == ping.ino
+    assert store.getxattr(number, ping.ino, b"security.capability") == cap.encode("latin-1")
+    members = {m.name: m for m in tarfile.open(fileobj=io.BytesIO(b"".join(store.diff("L1"))))}
+    assert members["bin/ping"].pax_headers["SCHILY.xattr.security.capability"].encode(
+        "utf-8", "surrogateescape") == cap.encode("latin-1")  # fmt: skip
+    assert members["bin/ping"].pax_headers["mtime"] == "1700000000.123456789"
+    assert members["bin/ping2"].type == LNK
+
+
+def test_sparse_file_keeps_holes(store):
+    data = bytes(64 * MiB) + b"tail"
+    free = store.statfs().free_blocks
+    apply(store, "L1", None, make_tar([("lastlog", REG, {"data": data})]))
+    assert free - store.statfs().free_blocks == 1
+    number = store.get_layer("L1").number
+    assert store.read(number, store.lookup(number, ROOT_INO, b"lastlog").ino, 64 * MiB, 10) == b"tail"
+
+
+def test_special_files_survive(store):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for name, kind in (("null", tarfile.CHRTYPE), ("loop0", tarfile.BLKTYPE), ("fifo", tarfile.FIFOTYPE)):
+            member = tarfile.TarInfo(name)
+            member.type = kind
+            member.devmajor, member.devminor = 7, 3
+            member.mode = 0o660
+            archive.addfile(member)
+    apply(store, "L1", None, buffer.getvalue())
+    members = {m.name: m for m in tarfile.open(fileobj=io.BytesIO(b"".join(store.diff("L1"))))}
+    assert members["null"].type == tarfile.CHRTYPE
+    assert (members["loop0"].devmajor, members["loop0"].devminor) == (7, 3)
+    assert members["fifo"].type == tarfile.FIFOTYPE
+    assert members["null"].mode == 0o660
+
+
+BAD_TARS = {
+    "truncated": lambda: make_tar([("f", REG, {"data": os.urandom(100_000)})])[:60_000],
+    "random bytes": lambda: os.urandom(50_000),
+    "dotdot": lambda: make_tar([("ok", REG, {"data": b"1"}), ("../escape", REG, {"data": b"x"})]),
+    "absolute": lambda: make_tar([("ok", REG, {"data": b"1"}), ("/etc/evil", REG, {"data": b"x"})]),
+    "missing link target": lambda: make_tar([("ok", REG, {"data": b"1" * 9000}), ("l", LNK, {"linkname": "nope"})]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TARS))
+def test_bad_tar_rolled_back(image, case):
+    with Store.open(image) as s:
+        s.create_layer("base")
+        s.apply_diff("base", io.BytesIO(make_tar([("keep", REG, {"data": b"kept" * 3000})])))
+        free = s.statfs().free_blocks
+        s.create_layer("L", "base")
+        with pytest.raises(errors.BadArchive) as info:
+            s.apply_diff("L", io.BytesIO(BAD_TARS[case]()))
+        assert "layer L" in str(info.value)
+        assert s.statfs().free_blocks == free
+        assert s.changes("L") == []
+    with Store.open(image) as s:
+        assert s.statfs().free_blocks == free
+        assert s.changes("L") == []
+        assert tree_of(s, "L")[b"/keep"][2] == b"kept" * 3000
+
+
+def test_apply_killed_midway_rolled_back_on_open(image, tmp_path):
+    """SIGKILL during an import leaves no half-made layer after the next open."""
+    with Store.open(image) as s:
+        free = s.statfs().free_blocks
+    script = textwrap.dedent(f"""
+        import io, os, sys, tarfile, threading
+        from lcfs.store import Store
+        s = Store.open({image!r})
+        s.create_layer("half")
+        s.commit()
+        r, w = os.pipe()
+
+        def produce():
+            with tarfile.open(fileobj=os.fdopen(w, "wb"), mode="w|") as archive:
+                for i in range(100000):
+                    info = tarfile.TarInfo(f"f{{i}}")
+                    data = os.urandom(8192)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+
+        threading.Thread(target=produce, daemon=True).start()
+        print("started", flush=True)
+        s.apply_diff("half", os.fdopen(r, "rb"))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"started"
+        time.sleep(2.5)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    with Store.open(image) as s:
+        assert not s.exists("half")
+        assert s.statfs().free_blocks == free
+
+
+def manifest(root):
+    """Return {path: attributes} of a tree as GNU tar extracted it, hard links as groups."""
+    import hashlib
+
+    entries = {}
+    groups = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            rel = os.path.relpath(path, root)
+            item = {
+                "type": stat.S_IFMT(st.st_mode),
+                "mode": stat.S_IMODE(st.st_mode),
+                "owner": (st.st_uid, st.st_gid),
+                "mtime_ns": st.st_mtime_ns,
+                "xattrs": {x: os.getxattr(path, x, follow_symlinks=False)
+                           for x in os.listxattr(path, follow_symlinks=False)},  # fmt: skip
+            }
+            if stat.S_ISREG(st.st_mode):
+                item["size"] = st.st_size
+                with open(path, "rb") as f:
+                    item["sha256"] = hashlib.sha256(f.read()).hexdigest()
+                if st.st_nlink > 1:
+                    groups.setdefault(st.st_ino, []).append(rel)
+            elif stat.S_ISLNK(st.st_mode):
+                item["target"] = os.readlink(path)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                item["rdev"] = st.st_rdev
+            entries[rel] = item
+    return entries, sorted(sorted(g) for g in groups.values())
+
+
+@pytest.fixture
+def tmpfs_pair(tmp_path):
+    mounted = []
+    try:
+        for name in ("expected", "actual"):
+            target = tmp_path / name
+            target.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(target)], check=True)
+            mounted.append(target)
+        yield mounted
+    finally:
+        for target in mounted:
+            subprocess.run(["umount", str(target)], check=False)
+
+
+def gnu_extract(tar_path, dest):
+    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf", str(tar_path),
+                    "-C", str(dest)], check=True)  # fmt: skip
+
+
+def test_minbase_round_trip_matches_gnu_tar(store, tmpfs_pair, tmp_path):
+    from rootfs import minbase_tar
+
+    source = minbase_tar()
+    expected_dir, actual_dir = tmpfs_pair
+    with open(source, "rb") as f:
+        store.create_layer("minbase")
+        store.apply_diff("minbase", f)
+    exported = tmp_path / "exported.tar"
+    with open(exported, "wb") as out:
+        for chunk in store.diff("minbase"):
+            out.write(chunk)
+    gnu_extract(source, expected_dir)
+    gnu_extract(exported, actual_dir)
+    expected, expected_links = manifest(expected_dir)
+    actual, actual_links = manifest(actual_dir)
+    assert len(expected) > 1000
+    assert sorted(expected) == sorted(actual)
+    differing = [path for path in expected if expected[path] != actual[path]]
+    assert differing == [], {p: (expected[p], actual[p]) for p in differing[:5]}
+    assert expected_links == actual_links

@@ -1,0 +1,236 @@
+"""Running the FUSE mount of a store on its own thread.
+
+pyfuse3 keeps its session in module globals, so a process can serve only one
+mount at a time. ``FuseServer`` enforces that, runs ``pyfuse3.main`` under
+trio on a dedicated thread together with the group-commit task, and can be
+started and stopped repeatedly (the daemon mounts on Init and unmounts on
+Cleanup).
+
+The mount does not use ``auto_unmount``: with libfuse 3.14 that option mounts
+through fusermount3, which forces nosuid and nodev, and containers need
+setuid binaries and device nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+
+import pyfuse3
+import trio
+
+from .operations import LayerOperations
+
+log = logging.getLogger(__name__)
+
+FSNAME = "lcfs"
+FSTYPE = "fuse." + FSNAME
+
+MOUNT_OPTIONS = frozenset(
+    {
+        "allow_other",
+        "suid",
+        "dev",
+        "default_permissions",
+        "noatime",
+        f"fsname={FSNAME}",
+        f"subtype={FSNAME}",
+    }
+)
+
+START_TIMEOUT = 10.0
+
+_active_lock = threading.Lock()
+_active_server: FuseServer | None = None
+
+
+def _unescape_mountinfo(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash as octal escapes.
+    for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"),
+                           ("\\134", "\\")):
+        field = field.replace(escaped, plain)
+    return field
+
+
+def find_mount(mountpoint: str, fstype: str = FSTYPE) -> str | None:
+    """Return the device number (``major:minor``) of the top mount of ``fstype``
+    at ``mountpoint``, or None when there is none."""
+    mountpoint = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            separator = fields.index("-")
+            if (_unescape_mountinfo(fields[4]) == mountpoint
+                    and fields[separator + 1] == fstype):
+                found = fields[2]  # later lines are mounted on top of earlier ones
+    return found
+
+
+class _EntryInvalidator:
+    """A thread that sends the kernel notices to drop directory entries.
+
+    ``pyfuse3.invalidate_entry`` blocks while a request on the same directory
+    is in flight, so it cannot run on the trio thread. pyfuse3's own
+    ``invalidate_entry_async`` thread ends with the first main loop and is
+    never restarted, so a remount could not use it.
+    """
+
+    def __init__(self, mountpoint: str):
+        self._mountpoint = mountpoint
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, name=f"lcfs-fuse-invalidate {mountpoint}", daemon=True
+        )
+        self._thread.start()
+
+    def invalidate(self, parent: int, name: bytes) -> None:
+        self._queue.put((parent, name))
+
+    def stop(self) -> None:
+        """Finish the queued work and end the thread; call while main() runs."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            parent, name = item
+            try:
+                pyfuse3.invalidate_entry(parent, name)
+            except FileNotFoundError:
+                pass  # the kernel had no entry for the name
+            except OSError as exc:
+                log.warning("invalidating entry %r of node %d at %s failed: %s",
+                            name, parent, self._mountpoint, exc)
+
+
+class FuseServer:
+    """The FUSE mount of one store, served on a thread of its own."""
+
+    def __init__(self, store, options: frozenset[str] = MOUNT_OPTIONS):
+        self.store = store
+        self.options = options
+        self.mountpoint: str | None = None
+        self.operations: LayerOperations | None = None
+        self._thread: threading.Thread | None = None
+        self._invalidator: _EntryInvalidator | None = None
+        self._trio_token = None
+        self._loop_started = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> bool:
+        """Whether the FUSE main loop is serving requests."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, mountpoint: str, timeout: float = START_TIMEOUT) -> None:
+        """Mount the store at ``mountpoint`` and return once requests are served.
+
+        Raises RuntimeError when this server or another one in the process is
+        already mounted, or when the mount does not come up within
+        ``timeout`` seconds.
+        """
+        global _active_server
+        mountpoint = os.path.realpath(mountpoint)
+        with self._lock, _active_lock:
+            if _active_server is not None:
+                raise RuntimeError(
+                    f"cannot mount lcfs at {mountpoint}: this process already serves "
+                    f"the mount at {_active_server.mountpoint}; stop it first"
+                )
+            initialized = threading.Event()
+            operations = LayerOperations(self.store, initialized)
+            pyfuse3.init(operations, mountpoint, set(self.options))
+            _active_server = self
+            self.mountpoint = mountpoint
+            self.operations = operations
+            self._trio_token = None
+            self._loop_started.clear()
+            self._invalidator = _EntryInvalidator(mountpoint)
+            self._thread = threading.Thread(
+                target=self._serve, name=f"lcfs-fuse {mountpoint}", daemon=True
+            )
+            self._thread.start()
+        try:
+            self._wait_until_live(initialized, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("mounted lcfs at %s (device %s, options %s)", mountpoint,
+                 find_mount(mountpoint), ",".join(sorted(self.options)))
+
+    def _wait_until_live(self, initialized: threading.Event, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not initialized.wait(0.05):
+            if not self._thread.is_alive():
+                raise RuntimeError(f"FUSE main loop for {self.mountpoint} ended "
+                                   "before the kernel handshake; see the log")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"mount of lcfs at {self.mountpoint} timed out "
+                                   f"after {timeout:.0f} s")
+        if find_mount(self.mountpoint) is None:
+            raise RuntimeError(f"mount of lcfs at {self.mountpoint} is missing from "
+                               "/proc/self/mountinfo")
+
+    def stop(self) -> None:
+        """Unmount and wait for the FUSE thread to end; a no-op when stopped."""
+        global _active_server
+        with self._lock:
+            thread = self._thread
+            if thread is None:
+                return
+            mountpoint = self.mountpoint
+            log.info("unmounting lcfs from %s", mountpoint)
+            if thread.is_alive():
+                # Invalidations need the main loop, so they stop before it.
+                self._invalidator.stop()
+                self._loop_started.wait(START_TIMEOUT)
+                try:
+                    trio.from_thread.run_sync(pyfuse3.terminate,
+                                              trio_token=self._trio_token)
+                except (trio.RunFinishedError, AttributeError):
+                    pass  # the loop already ended, or never got to run
+            thread.join()
+            self._thread = None
+            self.operations = None
+            with _active_lock:
+                if _active_server is self:
+                    _active_server = None
+
+    def notify_layer_removed(self, layer_id: str) -> None:
+        """Make the kernel forget a removed layer's directory and everything under it.
+
+        Safe to call from any thread, and when no mount is running.
+        """
+        invalidator = self._invalidator
+        if invalidator is None or not self.running:
+            return
+        invalidator.invalidate(pyfuse3.ROOT_INODE, os.fsencode(layer_id))
+
+    def _serve(self) -> None:
+        mountpoint = self.mountpoint
+        operations = self.operations
+        try:
+            trio.run(self._main_loop, operations)
+        except BaseException:
+            log.exception("FUSE main loop for %s failed", mountpoint)
+        finally:
+            self._invalidator.stop()
+            try:
+                operations.shutdown()
+            except Exception:
+                log.exception("final commit for %s failed", mountpoint)
+            pyfuse3.close(unmount=True)
+            log.info("unmounted lcfs from %s", mountpoint)
+
+    async def _main_loop(self, operations: LayerOperations) -> None:
+        self._trio_token = trio.lowlevel.current_trio_token()
+        self._loop_started.set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(operations.run_commits)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,803 @@
+"""FUSE frontend tests against real mounts of a real store.
+
+Every test mounts a fresh store (see fuse_fixtures.py) and uses plain system
+calls on the mount, so the kernel's FUSE client, pyfuse3 and the store all
+take part.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import os
+import stat
+import subprocess
+import threading
+import time
+
+import pytest
+from fuse_fixtures import fuse_available, lcfs_image, mounted  # noqa: F401
+
+from lcfs.fuse import FuseServer, find_mount
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(not fuse_available(), reason="FUSE mounts need root and /dev/fuse"),
+]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+UTIME_OMIT = (1 << 30) - 2
+NOBODY = 65534
+# A version 2 file capability (struct vfs_cap_data) granting CAP_NET_RAW.
+CAPABILITY_VALUE = (0x02000000).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+
+
+class Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def renameat2(old: str, new: str, flags: int) -> None:
+    result = _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags)
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), old)
+
+
+def set_mtime_only(path: str, mtime_ns: int) -> None:
+    times = (Timespec * 2)(
+        Timespec(0, UTIME_OMIT), Timespec(mtime_ns // 10**9, mtime_ns % 10**9)
+    )
+    if _libc.utimensat(AT_FDCWD, os.fsencode(path), times, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
+def write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def expect_errno(expected: int, func, *args, **kwargs) -> None:
+    with pytest.raises(OSError) as info:
+        func(*args, **kwargs)
+    assert info.value.errno == expected, (
+        f"{func.__name__}{args} failed with {errno.errorcode.get(info.value.errno)}, "
+        f"expected {errno.errorcode[expected]}"
+    )
+
+
+def run_as_nobody(script: str, path: str) -> None:
+    subprocess.run(["/bin/sh", "-c", script, "sh", path], user=NOBODY, check=True)
+
+
+def make_child(mounted, parent: str = "base", child: str = "child") -> str:
+    """Create a layer ``child`` on top of ``parent``, freezing the parent."""
+    mounted.store.create_layer(child, parent)
+    mounted.store.commit()
+    return mounted.at(child)
+
+
+# -- mount and root ---------------------------------------------------------------
+
+
+def test_mount_options_in_mountinfo(mounted):
+    with open("/proc/self/mountinfo") as f:
+        lines = [line.split() for line in f if line.split()[4] == mounted.path]
+    assert len(lines) == 1
+    fields = lines[0]
+    mount_options = fields[5].split(",")
+    separator = fields.index("-")
+    fstype, source, super_options = fields[separator + 1 : separator + 4]
+    assert fstype == "fuse.lcfs"
+    assert source == "lcfs"
+    assert "nosuid" not in mount_options
+    assert "nodev" not in mount_options
+    assert "noatime" in mount_options
+    assert "allow_other" in super_options.split(",")
+    assert "default_permissions" in super_options.split(",")
+
+
+def test_root_lists_layers(mounted):
+    assert os.listdir(mounted.path) == ["base"]
+    mounted.store.create_layer("second")
+    assert sorted(os.listdir(mounted.path)) == ["base", "second"]
+    assert stat.S_ISDIR(os.stat(mounted.at("second")).st_mode)
+    write_file(mounted.at("second", "f"), b"x")
+
+    mounted.store.remove_layer("second")
+    mounted.server.notify_layer_removed("second")
+    assert os.listdir(mounted.path) == ["base"]
+    expect_errno(errno.ENOENT, os.stat, mounted.at("second"))
+    expect_errno(errno.ENOENT, os.stat, mounted.at("second", "f"))
+
+
+def test_root_is_read_only(mounted):
+    root = mounted.path
+    expect_errno(errno.EROFS, os.mkdir, os.path.join(root, "new"))
+    expect_errno(errno.EROFS, os.open, os.path.join(root, "new"), os.O_CREAT | os.O_WRONLY)
+    expect_errno(errno.EROFS, os.symlink, "base", os.path.join(root, "link"))
+    expect_errno(errno.EROFS, os.rmdir, mounted.at("base"))
+    expect_errno(errno.EROFS, os.rename, mounted.at("base"), os.path.join(root, "moved"))
+    expect_errno(errno.EROFS, os.chmod, root, 0o700)
+    expect_errno(errno.EROFS, os.setxattr, root, "user.x", b"1")
+    assert os.listxattr(root) == []
+    assert os.stat(root).st_ino == 1
+
+
+def test_missing_layer_and_names(mounted):
+    expect_errno(errno.ENOENT, os.stat, mounted.at("no-such-layer"))
+    expect_errno(errno.ENOENT, os.stat, mounted.at("base", "missing"))
+    expect_errno(errno.ENOENT, os.open, mounted.at("base", "missing"), os.O_RDONLY)
+    write_file(mounted.at("base", "file"), b"")
+    expect_errno(errno.ENOTDIR, os.stat, mounted.at("base", "file", "below"))
+    expect_errno(errno.ENAMETOOLONG, os.open, mounted.at("base", "n" * 256),
+                 os.O_CREAT | os.O_WRONLY)  # fmt: skip
+    write_file(mounted.at("base", "n" * 255), b"ok")
+    assert read_file(mounted.at("base", "n" * 255)) == b"ok"
+
+
+def test_node_ids_unique_across_layers(mounted):
+    write_file(mounted.at("base", "f"), b"data")
+    child = make_child(mounted)
+    base_stat = os.stat(mounted.at("base", "f"))
+    child_stat = os.stat(os.path.join(child, "f"))
+    assert base_stat.st_ino != child_stat.st_ino
+    assert os.stat(mounted.at("base")).st_ino != os.stat(child).st_ino
+    assert base_stat.st_dev == child_stat.st_dev
+    listed = {entry.name: entry.inode() for entry in os.scandir(child)}
+    assert listed["f"] == child_stat.st_ino
+
+
+# -- files ----------------------------------------------------------------------
+
+
+def test_create_write_read(mounted):
+    path = mounted.at("base", "file")
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    write_file(path, data)
+    st = os.stat(path)
+    assert stat.S_ISREG(st.st_mode)
+    assert st.st_size == len(data)
+    assert st.st_blocks >= len(data) // 512
+    assert hashlib.sha256(read_file(path)).digest() == hashlib.sha256(data).digest()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 10, 1024 * 1024) == data[1024 * 1024 : 1024 * 1024 + 10]
+        assert os.pread(fd, 100, len(data) - 5) == data[-5:]
+        assert os.pread(fd, 100, len(data) + 100) == b""
+    finally:
+        os.close(fd)
+
+
+def test_create_exclusive_and_modes(mounted):
+    path = mounted.at("base", "file")
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+    os.close(fd)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640 & ~_current_umask()
+    expect_errno(errno.EEXIST, os.open, path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_append_and_o_trunc(mounted):
+    path = mounted.at("base", "file")
+    write_file(path, b"hello")
+    with open(path, "ab") as f:
+        f.write(b" world")
+    assert read_file(path) == b"hello world"
+    with open(path, "r+b") as f:
+        f.seek(0, os.SEEK_END)
+        f.write(b"!")
+    assert read_file(path) == b"hello world!"
+    write_file(path, b"new")
+    assert read_file(path) == b"new"
+
+
+def test_truncate_shrink_and_grow(mounted):
+    path = mounted.at("base", "file")
+    write_file(path, b"0123456789" * 1000)
+    os.truncate(path, 3)
+    assert read_file(path) == b"012"
+    os.truncate(path, 8200)
+    data = read_file(path)
+    assert len(data) == 8200
+    assert data[:3] == b"012"
+    assert data[3:] == bytes(8197)
+    expect_errno(errno.EISDIR, os.truncate, mounted.at("base"), 0)
+
+
+def test_sparse_file(mounted):
+    path = mounted.at("base", "sparse")
+    free_before = os.statvfs(mounted.path).f_bfree
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)
+    st = os.stat(path)
+    assert st.st_size == 1 << 30
+    assert st.st_blocks == 0
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"x", 512 << 20)
+        assert os.pread(fd, 4096, 100 << 20) == bytes(4096)
+        assert os.pread(fd, 3, (512 << 20) - 1) == b"\0x\0"
+    finally:
+        os.close(fd)
+    assert os.stat(path).st_blocks == 8
+    assert free_before - os.statvfs(mounted.path).f_bfree <= 2
+
+
+def test_unlink(mounted):
+    path = mounted.at("base", "file")
+    write_file(path, b"x")
+    os.unlink(path)
+    expect_errno(errno.ENOENT, os.stat, path)
+    expect_errno(errno.ENOENT, os.unlink, path)
+    os.mkdir(mounted.at("base", "dir"))
+    expect_errno(errno.EISDIR, os.unlink, mounted.at("base", "dir"))
+
+
+def test_unlinked_open_file_stays_readable(mounted):
+    path = mounted.at("base", "file")
+    data = os.urandom(100_000)
+    write_file(path, data)
+    free_with_file = os.statvfs(mounted.path).f_bfree
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.unlink(path)
+        expect_errno(errno.ENOENT, os.stat, path)
+        assert os.fstat(fd).st_nlink == 0
+        assert os.pread(fd, len(data), 0) == data
+        os.pwrite(fd, b"more", len(data))
+        assert os.pread(fd, 4, len(data)) == b"more"
+    finally:
+        os.close(fd)
+    assert os.statvfs(mounted.path).f_bfree > free_with_file
+
+
+def test_reader_sees_later_write(mounted):
+    path = mounted.at("base", "file")
+    write_file(path, b"a" * 10000)
+    reader = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(reader, 10000, 0) == b"a" * 10000
+        writer = os.open(path, os.O_WRONLY)
+        os.pwrite(writer, b"b" * 100, 50)
+        os.close(writer)
+        assert os.pread(reader, 10000, 0) == b"a" * 50 + b"b" * 100 + b"a" * 9850
+        with open(path, "r+b") as f:
+            f.seek(9000)
+            f.write(b"c" * 10)
+        assert os.pread(reader, 10, 9000) == b"c" * 10
+    finally:
+        os.close(reader)
+
+
+def test_reader_sees_write_after_copy_up(mounted):
+    write_file(mounted.at("base", "file"), b"a" * 10000)
+    child = make_child(mounted)
+    path = os.path.join(child, "file")
+    reader = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(reader, 10, 0) == b"a" * 10
+        writer = os.open(path, os.O_WRONLY)
+        os.pwrite(writer, b"b" * 10, 0)
+        os.close(writer)
+        assert os.pread(reader, 10, 0) == b"b" * 10
+    finally:
+        os.close(reader)
+    assert read_file(mounted.at("base", "file")) == b"a" * 10000
+
+
+def test_one_byte_write_into_inherited_file(mounted):
+    size = 8 << 20
+    data = bytearray(os.urandom(size))
+    write_file(mounted.at("base", "big"), data)
+    child = make_child(mounted)
+    free_before = os.statvfs(mounted.path).f_bfree
+    offset = (5 << 20) + 123
+    fd = os.open(os.path.join(child, "big"), os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"Z", offset)
+    finally:
+        os.close(fd)
+    data_before = bytes(data)
+    data[offset] = ord("Z")
+    assert read_file(os.path.join(child, "big")) == bytes(data)
+    assert read_file(mounted.at("base", "big")) == data_before
+    assert os.stat(os.path.join(child, "big")).st_size == size
+    assert free_before - os.statvfs(mounted.path).f_bfree <= 2
+
+
+def test_statfs_reports_device_space(mounted):
+    usage = mounted.store.statfs()
+    before = os.statvfs(mounted.path)
+    assert before.f_bsize == usage.block_size
+    assert before.f_frsize == usage.block_size
+    assert before.f_blocks == usage.total_blocks
+    assert before.f_namemax == 255
+    write_file(mounted.at("base", "four-mib"), os.urandom(4 << 20))
+    after = os.statvfs(mounted.path)
+    assert before.f_bfree - after.f_bfree >= 1024
+    assert after.f_bavail == after.f_bfree
+    os.unlink(mounted.at("base", "four-mib"))
+    assert os.statvfs(mounted.path).f_bfree >= before.f_bfree - 2
+
+
+def test_data_persists_after_remount(mounted):
+    data = os.urandom(200_000)
+    os.mkdir(mounted.at("base", "dir"))
+    write_file(mounted.at("base", "dir", "file"), data)
+    os.symlink("dir/file", mounted.at("base", "link"))
+    os.setxattr(mounted.at("base", "dir", "file"), "user.tag", b"kept")
+    ino = os.stat(mounted.at("base", "dir", "file")).st_ino
+    mounted.reopen()
+    assert read_file(mounted.at("base", "dir", "file")) == data
+    assert os.readlink(mounted.at("base", "link")) == "dir/file"
+    assert os.getxattr(mounted.at("base", "dir", "file"), "user.tag") == b"kept"
+    assert os.stat(mounted.at("base", "dir", "file")).st_ino == ino
+
+
+def test_fsync_commits_at_once(mounted):
+    path = mounted.at("base", "file")
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(fd, b"durable")
+        os.fsync(fd)
+        assert not mounted.store.dirty
+    finally:
+        os.close(fd)
+
+
+def test_group_commit_runs_in_background(mounted):
+    write_file(mounted.at("base", "file"), b"data")
+    deadline = time.monotonic() + 5
+    while mounted.store.dirty and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not mounted.store.dirty
+
+
+# -- attributes -------------------------------------------------------------------
+
+
+def test_chmod_changes_only_ctime(mounted):
+    path = mounted.at("base", "file")
+    write_file(path, b"x")
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))
+    before = os.stat(path)
+    time.sleep(0.01)
+    os.chmod(path, 0o600)
+    after = os.stat(path)
+    assert stat.S_IMODE(after.st_mode) == 0o600
+    assert stat.S_ISREG(after.st_mode)
+    assert after.st_mtime_ns == before.st_mtime_ns
+    assert after.st_ctime_ns > before.st_ctime_ns
+
+
+def test_chown(mounted):
+    path = mounted.at("base", "file")
+    write_file(path, b"x")
+    os.chown(path, 1234, 5678)
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    os.chown(path, -1, 42)
+    st = os.stat(path)
+    assert (st.st_uid, st.st_gid) == (1234, 42)
+
+
+def test_utimens_explicit_now_and_omit(mounted):
+    path = mounted.at("base", "file")
+    write_file(path, b"x")
+    os.utime(path, ns=(1_111_000_000_123, 2_222_000_000_456))
+    st = os.stat(path)
+    assert st.st_atime_ns == 1_111_000_000_123
+    assert st.st_mtime_ns == 2_222_000_000_456
+
+    before_now = time.time_ns()
+    os.utime(path)  # both times UTIME_NOW
+    st = os.stat(path)
+    assert st.st_atime_ns >= before_now - 10**9
+    assert st.st_mtime_ns >= before_now - 10**9
+
+    os.utime(path, ns=(5_000_000_000, 6_000_000_000))
+    set_mtime_only(path, 7_000_000_000)
+    st = os.stat(path)
+    assert st.st_atime_ns == 5_000_000_000
+    assert st.st_mtime_ns == 7_000_000_000
+
+
+def test_setuid_bit_kept_and_cleared_by_write(mounted):
+    scripts = (
+        ("buffered", 'printf x 1<> "$1"'),
+        ("write-only", 'printf x >> "$1"'),
+        ("truncating", 'printf x > "$1"'),
+    )
+    for name, script in scripts:
+        path = mounted.at("base", name)
+        write_file(path, b"#!/bin/sh\n")
+        os.chmod(path, 0o6777)
+        mode = os.stat(path).st_mode
+        assert mode & stat.S_ISUID, name
+        assert mode & stat.S_ISGID, name
+        run_as_nobody(script, path)
+        mode = os.stat(path).st_mode
+        assert not mode & stat.S_ISUID, f"{name} write by an unprivileged user kept setuid"
+        assert not mode & stat.S_ISGID, f"{name} write by an unprivileged user kept setgid"
+        assert stat.S_IMODE(mode) == 0o777, name
+
+
+def test_setuid_bit_kept_on_root_write(mounted):
+    path = mounted.at("base", "tool")
+    write_file(path, b"x")
+    os.chmod(path, 0o4755)
+    with open(path, "ab") as f:
+        f.write(b"y")
+    assert os.stat(path).st_mode & stat.S_ISUID
+
+
+def test_setgid_directory_inherits_group(mounted):
+    parent = mounted.at("base", "shared")
+    os.mkdir(parent)
+    os.chown(parent, 0, 4321)
+    os.chmod(parent, 0o2775)
+    os.mkdir(os.path.join(parent, "sub"))
+    write_file(os.path.join(parent, "file"), b"")
+    sub = os.stat(os.path.join(parent, "sub"))
+    assert sub.st_gid == 4321
+    assert sub.st_mode & stat.S_ISGID
+    assert os.stat(os.path.join(parent, "file")).st_gid == 4321
+
+
+# -- directories ------------------------------------------------------------------
+
+
+def test_mkdir_and_rmdir(mounted):
+    base = mounted.at("base")
+    nlink = os.stat(base).st_nlink
+    os.mkdir(mounted.at("base", "dir"), 0o750)
+    st = os.stat(mounted.at("base", "dir"))
+    assert stat.S_ISDIR(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o750 & ~_current_umask()
+    assert st.st_nlink == 2
+    assert os.stat(base).st_nlink == nlink + 1
+    expect_errno(errno.EEXIST, os.mkdir, mounted.at("base", "dir"))
+    write_file(mounted.at("base", "dir", "f"), b"")
+    expect_errno(errno.ENOTEMPTY, os.rmdir, mounted.at("base", "dir"))
+    expect_errno(errno.ENOTDIR, os.rmdir, mounted.at("base", "dir", "f"))
+    expect_errno(errno.ENOENT, os.rmdir, mounted.at("base", "missing"))
+    os.unlink(mounted.at("base", "dir", "f"))
+    os.rmdir(mounted.at("base", "dir"))
+    assert os.stat(base).st_nlink == nlink
+    expect_errno(errno.ENOENT, os.stat, mounted.at("base", "dir"))
+
+
+def test_readdir_large_directory(mounted):
+    directory = mounted.at("base", "big")
+    os.mkdir(directory)
+    names = {f"{i:05d}-" + "x" * 120 for i in range(3000)}
+    for name in names:
+        os.close(os.open(os.path.join(directory, name), os.O_CREAT | os.O_WRONLY))
+    listed = [entry.name for entry in os.scandir(directory)]
+    assert len(listed) == len(names)
+    assert set(listed) == names
+    for entry in list(os.scandir(directory))[::500]:
+        assert entry.inode() == os.stat(entry.path).st_ino
+
+
+def test_readdir_resumes_while_directory_changes(mounted):
+    directory = mounted.at("base", "dir")
+    os.mkdir(directory)
+    for i in range(2000):
+        os.close(os.open(os.path.join(directory, f"f{i:04d}-{'y' * 60}"), os.O_CREAT))
+    seen = []
+    with os.scandir(directory) as entries:
+        for count, entry in enumerate(entries):
+            seen.append(entry.name)
+            if count == 10:
+                for i in range(0, 2000, 2):
+                    os.unlink(os.path.join(directory, f"f{i:04d}-{'y' * 60}"))
+                os.close(os.open(os.path.join(directory, "aaa-new"), os.O_CREAT))
+    assert len(seen) == len(set(seen))
+    assert len(seen) == 2000
+    assert sorted(os.listdir(directory)) == sorted(
+        ["aaa-new"] + [f"f{i:04d}-{'y' * 60}" for i in range(1, 2000, 2)]
+    )
+
+
+def test_symlink_and_readlink(mounted):
+    link = mounted.at("base", "link")
+    os.symlink("target/path", link)
+    st = os.lstat(link)
+    assert stat.S_ISLNK(st.st_mode)
+    assert st.st_size == len("target/path")
+    assert os.readlink(link) == "target/path"
+    expect_errno(errno.EEXIST, os.symlink, "other", link)
+    write_file(mounted.at("base", "file"), b"")
+    expect_errno(errno.EINVAL, os.readlink, mounted.at("base", "file"))
+    os.symlink("file", mounted.at("base", "to-file"))
+    assert read_file(mounted.at("base", "to-file")) == b""
+
+
+def test_hard_links(mounted):
+    first = mounted.at("base", "first")
+    second = mounted.at("base", "second")
+    write_file(first, b"shared")
+    os.link(first, second)
+    assert os.stat(first).st_ino == os.stat(second).st_ino
+    assert os.stat(first).st_nlink == 2
+    assert os.stat(second).st_nlink == 2
+    listed = {entry.name: entry.inode() for entry in os.scandir(mounted.at("base"))}
+    assert listed["first"] == listed["second"]
+    with open(second, "ab") as f:
+        f.write(b"!")
+    assert read_file(first) == b"shared!"
+    expect_errno(errno.EEXIST, os.link, first, second)
+    expect_errno(errno.ENOENT, os.link, mounted.at("base", "missing"), mounted.at("base", "x"))
+    os.unlink(first)
+    assert os.stat(second).st_nlink == 1
+    assert read_file(second) == b"shared!"
+
+
+def test_hard_links_after_copy_up(mounted):
+    write_file(mounted.at("base", "first"), b"old")
+    os.link(mounted.at("base", "first"), mounted.at("base", "second"))
+    child = make_child(mounted)
+    write_file(os.path.join(child, "first"), b"new")
+    first = os.stat(os.path.join(child, "first"))
+    second = os.stat(os.path.join(child, "second"))
+    assert first.st_ino == second.st_ino
+    assert first.st_nlink == 2
+    assert second.st_nlink == 2
+    assert read_file(os.path.join(child, "second")) == b"new"
+    assert read_file(mounted.at("base", "second")) == b"old"
+
+
+def test_link_and_rename_across_layers(mounted):
+    mounted.store.create_layer("other")
+    write_file(mounted.at("base", "file"), b"x")
+    expect_errno(errno.EXDEV, os.link, mounted.at("base", "file"), mounted.at("other", "file"))
+    expect_errno(errno.EXDEV, os.rename, mounted.at("base", "file"), mounted.at("other", "file"))
+
+
+def test_mknod_fifo_and_devices(mounted):
+    fifo = mounted.at("base", "fifo")
+    os.mkfifo(fifo, 0o600)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    null = mounted.at("base", "null")
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    st = os.stat(null)
+    assert stat.S_ISCHR(st.st_mode)
+    assert st.st_rdev == os.makedev(1, 3)
+    # The mount has the dev option, so the device node works.
+    with open(null, "wb") as f:
+        f.write(b"discarded")
+    assert read_file(null) == b""
+    block = mounted.at("base", "block")
+    os.mknod(block, stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    assert stat.S_ISBLK(os.stat(block).st_mode)
+    assert os.stat(block).st_rdev == os.makedev(7, 0)
+    expect_errno(errno.EEXIST, os.mknod, null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+
+
+def test_xattrs(mounted):
+    path = mounted.at("base", "file")
+    write_file(path, b"")
+    assert os.listxattr(path) == []
+    expect_errno(errno.ENODATA, os.getxattr, path, "user.missing")
+    os.setxattr(path, "user.one", b"1")
+    os.setxattr(path, "user.two", b"\x00binary\xff")
+    assert os.getxattr(path, "user.one") == b"1"
+    assert os.getxattr(path, "user.two") == b"\x00binary\xff"
+    assert sorted(os.listxattr(path)) == ["user.one", "user.two"]
+    expect_errno(errno.EEXIST, os.setxattr, path, "user.one", b"x", os.XATTR_CREATE)
+    expect_errno(errno.ENODATA, os.setxattr, path, "user.new", b"x", os.XATTR_REPLACE)
+    os.setxattr(path, "user.one", b"replaced", os.XATTR_REPLACE)
+    assert os.getxattr(path, "user.one") == b"replaced"
+    os.removexattr(path, "user.one")
+    expect_errno(errno.ENODATA, os.removexattr, path, "user.one")
+    assert os.listxattr(path) == ["user.two"]
+    os.setxattr(path, "security.capability", CAPABILITY_VALUE)
+    assert os.getxattr(path, "security.capability") == CAPABILITY_VALUE
+    os.setxattr(mounted.at("base"), "user.dir", b"d")
+    assert os.getxattr(mounted.at("base"), "user.dir") == b"d"
+
+
+def test_write_drops_file_capability(mounted):
+    for name, flags in (("buffered", os.O_RDWR), ("write-only", os.O_WRONLY)):
+        path = mounted.at("base", name)
+        write_file(path, b"binary")
+        os.setxattr(path, "security.capability", CAPABILITY_VALUE)
+        fd = os.open(path, flags)
+        try:
+            os.pwrite(fd, b"B", 0)
+        finally:
+            os.close(fd)
+        expect_errno(errno.ENODATA, os.getxattr, path, "security.capability")
+
+
+# -- rename -----------------------------------------------------------------------
+
+
+def test_rename_files_and_directories(mounted):
+    at = mounted.at
+    write_file(at("base", "a"), b"a")
+    write_file(at("base", "b"), b"b")
+    os.rename(at("base", "a"), at("base", "c"))
+    assert read_file(at("base", "c")) == b"a"
+    expect_errno(errno.ENOENT, os.stat, at("base", "a"))
+    os.rename(at("base", "c"), at("base", "b"))
+    assert read_file(at("base", "b")) == b"a"
+    assert os.listdir(at("base")) == ["b"]
+    expect_errno(errno.ENOENT, os.rename, at("base", "missing"), at("base", "x"))
+
+    os.makedirs(at("base", "d1", "inner"))
+    os.mkdir(at("base", "d2"))
+    os.rename(at("base", "d1"), at("base", "d2", "moved"))
+    assert os.path.isdir(at("base", "d2", "moved", "inner"))
+    expect_errno(errno.EINVAL, os.rename, at("base", "d2"), at("base", "d2", "moved", "x"))
+
+    os.mkdir(at("base", "full"))
+    write_file(at("base", "full", "f"), b"")
+    os.mkdir(at("base", "empty"))
+    expect_errno(errno.ENOTEMPTY, os.rename, at("base", "empty"), at("base", "full"))
+    expect_errno(errno.ENOTDIR, os.rename, at("base", "empty"), at("base", "b"))
+    expect_errno(errno.EISDIR, os.rename, at("base", "b"), at("base", "empty"))
+    os.rename(at("base", "full"), at("base", "empty"))
+    assert os.listdir(at("base", "empty")) == ["f"]
+
+
+def test_rename_inherited_directory(mounted):
+    os.makedirs(mounted.at("base", "etc", "conf.d"))
+    write_file(mounted.at("base", "etc", "conf.d", "a.conf"), b"setting")
+    child = make_child(mounted)
+    os.rename(os.path.join(child, "etc"), os.path.join(child, "etc.old"))
+    assert read_file(os.path.join(child, "etc.old", "conf.d", "a.conf")) == b"setting"
+    expect_errno(errno.ENOENT, os.stat, os.path.join(child, "etc"))
+    os.rename(os.path.join(child, "etc.old", "conf.d"), os.path.join(child, "conf.d"))
+    assert os.listdir(os.path.join(child, "conf.d")) == ["a.conf"]
+    assert read_file(mounted.at("base", "etc", "conf.d", "a.conf")) == b"setting"
+    # Delete an inherited directory, then move a new one onto its name.
+    os.unlink(os.path.join(child, "conf.d", "a.conf"))
+    os.rmdir(os.path.join(child, "conf.d"))
+    os.makedirs(os.path.join(child, "new", "x"))
+    os.rename(os.path.join(child, "new"), os.path.join(child, "conf.d"))
+    assert os.listdir(os.path.join(child, "conf.d")) == ["x"]
+    assert os.listdir(mounted.at("base", "etc", "conf.d")) == ["a.conf"]
+
+
+def test_rename_noreplace(mounted):
+    write_file(mounted.at("base", "a"), b"a")
+    write_file(mounted.at("base", "b"), b"b")
+    expect_errno(errno.EEXIST, renameat2, mounted.at("base", "a"), mounted.at("base", "b"),
+                 RENAME_NOREPLACE)  # fmt: skip
+    assert read_file(mounted.at("base", "b")) == b"b"
+    renameat2(mounted.at("base", "a"), mounted.at("base", "c"), RENAME_NOREPLACE)
+    assert read_file(mounted.at("base", "c")) == b"a"
+
+
+def test_rename_exchange(mounted):
+    os.mkdir(mounted.at("base", "dir"))
+    write_file(mounted.at("base", "dir", "inside"), b"")
+    write_file(mounted.at("base", "file"), b"content")
+    renameat2(mounted.at("base", "dir"), mounted.at("base", "file"), RENAME_EXCHANGE)
+    assert read_file(mounted.at("base", "dir")) == b"content"
+    assert os.listdir(mounted.at("base", "file")) == ["inside"]
+    expect_errno(errno.ENOENT, renameat2, mounted.at("base", "dir"),
+                 mounted.at("base", "missing"), RENAME_EXCHANGE)  # fmt: skip
+
+
+# -- frozen layers ----------------------------------------------------------------
+
+
+def test_frozen_layer_rejects_changes(mounted):
+    at = mounted.at
+    os.mkdir(at("base", "dir"))
+    write_file(at("base", "file"), b"frozen")
+    os.setxattr(at("base", "file"), "user.x", b"1")
+    make_child(mounted)
+    cases = [
+        (os.mkdir, at("base", "new")),
+        (os.open, at("base", "new"), os.O_CREAT | os.O_WRONLY),
+        (os.open, at("base", "file"), os.O_WRONLY),
+        (os.open, at("base", "file"), os.O_RDWR),
+        (os.truncate, at("base", "file"), 0),
+        (os.unlink, at("base", "file")),
+        (os.rmdir, at("base", "dir")),
+        (os.rename, at("base", "file"), at("base", "moved")),
+        (os.link, at("base", "file"), at("base", "linked")),
+        (os.symlink, "file", at("base", "symlink")),
+        (os.mkfifo, at("base", "fifo")),
+        (os.chmod, at("base", "file"), 0o600),
+        (os.chown, at("base", "file"), 1, 1),
+        (os.utime, at("base", "file")),
+        (os.setxattr, at("base", "file"), "user.y", b"2"),
+        (os.removexattr, at("base", "file"), "user.x"),
+    ]
+    for func, *args in cases:
+        expect_errno(errno.EROFS, func, *args)
+    assert read_file(at("base", "file")) == b"frozen"
+    assert os.getxattr(at("base", "file"), "user.x") == b"1"
+    assert sorted(os.listdir(at("base"))) == ["dir", "file"]
+
+
+# -- server -----------------------------------------------------------------------
+
+
+def test_unexpected_error_returns_eio(mounted, monkeypatch, caplog):
+    os.symlink("target", mounted.at("base", "link"))
+
+    def broken_readlink(layer, ino):
+        raise RuntimeError("simulated store bug")
+
+    monkeypatch.setattr(mounted.store, "readlink", broken_readlink)
+    expect_errno(errno.EIO, os.readlink, mounted.at("base", "link"))
+    assert "simulated store bug" in caplog.text
+    monkeypatch.undo()
+    assert os.readlink(mounted.at("base", "link")) == "target"
+    assert os.listdir(mounted.at("base")) == ["link"]
+
+
+def test_stop_twice_and_restart(mounted):
+    write_file(mounted.at("base", "file"), b"x")
+    mounted.server.stop()
+    mounted.server.stop()
+    assert find_mount(mounted.path) is None
+    mounted.server.start(mounted.path)
+    assert read_file(mounted.at("base", "file")) == b"x"
+    mounted.store.create_layer("late")
+    mounted.server.notify_layer_removed("late")  # the layer still exists
+    assert sorted(os.listdir(mounted.path)) == ["base", "late"]
+
+
+def test_one_mount_per_process(mounted):
+    other = FuseServer(mounted.store)
+    with pytest.raises(RuntimeError, match="already serves"):
+        other.start(mounted.path)
+    other.stop()
+    assert os.listdir(mounted.path) == ["base"]
+
+
+def test_stop_after_external_unmount(mounted):
+    write_file(mounted.at("base", "file"), b"x")
+    subprocess.run(["umount", mounted.path], check=True)
+    deadline = time.monotonic() + 5
+    while mounted.server.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not mounted.server.running
+    mounted.server.stop()
+    mounted.server.start(mounted.path)
+    assert read_file(mounted.at("base", "file")) == b"x"
+
+
+def test_concurrent_readers_and_writers(mounted):
+    failures = []
+
+    def worker(index: int) -> None:
+        path = mounted.at("base", f"worker-{index}")
+        data = os.urandom(256 * 1024)
+        try:
+            for _ in range(5):
+                write_file(path, data)
+                if read_file(path) != data:
+                    failures.append(f"{path}: read back differs")
+        except OSError as exc:
+            failures.append(f"{path}: {exc}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+

@@ -385,6 +385,28 @@ def test_chmod_changes_only_ctime(mounted):
     assert after.st_ctime_ns > before.st_ctime_ns
 
 
+def test_chmod_inherited_file_keeps_mtimes(mounted):
+    os.mkdir(mounted.at("base", "dir"))
+    write_file(mounted.at("base", "dir", "file"), b"x")
+    os.mknod(mounted.at("base", "dir", "null"), stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    child = make_child(mounted)
+    base_mode = os.stat(mounted.at("base", "dir", "file")).st_mode
+    file_before = os.stat(os.path.join(child, "dir", "file"))
+    dir_before = os.stat(os.path.join(child, "dir"))
+    os.chmod(os.path.join(child, "dir", "file"), 0o600)
+    os.chown(os.path.join(child, "dir", "null"), 7, 7)
+    file_after = os.stat(os.path.join(child, "dir", "file"))
+    assert stat.S_IMODE(file_after.st_mode) == 0o600
+    assert file_after.st_mtime_ns == file_before.st_mtime_ns
+    assert file_after.st_ctime_ns > file_before.st_ctime_ns
+    assert os.stat(os.path.join(child, "dir")).st_mtime_ns == dir_before.st_mtime_ns
+    null = os.stat(os.path.join(child, "dir", "null"))
+    assert stat.S_ISCHR(null.st_mode)
+    assert null.st_rdev == os.makedev(1, 3)
+    assert (null.st_uid, null.st_gid) == (7, 7)
+    assert os.stat(mounted.at("base", "dir", "file")).st_mode == base_mode
+
+
 def test_chown(mounted):
     path = mounted.at("base", "file")
     write_file(path, b"x")

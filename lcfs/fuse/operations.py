@@ -240,7 +240,9 @@ class LayerOperations(pyfuse3.Operations):
         entry.st_atime_ns = self._mount_time_ns
         entry.st_mtime_ns = self._mount_time_ns
         entry.st_ctime_ns = self._mount_time_ns
-        entry.attr_timeout = 0
+        # These attributes never change while mounted. Every path walk from
+        # the mount root checks them (default_permissions), so they are cached.
+        entry.attr_timeout = FROZEN_TIMEOUT
         entry.entry_timeout = 0
         return entry
 

@@ -130,7 +130,7 @@ class GraphDriverPlugin:
         try:
             args = await self._read_args(request)
             layer_id = args.get("ID") if isinstance(args.get("ID"), str) else ""
-            log.debug("%s %s", name, f"layer {layer_id}" if layer_id else "")
+            log.debug("%s%s", name, f" layer {layer_id}" if layer_id else "")
             reply = await handler(args)
         except (errors.StoreError, RequestError, MountError) as error:
             message = _describe(error, layer_id)
@@ -415,6 +415,16 @@ class GraphDriverPlugin:
             message = _describe(error, layer_id)
             log.warning("GraphDriver.ApplyDiff failed for layer %s: %s", layer_id or "-", message)
             return _error_reply(message)
+        except ConnectionError as error:
+            log.warning(
+                "GraphDriver.ApplyDiff failed for layer %s: the client went away "
+                "before the end of the tar (%s)",
+                layer_id,
+                error,
+            )
+            # The reply goes nowhere, but returning one keeps aiohttp from
+            # logging the lost connection a second time with a traceback.
+            return _error_reply(_describe(error, layer_id))
         except Exception as error:
             log.exception("GraphDriver.ApplyDiff failed for layer %s", layer_id or "-")
             return _error_reply(f"internal error: {_describe(error, layer_id)}")

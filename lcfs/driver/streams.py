@@ -235,7 +235,14 @@ async def consume_in_thread(
         async for chunk in chunks:
             await deliver(chunk)
         await deliver(_END)
-    except BaseException as error:
+    except asyncio.CancelledError:
+        # Shutdown cancels handlers; the daemon then waits for the thread.
+        reader.abandon(BodyAborted("the request was cancelled"))
+        raise
+    except Exception as error:
         reader.abandon(BodyAborted(f"the request body broke off: {error!r}"))
+        # Let work() finish rolling back before the caller replies or
+        # serves the next request on the same layer.
+        await asyncio.wait({outcome})
         raise
     return await outcome

@@ -823,3 +823,13 @@ def test_concurrent_readers_and_writers(mounted):
         thread.join()
     assert failures == []
 
+
+
+def test_start_fails_on_missing_directory(mounted):
+    mounted.server.stop()
+    missing = mounted.path + "-missing"
+    with pytest.raises(RuntimeError, match="failed"):
+        mounted.server.start(missing)
+    assert not mounted.server.running
+    mounted.server.start(mounted.path)
+    assert os.listdir(mounted.path) == ["base"]

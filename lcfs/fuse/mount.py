@@ -70,6 +70,19 @@ def find_mount(mountpoint: str, fstype: str = FSTYPE) -> str | None:
     return found
 
 
+def _init_session(operations, mountpoint: str, options: frozenset[str]) -> None:
+    try:
+        pyfuse3.init(operations, mountpoint, set(options))
+    except RuntimeError as exc:
+        # pyfuse3 leaves a created session behind when only the mount failed.
+        if "fuse_session_mount" in str(exc):
+            pyfuse3.close(unmount=False)
+        raise RuntimeError(
+            f"mount of lcfs at {mountpoint} failed ({exc}); libfuse wrote the "
+            "reason to standard error"
+        ) from exc
+
+
 class _EntryInvalidator:
     """A thread that sends the kernel notices to drop directory entries.
 
@@ -136,6 +149,8 @@ class FuseServer:
         """
         global _active_server
         mountpoint = os.path.realpath(mountpoint)
+        if self._thread is not None and not self._thread.is_alive():
+            self.stop()  # the mount ended on its own, for example by umount
         with self._lock, _active_lock:
             if _active_server is not None:
                 raise RuntimeError(
@@ -144,7 +159,7 @@ class FuseServer:
                 )
             initialized = threading.Event()
             operations = LayerOperations(self.store, initialized)
-            pyfuse3.init(operations, mountpoint, set(self.options))
+            _init_session(operations, mountpoint, self.options)
             _active_server = self
             self.mountpoint = mountpoint
             self.operations = operations
@@ -192,8 +207,8 @@ class FuseServer:
                 try:
                     trio.from_thread.run_sync(pyfuse3.terminate,
                                               trio_token=self._trio_token)
-                except (trio.RunFinishedError, AttributeError):
-                    pass  # the loop already ended, or never got to run
+                except trio.RunFinishedError:
+                    pass  # the loop ended on its own, for example after umount
             thread.join()
             self._thread = None
             self.operations = None
@@ -224,8 +239,12 @@ class FuseServer:
                 operations.shutdown()
             except Exception:
                 log.exception("final commit for %s failed", mountpoint)
-            pyfuse3.close(unmount=True)
-            log.info("unmounted lcfs from %s", mountpoint)
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception:
+                log.exception("unmount of lcfs from %s failed", mountpoint)
+            else:
+                log.info("unmounted lcfs from %s", mountpoint)
 
     async def _main_loop(self, operations: LayerOperations) -> None:
         self._trio_token = trio.lowlevel.current_trio_token()

@@ -1,8 +1,8 @@
 """The ``lcfs`` command: the daemon and the small commands for operators.
 
 Exit codes: 0 success, 1 an unexpected failure (with a traceback), 2 a
-mistake the user can fix (a bad option, a busy or unformatted device), told
-in one line on stderr.
+mistake the user can fix (a bad option, a busy or unformatted device),
+reported in one line on stderr.
 """
 
 import argparse
@@ -102,7 +102,7 @@ def _build_parser() -> argparse.ArgumentParser:
     mkfs.add_argument(
         "--force",
         action="store_true",
-        help="format even if DEVICE already holds an lcfs store or other data",
+        help="format even if DEVICE already contains an lcfs store",
     )
     _add_log_level(mkfs, "warning")
 
@@ -140,7 +140,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _run_daemon(args: argparse.Namespace) -> int:
-    from lcfs.driver.daemon import DaemonConfig, Daemon
+    from lcfs.driver.daemon import Daemon, DaemonConfig
 
     config = DaemonConfig(
         device=args.device,

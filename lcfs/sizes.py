@@ -1,8 +1,9 @@
-"""Parsing and formatting of byte sizes given on the command line.
+"""Parser for the byte sizes given on the command line.
 
-Suffixes are binary multiples, as in dd and truncate: ``K`` is 1024 bytes,
-``M`` is 1024**2, ``G`` 1024**3 and ``T`` 1024**4. The forms ``10G``,
-``10GB``, ``10GiB`` and ``10g`` mean the same; a plain number is bytes.
+Suffixes are binary multiples: ``K`` is 1024 bytes, ``M`` is 1024**2, ``G``
+1024**3 and ``T`` 1024**4, in either case. A trailing ``B`` or ``iB`` changes
+nothing, so ``10G``, ``10GB`` and ``10GiB`` all mean 10 * 1024**3 bytes. A
+plain number is bytes.
 """
 
 import re
@@ -13,8 +14,6 @@ _MULTIPLIERS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE_RE = re.compile(
     r"\s*(?P<number>\d+(?:\.\d+)?)\s*(?:(?P<unit>[KMGT])I?)?B?\s*", re.IGNORECASE
 )
-
-_UNITS = ("KiB", "MiB", "GiB", "TiB")
 
 
 def parse_size(text: str) -> int:
@@ -35,15 +34,3 @@ def parse_size(text: str) -> int:
     if "." in number and not unit:
         raise ValueError(f"invalid size {text!r}: a number of bytes must be whole")
     return int(Decimal(number) * _MULTIPLIERS[unit])
-
-
-def format_size(size: int) -> str:
-    """Return ``size`` in bytes as a short text in binary units, e.g. ``1.5 GiB``."""
-    if size < 1024:
-        return f"{size} B"
-    value = float(size)
-    for unit in _UNITS:
-        value /= 1024
-        if value < 1024 or unit == _UNITS[-1]:
-            break
-    return f"{value:.1f} {unit}"

@@ -37,14 +37,21 @@ STOP_TIMEOUT = 30.0
 pytestmark = pytest.mark.fuse
 
 if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-    pytest.skip("the daemon's FUSE mount needs root and /dev/fuse", allow_module_level=True)
+    pytest.skip(
+        "the daemon's FUSE mount needs root and /dev/fuse", allow_module_level=True
+    )
 
 
 # -- helpers ---------------------------------------------------------------
 
 
 def _unescape_mountinfo(field: str) -> str:
-    for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+    for escaped, plain in (
+        ("\\040", " "),
+        ("\\011", "\t"),
+        ("\\012", "\n"),
+        ("\\134", "\\"),
+    ):
         field = field.replace(escaped, plain)
     return field
 
@@ -87,7 +94,11 @@ class PluginClient:
         try:
             connection.request("POST", f"/{name}", body=body, headers=ACCEPT)
             response = connection.getresponse()
-            return response.status, response.getheader("Content-Type", ""), response.read()
+            return (
+                response.status,
+                response.getheader("Content-Type", ""),
+                response.read(),
+            )
         finally:
             connection.close()
 
@@ -173,7 +184,9 @@ class DaemonProcess:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                pytest.fail(f"daemon exited with {self.process.returncode}:\n{self.log()}")
+                pytest.fail(
+                    f"daemon exited with {self.process.returncode}:\n{self.log()}"
+                )
             try:
                 if self.client.call("Plugin.Activate")[0] == 200:
                     return
@@ -197,7 +210,9 @@ class DaemonProcess:
         self.start()
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return (
+            self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        )
 
     def kill(self) -> None:
         """Kill the daemon if it still runs and detach what it left mounted."""
@@ -309,6 +324,7 @@ BASE_TAR_ENTRIES = [
 def test_activate_and_capabilities(daemon):
     status, content_type, body = daemon.client.raw("Plugin.Activate")
     assert status == 200
+    assert content_type.startswith("application/vnd.docker.plugins.v1.2+json")
     assert json.loads(body) == {"Implements": ["GraphDriver"]}
     reply = daemon.client.ok("GraphDriver.Capabilities", {})
     assert reply == {"Capabilities": {"ReproducesExactDiffs": False}}
@@ -338,7 +354,9 @@ def test_init_home_survives_restart(daemon, tmp_path):
 
 def test_init_rejects_options(daemon, tmp_path):
     home = str(tmp_path / "home")
-    message = daemon.client.err("GraphDriver.Init", {"Home": home, "Opts": ["lcfs.x=1"]})
+    message = daemon.client.err(
+        "GraphDriver.Init", {"Home": home, "Opts": ["lcfs.x=1"]}
+    )
     assert "lcfs.x=1" in message
     message = daemon.client.err("GraphDriver.Init", {"Home": "relative/home"})
     assert "relative/home" in message
@@ -351,7 +369,10 @@ def test_home_mount_follows_init(home_daemon, tmp_path):
     assert client.status_pairs()["Mount Path"] == "not mounted"
     assert "not mounted" in client.err("GraphDriver.Get", {"ID": "base"})
 
-    client.ok("GraphDriver.Init", {"Home": str(home), "Opts": None, "UIDMaps": None, "GIDMaps": None})
+    client.ok(
+        "GraphDriver.Init",
+        {"Home": str(home), "Opts": None, "UIDMaps": None, "GIDMaps": None},
+    )
     assert mount_type(home) == "fuse.lcfs"
     assert client.ok("GraphDriver.Get", {"ID": "base"}) == {"Dir": str(home / "base")}
     assert (home / "base").is_dir()
@@ -397,9 +418,14 @@ def test_layer_lifecycle(daemon):
     assert metadata["Parent"] == "c-init"
     assert metadata["Layer"].isdigit()
     assert all(isinstance(value, str) for value in metadata.values())
-    assert client.ok("GraphDriver.GetMetadata", {"ID": "base"})["Metadata"]["Frozen"] == "true"
+    assert (
+        client.ok("GraphDriver.GetMetadata", {"ID": "base"})["Metadata"]["Frozen"]
+        == "true"
+    )
 
-    changes = client.ok("GraphDriver.Changes", {"ID": "c", "Parent": "c-init"})["Changes"]
+    changes = client.ok("GraphDriver.Changes", {"ID": "c", "Parent": "c-init"})[
+        "Changes"
+    ]
     assert {"Path": "/hello", "Kind": 1} in changes
 
     for layer_id in ("c", "c-init", "base"):
@@ -493,20 +519,32 @@ def test_apply_diff_then_diff(daemon):
     status, reply = client.apply_diff("l1", "", make_tar(BASE_TAR_ENTRIES))
     assert status == 200, reply
     assert reply == {"Size": len(HOSTS) + len(TOOL)}
-    assert client.ok("GraphDriver.DiffSize", {"ID": "l1"}) == {"Size": len(HOSTS) + len(TOOL)}
+    assert client.ok("GraphDriver.DiffSize", {"ID": "l1"}) == {
+        "Size": len(HOSTS) + len(TOOL)
+    }
 
     root = Path(client.ok("GraphDriver.Get", {"ID": "l1"})["Dir"])
     assert (root / "etc" / "hosts").read_bytes() == HOSTS
     assert (root / "bin" / "tool").read_bytes() == TOOL
     assert stat.S_IMODE((root / "bin" / "tool").stat().st_mode) == 0o755
     assert os.readlink(root / "bin" / "link") == "tool"
-    assert (root / "bin" / "hard").stat().st_ino == (root / "bin" / "tool").stat().st_ino
+    assert (root / "bin" / "hard").stat().st_ino == (
+        root / "bin" / "tool"
+    ).stat().st_ino
     assert (root / "bin" / "tool").stat().st_nlink == 2
     assert (root / "empty").stat().st_size == 0
     client.ok("GraphDriver.Put", {"ID": "l1"})
 
     members = read_tar(diff_bytes(client, "l1", None))
-    assert set(members) == {"etc", "etc/hosts", "bin", "bin/tool", "bin/link", "bin/hard", "empty"}
+    assert set(members) == {
+        "etc",
+        "etc/hosts",
+        "bin",
+        "bin/tool",
+        "bin/link",
+        "bin/hard",
+        "empty",
+    }
     assert members["bin/link"].issym()
     assert members["bin/link"].linkname == "tool"
     linked = {members["bin/hard"].islnk(), members["bin/tool"].islnk()}
@@ -594,8 +632,12 @@ def _garbage_after_member() -> bytes:
 BAD_TARS = {
     "truncated": _truncated_tar,
     "random bytes": lambda: os.urandom(20_000),
-    "parent reference": lambda: make_tar([("file", "ok", b"x" * 9000), ("file", "../x", b"evil")]),
-    "absolute name": lambda: make_tar([("file", "ok", b"x" * 9000), ("file", "/etc/evil", b"evil")]),
+    "parent reference": lambda: make_tar(
+        [("file", "ok", b"x" * 9000), ("file", "../x", b"evil")]
+    ),
+    "absolute name": lambda: make_tar(
+        [("file", "ok", b"x" * 9000), ("file", "/etc/evil", b"evil")]
+    ),
     "hard link to missing target": lambda: make_tar(
         [("file", "ok", b"x" * 9000), ("hardlink", "link", "missing")]
     ),
@@ -603,7 +645,9 @@ BAD_TARS = {
 
 
 def _assert_layer_empty(client: PluginClient, layer_id: str, mountpoint: Path) -> None:
-    assert client.ok("GraphDriver.Changes", {"ID": layer_id}) == {"Changes": []}, layer_id
+    assert client.ok("GraphDriver.Changes", {"ID": layer_id}) == {"Changes": []}, (
+        layer_id
+    )
     assert client.ok("GraphDriver.DiffSize", {"ID": layer_id}) == {"Size": 0}, layer_id
     assert list((mountpoint / layer_id).iterdir()) == [], layer_id
 
@@ -732,6 +776,7 @@ def run_lcfs(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(
         [sys.executable, "-m", "lcfs.cli", *args],
+        check=False,
         capture_output=True,
         text=True,
         env=env,
@@ -771,7 +816,11 @@ def test_layers_lists_daemon_layers(daemon):
     result = run_lcfs("layers", "--device", str(daemon.image))
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines()]
-    assert rows == [["ID", "PARENT", "FROZEN"], ["base", "-", "yes"], ["top", "base", "no"]]
+    assert rows == [
+        ["ID", "PARENT", "FROZEN"],
+        ["base", "-", "yes"],
+        ["top", "base", "no"],
+    ]
 
 
 @pytest.mark.parametrize("size", ["10Q", "-5", "1.5"])

@@ -1,11 +1,11 @@
 """The ``lcfs daemon`` process: one store, its FUSE mount and the plugin socket.
 
-Start order: claim the socket path (refusing when another live process
-serves it), write the pid file, open the device (creating and formatting an
-image file on first start; opening runs journal recovery), mount, then
-listen. Stop order on SIGTERM or SIGINT: stop listening and finish the
-requests in flight, wait for their worker threads, unmount, commit, close
-the store, remove the socket and the pid file.
+Start order: claim the socket path (failing when another live process
+serves it), write the pid file, open the device, mount, then listen. On
+first start the image file is created and formatted, and every open runs
+journal recovery. Stop order on SIGTERM or SIGINT: stop listening and finish
+the requests in flight, wait for their worker threads, unmount, commit,
+close the store, remove the socket and the pid file.
 
 Threads: the event loop (this module and the plugin server) runs on the
 main thread, FUSE runs its own trio thread, and store calls run on an
@@ -36,9 +36,8 @@ DEFAULT_DEVICE = "/var/lib/lcfs/lcfs.img"
 DEFAULT_SIZE = 64 * 1024**3
 DEFAULT_SOCKET = "/run/docker/plugins/lcfs.sock"
 
-# Threads serving store calls. Each request holds one for the length of a
-# store call, which is short apart from Diff and ApplyDiff (they use their
-# own threads).
+# Threads serving store calls. Each request uses one for the length of a
+# store call. Diff and ApplyDiff, the long calls, run on threads of their own.
 STORE_THREADS = 16
 
 # Seconds that a stopping daemon waits for requests in flight (a long
@@ -47,7 +46,7 @@ SHUTDOWN_TIMEOUT = 30.0
 
 
 class DaemonError(Exception):
-    """A start-up failure that the operator can fix; the message says how."""
+    """A start-up failure that the operator can fix; the message names the fix."""
 
 
 @dataclass
@@ -59,7 +58,7 @@ class DaemonConfig:
     pid_file: str | None = None
 
     def resolved_pid_file(self) -> str:
-        """The pid file path: the one given, or the socket's path ending in .pid."""
+        """Return the pid file given, or else the socket path with .pid for .sock."""
         if self.pid_file:
             return self.pid_file
         return os.path.splitext(self.socket_path)[0] + ".pid"
@@ -76,7 +75,9 @@ def claim_socket_path(path: str) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(mode):
-        raise DaemonError(f"{path} exists and is not a socket; remove it or pass --socket")
+        raise DaemonError(
+            f"{path} exists and is not a socket; remove it or pass --socket"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(2.0)
     try:
@@ -119,7 +120,7 @@ def bind_socket(path: str) -> socket.socket:
 
 
 def open_store(device: str, size: int | None) -> Store:
-    """Open the store on ``device``, formatting a new sparse image if it does not exist."""
+    """Open the store on ``device``, formatting a new sparse image if it is missing."""
     if not os.path.exists(device):
         size = size or DEFAULT_SIZE
         log.info("creating image %s of %d bytes", device, size)
@@ -194,9 +195,12 @@ class Daemon:
                     await asyncio.to_thread(self._close_store, store)
                 else:
                     # NOTE: a worker thread may still be inside a store call, so
-                    # the store is left to process exit; the next open rolls
-                    # back what the thread had not committed.
-                    log.error("not closing the store on %s: a store call is still running", config.device)
+                    # closing the store is left to process exit. The next open
+                    # rolls back what the thread had not committed.
+                    log.error(
+                        "not closing the store on %s: a store call is still running",
+                        config.device,
+                    )
         finally:
             remove_own_file(pid_file, pid_inode)
         log.info("lcfs daemon stopped (pid %d)", os.getpid())
@@ -235,10 +239,14 @@ class Daemon:
             await runner.cleanup()
             if socket_inode is not None:
                 remove_own_file(config.socket_path, socket_inode)
-            still_running = await asyncio.to_thread(plugin.workers.join_all, SHUTDOWN_TIMEOUT)
+            still_running = await asyncio.to_thread(
+                plugin.workers.join_all, SHUTDOWN_TIMEOUT
+            )
             if still_running:
                 self._workers_left = True
-                log.error("worker threads still running at stop: %s", ", ".join(still_running))
+                log.error(
+                    "worker threads still running at stop: %s", ", ".join(still_running)
+                )
             await asyncio.to_thread(mounts.stop)
 
     @staticmethod

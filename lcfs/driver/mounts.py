@@ -1,4 +1,4 @@
-"""Where the FUSE filesystem is mounted, and when it is mounted and unmounted.
+"""Mount policy of the FUSE filesystem: which path, and when to mount and unmount.
 
 Two modes:
 
@@ -42,15 +42,15 @@ def detach_stale_mount(path: str) -> None:
     """Detach an lcfs mount at ``path`` whose FUSE server has died.
 
     A FUSE server killed without unmounting (SIGKILL, a crash) leaves its
-    mount point answering ENOTCONN, and mounting on top of it would hide the
-    problem rather than fix it. Only an lcfs mount in that state is
-    detached, with ``fusermount3 -u -z``.
+    mount point returning ENOTCONN to every access. Mounting on top of it
+    would hide the problem rather than fix it. Only an lcfs mount in that
+    state is detached, with ``fusermount3 -u -z``.
     """
     if find_mount(path, FSTYPE) is None or not _is_disconnected(path):
         return
     log.warning("detaching stale lcfs mount at %s left by a dead daemon", path)
     result = subprocess.run(
-        ["fusermount3", "-u", "-z", path], capture_output=True, text=True
+        ["fusermount3", "-u", "-z", path], check=False, capture_output=True, text=True
     )
     if result.returncode != 0:
         raise MountError(
@@ -86,7 +86,7 @@ class MountManager:
         return self._fixed is not None
 
     def start(self, stored_home: str | None) -> None:
-        """Mount at the fixed mount point, or at the Home recorded by an earlier Init."""
+        """Mount at the fixed mount point, or else at the Home of an earlier Init."""
         with self._lock:
             if self._fixed is not None:
                 self._mount(self._fixed)

@@ -1,11 +1,11 @@
 """Docker's graphdriver plugin protocol, served by aiohttp on a unix socket.
 
-Every call is ``POST /NAME`` with a JSON body and no Content-Type; fields
-with empty values are left out. A failure is ``{"Err": "..."}`` with HTTP
-status 500: dockerd's plugin client reads Err from the body of any non-200
-reply, and a non-200 status is the only way to report a failed Diff, whose
-successful reply is a raw tar stream. The message names the layer id,
-because Docker shows it to the user.
+Every call is ``POST /NAME`` with a JSON body and no Content-Type, and
+fields with empty values are left out. A failure is ``{"Err": "..."}`` with
+HTTP status 500, because dockerd's plugin client reads Err from the body of
+any non-200 reply. A non-200 status is also the only way to report a failed
+Diff, whose successful reply is a raw tar stream. The message names the
+layer id, because Docker shows it to the user.
 
 Store calls block, so they run on the executor or, for the tar streams of
 Diff and ApplyDiff, on a dedicated thread per request. Every call that
@@ -38,12 +38,13 @@ OPTS_KEY = "driver.opts"
 # Bytes read from an ApplyDiff request body at a time.
 APPLY_CHUNK_SIZE = 1 << 16
 
-# Longest layer id accepted: it is a directory name under the mount point.
+# Maximum length of a layer id in bytes, because it is a directory name
+# under the mount point.
 MAX_ID_BYTES = 255
 
 
 class RequestError(Exception):
-    """A request that is malformed or asks for something lcfs does not do."""
+    """A request that is malformed or needs a feature lcfs does not support."""
 
 
 Handler = Callable[[dict], Awaitable[dict]]
@@ -115,7 +116,9 @@ class GraphDriverPlugin:
             "GraphDriver.Capabilities": self.capabilities,
         }
         for name, handler in json_calls.items():
-            app.router.add_post(f"/{name}", functools.partial(self._serve, name, handler))
+            app.router.add_post(
+                f"/{name}", functools.partial(self._serve, name, handler)
+            )
         app.router.add_post("/GraphDriver.Diff", self.diff)
         app.router.add_post("/GraphDriver.ApplyDiff", self.apply_diff)
         app.router.add_route("*", "/{call:.*}", self.unknown_call)
@@ -210,7 +213,10 @@ class GraphDriverPlugin:
             block_size = stat.block_size
             pairs += [
                 ["Block Size", str(block_size)],
-                ["Data Space Used (bytes)", str((stat.total_blocks - stat.free_blocks) * block_size)],
+                [
+                    "Data Space Used (bytes)",
+                    str((stat.total_blocks - stat.free_blocks) * block_size),
+                ],
                 ["Data Space Total (bytes)", str(stat.total_blocks * block_size)],
                 ["Data Space Available (bytes)", str(stat.free_blocks * block_size)],
                 ["Inodes Used", str(stat.files - stat.free_files)],
@@ -346,20 +352,26 @@ class GraphDriverPlugin:
             parent_id = _string_field(args, "Parent")
             log.debug("GraphDriver.Diff layer %s parent %s", layer_id, parent_id or "-")
         except RequestError as error:
-            log.warning("GraphDriver.Diff failed for layer %s: %s", layer_id or "-", error)
+            log.warning(
+                "GraphDriver.Diff failed for layer %s: %s", layer_id or "-", error
+            )
             return _error_reply(_describe(error, layer_id))
 
         def make_iterator():
             self._check_parent(layer_id, parent_id, required=True)
             return self.store.diff(layer_id)
 
-        chunks = streams.iterate_in_thread(make_iterator, self.workers, f"diff-{layer_id}")
+        chunks = streams.iterate_in_thread(
+            make_iterator, self.workers, f"diff-{layer_id}"
+        )
         async with contextlib.aclosing(chunks):
             try:
                 first = await anext(chunks, b"")
             except (errors.StoreError, RequestError) as error:
                 message = _describe(error, layer_id)
-                log.warning("GraphDriver.Diff failed for layer %s: %s", layer_id, message)
+                log.warning(
+                    "GraphDriver.Diff failed for layer %s: %s", layer_id, message
+                )
                 return _error_reply(message)
             except Exception as error:
                 log.exception("GraphDriver.Diff failed for layer %s", layer_id)
@@ -373,13 +385,17 @@ class GraphDriverPlugin:
                     await response.write(chunk)
                     sent += len(chunk)
             except (ConnectionError, asyncio.CancelledError):
-                log.warning("GraphDriver.Diff of layer %s: client went away after %d bytes", layer_id, sent)
+                log.warning(
+                    "GraphDriver.Diff of layer %s: client went away after %d bytes",
+                    layer_id,
+                    sent,
+                )
                 raise
             except Exception:
                 # The status line is gone already: break the connection so that
                 # dockerd reads a truncated tar instead of a complete one.
                 log.exception(
-                    "GraphDriver.Diff of layer %s failed after %d bytes; aborting the stream",
+                    "GraphDriver.Diff of layer %s failed after %d bytes; aborting",
                     layer_id,
                     sent,
                 )
@@ -391,10 +407,14 @@ class GraphDriverPlugin:
         return response
 
     async def apply_diff(self, request: web.Request) -> web.Response:
-        """Import the tar in the request body into a layer, streaming it to the store."""
+        """Import the request body, a tar, into a layer as it arrives."""
         layer_id = request.query.get("id", "")
         parent_id = request.query.get("parent", "")
-        log.debug("GraphDriver.ApplyDiff layer %s parent %s", layer_id or "-", parent_id or "-")
+        log.debug(
+            "GraphDriver.ApplyDiff layer %s parent %s",
+            layer_id or "-",
+            parent_id or "-",
+        )
 
         def work(fileobj) -> int:
             self._check_parent(layer_id, parent_id, required=False)
@@ -413,7 +433,11 @@ class GraphDriverPlugin:
             )
         except (errors.StoreError, RequestError, streams.BodyAborted) as error:
             message = _describe(error, layer_id)
-            log.warning("GraphDriver.ApplyDiff failed for layer %s: %s", layer_id or "-", message)
+            log.warning(
+                "GraphDriver.ApplyDiff failed for layer %s: %s",
+                layer_id or "-",
+                message,
+            )
             return _error_reply(message)
         except ConnectionError as error:
             log.warning(

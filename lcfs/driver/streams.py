@@ -117,7 +117,7 @@ async def iterate_in_thread(
                 close = getattr(iterator, "close", None)
                 if close is not None:
                     close()
-        except BaseException as error:  # handed to the event loop and raised there
+        except BaseException as error:  # noqa: BLE001 - raised again on the event loop
             put(error)
             return
         put(_END)
@@ -214,7 +214,7 @@ async def consume_in_thread(
         try:
             with io.BufferedReader(reader, READ_BUFFER_SIZE) as fileobj:
                 value = work(fileobj)
-        except BaseException as error:  # handed to the event loop and raised there
+        except BaseException as error:  # noqa: BLE001 - raised again on the event loop
             loop.call_soon_threadsafe(settle, None, error)
         else:
             loop.call_soon_threadsafe(settle, value, None)

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from tools import fsck
 from lcfs.store import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, Store, errors
 
 MiB = 1 << 20
@@ -24,6 +25,7 @@ def store(image):
     s = Store.open(image)
     yield s
     s.close()
+    assert fsck.main([image, "--no-progress", "--log-level", "WARNING"]) == 0
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tools import fsck
 from lcfs.store import ROOT_INO, Store, errors
 
 MiB = 1 << 20
@@ -29,6 +30,7 @@ def store(image):
     s = Store.open(image)
     yield s
     s.close()
+    assert fsck.main([image, "--no-progress", "--log-level", "WARNING"]) == 0
 
 
 def make_tar(entries, fmt=tarfile.PAX_FORMAT) -> bytes:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
 import logging
 import os
 import stat
@@ -162,6 +163,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
     """An open store. Create one with ``Store.open``; see the module docstring."""
 
     block_size = BLOCK_SIZE
+    readonly = False
 
     def __init__(self, path: str, fd: int, superblock: dict):
         self.path = path
@@ -208,8 +210,13 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
         return superblock
 
     @classmethod
-    def open(cls, path: str) -> Store:
-        """Open the store on ``path``, lock it, and recover unfinished operations."""
+    def open(cls, path: str, recover: bool = True, readonly: bool = False,
+             for_fsck: bool = False) -> Store:  # fmt: skip
+        """Open the store on ``path``, lock it, and recover unfinished operations.
+
+        ``readonly`` never commits anything (fsck without --repair). A store
+        whose last repair was interrupted opens only ``for_fsck``.
+        """
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -229,13 +236,19 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
             needed = superblock["metadata_size"] + superblock["data_blocks"] * BLOCK_SIZE
             if device_size(fd) < needed:
                 raise errors.FormatError(f"{path} is smaller than its store ({needed} bytes)")
+            if superblock.get("needs_fsck") and not for_fsck:
+                raise errors.FormatError(
+                    f"{path} was left mid-repair by lcfs-fsck; run 'lcfs-fsck --repair {path}' first"
+                )
             store = cls(path, fd, superblock)
+            store.readonly = readonly
         except BaseException:
             os.close(fd)
             raise
         try:
             store._load()
-            store._recover()
+            if recover:
+                store._recover()
         except BaseException:
             store.close()
             raise
@@ -258,18 +271,19 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
                 if layer.parent is not None:
                     layer.parent_id = self._layers[layer.parent].id
             self.alloc.count(txn)
-            self._set_state("dirty")
-        self.commit()
+            if not self.readonly:
+                self._set_state("dirty")
+        if not self.readonly:
+            self.commit()
 
     def _recover(self) -> None:
         from lcfs.journal.recovery import recover
 
         recover(self)
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: str, **fields) -> None:
         self.superblock["state"] = state
-        import json
-
+        self.superblock.update(fields)
         self._txn.put(b"super", json.dumps(self.superblock).encode(), db=self.dbs["meta"])
 
     def close(self) -> None:
@@ -278,7 +292,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
             if self._closed:
                 return
             try:
-                if self._nested is None:
+                if self._nested is None and not self.readonly:
                     self._txn = self._group_txn()
                     self._set_state("clean")
                     self.commit()
@@ -311,6 +325,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
                 raise errors.StoreError("commit inside an operation")
             if self._group is None:
                 return
+            if self.readonly:
+                raise errors.ReadOnly(f"store {self.path} is open read-only")
             os.fdatasync(self.fd)
             self._group.commit()
             self._group = None
@@ -485,6 +501,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
         txn, dbs = self._txn, self.dbs
         txn.delete(U64.pack(layer.number), db=dbs["layers"])
         txn.delete(layer.id.encode(), db=dbs["layer_ids"])
+        # A base layer's root directory is made with the layer, outside its change log.
+        self._drop_inode_records(layer.number, ROOT_INO)
         if layer.parent is not None:
             txn.delete(U64X2.pack(layer.parent, layer.number), db=dbs["children"])
             self._children.get(layer.parent, set()).discard(layer.number)

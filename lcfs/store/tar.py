@@ -26,7 +26,7 @@ from decimal import Decimal
 from lcfs.journal import intents
 
 from . import errors
-from .format import ROOT_INO, U64, U64X2, Inode
+from .format import ROOT_INO, U64, U64X2, Inode, change_dirent_key, dirent_key, inode_key
 
 log = logging.getLogger(__name__)
 
@@ -265,9 +265,32 @@ class _Applier:
         store._remove_entry(number, dir_inode, name)
         store._touch_dir(number, dir_inode.ino, -1 if inode.is_dir else 0)
         if inode.is_dir:
+            self._drop_subtree(inode)
             store._drop_dir(number, inode.ino)
         else:
             store._drop_link(number, inode.ino)
+
+    def _drop_subtree(self, dir_inode) -> None:
+        """Drop the records this layer wrote below a directory that a whiteout removes.
+
+        Entries and inodes inherited from older layers need nothing: the
+        tombstone on the directory hides them.
+        """
+        store, number, txn = self.store, self.number, self.store._txn
+        for name, ino in store._entries(number, dir_inode).items():
+            child = store._inode(number, ino)
+            if child.is_dir:
+                self._drop_subtree(child)
+            key = dirent_key(dir_inode.ino, name, number)
+            if txn.get(key, db=store.dbs["dirents"]) is not None:
+                txn.delete(key, db=store.dbs["dirents"])
+                txn.delete(change_dirent_key(number, dir_inode.ino, name), db=store.dbs["changes"])
+            if txn.get(inode_key(ino, number), db=store.dbs["inodes"]) is None:
+                continue
+            if child.is_dir:
+                store._drop_dir(number, ino)
+            else:
+                store._drop_link(number, ino)
 
     def _create(self, parts: list[bytes], member: tarfile.TarInfo) -> int:
         store, number = self.store, self.number

@@ -7,6 +7,7 @@ reported in one line on stderr.
 
 import argparse
 import logging
+import math
 import sys
 
 from lcfs.sizes import parse_size
@@ -37,6 +38,18 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(
+            f"invalid number of seconds {text!r}: use a number of 0 or more"
+        )
+    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -77,6 +90,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--pid-file",
         help="file to write the daemon's pid to (default: the socket path "
         "with .pid in place of .sock)",
+    )
+    daemon.add_argument(
+        "--stop-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="on SIGTERM or SIGINT, how long to let requests in flight finish "
+        "before cancelling them; a cancelled ApplyDiff is rolled back "
+        "(default 30)",
     )
     _add_log_level(daemon, "info")
 
@@ -149,6 +170,8 @@ def _run_daemon(args: argparse.Namespace) -> int:
         mountpoint=args.mountpoint,
         pid_file=args.pid_file,
     )
+    if args.stop_timeout is not None:
+        config.stop_timeout = args.stop_timeout
     return Daemon(config).run()
 
 

@@ -154,6 +154,7 @@ class DaemonProcess:
         self.mountpoint = directory / "mnt" if fixed_mountpoint else None
         self.log_path = directory / "daemon.log"
         self.client = PluginClient(str(self.socket))
+        self.extra_args: list[str] = []
         self.process: subprocess.Popen | None = None
         # Paths the daemon may have mounted, for teardown.
         self.mount_paths: set[Path] = set()
@@ -170,7 +171,7 @@ class DaemonProcess:
         ]  # fmt: skip
         if self.mountpoint is not None:
             command += ["--mountpoint", str(self.mountpoint)]
-        return command + list(extra)
+        return command + self.extra_args + list(extra)
 
     def spawn(self, command: list[str], log_path: Path) -> subprocess.Popen:
         env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -227,6 +228,7 @@ class DaemonProcess:
 @pytest.fixture
 def daemon(tmp_path):
     handle = DaemonProcess(tmp_path)
+    handle.extra_args = ["--stop-timeout", "1"]
     try:
         handle.start()
         yield handle
@@ -712,6 +714,46 @@ def test_apply_diff_body_cut_off(daemon):
         time.sleep(0.1)
     _assert_layer_empty(client, "cut", daemon.mountpoint)
     assert client.status_pairs()["Data Space Used (bytes)"] == used_before
+
+
+def _start_slow_apply_diff(daemon: DaemonProcess, layer_id: str) -> socket.socket:
+    """Send an ApplyDiff head and one whole tar member, then leave the body open."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(daemon.socket))
+    head = (
+        f"POST /GraphDriver.ApplyDiff?id={layer_id}&parent= HTTP/1.1\r\n"
+        "Host: localhost\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    part = make_tar([("file", "first", b"1" * 20_000), ("file", "second", b"2")])
+    part = part[: 512 + 20_480]
+    sock.sendall(head.encode() + f"{len(part):x}\r\n".encode() + part + b"\r\n")
+    return sock
+
+
+def test_sigterm_during_apply_diff(daemon):
+    """A stop that cancels an import rolls it back before the store is closed."""
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "slow"})
+    sock = _start_slow_apply_diff(daemon, "slow")
+    try:
+        deadline = time.monotonic() + 10
+        while "GraphDriver.ApplyDiff layer slow" not in daemon.log():
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        started = time.monotonic()
+        assert daemon.stop(signal.SIGTERM) == 0
+        # --stop-timeout 1 below, plus the rollback and unmount.
+        assert time.monotonic() - started < 10
+    finally:
+        sock.close()
+    log = daemon.log()
+    assert "ApplyDiff of layer slow cancelled because the daemon is stopping" in log
+    assert "rolling back the import into layer slow" in log
+    assert mount_type(daemon.mountpoint) is None
+
+    daemon.start()
+    _assert_layer_empty(client, "slow", daemon.mountpoint)
 
 
 # -- process life ------------------------------------------------------------

@@ -56,6 +56,7 @@ class DaemonConfig:
     socket_path: str = DEFAULT_SOCKET
     mountpoint: str | None = None
     pid_file: str | None = None
+    stop_timeout: float = SHUTDOWN_TIMEOUT
 
     def resolved_pid_file(self) -> str:
         """Return the pid file given, or else the socket path with .pid for .sock."""
@@ -220,7 +221,7 @@ class Daemon:
             plugin.make_app(),
             handle_signals=False,
             access_log=None,
-            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            shutdown_timeout=config.stop_timeout,
         )
         socket_inode = None
         try:
@@ -240,7 +241,7 @@ class Daemon:
             if socket_inode is not None:
                 remove_own_file(config.socket_path, socket_inode)
             still_running = await asyncio.to_thread(
-                plugin.workers.join_all, SHUTDOWN_TIMEOUT
+                plugin.workers.join_all, config.stop_timeout
             )
             if still_running:
                 self._workers_left = True

@@ -439,6 +439,13 @@ class GraphDriverPlugin:
                 message,
             )
             return _error_reply(message)
+        except asyncio.CancelledError:
+            log.warning(
+                "GraphDriver.ApplyDiff of layer %s cancelled because the daemon "
+                "is stopping; the import is rolled back",
+                layer_id,
+            )
+            raise
         except ConnectionError as error:
             log.warning(
                 "GraphDriver.ApplyDiff failed for layer %s: the client went away "

@@ -182,6 +182,11 @@ class _QueueReader(io.RawIOBase):
         return count
 
 
+def _discard_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("abandoned worker ended with %r", future.exception())
+
+
 async def consume_in_thread(
     chunks: AsyncIterator[bytes],
     work: Callable[[BinaryIO], T],
@@ -211,13 +216,16 @@ async def consume_in_thread(
             outcome.set_result(value)
 
     def run() -> None:
+        value, failure = None, None
         try:
             with io.BufferedReader(reader, READ_BUFFER_SIZE) as fileobj:
                 value = work(fileobj)
         except BaseException as error:  # noqa: BLE001 - raised again on the event loop
-            loop.call_soon_threadsafe(settle, None, error)
-        else:
-            loop.call_soon_threadsafe(settle, value, None)
+            failure = error
+        try:
+            loop.call_soon_threadsafe(settle, value, failure)
+        except RuntimeError:
+            log.error("%s finished after the event loop closed: %r", name, failure)
 
     async def deliver(item) -> None:
         # Waits for room in the queue, unless the worker has already finished
@@ -236,8 +244,10 @@ async def consume_in_thread(
             await deliver(chunk)
         await deliver(_END)
     except asyncio.CancelledError:
-        # Shutdown cancels handlers; the daemon then waits for the thread.
+        # Shutdown cancels handlers; the daemon then waits for the thread,
+        # whose outcome nobody awaits any more.
         reader.abandon(BodyAborted("the request was cancelled"))
+        outcome.add_done_callback(_discard_outcome)
         raise
     except Exception as error:
         reader.abandon(BodyAborted(f"the request body broke off: {error!r}"))

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install Debian packages (apt-get update first) without letting their
+# maintainer scripts start services. Debian's docker.io would otherwise
+# start a dockerd on /var/lib/docker with its default storage driver.
+# lcfs needs dockerd started with --storage-driver lcfs, and the tests
+# start their own isolated dockerds.
+#
+# Usage: scripts/apt-install.sh PACKAGE...
+set -euo pipefail
+
+export DEBIAN_FRONTEND=noninteractive
+policy=/usr/sbin/policy-rc.d
+if [ ! -e "$policy" ]; then
+    # Exit status 101 makes invoke-rc.d and deb-systemd-invoke skip every
+    # service start. Only a file this script created is removed.
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod 755 "$policy"
+    trap 'rm -f "$policy"' EXIT
+fi
+
+apt-get update -q
+apt-get install -y -q --no-install-recommends "$@"

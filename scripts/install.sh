@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Install lcfs and everything it needs on Debian bookworm, then start
+# `lcfs daemon` in the background on the default image file
+# (/var/lib/lcfs/lcfs.img, created sparse on first start) with its plugin
+# socket at /run/docker/plugins/lcfs.sock, where dockerd finds it.
+#
+# Usage: scripts/install.sh   (as root)
+# Environment: LCFS_PREFIX (virtual environment, default /opt/lcfs),
+# LCFS_LOG (daemon log, default /var/log/lcfs.log).
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+prefix=${LCFS_PREFIX:-/opt/lcfs}
+log=${LCFS_LOG:-/var/log/lcfs.log}
+socket=/run/docker/plugins/lcfs.sock
+pid_file=/run/docker/plugins/lcfs.pid
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install.sh: run as root: lcfs mounts FUSE filesystems for dockerd" >&2
+    exit 2
+fi
+
+"$repo/scripts/apt-install.sh" \
+    fuse3 libfuse3-dev pkg-config build-essential ca-certificates \
+    python3-dev python3-venv docker.io
+
+# A virtual environment keeps lcfs and its dependencies out of the system
+# Python, which Debian marks as externally managed.
+python3 -m venv "$prefix"
+"$prefix/bin/pip" install --quiet "$repo"
+ln -sf "$prefix/bin/lcfs" /usr/local/bin/lcfs
+ln -sf "$prefix/bin/lcfs-fsck" /usr/local/bin/lcfs-fsck
+
+if ! grep -qw fuse /proc/filesystems; then
+    modprobe fuse
+fi
+
+if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+    echo "lcfs daemon already running with pid $(cat "$pid_file"); log in $log"
+    exit 0
+fi
+
+mkdir -p "$(dirname "$socket")" "$(dirname "$log")"
+setsid -f lcfs daemon --socket "$socket" --pid-file "$pid_file" \
+    </dev/null >>"$log" 2>&1
+
+for _ in $(seq 1 150); do
+    if [ -S "$socket" ]; then
+        echo "lcfs daemon started with pid $(cat "$pid_file" 2>/dev/null || echo unknown);" \
+            "socket $socket, log $log"
+        exit 0
+    fi
+    sleep 0.2
+done
+echo "install.sh: lcfs daemon did not create $socket within 30 s; end of $log:" >&2
+tail -n 20 "$log" >&2
+exit 1

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Install what the tests need and run the whole test suite as root.
+#
+# Usage: scripts/test.sh [PYTEST-ARGUMENT...]
+# With no arguments every test runs, the end-to-end dockerd tests
+# included. The Debian minbase and busybox root filesystems the tests
+# build are cached in .cache/tests (or $LCFS_TEST_CACHE) for later runs.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "test.sh: run as root: the tests mount FUSE filesystems and start dockerd" >&2
+    exit 2
+fi
+
+"$repo/scripts/apt-install.sh" \
+    fuse3 libfuse3-dev pkg-config build-essential ca-certificates \
+    docker.io busybox-static debootstrap
+python3 -m pip install --quiet --root-user-action=ignore -e '.[test]'
+
+if ! grep -qw fuse /proc/filesystems; then
+    modprobe fuse
+fi
+if [ ! -c /dev/fuse ]; then
+    echo "test.sh: /dev/fuse is missing: load the fuse kernel module" >&2
+    exit 1
+fi
+
+# A test that runs longer than 20 minutes is stopped and counted as failed.
+status=0
+python3 -m pytest -q -rfE --timeout=1200 "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+    echo "test.sh: pytest collected no tests" >&2
+    exit 1
+fi
+exit "$status"

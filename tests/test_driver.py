@@ -221,7 +221,10 @@ class DaemonProcess:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
         for path in self.mount_paths:
-            if mount_type(path) is not None:
+            # Mounts may be stacked (a new one over a dead one): detach each.
+            for _ in range(5):
+                if mount_type(path) is None:
+                    break
                 subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
 
 
@@ -777,6 +780,24 @@ def test_sigterm_unmounts_and_exits_zero(daemon):
     daemon.start()
     assert (daemon.mountpoint / "base" / "file").read_bytes() == b"data"
     assert daemon.stop(signal.SIGINT) == 0
+    assert mount_type(daemon.mountpoint) is None
+
+
+def test_restart_after_sigkill(daemon):
+    """A daemon killed without unmounting is replaced cleanly by the next one."""
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    Path(client.ok("GraphDriver.Get", {"ID": "base"})["Dir"], "file").write_bytes(b"x")
+    client.ok("GraphDriver.Put", {"ID": "base"})
+    daemon.stop(signal.SIGKILL)
+
+    daemon.start()
+    assert (daemon.mountpoint / "base" / "file").read_bytes() == b"x"
+    target = os.path.realpath(daemon.mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        stacked = [line for line in f if _unescape_mountinfo(line.split()[4]) == target]
+    assert len(stacked) == 1, stacked
+    assert daemon.stop() == 0
     assert mount_type(daemon.mountpoint) is None
 
 

@@ -31,8 +31,10 @@ class MountError(Exception):
 
 
 def _is_disconnected(path: str) -> bool:
+    # statfs always reaches the FUSE server, where stat may be answered from
+    # the kernel's attribute cache even after the server is gone.
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as error:
         return error.errno == errno.ENOTCONN
     return False

@@ -623,6 +623,29 @@ def test_diff_of_empty_layer(daemon):
     assert client.ok("GraphDriver.DiffSize", {"ID": "base"}) == {"Size": 0}
 
 
+def test_diff_client_goes_away(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "big"})
+    payload = bytes(range(1, 256)) * 40_000  # 10 MB, more than socket buffers hold
+    assert client.apply_diff("big", "", make_tar([("file", "big", payload)]))[0] == 200
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(daemon.socket))
+    body = b'{"ID":"big"}\n'
+    head = f"POST /GraphDriver.Diff HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n"
+    sock.sendall(head.encode() + body)
+    assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    sock.close()
+
+    deadline = time.monotonic() + 20
+    while "client went away" not in daemon.log():
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.1)
+    assert "Error handling request" not in daemon.log()
+    assert client.ok("GraphDriver.DiffSize", {"ID": "big"}) == {"Size": len(payload)}
+    assert len(diff_bytes(client, "big", None)) > len(payload)
+
+
 def _truncated_tar() -> bytes:
     data = make_tar([("file", "big", os.urandom(200_000))])
     return data[:150_000]

@@ -384,13 +384,25 @@ class GraphDriverPlugin:
                 async for chunk in chunks:
                     await response.write(chunk)
                     sent += len(chunk)
-            except (ConnectionError, asyncio.CancelledError):
+            except asyncio.CancelledError:
                 log.warning(
-                    "GraphDriver.Diff of layer %s: client went away after %d bytes",
+                    "GraphDriver.Diff of layer %s cancelled after %d bytes "
+                    "because the daemon is stopping",
                     layer_id,
                     sent,
                 )
                 raise
+            except ConnectionError as error:
+                # Returning, not raising, keeps aiohttp from logging the lost
+                # connection again with a traceback.
+                log.warning(
+                    "GraphDriver.Diff of layer %s: the client went away after "
+                    "%d bytes (%s)",
+                    layer_id,
+                    sent,
+                    error,
+                )
+                return response
             except Exception:
                 # The status line is gone already: break the connection so that
                 # dockerd reads a truncated tar instead of a complete one.

@@ -130,17 +130,19 @@ class GraphDriverPlugin:
 
     async def _serve(self, name: str, handler: Handler, request: web.Request):
         layer_id = ""
+        subject = ""
         try:
             args = await self._read_args(request)
             layer_id = args.get("ID") if isinstance(args.get("ID"), str) else ""
-            log.debug("%s%s", name, f" layer {layer_id}" if layer_id else "")
+            subject = f" for layer {layer_id}" if layer_id else ""
+            log.debug("%s%s", name, subject)
             reply = await handler(args)
         except (errors.StoreError, RequestError, MountError) as error:
             message = _describe(error, layer_id)
-            log.warning("%s failed for layer %s: %s", name, layer_id or "-", message)
+            log.warning("%s failed%s: %s", name, subject, message)
             return _error_reply(message)
         except Exception as error:
-            log.exception("%s failed for layer %s", name, layer_id or "-")
+            log.exception("%s failed%s", name, subject)
             return _error_reply(f"internal error: {_describe(error, layer_id)}")
         return web.json_response(reply, content_type=CONTENT_TYPE)
 
@@ -167,6 +169,8 @@ class GraphDriverPlugin:
         if not home or not os.path.isabs(home):
             raise RequestError(f"invalid Home {home!r}: it must be an absolute path")
         opts = args.get("Opts") or []
+        if not isinstance(opts, list):
+            raise RequestError("invalid request: field Opts must be a list")
         if opts:
             raise RequestError(
                 f"unknown storage options {', '.join(map(str, opts))}: "

@@ -244,8 +244,8 @@ async def consume_in_thread(
             await deliver(chunk)
         await deliver(_END)
     except asyncio.CancelledError:
-        # Shutdown cancels handlers; the daemon then waits for the thread,
-        # whose outcome nobody awaits any more.
+        # Shutdown cancels handlers, and the daemon then waits for the
+        # thread. Its outcome is no longer awaited, so it is discarded.
         reader.abandon(BodyAborted("the request was cancelled"))
         outcome.add_done_callback(_discard_outcome)
         raise

@@ -48,5 +48,6 @@ def recover(store) -> int:
             store._purge(layer.number)
             store._drop_layer(layer)
             store.commit()
-        store.commit()
+        if pending:
+            store.commit()
         return len(pending)

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 
 from lcfs.journal import intents
+from lcfs.journal.crash import crash_point
 
 from . import errors
 from .alloc import Allocator
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 # Frozen-layer lookups are cached; the caches are dropped when they grow past this.
 CACHE_LIMIT = 200_000
 # Records removed per LMDB commit while a layer is purged.
-PURGE_BATCH = 5000
+PURGE_BATCH = int(os.environ.get("LCFS_PURGE_BATCH", 5000))
 
 
 @dataclass(slots=True, frozen=True)
@@ -328,10 +329,12 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
             if self.readonly:
                 raise errors.ReadOnly(f"store {self.path} is open read-only")
             os.fdatasync(self.fd)
+            crash_point("commit.data_synced")
             self._group.commit()
             self._group = None
             self._txn = None
             self._dirty = False
+            crash_point("commit.done")
 
     @property
     def dirty(self) -> bool:
@@ -435,6 +438,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
         self._ids[layer_id] = number
         self._undo.append(lambda: (self._layers.pop(number), self._ids.pop(layer_id)))
         log.debug("created layer %s (number %d, parent %s)", layer_id, number, parent_id)
+        crash_point("create.done")
         return layer
 
     def _set_frozen(self, layer: Layer, frozen: bool) -> None:
@@ -453,7 +457,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
                 raise errors.LayerHasChildren(f"layer {layer_id} has child layers: {names}")
             self._mark_removing(layer)
             self.commit()
+            crash_point("remove.marked")
             self._purge(layer.number)
+            crash_point("remove.dropping")
             self._drop_layer(layer)
             self.commit()
             log.info("removed layer %s (number %d)", layer_id, layer.number)
@@ -471,6 +477,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
         """Delete every record layer ``number`` owns, in batches of commits."""
         while self._purge_batch(number):
             self.commit()
+            crash_point("remove.batch")
         self._clear_caches()
 
     @write_op

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import stat
 import tarfile
 import time
 from decimal import Decimal
 
 from lcfs.journal import intents
+from lcfs.journal.crash import crash_point
 
 from . import errors
 from .format import ROOT_INO, U64, U64X2, Inode, change_dirent_key, dirent_key, inode_key
@@ -91,6 +93,7 @@ class TarMixin:
             layer = self.get_layer(layer_id)
             self._begin_apply(layer)
             self.commit()
+            crash_point("apply.intent")
         started = time.monotonic()
         applier = _Applier(self, layer)
         try:
@@ -109,6 +112,7 @@ class TarMixin:
             raise
         with self.lock:
             applier.finish()
+            crash_point("apply.finishing")
             self._end_apply(layer)
             self.commit()
         log.info("applied %d bytes in %d entries to layer %s in %.2f s", applier.size,
@@ -201,6 +205,7 @@ class _Applier:
         self.size = 0
         self.entries = 0
         self.dir_times: dict[int, tuple[int, int]] = {}
+        self.commit_interval = float(os.environ.get("LCFS_APPLY_COMMIT_INTERVAL", COMMIT_INTERVAL))
         self.last_commit = time.monotonic()
 
     def apply(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
@@ -219,9 +224,14 @@ class _Applier:
                 self._copy_data(ino, member, archive)
             if not member.islnk():
                 write_op(lambda store: self._set_metadata(ino, member))(self.store)
-        if time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
+        crash_point("apply.member")
+        self._commit_if_due()
+
+    def _commit_if_due(self) -> None:
+        if time.monotonic() - self.last_commit >= self.commit_interval:
             self.store.commit()
             self.last_commit = time.monotonic()
+            crash_point("apply.batch")
 
     def _parent(self, parts: list[bytes], create: bool) -> int | None:
         """Return the inode of the directory holding ``parts[-1]``, making missing ones if asked."""
@@ -325,8 +335,6 @@ class _Applier:
             raise errors.BadArchive(f"layer {self.layer.id}: unsupported tar entry type {member.type!r} for {member.name!r}")
         rdev = 0
         if member.ischr() or member.isblk():
-            import os
-
             rdev = os.makedev(member.devmajor, member.devminor)
         return store._create(number, dir_ino, name, fmt | 0o644, uid, gid, rdev).ino
 
@@ -344,9 +352,7 @@ class _Applier:
             if runs:
                 write_op(lambda store: self._write_runs(ino, offset, chunk, runs))(self.store)
             offset += len(chunk)
-            if time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
-                self.store.commit()
-                self.last_commit = time.monotonic()
+            self._commit_if_due()
         self.size += member.size
 
     def _write_runs(self, ino, offset, chunk, runs) -> None:
@@ -608,8 +614,6 @@ class _DiffPlan:
             member.type = tarfile.SYMTYPE
             member.linkname = inode.target.decode("utf-8", "surrogateescape")
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            import os
-
             member.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
             member.devmajor, member.devminor = os.major(inode.rdev), os.minor(inode.rdev)
         elif fmt == stat.S_IFIFO:

@@ -328,3 +328,25 @@ def test_minbase_round_trip_matches_gnu_tar(store, tmpfs_pair, tmp_path):
     differing = [path for path in expected if expected[path] != actual[path]]
     assert differing == [], {p: (expected[p], actual[p]) for p in differing[:5]}
     assert expected_links == actual_links
+
+
+def test_corrupt_second_header_rejected(store):
+    good = make_tar([("first", REG, {"data": b"x" * 5000}), ("second", REG, {"data": b"y"})])
+    store.create_layer("L")
+    with pytest.raises(errors.BadArchive) as info:
+        store.apply_diff("L", io.BytesIO(good[: 512 + 5120] + os.urandom(4096)))
+    assert "layer L" in str(info.value)
+    assert store.changes("L") == []
+
+
+def test_empty_body_is_empty_layer(store):
+    store.create_layer("L")
+    assert store.apply_diff("L", io.BytesIO(b"")) == 0
+    assert store.changes("L") == []
+
+
+def test_diff_streams_large_files(store):
+    apply(store, "L1", None, make_tar([("big", REG, {"data": os.urandom(20 * MiB)})]))
+    sizes = [len(chunk) for chunk in store.diff("L1")]
+    assert sum(sizes) > 20 * MiB
+    assert max(sizes) <= MiB + 4096

@@ -96,14 +96,25 @@ class TarMixin:
             crash_point("apply.intent")
         started = time.monotonic()
         applier = _Applier(self, layer)
+        first = fileobj.read(tarfile.BLOCKSIZE)
+        if not first:
+            # An empty body is an empty layer, as Docker's own applier reads it.
+            with self.lock:
+                self._end_apply(layer)
+                self.commit()
+            return 0
+        fileobj = _Prefixed(first, fileobj)
         try:
-            with tarfile.open(fileobj=fileobj, mode="r|", errors="surrogateescape") as archive:
+            with tarfile.open(fileobj=fileobj, mode="r|", errors="surrogateescape",
+                              tarinfo=_StrictTarInfo) as archive:  # fmt: skip
                 for member in archive:
                     applier.apply(member, archive)
         except (tarfile.TarError, EOFError, OSError, errors.StoreError, ValueError) as exc:
             self._roll_back_apply(layer)
             if isinstance(exc, errors.BadArchive):
-                raise
+                if str(exc).startswith(f"layer {layer_id}:"):
+                    raise
+                raise errors.BadArchive(f"layer {layer_id}: {exc}") from exc
             if isinstance(exc, errors.NoSpace):
                 raise errors.NoSpace(f"layer {layer_id}: {exc}") from exc
             raise errors.BadArchive(f"layer {layer_id}: invalid layer tar: {exc}") from exc
@@ -174,10 +185,6 @@ class TarMixin:
         with self.lock:
             plan = _DiffPlan(self, self.get_layer(layer_id))
             entries = plan.entries()
-        sink = _Sink()
-        archive = tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT,
-                               encoding="utf-8", errors="surrogateescape")  # fmt: skip
-        archive.copybufsize = CHUNK
         written: dict[int, str] = {}
         layer = plan.number
         for path, kind, ino in entries:
@@ -187,14 +194,66 @@ class TarMixin:
                 member, inode = plan.header(path, kind, ino, written)
             if member is None:
                 continue
+            yield member.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
             if member.type == tarfile.REGTYPE and member.size:
-                archive.addfile(member, _FileReader(self, layer, inode, member.size))
-            else:
-                archive.addfile(member)
-            if sink.chunks:
-                yield from sink.take()
-        archive.close()
-        yield from sink.take()
+                yield from self._file_chunks(layer, inode.ino, member.size)
+        # The end-of-archive marker: two zero blocks.
+        yield bytes(2 * tarfile.BLOCKSIZE)
+
+    def _file_chunks(self, layer: int, ino: int, size: int):
+        """Yield ``size`` bytes of a file and the padding to the next tar block.
+
+        A file that shrank since its header was written is padded with zeros,
+        so the stream stays a valid tar.
+        """
+        offset = 0
+        while offset < size:
+            want = min(CHUNK, size - offset)
+            data = self.read(layer, ino, offset, want)
+            if len(data) < want:
+                data += bytes(want - len(data))
+            yield data
+            offset += want
+        remainder = size % tarfile.BLOCKSIZE
+        if remainder:
+            yield bytes(tarfile.BLOCKSIZE - remainder)
+
+
+class _Prefixed:
+    """A read-only stream that returns ``head`` before the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream):
+        self.head = head
+        self.stream = stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size is None or size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        if len(data) < size:
+            data += self.stream.read(size - len(data))
+        return data
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """A TarInfo whose parsing rejects a corrupt header after the first one.
+
+    tarfile stops quietly at an invalid header anywhere but the start of the
+    archive; Docker's applier reports it, and so does this one. An archive
+    that simply ends, with or without its zero blocks, is complete.
+    """
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors_):
+        try:
+            return super().frombuf(buf, encoding, errors_)
+        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):
+            raise
+        except tarfile.HeaderError as exc:
+            raise errors.BadArchive(f"corrupt tar header: {exc}") from None
 
 
 class _Applier:
@@ -633,39 +692,3 @@ def store_xattr_key(ino: int, owner: int, name: bytes) -> bytes:
 def _format_ns(ns: int) -> str:
     seconds, fraction = divmod(ns, 1_000_000_000)
     return f"{seconds}.{fraction:09d}".rstrip("0").rstrip(".")
-
-
-class _Sink:
-    def __init__(self):
-        self.chunks: list[bytes] = []
-
-    def write(self, data) -> int:
-        self.chunks.append(bytes(data))
-        return len(data)
-
-    def take(self):
-        chunks, self.chunks = self.chunks, []
-        return chunks
-
-
-class _FileReader:
-    """A file object over a stored inode, read under the store lock chunk by chunk."""
-
-    def __init__(self, store, layer: int, inode: Inode, size: int):
-        self.store = store
-        self.layer = layer
-        self.ino = inode.ino
-        self.size = size
-        self.offset = 0
-
-    def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            size = self.size - self.offset
-        size = min(size, self.size - self.offset, CHUNK)
-        if size <= 0:
-            return b""
-        data = self.store.read(self.layer, self.ino, self.offset, size)
-        if len(data) < size:
-            data += bytes(size - len(data))
-        self.offset += size
-        return data

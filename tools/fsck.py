@@ -94,6 +94,8 @@ class Checker:
         self.progress = progress
         self.problems: list[dict] = []
         self.phase = ""
+        self.docker_root: str | None = None
+        self.grace = 3600.0
 
     # -- bookkeeping ---------------------------------------------------------
 
@@ -119,6 +121,14 @@ class Checker:
                 self.phase = method.__doc__.strip().splitlines()[0].rstrip(".")
                 log.info("Checking %s", self.phase)
                 method()
+                if self.repair:
+                    store.commit()
+            if self.docker_root:
+                from tools.docker_refs import check_docker
+
+                self.phase = "Docker references and stale files"
+                log.info("Checking %s", self.phase)
+                check_docker(self, self.docker_root, self.grace)
                 if self.repair:
                     store.commit()
 
@@ -711,6 +721,7 @@ def main(argv=None) -> int:
                 store._set_state("dirty", needs_fsck=True)
                 store.commit()
         checker = Checker(store, args.repair, progress)
+        checker.docker_root, checker.grace = args.docker_root, args.grace
         checker.run()
         found = len(checker.problems)
         left = sum(1 for p in checker.problems if not p["repaired"])

@@ -99,6 +99,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "before cancelling them; a cancelled ApplyDiff is rolled back "
         "(default 30)",
     )
+    daemon.add_argument(
+        "--docker-root",
+        help="Docker's data root, used to log layers Docker no longer "
+        "references (default: the parent directory of Init's Home)",
+    )
+    daemon.add_argument(
+        "--grace",
+        type=_seconds,
+        metavar="SECONDS",
+        default=3600.0,
+        help="how old an unreferenced layer must be before it is logged as "
+        "an orphan (default 3600)",
+    )
     _add_log_level(daemon, "info")
 
     mkfs = commands.add_parser(
@@ -169,6 +182,8 @@ def _run_daemon(args: argparse.Namespace) -> int:
         socket_path=args.socket,
         mountpoint=args.mountpoint,
         pid_file=args.pid_file,
+        docker_root=args.docker_root,
+        grace=args.grace,
     )
     if args.stop_timeout is not None:
         config.stop_timeout = args.stop_timeout

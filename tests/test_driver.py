@@ -700,12 +700,6 @@ def test_bad_tars_leave_nothing(daemon):
     assert client.status_pairs()["Data Space Used (bytes)"] == used_before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the store's tar reader (tarfile in stream mode) takes an invalid "
-    "header after the first member for the end of the archive, where Go's "
-    "archive/tar, and so Docker's own applier, fails with ErrHeader",
-)
 def test_garbage_after_member_rejected(daemon):
     client = daemon.client
     client.ok("GraphDriver.Create", {"ID": "bad"})

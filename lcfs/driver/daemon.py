@@ -28,6 +28,7 @@ from aiohttp import web
 from lcfs.store import Store
 
 from .mounts import MountError, MountManager
+from .reconcile import docker_root_from_home, find_orphans
 from .server import GraphDriverPlugin
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class DaemonConfig:
     mountpoint: str | None = None
     pid_file: str | None = None
     stop_timeout: float = SHUTDOWN_TIMEOUT
+    docker_root: str | None = None
+    grace: float = 3600.0
 
     def resolved_pid_file(self) -> str:
         """Return the pid file given, or else the socket path with .pid for .sock."""
@@ -229,6 +232,7 @@ class Daemon:
             sock = bind_socket(config.socket_path)
             socket_inode = os.lstat(config.socket_path).st_ino
             await web.SockSite(runner, sock).start()
+            await asyncio.to_thread(self._log_orphans, store, plugin.stored_home())
             log.info(
                 "lcfs daemon ready: socket %s, mount %s",
                 config.socket_path,
@@ -249,6 +253,29 @@ class Daemon:
                     "worker threads still running at stop: %s", ", ".join(still_running)
                 )
             await asyncio.to_thread(mounts.stop)
+
+    def _log_orphans(self, store: Store, home: str | None) -> None:
+        """Log the layers that Docker no longer references; never remove them."""
+        store.set_meta("daemon.socket", os.path.abspath(self.config.socket_path).encode())
+        store.commit()
+        docker_root = self.config.docker_root or docker_root_from_home(home)
+        if not docker_root:
+            return
+        try:
+            report = find_orphans(store, docker_root, self.config.grace)
+        except OSError as error:
+            log.error("cannot check %s for orphaned layers: %s", docker_root, error)
+            return
+        for problem in report.unreadable:
+            log.warning("cannot read Docker's layer references: %s", problem)
+        for layer in report.orphans:
+            log.warning(
+                "layer %s is not referenced under %s; 'lcfs-fsck --repair --docker-root %s' "
+                "removes it while the daemon is stopped",
+                layer.id,
+                docker_root,
+                docker_root,
+            )
 
     @staticmethod
     def _close_store(store: Store) -> None:

@@ -3,6 +3,10 @@
 Every test mounts a fresh store (see fuse_fixtures.py) and uses plain system
 calls on the mount, so the kernel's FUSE client, pyfuse3 and the store all
 take part.
+
+This process serves the mount, so it must never touch memory mapped from
+the mount: the page fault blocks while holding the GIL, and the FUSE thread
+that would answer it can then never run. Such access runs in a subprocess.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import sys
 import threading
 import time
 
@@ -32,6 +37,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 UTIME_OMIT = (1 << 30) - 2
 NOBODY = 65534
+BUSYBOX = "/bin/busybox"
 # A version 2 file capability (struct vfs_cap_data) granting CAP_NET_RAW.
 CAPABILITY_VALUE = (0x02000000).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
 
@@ -236,6 +242,36 @@ def test_sparse_file(mounted):
         os.close(fd)
     assert os.stat(path).st_blocks == 8
     assert free_before - os.statvfs(mounted.path).f_bfree <= 2
+
+
+def test_mmap_shared_read_and_write(mounted):
+    # The mapping lives in another process (see the module docstring).
+    path = mounted.at("base", "mapped")
+    write_file(path, b"a" * 8192)
+    script = (
+        "import mmap, sys\n"
+        "with open(sys.argv[1], 'r+b') as f:\n"
+        "    with mmap.mmap(f.fileno(), 8192, mmap.MAP_SHARED) as mapped:\n"
+        "        assert mapped[:4] == b'aaaa', mapped[:4]\n"
+        "        mapped[4096:4100] = b'bbbb'\n"
+        "        mapped.flush()\n"
+    )
+    subprocess.run([sys.executable, "-c", script, path], check=True, timeout=60)
+    data = read_file(path)
+    assert data[4096:4100] == b"bbbb"
+    assert data[:4096] == b"a" * 4096
+
+
+@pytest.mark.skipif(not os.path.exists(BUSYBOX), reason=f"{BUSYBOX} is missing")
+def test_exec_binary_from_layer(mounted):
+    path = mounted.at("base", "busybox")
+    with open(BUSYBOX, "rb") as source:
+        write_file(path, source.read())
+    os.chmod(path, 0o755)
+    make_child(mounted)
+    result = subprocess.run([mounted.at("child", "busybox"), "echo", "ran"],
+                            capture_output=True, check=True)  # fmt: skip
+    assert result.stdout == b"ran\n"
 
 
 def test_unlink(mounted):

@@ -1,0 +1,115 @@
+"""Orphaned layers and stale files, against a Docker root laid out as dockerd 20.10 writes it."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lcfs.driver.reconcile import find_orphans, find_stale_files
+from lcfs.store import Store
+from tools import fsck
+
+MiB = 1 << 20
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    image = str(tmp_path / "store.img")
+    Store.mkfs(image, size=128 * MiB)
+    root = tmp_path / "docker"
+    layerdb = root / "image" / "lcfs" / "layerdb"
+    with Store.open(image) as s:
+        for layer_id, parent in [("img1", None), ("img2", "img1"), ("ctr-init", "img2"), ("ctr", "ctr-init"),
+                                 ("orphan-base", None), ("orphan-child", "orphan-base"),
+                                 ("bk0000000000000000000000", None)]:  # fmt: skip
+            s.create_layer(layer_id, parent)
+        s.set_meta("driver.home", str(root / "lcfs").encode())
+    write(str(layerdb / "sha256" / "aaaa" / "cache-id"), "img1")
+    write(str(layerdb / "sha256" / "bbbb" / "cache-id"), "img2")
+    write(str(layerdb / "mounts" / "c1" / "mount-id"), "ctr")
+    write(str(layerdb / "mounts" / "c1" / "init-id"), "ctr-init")
+    write(str(layerdb / "mounts" / "gone" / "mount-id"), "no-such-layer")
+    os.makedirs(layerdb / "sha256" / "cccc-1234-removing")
+    os.makedirs(layerdb / "tmp" / "write-set-999")
+    os.makedirs(root / "buildkit")
+    (root / "buildkit" / "snapshots.db").write_bytes(b"\0\0bk0000000000000000000000\0\0")
+    os.makedirs(root / "lcfs" / "leftover-mountpoint")
+    return image, str(root), layerdb
+
+
+def test_orphans_found_children_first(setup):
+    image, root, _ = setup
+    with Store.open(image) as s:
+        report = find_orphans(s, root, grace=0)
+        assert [layer.id for layer in report.orphans] == ["orphan-child", "orphan-base"]
+        assert report.unknown == []
+        assert find_orphans(s, root, grace=3600).orphans == []
+
+
+def test_unreadable_references_keep_layers(setup):
+    image, root, layerdb = setup
+    broken = layerdb / "sha256" / "dddd"
+    os.makedirs(broken / "cache-id")  # a directory where a file should be: unreadable
+    with Store.open(image) as s:
+        report = find_orphans(s, root, grace=0)
+    assert report.orphans == []
+    assert {layer.id for layer in report.unknown} >= {"orphan-child", "orphan-base"}
+    assert report.unreadable
+
+
+def test_stale_files_listed(setup):
+    image, root, layerdb = setup
+    with Store.open(image) as s:
+        stale = {entry.path: entry for entry in find_stale_files(s, root, grace=0)}
+    assert str(layerdb / "sha256" / "cccc-1234-removing") in stale
+    assert str(layerdb / "tmp" / "write-set-999") in stale
+    assert str(layerdb / "mounts" / "gone") in stale
+    assert str(layerdb / "mounts" / "c1") not in stale
+    assert os.path.join(root, "lcfs", "leftover-mountpoint") in stale
+
+
+def test_fsck_reaps_orphans_and_leftovers(setup, capsys):
+    image, root, layerdb = setup
+    args = [image, "--docker-root", root, "--grace", "0", "--no-progress", "--json"]
+    assert fsck.main(args) == 4
+    result = json.loads(capsys.readouterr().out)
+    assert sum("is an orphan" in p["problem"] for p in result["problems"]) == 2
+    with Store.open(image) as s:
+        assert s.exists("orphan-base")
+    assert fsck.main(args[:-1] + ["--repair", "--yes"]) == 1
+    assert fsck.main(args[:-1]) == 0
+    with Store.open(image) as s:
+        assert not s.exists("orphan-base") and not s.exists("orphan-child")
+        assert s.exists("ctr") and s.exists("bk0000000000000000000000")
+    assert not (layerdb / "tmp" / "write-set-999").exists()
+    assert not (layerdb / "mounts" / "gone").exists()
+    assert (layerdb / "mounts" / "c1").exists()
+
+
+def test_dead_daemon_pid_and_socket(tmp_path):
+    image = str(tmp_path / "store.img")
+    Store.mkfs(image, size=64 * MiB)
+    sock = tmp_path / "run" / "lcfs.sock"
+    os.makedirs(sock.parent)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "run" / "lcfs.pid").write_text(str(dead.pid))
+    import socket
+
+    s_ = socket.socket(socket.AF_UNIX)
+    s_.bind(str(sock))
+    s_.close()
+    with Store.open(image) as s:
+        s.set_meta("daemon.socket", str(sock).encode())
+        stale = {entry.path for entry in find_stale_files(s, None, grace=0, now=time.time())}
+    assert str(sock) in stale
+    assert str(tmp_path / "run" / "lcfs.pid") in stale

@@ -134,6 +134,8 @@ class Checker:
 
     @property
     def txn(self):
+        # A repair commits between phases, which ends the group transaction.
+        self.store._ready()
         return self.store._txn
 
     def db(self, name):

@@ -6,7 +6,7 @@ take part.
 
 This process serves the mount, so it must never touch memory mapped from
 the mount: the page fault blocks while holding the GIL, and the FUSE thread
-that would answer it can then never run. Such access runs in a subprocess.
+that would serve the fault can then never run. Such access runs in a subprocess.
 """
 
 from __future__ import annotations

@@ -11,6 +11,14 @@ class StoreError(Exception):
     errno = _errno.EIO
 
 
+class NotPermitted(StoreError):
+    errno = _errno.EPERM
+
+
+class TooBig(StoreError):
+    errno = _errno.E2BIG
+
+
 class NotFound(StoreError):
     errno = _errno.ENOENT
 

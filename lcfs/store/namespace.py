@@ -249,6 +249,17 @@ class NamespaceMixin:
             self._layer(layer)
             return Attr.of(self._child(layer, dir_ino, name))
 
+    def lookup_parent(self, layer: int, dir_ino: int):
+        """Return the attributes of a directory's parent; the root is its own parent."""
+        from .store import Attr
+
+        with self.lock:
+            self._ready()
+            self._layer(layer)
+            inode = self._dir(layer, dir_ino)
+            parent = inode.parent if dir_ino != ROOT_INO and inode.parent else ROOT_INO
+            return Attr.of(self._dir(layer, parent))
+
     def readdir(self, layer: int, dir_ino: int) -> list:
         from .store import Attr
 
@@ -323,7 +334,7 @@ class NamespaceMixin:
         self._writable(layer)
         inode = self._inode(layer, ino)
         if inode.is_dir:
-            raise errors.StoreError(f"inode {ino} is a directory and cannot be hard-linked")
+            raise errors.NotPermitted(f"inode {ino} is a directory and cannot be hard-linked")
         dir_inode = self._dir(layer, new_dir_ino)
         if self._entry(layer, dir_inode, new_name) is not None:
             raise errors.Exists(f"{new_name.decode(errors='replace')!r} already exists in directory inode {new_dir_ino}")
@@ -549,7 +560,7 @@ class NamespaceMixin:
         if not name or len(name) > NAME_MAX or b"\0" in name:
             raise errors.Invalid(f"invalid xattr name {name[:40]!r}")
         if len(value) > XATTR_SIZE_MAX:
-            raise errors.StoreError(f"xattr {name!r} value of {len(value)} bytes is too large")
+            raise errors.TooBig(f"xattr {name!r} value of {len(value)} bytes is over {XATTR_SIZE_MAX}")
         self._writable(layer)
         inode = self._own(layer, ino)
         key = xattr_key(ino, layer, name)

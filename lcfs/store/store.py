@@ -558,13 +558,17 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
 
     # -- node ids --------------------------------------------------------------
 
-    @write_op
     def node_id(self, layer: int, ino: int) -> int:
         """Return the node id of (layer, inode), allocating a new one on first use."""
+        with self.lock:
+            node = self._node_keys.get((layer, ino))
+            if node is not None:
+                return node
+            return self._allocate_node(layer, ino)
+
+    @write_op
+    def _allocate_node(self, layer: int, ino: int) -> int:
         key = (layer, ino)
-        node = self._node_keys.get(key)
-        if node is not None:
-            return node
         packed = U64X2.pack(layer, ino)
         raw = self._txn.get(packed, db=self.dbs["node_keys"])
         if raw is not None:

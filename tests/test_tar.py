@@ -350,3 +350,61 @@ def test_diff_streams_large_files(store):
     sizes = [len(chunk) for chunk in store.diff("L1")]
     assert sum(sizes) > 20 * MiB
     assert max(sizes) <= MiB + 4096
+
+
+def container_with_changes(store):
+    """Build image -> init -> container layers; the container writes 8 MiB and edits files."""
+    apply(store, "img", None, make_tar([("etc", DIR, {}), ("etc/conf", REG, {"data": b"a" * 10000})]))
+    store.create_layer("ctr-init", "img")
+    store.create_layer("ctr", "ctr-init")
+    number = store.get_layer("ctr").number
+    big = store.mknod(number, ROOT_INO, b"big", stat.S_IFREG | 0o644)
+    payload = os.urandom(8 * MiB)
+    store.write(number, big.ino, 0, payload)
+    etc = store.lookup(number, ROOT_INO, b"etc")
+    conf = store.lookup(number, etc.ino, b"conf")
+    store.write(number, conf.ino, 5, b"CHANGED")
+    return number, payload
+
+
+def test_commit_takes_blocks_by_reference(store):
+    number, payload = container_with_changes(store)
+    diff = b"".join(store.diff("ctr"))
+    free = store.statfs().free_blocks
+    apply(store, "committed", "img", diff)
+    assert free - store.statfs().free_blocks < 8 * MiB // 4096 // 100
+    committed = store.get_layer("committed").number
+    big = store.lookup(committed, ROOT_INO, b"big")
+    assert store.read(committed, big.ino, 0, 8 * MiB) == payload
+    store.write(number, store.lookup(number, ROOT_INO, b"big").ino, 0, b"after commit")
+    assert store.read(committed, big.ino, 0, 12) == payload[:12]
+    store.remove_layer("ctr")
+    store.remove_layer("ctr-init")
+    assert store.read(committed, big.ino, 0, 8 * MiB) == payload
+    etc = store.lookup(committed, ROOT_INO, b"etc")
+    conf = store.lookup(committed, etc.ino, b"conf")
+    assert store.read(committed, conf.ino, 0, 20) == b"aaaaaCHANGEDaaaaaaaa"
+
+
+def test_commit_with_changed_bytes_falls_back(store):
+    number, payload = container_with_changes(store)
+    diff = bytearray(b"".join(store.diff("ctr")))
+    at = diff.index(payload[:64])
+    diff[at + 4 * MiB] ^= 0xFF
+    free = store.statfs().free_blocks
+    apply(store, "committed", "img", bytes(diff))
+    assert free - store.statfs().free_blocks >= 8 * MiB // 4096
+    committed = store.get_layer("committed").number
+    expected = bytearray(payload)
+    expected[4 * MiB] ^= 0xFF
+    big = store.lookup(committed, ROOT_INO, b"big")
+    assert store.read(committed, big.ino, 0, 8 * MiB) == bytes(expected)
+
+
+def test_shared_blocks_freed_by_last_owner(store):
+    free_empty = store.statfs().free_blocks
+    container_with_changes(store)
+    apply(store, "committed", "img", b"".join(store.diff("ctr")))
+    for layer_id in ("committed", "ctr", "ctr-init", "img"):
+        store.remove_layer(layer_id)
+    assert store.statfs().free_blocks == free_empty

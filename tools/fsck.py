@@ -23,6 +23,7 @@ import time
 
 from lcfs.journal import intents
 from lcfs.store import Store, errors
+from lcfs.store.data import OWNED, REFS, SHARED
 from lcfs.store.format import (
     DIRENT,
     EXTENT,
@@ -492,6 +493,7 @@ class Checker:
         limit = store.data_blocks
         owned: list[tuple[int, int, bytes]] = []
         borrowed: list[tuple[int, int, int, int, bytes]] = []
+        shared: list[tuple[int, int]] = []
         mapped: dict[tuple[int, int], int] = {}
         bad = []
         for key, value in self.cursor("extents"):
@@ -505,16 +507,28 @@ class Checker:
                 bad.append((f"extent {phys}..{phys + count - 1} of inode {ino} is outside the data region", key))
                 continue
             mapped[(ino, number)] = mapped.get((ino, number), 0) + count
-            if flag:
+            if flag == OWNED:
                 owned.append((phys, count, key))
+            elif flag == SHARED:
+                shared.append((phys, count))
             else:
                 borrowed.append((phys, count, ino, number, key))
         for message, key in bad:
             self.problem(message, lambda key=key: self._drop_extent(key, free=True), "remove it")
-        owned.sort()
+        shared_runs = _coverage(shared)
+        self._check_refs(shared_runs)
+        owned.extend((lo, hi - lo, None) for lo, hi, _ in shared_runs)
+        owned.sort(key=lambda item: (item[0], item[2] is not None))
         previous_end, previous_key = -1, None
         clean_owned = []
         for phys, count, key in owned:
+            if key is None:
+                if phys < previous_end:
+                    self.problem(f"blocks {phys}..{min(previous_end, phys + count) - 1} are shared and also "
+                                 "owned by one extent")  # fmt: skip
+                clean_owned.append((phys, count))
+                previous_end = max(previous_end, phys + count)
+                continue
             if phys < previous_end:
                 self.problem(f"blocks {phys}..{min(previous_end, phys + count) - 1} are owned by two extents",
                              lambda key=key: self._drop_extent(key, free=False),
@@ -541,6 +555,20 @@ class Checker:
                              lambda ino=ino, n=number, a=actual: self._set_blocks(n, ino, a),
                              f"set it to {actual}")  # fmt: skip
         self.owned = clean_owned
+
+    def _check_refs(self, runs: list[tuple[int, int, int]]) -> None:
+        """Compare the refs database with the number of shared extents mapping each block."""
+        recorded = [(U64.unpack(k)[0], *REFS.unpack(v)) for k, v in self.cursor("refs")]
+        recorded = [(p, p + c, r) for p, c, r in recorded]
+        if _normalise(recorded) != _normalise(runs):
+            self.problem(f"reference counts of shared blocks disagree with the {len(runs)} shared runs mapped",
+                         lambda runs=runs: self._rewrite_refs(runs), "rewrite the reference counts")  # fmt: skip
+
+    def _rewrite_refs(self, runs: list[tuple[int, int, int]]) -> None:
+        for key in [bytes(k) for k, _ in self.cursor("refs")]:
+            self.txn.delete(key, db=self.db("refs"))
+        for lo, hi, refs in runs:
+            self.txn.put(U64.pack(lo), REFS.pack(hi - lo, refs), db=self.db("refs"))
 
     def _drop_extent(self, key: bytes, free: bool) -> None:
         value = self.txn.get(key, db=self.db("extents"))
@@ -589,10 +617,15 @@ class Checker:
         store.alloc.count(self.txn)
 
     def _owned_extents(self):
+        shared = []
         for key, value in self.cursor("extents"):
             phys, count, flag = EXTENT.unpack(value)
-            if flag:
+            if flag == OWNED:
                 yield phys, count, bytes(key)
+            elif flag == SHARED:
+                shared.append((phys, count))
+        for lo, hi, _ in _coverage(shared):
+            yield lo, hi - lo, None
 
     def _take_from_free(self, start: int, count: int) -> None:
         end = start + count
@@ -660,6 +693,34 @@ class Checker:
                              lambda name=name, highest=highest: self.txn.put(name, U64.pack(highest + 1),
                                                                             db=self.db("meta")),
                              f"set it to {highest + 1}")  # fmt: skip
+
+
+def _coverage(extents: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """Return (start, end, how many extents cover it) for the blocks some extent covers."""
+    events: dict[int, int] = {}
+    for phys, count in extents:
+        events[phys] = events.get(phys, 0) + 1
+        events[phys + count] = events.get(phys + count, 0) - 1
+    runs = []
+    depth = 0
+    previous = None
+    for point in sorted(events):
+        if depth and previous is not None and point > previous:
+            runs.append((previous, point, depth))
+        depth += events[point]
+        previous = point
+    return _normalise(runs)
+
+
+def _normalise(runs) -> list[tuple[int, int, int]]:
+    """Merge touching runs with equal counts, so equal coverage compares equal."""
+    merged: list[list[int]] = []
+    for lo, hi, refs in sorted(runs):
+        if merged and merged[-1][1] == lo and merged[-1][2] == refs:
+            merged[-1][1] = hi
+        else:
+            merged.append([lo, hi, refs])
+    return [tuple(run) for run in merged]
 
 
 PHASES = (

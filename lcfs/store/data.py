@@ -1,10 +1,18 @@
 """File data of the store (a mixin of ``Store``): extents, reads and writes.
 
 An inode version's data is a map of extents ``(file block -> physical block,
-count, owned)``. A child layer that changes a file gets a copy of the map
-with every extent marked not owned; a write then allocates new blocks only
-for the 4 KiB blocks it touches (branch on write) and overwrites in place
-only blocks its own layer owns. Unmapped blocks are holes and read as zeros.
+count, flag)``. The flag says who frees the blocks:
+
+``OWNED``     this layer; only these blocks are overwritten in place.
+``BORROWED``  an ancestor layer, which cannot be removed while this layer
+              exists. A child that changes a file gets its parent's map
+              with every extent borrowed.
+``SHARED``    the ``refs`` database counts the extents that map each run;
+              the last one to go frees it. Commit without copying maps the
+              same blocks into two unrelated layers this way.
+
+A write allocates new blocks for the 4 KiB blocks it touches unless they are
+owned (branch on write). Unmapped blocks are holes and read as zeros.
 """
 
 from __future__ import annotations
@@ -13,7 +21,10 @@ import os
 import stat
 
 from . import errors
-from .format import BLOCK_SIZE, EXTENT, U64X2, extent_key
+from .format import BLOCK_SIZE, EXTENT, U64, U64X2, extent_key
+
+BORROWED, OWNED, SHARED = 0, 1, 2
+REFS = __import__("struct").Struct(">QI")
 
 # Largest run handed to one pwrite or pread.
 IO_CHUNK_BLOCKS = 256
@@ -68,8 +79,7 @@ class DataMixin:
             if cut_end < block + count:
                 self._put_extent(inode.ino, layer, cut_end, phys + (cut_end - block),
                                  block + count - cut_end, owned)  # fmt: skip
-            if owned:
-                self.alloc.release(self._txn, phys + (cut_start - block), cut_end - cut_start)
+            self._release(phys + (cut_start - block), cut_end - cut_start, owned)
             inode.blocks -= cut_end - cut_start
 
     def _map(self, inode, layer: int, block: int, phys: int, count: int) -> None:
@@ -78,7 +88,7 @@ class DataMixin:
         before = self._extents(inode.ino, layer, block - 1, block) if block else []
         if before:
             prev_block, prev_phys, prev_count, prev_owned = before[0]
-            if prev_owned and prev_block + prev_count == block and prev_phys + prev_count == phys:
+            if prev_owned == OWNED and prev_block + prev_count == block and prev_phys + prev_count == phys:
                 self._put_extent(inode.ino, layer, prev_block, prev_phys, prev_count + count, 1)
                 inode.blocks += count
                 return
@@ -89,9 +99,87 @@ class DataMixin:
         txn, db = self._txn, self.dbs["extents"]
         for key, value in list(self._prefix_items(db, U64X2.pack(ino, layer))):
             phys, count, owned = EXTENT.unpack(value)
-            if owned:
-                self.alloc.release(txn, phys, count)
+            self._release(phys, count, owned)
             txn.delete(key, db=db)
+
+    def _release(self, phys: int, count: int, flag: int) -> None:
+        """Drop one extent's claim on blocks [phys, phys+count)."""
+        if flag == OWNED:
+            self.alloc.release(self._txn, phys, count)
+        elif flag == SHARED:
+            self._add_refs(phys, count, -1)
+
+    def _add_refs(self, start: int, count: int, delta: int) -> None:
+        """Add ``delta`` to the reference count of every block in [start, start+count).
+
+        Runs whose count drops to zero go back to the free map. A run with no
+        record has the count 0 before the change.
+        """
+        txn, db = self._txn, self.dbs["refs"]
+        end = start + count
+        pieces: list[tuple[int, int, int]] = []
+        cursor = txn.cursor(db=db)
+        moved = cursor.prev() if cursor.set_range(U64.pack(start)) else cursor.last()
+        if moved:
+            p = U64.unpack(cursor.key())[0]
+            c, r = REFS.unpack(cursor.value())
+            if p < start < p + c:
+                pieces.append((p, c, r))
+        if cursor.set_range(U64.pack(start)):
+            for key, value in cursor.iternext():
+                p = U64.unpack(key)[0]
+                if p >= end:
+                    break
+                c, r = REFS.unpack(value)
+                pieces.append((p, c, r))
+        covered = []
+        for p, c, r in pieces:
+            txn.delete(U64.pack(p), db=db)
+            if p < start:
+                txn.put(U64.pack(p), REFS.pack(start - p, r), db=db)
+            if p + c > end:
+                txn.put(U64.pack(end), REFS.pack(p + c - end, r), db=db)
+            covered.append((max(p, start), min(p + c, end), r))
+        gaps = []
+        position = start
+        for lo, hi, _ in sorted(covered):
+            if lo > position:
+                gaps.append((position, lo, 0))
+            position = max(position, hi)
+        if position < end:
+            gaps.append((position, end, 0))
+        for lo, hi, r in sorted(covered + gaps):
+            refs = r + delta
+            if refs < 0:
+                raise errors.StoreError(f"reference count below zero for blocks {lo}..{hi - 1}")
+            if refs == 0:
+                self.alloc.release(txn, lo, hi - lo)
+            else:
+                txn.put(U64.pack(lo), REFS.pack(hi - lo, refs), db=db)
+
+    def _block_owner(self, ino: int, layer: int, block: int, phys: int) -> int | None:
+        """Return the layer whose extent of ``ino`` owns ``phys``, which ``layer`` borrows."""
+        current = self._layers[layer].parent
+        while current is not None:
+            for start, p, count, flag in self._extents(ino, current, block, block + 1):
+                if p + (block - start) != phys:
+                    return None
+                if flag != BORROWED:
+                    return current
+            current = self._layers[current].parent
+        return None
+
+    def _share_extents(self, ino: int, owner: int) -> list[list[int]]:
+        """Turn the owned extents of (ino, owner) into shared ones; return its extent list."""
+        extents = []
+        for key, value in list(self._prefix_items(self.dbs["extents"], U64X2.pack(ino, owner))):
+            phys, count, flag = EXTENT.unpack(value)
+            if flag == OWNED:
+                self._add_refs(phys, count, 1)
+                flag = SHARED
+                self._txn.put(key, EXTENT.pack(phys, count, flag), db=self.dbs["extents"])
+            extents.append([int.from_bytes(key[16:24], "big"), phys, count, flag])
+        return extents
 
     # -- device I/O --------------------------------------------------------------
 
@@ -189,15 +277,15 @@ class DataMixin:
         while block < last:
             phys, owned = mapping.get(block, (None, 0))
             run_end = block + 1
-            if owned:
-                while run_end < last and mapping.get(run_end, (None, 0))[1] and \
+            if owned == OWNED:
+                while run_end < last and mapping.get(run_end, (None, 0))[1] == OWNED and \
                         mapping[run_end][0] == phys + run_end - block:  # fmt: skip
                     run_end += 1
                 start = max(block * BLOCK_SIZE, offset)
                 stop = min(run_end * BLOCK_SIZE, end)
                 self._pwrite(phys, data[start - offset : stop - offset], start - block * BLOCK_SIZE)
             else:
-                while run_end < last and not mapping.get(run_end, (None, 0))[1] and \
+                while run_end < last and mapping.get(run_end, (None, 0))[1] != OWNED and \
                         run_end - block < IO_CHUNK_BLOCKS:  # fmt: skip
                     run_end += 1
                 self._branch(inode, layer, block, run_end, mapping, offset, data)
@@ -221,11 +309,11 @@ class DataMixin:
         buffer[start - base : stop - base] = data[start - offset : stop - offset]
         hint = None
         previous = mapping.get(first - 1)
-        if previous is not None and previous[1]:
+        if previous is not None and previous[1] == OWNED:
             hint = previous[0] + 1
         elif first:
             before = self._extents(inode.ino, layer, first - 1, first)
-            if before and before[0][3]:
+            if before and before[0][3] == OWNED:
                 b, p, c, _ = before[0]
                 hint = p + (first - 1 - b) + 1
         done = 0

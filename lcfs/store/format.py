@@ -22,8 +22,9 @@ children   parent u64, child u64                        empty
 inodes     ino u64, layer u64                           ``Inode`` record
 dirents    dir ino u64, name, NUL, layer u64            ino u64 + type byte, or empty (tombstone)
 xattrs     ino u64, layer u64, name                     value
-extents    ino u64, layer u64, file block u64           physical block u64, count u32, owned u8
+extents    ino u64, layer u64, file block u64           physical block u64, count u32, flag u8
 free       physical block u64                           count u64
+refs       physical block u64                           count u64, references u32 (shared runs)
 changes    layer u64, ``i`` + ino u64                   empty: the layer changed this inode
            layer u64, ``d`` + dir ino u64 + name        empty: the layer changed this entry
 nodes      node id u64                                  layer u64, ino u64
@@ -36,8 +37,9 @@ its number in every layer that inherits it; only the root directory, inode 1,
 is created separately by every base layer. A layer sees the record of the
 nearest layer on its ancestry that has one (per-inode copy-on-write). An
 extent copied into a child when the child first changes the inode is marked
-not owned: removing the child never frees it, and the parent it belongs to
-cannot be removed while the child exists.
+borrowed: removing the child never frees it, and the parent it belongs to
+cannot be removed while the child exists. Shared extents (see
+``lcfs.store.data``) are freed when the ``refs`` count of their run drops to 0.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ DATABASES = (
     "nodes",
     "node_keys",
     "intents",
+    "refs",
 )
 
 U64 = struct.Struct(">Q")

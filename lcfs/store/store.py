@@ -194,6 +194,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin):
         self._pins: dict[tuple[int, int], int] = {}
         self._orphans: dict[tuple[int, int], int] = {}
         self._applying: dict[int, int] = {}
+        # The layer whose Diff finished last: ApplyDiff maps its blocks when the tar matches.
+        self._last_diff: int | None = None
         self._closed = False
 
     # -- opening and closing -------------------------------------------------

@@ -28,6 +28,7 @@ from lcfs.journal import intents
 from lcfs.journal.crash import crash_point
 
 from . import errors
+from .data import BORROWED, SHARED
 from .format import ROOT_INO, U64, U64X2, Inode, change_dirent_key, dirent_key, inode_key
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,9 @@ class TarMixin:
             crash_point("apply.finishing")
             self._end_apply(layer)
             self.commit()
-        log.info("applied %d bytes in %d entries to layer %s in %.2f s", applier.size,
-                 applier.entries, layer_id, time.monotonic() - started)  # fmt: skip
+        log.info("applied %d bytes (%d by reference) in %d entries to layer %s in %.2f s",
+                 applier.size, applier.referenced, applier.entries, layer_id,
+                 time.monotonic() - started)  # fmt: skip
         return applier.size
 
     def _begin_apply(self, layer) -> None:
@@ -199,6 +201,7 @@ class TarMixin:
                 yield from self._file_chunks(layer, inode.ino, member.size)
         # The end-of-archive marker: two zero blocks.
         yield bytes(2 * tarfile.BLOCKSIZE)
+        self._last_diff = layer
 
     def _file_chunks(self, layer: int, ino: int, size: int):
         """Yield ``size`` bytes of a file and the padding to the next tar block.
@@ -264,6 +267,8 @@ class _Applier:
         self.size = 0
         self.entries = 0
         self.dir_times: dict[int, tuple[int, int]] = {}
+        # Bytes of file content mapped from another layer instead of written.
+        self.referenced = 0
         self.commit_interval = float(os.environ.get("LCFS_APPLY_COMMIT_INTERVAL", COMMIT_INTERVAL))
         self.last_commit = time.monotonic()
 
@@ -280,7 +285,7 @@ class _Applier:
         else:
             ino = write_op(lambda store: self._create(parts, member))(self.store)
             if member.isreg() and member.size:
-                self._copy_data(ino, member, archive)
+                self._copy_data(ino, parts, member, archive)
             if not member.islnk():
                 write_op(lambda store: self._set_metadata(ino, member))(self.store)
         crash_point("apply.member")
@@ -397,22 +402,104 @@ class _Applier:
             rdev = os.makedev(member.devmajor, member.devminor)
         return store._create(number, dir_ino, name, fmt | 0o644, uid, gid, rdev).ino
 
-    def _copy_data(self, ino: int, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+    def _copy_data(self, ino: int, parts: list[bytes], member: tarfile.TarInfo,
+                   archive: tarfile.TarFile) -> None:  # fmt: skip
+        """Store a regular file's content, by reference when the source layer holds it.
+
+        The stream is read in full either way. While every chunk equals the
+        same file in the layer whose Diff was produced last, nothing is
+        written; at the end its blocks are mapped into this layer. At the
+        first difference the matching prefix is copied from that layer and
+        the rest is written from the stream.
+        """
         from .store import write_op
 
-        source = archive.extractfile(member)
+        stream = archive.extractfile(member)
+        source = self._reference_source(parts, member)
         offset = 0
-        zero = bytes(4096)
         while offset < member.size:
-            chunk = source.read(min(CHUNK, member.size - offset))
+            chunk = stream.read(min(CHUNK, member.size - offset))
             if not chunk:
                 raise errors.BadArchive(f"layer {self.layer.id}: tar ends inside {member.name!r}")
-            runs = _nonzero_runs(chunk, zero)
-            if runs:
-                write_op(lambda store: self._write_runs(ino, offset, chunk, runs))(self.store)
+            if source is not None:
+                if self.store.read(source[0], source[1], offset, len(chunk)) == chunk:
+                    offset += len(chunk)
+                    continue
+                self._copy_from(ino, source, offset)
+                source = None
+            self._write_chunk(ino, offset, chunk)
             offset += len(chunk)
             self._commit_if_due()
+        if source is not None and member.size:
+            referenced = write_op(lambda store: self._map_reference(ino, source))(self.store)
+            if referenced:
+                self.referenced += member.size
+            else:
+                self._copy_from(ino, source, member.size)
         self.size += member.size
+
+    def _write_chunk(self, ino: int, offset: int, chunk: bytes) -> None:
+        from .store import write_op
+
+        runs = _nonzero_runs(chunk, bytes(4096))
+        if runs:
+            write_op(lambda store: self._write_runs(ino, offset, chunk, runs))(self.store)
+
+    def _copy_from(self, ino: int, source: tuple[int, int], end: int) -> None:
+        """Write bytes [0, end) of the source file into ``ino``."""
+        offset = 0
+        while offset < end:
+            chunk = self.store.read(source[0], source[1], offset, min(CHUNK, end - offset))
+            self._write_chunk(ino, offset, chunk)
+            offset += len(chunk)
+            self._commit_if_due()
+
+    def _reference_source(self, parts: list[bytes], member: tarfile.TarInfo) -> tuple[int, int] | None:
+        """Return (layer, ino) of the same regular file in the last diffed layer, if any."""
+        store = self.store
+        layer = store._last_diff
+        if layer is None or layer == self.number:
+            return None
+        with store.lock:
+            store._ready()
+            if store._layers.get(layer) is None or store._layers[layer].state != "ready":
+                return None
+            ino = ROOT_INO
+            try:
+                for part in parts:
+                    found = store._entry(layer, store._dir(layer, ino), part)
+                    if found is None:
+                        return None
+                    ino = found[0]
+                inode = store._inode(layer, ino)
+            except errors.StoreError:
+                return None
+        if not inode.is_reg or inode.size != member.size:
+            return None
+        return layer, ino
+
+    def _map_reference(self, ino: int, source: tuple[int, int]) -> bool:
+        """Map the source file's blocks into ``ino`` of this layer without copying.
+
+        Owned and shared blocks become shared. Blocks the source only borrows
+        are borrowed here too when their owner is also an ancestor of this
+        layer; otherwise nothing is mapped and False is returned.
+        """
+        store, number = self.store, self.number
+        owner, _ = store._resolve(source[0], source[1])
+        ancestry = store._ancestry(number)
+        extents = store._extents(source[1], owner, 0, 1 << 62)
+        for block, phys, count, flag in extents:
+            if flag == BORROWED and store._block_owner(source[1], owner, block, phys) not in ancestry:
+                return False
+        inode = store._own(number, ino)
+        for block, phys, count, flag in store._share_extents(source[1], owner):
+            if flag == SHARED:
+                store._add_refs(phys, count, 1)
+            store._put_extent(ino, number, block, phys, count, flag)
+            inode.blocks += count
+        store._put_inode(number, inode)
+        return True
 
     def _write_runs(self, ino, offset, chunk, runs) -> None:
         view = memoryview(chunk)

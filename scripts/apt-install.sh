@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Install Debian packages (apt-get update first) without letting their
-# maintainer scripts start services. Debian's docker.io would otherwise
-# start a dockerd on /var/lib/docker with its default storage driver.
-# lcfs needs dockerd started with --storage-driver lcfs, and the tests
-# start their own isolated dockerds.
+# Install the Debian packages that are missing (apt-get update first)
+# without letting their maintainer scripts start services. Debian's
+# docker.io would otherwise start a dockerd on /var/lib/docker with its
+# default storage driver. lcfs needs dockerd started with
+# --storage-driver lcfs, and the tests start their own isolated dockerds.
 #
 # Usage: scripts/apt-install.sh PACKAGE...
 set -euo pipefail
@@ -19,4 +19,14 @@ if [ ! -e "$policy" ]; then
 fi
 
 apt-get update -q
-apt-get install -y -q --no-install-recommends "$@"
+
+# Only missing packages are installed, so a second run upgrades nothing.
+missing=()
+for package in "$@"; do
+    if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed"; then
+        missing+=("$package")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

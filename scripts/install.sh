@@ -21,7 +21,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 "$repo/scripts/apt-install.sh" \
-    fuse3 libfuse3-dev pkg-config build-essential ca-certificates \
+    fuse3 libfuse3-dev pkg-config build-essential \
     python3-dev python3-venv docker.io
 
 # A virtual environment keeps lcfs and its dependencies out of the system

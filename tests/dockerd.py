@@ -123,19 +123,25 @@ def terminate(process: subprocess.Popen, timeout: float, what: str) -> int:
 
 
 def remove_stale_plugin_specs() -> list[Path]:
-    """Delete spec files of earlier test runs whose plugin socket is gone.
+    """Delete spec files of earlier test runs whose plugin no longer listens.
 
     Only files named lcfs-test-*.spec are considered, so the machine's own
-    plugin specs are never touched.
+    plugin specs are never touched. A spec stays while a connection to its
+    socket succeeds, because another test run may still be using it.
     """
     removed = []
     if not PLUGIN_SPEC_DIR.is_dir():
         return removed
     for spec in PLUGIN_SPEC_DIR.glob(f"{TEST_PLUGIN_PREFIX}*.spec"):
         target = spec.read_text().strip().removeprefix("unix://")
-        if not Path(target).exists():
-            spec.unlink(missing_ok=True)
-            removed.append(spec)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(target)
+                continue
+            except OSError:
+                pass
+        spec.unlink(missing_ok=True)
+        removed.append(spec)
     return removed
 
 

@@ -60,9 +60,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
     daemon = commands.add_parser(
         "daemon",
-        help="serve the store over FUSE and as Docker's graphdriver plugin",
+        help="serve the store over FUSE, as Docker's graphdriver plugin and "
+        "as a containerd snapshotter",
         description="Mount the store and serve Docker's graphdriver plugin "
-        "protocol until SIGTERM or SIGINT.",
+        "protocol, containerd's Snapshots service, or both, until SIGTERM or "
+        "SIGINT.",
     )
     daemon.add_argument(
         "--device",
@@ -79,12 +81,21 @@ def _build_parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--socket",
         default="/run/docker/plugins/lcfs.sock",
-        help="unix socket for the plugin protocol (default %(default)s)",
+        help="unix socket for Docker's graphdriver plugin protocol, or 'none' "
+        "to serve only the containerd snapshotter (default %(default)s)",
+    )
+    daemon.add_argument(
+        "--snapshotter-socket",
+        metavar="PATH",
+        help="also serve containerd's Snapshots gRPC service (a proxy "
+        "snapshotter) on this unix socket; the FUSE mount point is then fixed "
+        "(default mount point /var/lib/lcfs/mnt)",
     )
     daemon.add_argument(
         "--mountpoint",
         help="mount the layers here at start and keep them mounted; without "
-        "it they are mounted at the Home that dockerd's Init names",
+        "it they are mounted at the Home that dockerd's Init names, or at "
+        "/var/lib/lcfs/mnt with --snapshotter-socket",
     )
     daemon.add_argument(
         "--pid-file",
@@ -179,7 +190,8 @@ def _run_daemon(args: argparse.Namespace) -> int:
     config = DaemonConfig(
         device=args.device,
         size=args.size,
-        socket_path=args.socket,
+        socket_path=None if args.socket == "none" else args.socket,
+        snapshotter_socket=args.snapshotter_socket,
         mountpoint=args.mountpoint,
         pid_file=args.pid_file,
         docker_root=args.docker_root,

@@ -1,4 +1,10 @@
-"""The ``lcfs daemon`` process: one store, its FUSE mount and the plugin socket.
+"""The ``lcfs daemon`` process: one store, its FUSE mount and its sockets.
+
+The daemon serves Docker's graphdriver plugin protocol on one socket,
+containerd's Snapshots gRPC service on another (``--snapshotter-socket``),
+or both. With the snapshotter the FUSE mount point is fixed from start to
+stop, because containers keep bind mounts of snapshot directories for as
+long as they run.
 
 Start order: claim the socket path (failing when another live process
 serves it), write the pid file, open the device, mount, then listen. On
@@ -30,12 +36,16 @@ from lcfs.store import Store
 from .mounts import MountError, MountManager
 from .reconcile import docker_root_from_home, find_orphans
 from .server import GraphDriverPlugin
+from .snapshotter import SnapshotterServer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DEVICE = "/var/lib/lcfs/lcfs.img"
 DEFAULT_SIZE = 64 * 1024**3
 DEFAULT_SOCKET = "/run/docker/plugins/lcfs.sock"
+# The FUSE mount point when the containerd snapshotter runs and no
+# --mountpoint is given.
+DEFAULT_SNAPSHOTTER_MOUNTPOINT = "/var/lib/lcfs/mnt"
 
 # Threads serving store calls. Each request uses one for the length of a
 # store call. Diff and ApplyDiff, the long calls, run on threads of their own.
@@ -54,7 +64,8 @@ class DaemonError(Exception):
 class DaemonConfig:
     device: str = DEFAULT_DEVICE
     size: int | None = None
-    socket_path: str = DEFAULT_SOCKET
+    socket_path: str | None = DEFAULT_SOCKET
+    snapshotter_socket: str | None = None
     mountpoint: str | None = None
     pid_file: str | None = None
     stop_timeout: float = SHUTDOWN_TIMEOUT
@@ -62,10 +73,20 @@ class DaemonConfig:
     grace: float = 3600.0
 
     def resolved_pid_file(self) -> str:
-        """Return the pid file given, or else the socket path with .pid for .sock."""
+        """Return the pid file given, or else the socket path with .pid for .sock.
+
+        The graphdriver socket names it when there is one, else the
+        snapshotter socket.
+        """
         if self.pid_file:
             return self.pid_file
-        return os.path.splitext(self.socket_path)[0] + ".pid"
+        return os.path.splitext(self.socket_path or self.snapshotter_socket)[0] + ".pid"
+
+    def resolved_mountpoint(self) -> str | None:
+        """Return the fixed mount point, or None to mount at Docker's Home."""
+        if self.mountpoint or not self.snapshotter_socket:
+            return self.mountpoint
+        return DEFAULT_SNAPSHOTTER_MOUNTPOINT
 
 
 def claim_socket_path(path: str) -> None:
@@ -186,7 +207,13 @@ class Daemon:
         loop.set_default_executor(executor)
         log.info("lcfs daemon starting: device %s, pid %d", config.device, os.getpid())
 
-        claim_socket_path(config.socket_path)
+        if not config.socket_path and not config.snapshotter_socket:
+            raise DaemonError(
+                "no socket to serve: give --snapshotter-socket when --socket is none"
+            )
+        for path in (config.socket_path, config.snapshotter_socket):
+            if path:
+                claim_socket_path(path)
         pid_file = config.resolved_pid_file()
         write_pid_file(pid_file)
         pid_inode = os.lstat(pid_file).st_ino
@@ -213,7 +240,7 @@ class Daemon:
     async def _serve(self, store: Store) -> None:
         """Mount and serve until a signal, then unmount."""
         config = self.config
-        mounts = MountManager(store, config.mountpoint)
+        mounts = MountManager(store, config.resolved_mountpoint())
         plugin = GraphDriverPlugin(store, config.device, mounts)
         try:
             await asyncio.to_thread(mounts.start, plugin.stored_home())
@@ -227,21 +254,33 @@ class Daemon:
             shutdown_timeout=config.stop_timeout,
         )
         socket_inode = None
+        snapshotter = None
+        runner_started = False
         try:
-            await runner.setup()
-            sock = bind_socket(config.socket_path)
-            socket_inode = os.lstat(config.socket_path).st_ino
-            await web.SockSite(runner, sock).start()
+            if config.snapshotter_socket:
+                await asyncio.to_thread(store.reconcile_snapshots)
+                snapshotter = SnapshotterServer(store, mounts, config.snapshotter_socket)
+                await snapshotter.start()
+            if config.socket_path:
+                runner_started = True
+                await runner.setup()
+                sock = bind_socket(config.socket_path)
+                socket_inode = os.lstat(config.socket_path).st_ino
+                await web.SockSite(runner, sock).start()
             await asyncio.to_thread(self._log_orphans, store, plugin.stored_home())
             log.info(
-                "lcfs daemon ready: socket %s, mount %s",
-                config.socket_path,
+                "lcfs daemon ready: socket %s, snapshotter socket %s, mount %s",
+                config.socket_path or "none",
+                config.snapshotter_socket or "none",
                 mounts.mountpoint or "none until Init",
             )
             await self._stop.wait()
             log.info("lcfs daemon stopping on %s", self._signal_name)
         finally:
-            await runner.cleanup()
+            if snapshotter is not None:
+                await snapshotter.stop(config.stop_timeout)
+            if runner_started:
+                await runner.cleanup()
             if socket_inode is not None:
                 remove_own_file(config.socket_path, socket_inode)
             still_running = await asyncio.to_thread(
@@ -256,7 +295,8 @@ class Daemon:
 
     def _log_orphans(self, store: Store, home: str | None) -> None:
         """Log the layers that Docker no longer references; never remove them."""
-        store.set_meta("daemon.socket", os.path.abspath(self.config.socket_path).encode())
+        socket_path = self.config.socket_path or self.config.snapshotter_socket
+        store.set_meta("daemon.socket", os.path.abspath(socket_path).encode())
         store.commit()
         docker_root = self.config.docker_root or docker_root_from_home(home)
         if not docker_root:

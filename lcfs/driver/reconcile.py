@@ -24,6 +24,8 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from lcfs.store.snapshots import is_snapshot_layer
+
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE = 3600.0
@@ -120,7 +122,9 @@ def find_orphans(store, docker_root: str, grace: float = DEFAULT_GRACE, now: flo
     """
     now = time.time() if now is None else now
     refs = read_references(docker_root)
-    layers = store.list_layers()
+    # containerd's snapshots are not Docker's to reference; List and Cleanup
+    # of the snapshotter account for them.
+    layers = [layer for layer in store.list_layers() if not is_snapshot_layer(layer.id)]
     by_number = {layer.number: layer for layer in layers}
     keep: set[int] = set()
     for layer in layers:

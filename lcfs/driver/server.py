@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from lcfs.store import errors
+from lcfs.store.snapshots import SNAPSHOT_LAYER_PREFIX, is_snapshot_layer
 
 from . import streams
 from .mounts import MountError, MountManager
@@ -85,6 +86,11 @@ def validate_layer_id(layer_id: str) -> None:
             f"invalid layer id {layer_id!r}: it must be a file name of 1 to "
             f"{MAX_ID_BYTES} bytes without '/'"
         )
+    if is_snapshot_layer(layer_id):
+        raise RequestError(
+            f"invalid layer id {layer_id!r}: the prefix {SNAPSHOT_LAYER_PREFIX!r} "
+            "is reserved for containerd snapshots"
+        )
 
 
 class GraphDriverPlugin:
@@ -136,6 +142,8 @@ class GraphDriverPlugin:
             layer_id = args.get("ID") if isinstance(args.get("ID"), str) else ""
             subject = f" for layer {layer_id}" if layer_id else ""
             log.debug("%s%s", name, subject)
+            if is_snapshot_layer(layer_id) and name != "GraphDriver.Create":
+                raise errors.LayerNotFound(f"layer {layer_id} not found")
             reply = await handler(args)
         except (errors.StoreError, RequestError, MountError) as error:
             message = _describe(error, layer_id)

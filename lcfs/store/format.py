@@ -30,6 +30,7 @@ changes    layer u64, ``i`` + ino u64                   empty: the layer changed
 nodes      node id u64                                  layer u64, ino u64
 node_keys  layer u64, ino u64                           node id u64
 intents    intent u64                                   intent record JSON (see lcfs.journal)
+snapshots  containerd snapshot key or name (utf-8)      snapshot record JSON (see lcfs.store.snapshots)
 =========  ==========================================  =============================
 
 Inode numbers come from one counter for the whole device, so an inode keeps
@@ -76,6 +77,7 @@ DATABASES = (
     "node_keys",
     "intents",
     "refs",
+    "snapshots",
 )
 
 U64 = struct.Struct(">Q")

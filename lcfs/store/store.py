@@ -51,6 +51,7 @@ from .format import (
     read_superblock,
 )
 from .namespace import NamespaceMixin
+from .snapshots import SnapshotMixin
 from .tar import TarMixin
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def lock_holder(path: str) -> int | None:
     return None
 
 
-class Store(NamespaceMixin, DataMixin, TarMixin):
+class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     """An open store. Create one with ``Store.open``; see the module docstring."""
 
     block_size = BLOCK_SIZE

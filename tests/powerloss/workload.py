@@ -25,7 +25,7 @@ import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lcfs.store import ROOT_INO, Store
+from lcfs.store import ROOT_INO, Store, errors
 from powerloss.state import store_state
 
 KiB = 1 << 10
@@ -175,6 +175,16 @@ def leaf_copy_up(store: Store) -> None:
     store.mkdir(leaf, ROOT_INO, b"leaf-dir", 0o755)
 
 
+def import_truncated(store: Store) -> None:
+    """Import a tar that ends inside a file's data; the store rolls the import back."""
+    archive = scratch_tar()
+    try:
+        store.apply_diff("broken", io.BytesIO(archive[: len(archive) // 2]))
+    except errors.BadArchive:
+        return
+    raise AssertionError("the truncated tar was imported without an error")
+
+
 def reopen(store: Store) -> Store:
     """Close and reopen the store, which restarts block allocation from block 0."""
     path = store.path
@@ -200,6 +210,8 @@ STEPS = [
     ("create scratch", lambda store: store.create_layer("scratch"), None),
     ("import scratch", import_tar("scratch", scratch_tar), "scratch"),
     ("remove scratch", lambda store: store.remove_layer("scratch"), None),
+    ("create broken", lambda store: store.create_layer("broken", "base"), None),
+    ("import a truncated tar", import_truncated, "broken"),
     ("reopen", reopen, None),
     ("edit top: replace a file", replace_file, None),
     ("edit top: shrink and grow", shrink_and_grow, None),

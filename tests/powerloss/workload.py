@@ -2,13 +2,15 @@
 
 Run as ``python workload.py IMAGE STATES`` with the recorder preloaded. Each
 step ends in a commit. After it the workload marks the log with the step's
-index and appends the store's state to STATES (JSON lines). A power cut inside step i must leave the
-store, once reopened, in the state after step i-1, in the state after step
-i, or, for a step that imports a tar, in the state after step i-1 without
-that step's layer (recovery removes a layer whose import did not finish).
+index and appends the store's state to STATES (JSON lines).
 
-No step overwrites file data that an earlier step committed: an in-place
-overwrite cut by a power loss may leave old and new bytes mixed, which no
+A power cut inside step i must leave the store, once reopened, in the state
+after step i-1 or in the state after step i. A step that imports a tar may
+also leave the state after step i-1 without that step's layer, because
+recovery removes a layer whose import did not finish.
+
+No step overwrites file data that an earlier step committed. A power cut
+during an in-place overwrite may leave old and new bytes mixed, which no
 file system rules out, so the state comparison would flag it falsely.
 """
 

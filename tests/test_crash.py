@@ -138,3 +138,30 @@ def test_crash_point(prepared, operation, point, tmp_path):
             else:
                 assert free == empty
     assert fsck.main([image, "--no-progress", "--log-level", "WARNING"]) == 0
+
+
+def test_freed_blocks_not_reused_before_commit(tmp_path):
+    """Blocks freed by an unlink stay allocated to the old file until the commit lands."""
+    image = str(tmp_path / "store.img")
+    Store.mkfs(image, size=64 * MiB, metadata_size=16 * MiB)
+    import stat as stat_
+
+    with Store.open(image) as s:
+        n = s.create_layer("l").number
+        a = s.mknod(n, ROOT_INO, b"a", stat_.S_IFREG | 0o644)
+        s.write(n, a.ino, 0, b"A" * 36864)
+    script = textwrap.dedent(f"""
+        import os, stat
+        from lcfs.store import Store, ROOT_INO
+        s = Store.open({image!r}); n = s.get_layer("l").number
+        s.unlink(n, ROOT_INO, b"a")
+        b = s.mknod(n, ROOT_INO, b"b", stat.S_IFREG | 0o644)
+        s.write(n, b.ino, 0, b"B" * 36864)
+        os._exit(0)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    with Store.open(image) as s:
+        n = s.get_layer("l").number
+        a = s.lookup(n, ROOT_INO, b"a")
+        assert s.read(n, a.ino, 0, 36864) == b"A" * 36864
+    assert fsck.main([image, "--no-progress", "--log-level", "WARNING"]) == 0

@@ -205,9 +205,6 @@ def test_cut_keeps_committed_state(outcome, recording, seed):
 # the commit (SIGKILL is enough, no power loss needed) then leaves the
 # committed file that still maps those blocks holding the new file's data.
 # Freed blocks must stay unallocatable until the commit that frees them.
-@pytest.mark.xfail(
-    strict=True, reason="freed blocks are reused before the freeing commit"
-)
 def test_cut_keeps_data_of_freed_blocks(outcome, recording, seed):
     _, failures = outcome
     failed = [

@@ -28,6 +28,13 @@ class Allocator:
         self.data_blocks = data_blocks
         self.free_blocks = 0
         self._next = 0
+        # Runs freed since the last commit: the committed metadata may still map
+        # them, so they join the free map only in the commit that frees them.
+        self.pending: list[tuple[int, int]] = []
+
+    @property
+    def pending_blocks(self) -> int:
+        return sum(count for _, count in self.pending)
 
     def count(self, txn) -> int:
         total = 0
@@ -94,11 +101,21 @@ class Allocator:
         return taken
 
     def release(self, txn, start: int, count: int) -> None:
-        """Return ``count`` blocks at ``start`` to the free map, merging neighbours."""
+        """Free ``count`` blocks at ``start`` once the current transaction commits."""
         if count <= 0:
             return
         if start < 0 or start + count > self.data_blocks:
             raise errors.StoreError(f"freeing blocks {start}..{start + count - 1} outside the data region")
+        self.pending.append((start, count))
+
+    def flush(self, txn) -> None:
+        """Move the pending runs into the free map; call in the transaction about to commit."""
+        pending, self.pending = self.pending, []
+        for start, count in pending:
+            self._insert(txn, start, count)
+
+    def _insert(self, txn, start: int, count: int) -> None:
+        """Put ``count`` blocks at ``start`` into the free map, merging neighbours."""
         cursor = txn.cursor(db=self.db)
         new_start, new_end = start, start + count
         if cursor.set_range(U64.pack(start)):

@@ -105,12 +105,14 @@ def write_op(fn):
             nested = self.env.begin(write=True, parent=group)
             self._txn = self._nested = nested
             free_before = self.alloc.free_blocks
+            pending_mark = len(self.alloc.pending)
             undo_mark = len(self._undo)
             try:
                 result = fn(self, *args, **kwargs)
             except BaseException:
                 nested.abort()
                 self.alloc.free_blocks = free_before
+                del self.alloc.pending[pending_mark:]
                 while len(self._undo) > undo_mark:
                     self._undo.pop()()
                 raise
@@ -331,6 +333,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 return
             if self.readonly:
                 raise errors.ReadOnly(f"store {self.path} is open read-only")
+            self.alloc.flush(self._group)
             os.fdatasync(self.fd)
             crash_point("commit.data_synced")
             self._group.commit()
@@ -363,7 +366,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     def statfs(self) -> StatFs:
         next_ino = U64.unpack(self._txn.get(b"next_ino", db=self.dbs["meta"]))[0]
         files = 1 << 48
-        return StatFs(BLOCK_SIZE, self.data_blocks, self.alloc.free_blocks, files, files - next_ino)
+        free = self.alloc.free_blocks + self.alloc.pending_blocks
+        return StatFs(BLOCK_SIZE, self.data_blocks, free, files, files - next_ino)
 
     # -- layers ----------------------------------------------------------------
 

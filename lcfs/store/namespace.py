@@ -37,6 +37,9 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
+# Keys of the meta database that record the xattr names ever stored.
+XATTR_NAME_PREFIX = b"xattr-name:"
+XATTR_NAMES_COMPLETE = b"xattr-names-complete"
 
 
 def _now() -> int:
@@ -570,6 +573,8 @@ class NamespaceMixin:
         if flags & XATTR_REPLACE and not exists:
             raise errors.NoData(f"no xattr {name.decode(errors='replace')!r} on inode {ino}")
         self._txn.put(key, value, db=self.dbs["xattrs"])
+        if name not in self._xattr_names:
+            self._record_xattr_name(name)
         inode.flags |= FLAG_XATTRS
         inode.ctime_ns = _now()
         self._put_inode(layer, inode)
@@ -588,3 +593,39 @@ class NamespaceMixin:
             inode.flags &= ~FLAG_XATTRS
         inode.ctime_ns = _now()
         self._put_inode(layer, inode)
+
+    # -- xattr names ever stored ---------------------------------------------------
+    #
+    # The meta database holds a key XATTR_NAME_PREFIX + name for every xattr
+    # name that any layer has stored, and XATTR_NAMES_COMPLETE once those
+    # keys cover every record of the xattrs database. Names are never taken
+    # out, so a name missing from the set is held by no inode of any layer.
+
+    def xattr_name_seen(self, name: bytes) -> bool:
+        """Return whether any layer has ever stored an xattr called ``name``.
+
+        Reads only memory and takes no lock, so a FUSE handler can ask on
+        every request, even while another thread holds the store lock.
+        """
+        return name in self._xattr_names
+
+    def _load_xattr_names(self) -> None:
+        """Read the set of xattr names, indexing the xattrs database once if needed."""
+        txn, meta = self._txn, self.dbs["meta"]
+        start = len(XATTR_NAME_PREFIX)
+        names = {key[start:] for key, _ in self._prefix_items(meta, XATTR_NAME_PREFIX)}
+        if txn.get(XATTR_NAMES_COMPLETE, db=meta) is None:
+            # A store formatted before the set was kept: keys are ino u64,
+            # layer u64, name.
+            for key, _ in txn.cursor(db=self.dbs["xattrs"]):
+                names.add(bytes(key[16:]))
+            if not self.readonly:
+                for name in names:
+                    txn.put(XATTR_NAME_PREFIX + name, b"", db=meta)
+                txn.put(XATTR_NAMES_COMPLETE, b"", db=meta)
+        self._xattr_names = names
+
+    def _record_xattr_name(self, name: bytes) -> None:
+        self._txn.put(XATTR_NAME_PREFIX + name, b"", db=self.dbs["meta"])
+        self._xattr_names.add(name)
+        self._undo.append(lambda: self._xattr_names.discard(name))

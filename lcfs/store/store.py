@@ -197,6 +197,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._pins: dict[tuple[int, int], int] = {}
         self._orphans: dict[tuple[int, int], int] = {}
         self._applying: dict[int, int] = {}
+        self._xattr_names: set[bytes] = set()
         # The layer whose Diff finished last: ApplyDiff maps its blocks when the tar matches.
         self._last_diff: int | None = None
         self._closed = False
@@ -277,6 +278,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 if layer.parent is not None:
                     layer.parent_id = self._layers[layer.parent].id
             self.alloc.count(txn)
+            self._load_xattr_names()
             if not self.readonly:
                 self._set_state("dirty")
         if not self.readonly:

@@ -1,0 +1,154 @@
+"""Record validation and a tolerant store opener for lcfs-fsck.
+
+fsck must open stores that the daemon would refuse or trip over: layer
+records it cannot decode, a parent that does not exist, free-map values of
+the wrong length. ``FsckStore`` loads such a store without failing, and the
+``*_RULES`` tables say which keys and values each database accepts, so the
+phases can report the rest and never unpack a malformed record.
+"""
+
+from __future__ import annotations
+
+import json
+
+from lcfs.journal import intents
+from lcfs.store import Store
+from lcfs.store.data import BORROWED, OWNED, REFS, SHARED
+from lcfs.store.format import U64, U64X2, Inode, Layer
+
+# Length of an inode record with an empty name and target; its last two
+# bytes are the name length.
+INODE_FIXED = len(Inode(0, 0).pack())
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _changes_key(key: bytes) -> bool:
+    if len(key) == 17 and key[8:9] == b"i":
+        return True
+    return len(key) >= 18 and key[8:9] == b"d"
+
+
+def _inode_value(value: bytes) -> bool:
+    if len(value) < INODE_FIXED:
+        return False
+    name_len = int.from_bytes(value[INODE_FIXED - 2 : INODE_FIXED], "big")
+    return INODE_FIXED + name_len <= len(value)
+
+
+def read_layer(key: bytes, value: bytes) -> Layer | None:
+    """Decode a layer record, or return None if it is malformed."""
+    if len(key) != 8:
+        return None
+    number = U64.unpack(key)[0]
+    try:
+        layer = Layer.unpack(number, value)
+    except (ValueError, KeyError, TypeError):
+        return None
+    valid = (
+        isinstance(layer.id, str)
+        and layer.id
+        and (layer.parent is None or isinstance(layer.parent, int))
+        and isinstance(layer.depth, int)
+        and isinstance(layer.frozen, bool)
+        and isinstance(layer.created, (int, float))
+        and layer.state in ("ready", "removing")
+    )
+    return layer if valid else None
+
+
+def read_intent(value: bytes) -> dict | None:
+    """Decode an intent record, or return None if it is malformed."""
+    try:
+        intent = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(intent, dict) or intent.get("kind") not in intents.KINDS:
+        return None
+    # Recovery looks the layer up by number, and an orphan by inode too.
+    if not isinstance(intent.get("layer"), int):
+        return None
+    if intent["kind"] == "orphan" and not isinstance(intent.get("ino"), int):
+        return None
+    return intent
+
+
+KEY_RULES = {
+    "layers": lambda k: len(k) == 8,
+    "layer_ids": lambda k: bool(k) and _utf8(k),
+    "children": lambda k: len(k) == 16,
+    "inodes": lambda k: len(k) == 16,
+    # dir ino, a name of at least one byte, NUL, layer
+    "dirents": lambda k: len(k) >= 18 and k[-9] == 0,
+    "xattrs": lambda k: len(k) >= 17,
+    "extents": lambda k: len(k) == 24,
+    "free": lambda k: len(k) == 8,
+    "changes": _changes_key,
+    "nodes": lambda k: len(k) == 8,
+    "node_keys": lambda k: len(k) == 16,
+    "intents": lambda k: len(k) == 8,
+    "refs": lambda k: len(k) == 8,
+}
+
+VALUE_RULES = {
+    "layers": lambda k, v: read_layer(k, v) is not None,
+    "layer_ids": lambda k, v: len(v) == 8,
+    "inodes": lambda k, v: _inode_value(v),
+    "dirents": lambda k, v: len(v) in (0, 9),
+    # physical block, count, and a flag: borrowed, owned or shared
+    "extents": lambda k, v: len(v) == 13 and v[12] in (BORROWED, OWNED, SHARED),
+    "free": lambda k, v: len(v) == 8,
+    "nodes": lambda k, v: len(v) == 16,
+    "node_keys": lambda k, v: len(v) == 8,
+    "intents": lambda k, v: read_intent(v) is not None,
+    "refs": lambda k, v: len(v) == REFS.size,
+}
+
+
+def key_ok(name: str, key: bytes) -> bool:
+    rule = KEY_RULES.get(name)
+    return rule is None or bool(rule(key))
+
+
+def well_formed(name: str, key: bytes, value: bytes) -> bool:
+    if not key_ok(name, key):
+        return False
+    value_rule = VALUE_RULES.get(name)
+    return value_rule is None or value_rule(key, value)
+
+
+class FsckStore(Store):
+    """A store opened for checking.
+
+    Loading skips layer records it cannot decode and tolerates a parent that
+    does not exist, where ``Store._load`` would raise, so that the phases can
+    report and repair them. It otherwise loads what ``Store._load`` loads.
+    """
+
+    def _load(self) -> None:
+        with self.lock:
+            txn = self._txn = self._group_txn()
+            for key, value in txn.cursor(db=self.dbs["layers"]):
+                layer = read_layer(bytes(key), bytes(value))
+                if layer is not None:
+                    self._layers[layer.number] = layer
+                    self._ids[layer.id] = layer.number
+            for key, _ in txn.cursor(db=self.dbs["children"]):
+                if len(key) == 16:
+                    parent, child = U64X2.unpack(key)
+                    self._children.setdefault(parent, set()).add(child)
+            for layer in self._layers.values():
+                parent = self._layers.get(layer.parent)
+                layer.parent_id = parent.id if parent is not None else None
+            free = txn.cursor(db=self.dbs["free"])
+            self.alloc.free_blocks = sum(U64.unpack(v)[0] for _, v in free if len(v) == 8)
+            if not self.readonly:
+                self._set_state("dirty")
+        if not self.readonly:
+            self.commit()

@@ -28,7 +28,7 @@ import grpc
 from dockerd import terminate
 from lcfs.driver.proto import snapshots_pb2, snapshots_pb2_grpc
 from lcfs_daemon import fsck_command, lcfs_command
-from mounts import mounts_under, unmount_under
+from mounts import unmount_under
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +73,20 @@ class SnapshotterDaemon:
             str(self.mountpoint),
         ]
 
-    def start(self, crash_point: str | None = None, timeout: float = 60) -> SnapshotterDaemon:
+    def start(self, crash_point: str | None = None, timeout: float = 60,
+              env: dict[str, str] | None = None) -> SnapshotterDaemon:  # fmt: skip
         """Start the daemon and wait until List replies.
 
         With ``crash_point`` the daemon kills itself with SIGKILL when it
-        reaches that point (see lcfs.journal.crash).
+        reaches that point (see lcfs.journal.crash). ``env`` adds variables
+        to the daemon's environment.
         """
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.pop("LCFS_CRASH_POINT", None)
+        environment = dict(os.environ)
+        environment.pop("LCFS_CRASH_POINT", None)
         if crash_point:
-            env["LCFS_CRASH_POINT"] = crash_point
+            environment["LCFS_CRASH_POINT"] = crash_point
+        environment.update(env or {})
         log.info("starting lcfs snapshotter daemon in %s (crash point %s)", self.workdir,
                  crash_point or "none")  # fmt: skip
         with open(self.log_path, "ab") as log_file:
@@ -92,7 +95,7 @@ class SnapshotterDaemon:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=environment,
                 start_new_session=True,
             )
         deadline = time.monotonic() + timeout
@@ -415,7 +418,3 @@ def tools_available() -> str | None:
         if not tool or not os.path.exists(tool):
             return f"{tool or 'runc or containerd-shim-runc-v2'} is not installed"
     return None
-
-
-def mounts_left(directory: Path) -> list[str]:
-    return mounts_under(directory)

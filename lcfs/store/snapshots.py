@@ -84,7 +84,7 @@ def is_snapshot_layer(layer_id: str) -> bool:
 
 @dataclass(slots=True)
 class SnapshotInfo:
-    """One snapshot as containerd sees it, plus the id of its store layer."""
+    """One snapshot as containerd describes it, plus the id of its store layer."""
 
     name: str
     kind: str
@@ -242,7 +242,6 @@ class SnapshotMixin:
             now = time.time_ns()
             info = SnapshotInfo(key, kind, parent, now, now, clean_labels, layer.id)
             self._put_snapshot(info)
-            crash_point("snapshot.created")
             return info
 
         info = create(self)
@@ -278,7 +277,6 @@ class SnapshotMixin:
                                 active.layer_id)  # fmt: skip
             self._txn.delete(_encode_key(key), db=self.dbs["snapshots"])
             self._put_snapshot(info)
-            crash_point("snapshot.committing")
             return info
 
         info = commit(self)
@@ -287,7 +285,7 @@ class SnapshotMixin:
 
     def update_snapshot(self, name: str, labels: dict[str, str],
                         paths: list[str] | None = None) -> SnapshotInfo:  # fmt: skip
-        """Change the labels of a snapshot as containerd's field mask says.
+        """Change the labels of a snapshot as containerd's field mask selects.
 
         With no ``paths`` every label is replaced. ``labels`` replaces them
         all too, and ``labels.KEY`` sets one label, or removes it when
@@ -346,8 +344,10 @@ class SnapshotMixin:
         with self.lock:
             info, layer = mark(self)
             self.commit()
-            crash_point("snapshot.remove.marked")
+            # The same steps, and crash points, as Store.remove_layer.
+            crash_point("remove.marked")
             self._purge(layer.number)
+            crash_point("remove.dropping")
             self._drop_layer(layer)
             self.commit()
         log.debug("removed %s snapshot %s (layer %s)", info.kind, key, layer.id)

@@ -56,9 +56,9 @@ func TestSnapshotterSuite(t *testing.T) {
 }
 
 // TestRenameInChildSnapshot runs the rename case that the 1.6 suite skips
-// because overlayfs fails it on some kernels, and two more: the rename of
-// a directory with contents inherited from the parent, and a rename onto
-// the name of a deleted directory.
+// because overlayfs fails it on some kernels. It adds two more cases: the
+// rename of a directory with contents inherited from the parent, and a
+// rename onto the name of a deleted directory.
 func TestRenameInChildSnapshot(t *testing.T) {
 	sn, closeConnection, err := connect()
 	if err != nil {

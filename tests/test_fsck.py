@@ -1,12 +1,13 @@
 """lcfs-fsck against stores with one structure damaged at a time.
 
-Every corruption test copies a small real store (three layers with
-directories, hard links, xattrs, symbolic links, copied-up files and data),
-damages exactly one structure by editing its LMDB databases directly, and
-then checks the whole cycle: a plain run reports the problem in the phase
-that owns it, exits 4 and leaves the device byte for byte unchanged; a
-``--repair --yes`` run exits 1; a third run is clean; and the store opens
-and every file the damage did not touch reads back as before.
+Every corruption test copies a small real store with four layers,
+directories, hard links, xattrs, symbolic links, copied-up files, and
+blocks shared by reference. It damages exactly one structure by editing the
+LMDB databases directly and then checks the whole cycle. A plain run
+reports the problem in the phase that owns it, exits 4 and leaves the
+device byte for byte unchanged. A ``--repair --yes`` run exits 1, a third
+run is clean, and the store opens with every file the damage did not touch
+reading back as before.
 """
 
 import hashlib
@@ -62,7 +63,7 @@ HOSTS = b"127.0.0.1 localhost\n"
 def build_store(path: str) -> dict:
     """Build the template store and return the layer and inode numbers the tests damage.
 
-    ``base`` holds the tree, ``child`` (a child of base) copies up and
+    ``base`` contains the tree, ``child`` (a child of base) copies up and
     changes part of it, and ``leaf`` (a child of child) adds a file and
     rewrites ``/etc/hosts``, so base and child are frozen. ``commit`` is
     leaf's content committed into a second child of child.
@@ -376,6 +377,31 @@ def test_stuck_orphan_intent(store_image, capsys):
         assert s._txn.get(inode_key(n["leaf.txt"], n["leaf"]), db=s.dbs["inodes"]) is None
 
 
+@pytest.mark.parametrize("kind", ["apply", "remove", "orphan"])
+def test_intent_that_cannot_be_right(store_image, capsys, kind):
+    path, n, _ = store_image
+    with damage(path) as (txn, dbs):
+        if kind == "orphan":
+            # /leaf.txt still has its link, so freeing it would lose a live file.
+            intents.begin(txn, dbs["intents"], dbs["meta"], kind, layer=n["leaf"], ino=n["leaf.txt"])
+        else:
+            # child has child layers: rolling it back or removing it would orphan them.
+            intents.begin(txn, dbs["intents"], dbs["meta"], kind, layer=n["child"], id="child")
+    reason = "still has links" if kind == "orphan" else "has child layers"
+    assert_repairs(store_image, capsys, "journal intents", reason)
+    with damage(path) as (txn, dbs):
+        assert list(txn.cursor(db=dbs["intents"])) == []
+
+
+def test_removing_layer_with_children(store_image, capsys):
+    path, n, _ = store_image
+    with damage(path) as (txn, dbs):
+        put_layer(txn, dbs, n["child"], state="removing")
+    assert_repairs(store_image, capsys, "journal intents", "layer child is marked for removal but has child layers")
+    with Store.open(path) as s:
+        assert s.exists("child")
+
+
 def test_inode_of_missing_layer(store_image, capsys):
     path, n, _ = store_image
     with damage(path) as (txn, dbs):
@@ -614,27 +640,30 @@ def test_block_count_wrong(store_image, capsys):
     assert_repairs(store_image, capsys, "file extents", f"inode {n['big']} in layer {n['base']} counts 3 blocks")
 
 
-def test_leaked_blocks(store_image, capsys):
+@pytest.mark.parametrize("kind", ["leak", "touch", "overlap"])
+def test_free_map_damaged(store_image, capsys, kind):
     path, n, _ = store_image
     with damage(path) as (txn, dbs):
+        free = sum(length for _, length in free_map(txn, dbs))
         start, count = free_map(txn, dbs)[-1]
-        # Cut the first 5 blocks off the last free extent: neither free nor mapped.
         txn.delete(U64.pack(start), db=dbs["free"])
-        txn.put(U64.pack(start + 5), U64.pack(count - 5), db=dbs["free"])
-    assert_repairs(store_image, capsys, "free-space map", f"5 blocks at {start}..{start + 4} are neither mapped nor free")
+        if kind == "leak":
+            # Cut the first 5 blocks off the last free extent: neither free nor mapped.
+            txn.put(U64.pack(start + 5), U64.pack(count - 5), db=dbs["free"])
+            message = f"5 blocks at {start}..{start + 4} are neither mapped nor free"
+        elif kind == "touch":
+            txn.put(U64.pack(start), U64.pack(10), db=dbs["free"])
+            txn.put(U64.pack(start + 10), U64.pack(count - 10), db=dbs["free"])
+            message = f"free extents at blocks {start} and {start + 10} touch"
+        else:
+            txn.put(U64.pack(start), U64.pack(20), db=dbs["free"])
+            txn.put(U64.pack(start + 10), U64.pack(count - 10), db=dbs["free"])
+            message = f"free extents at blocks {start} and {start + 10} overlap"
+    assert_repairs(store_image, capsys, "free-space map", message)
     with damage(path) as (txn, dbs):
         assert free_map(txn, dbs)[-1] == (start, count)
-
-
-def test_free_extents_touch(store_image, capsys):
-    path, n, _ = store_image
-    with damage(path) as (txn, dbs):
-        start, count = free_map(txn, dbs)[-1]
-        txn.put(U64.pack(start), U64.pack(10), db=dbs["free"])
-        txn.put(U64.pack(start + 10), U64.pack(count - 10), db=dbs["free"])
-    assert_repairs(store_image, capsys, "free-space map", f"free extents at blocks {start} and {start + 10} touch")
-    with damage(path) as (txn, dbs):
-        assert free_map(txn, dbs)[-1] == (start, count)
+    with Store.open(path) as s:
+        assert s.statfs().free_blocks == free
 
 
 def test_change_log_names_missing_inode(store_image, capsys):
@@ -677,10 +706,11 @@ def test_counter_missing(store_image, capsys):
     path, n, _ = store_image
     with damage(path) as (txn, dbs):
         assert txn.delete(b"next_ino", db=dbs["meta"])
+        highest = max(U64X2.unpack(k)[0] for k, _ in txn.cursor(db=dbs["inodes"]))
     assert_repairs(store_image, capsys, "superblock", "counter next_ino is missing or malformed")
     with Store.open(path) as s:
         attr = s.mknod(n["leaf"], ROOT_INO, b"fresh", stat.S_IFREG | 0o644)
-        assert attr.ino == n["leaf.txt"] + 3  # after the two inodes commit created
+        assert attr.ino == highest + 1
 
 
 def test_node_missing_forward_entry(store_image, capsys):

@@ -6,7 +6,7 @@ import logging
 
 from lcfs.journal import intents
 from lcfs.store import errors
-from lcfs.store.format import EXTENT, U64, U64X2, Layer
+from lcfs.store.format import EXTENT, U64, U64X2, Inode, Layer, inode_key
 from tools.fsck_records import read_intent, read_layer
 
 log = logging.getLogger("lcfs.fsck")
@@ -218,23 +218,40 @@ class LayerChecks:
         """journal intents"""
         from lcfs.journal.recovery import recover
 
-        layers = self.store._layers
+        store = self.store
+        layers = store._layers
         pending = [(U64.unpack(k)[0], read_intent(v)) for k, v in self.records("intents")]
         ending: set[int] = set()
         for number, intent in pending:
-            kind = intent["kind"]
-            layer = layers.get(intent.get("layer"))
-            name = layer.id if layer is not None else intent.get("id", intent.get("layer"))
-            if kind == "orphan":
-                what = f"unfreed unlinked inode {intent.get('ino')} in layer {name}"
+            layer = layers.get(intent["layer"])
+            name = layer.id if layer is not None else intent.get("id", intent["layer"])
+            if intent["kind"] == "orphan":
+                what = f"intent {number}: unfreed unlinked inode {intent['ino']} in layer {name}"
+                # The store records an orphan only when the last link goes.
+                bogus = layer is not None and self._nlink(layer.number, intent["ino"]) > 0
+                reason = "but the inode still has links"
             else:
-                what = {"apply": "unfinished import into", "remove": "unfinished removal of"}[kind]
-                what = f"{what} layer {name}"
-                if layer is not None:
+                action = {"apply": "unfinished import into", "remove": "unfinished removal of"}[intent["kind"]]
+                what = f"intent {number}: {action} layer {name}"
+                # The store never imports into or removes a layer with children.
+                bogus = layer is not None and bool(store._children.get(layer.number))
+                reason = "but the layer has child layers"
+                if layer is not None and not bogus:
                     ending.add(layer.number)
-            self.problem(f"intent {number}: {what}", lambda: None, "finish or roll it back")
-        stuck = [layer for layer in layers.values() if layer.state == "removing" and layer.number not in ending]
-        for layer in stuck:
+            if bogus:
+                self.problem(f"{what}, {reason}",
+                             lambda number=number: intents.finish(self.txn, self.db("intents"), number),
+                             "delete the intent")  # fmt: skip
+            else:
+                self.problem(what, lambda: None, "finish or roll it back")
+        for layer in list(layers.values()):
+            if layer.state != "removing" or layer.number in ending:
+                continue
+            if store._children.get(layer.number):
+                self.problem(f"layer {layer.id} is marked for removal but has child layers",
+                             lambda layer=layer: self._set_layer(layer, state="ready"),
+                             "mark it ready again")  # fmt: skip
+                continue
             self.problem(f"layer {layer.id} is marked for removal but no intent finishes the removal",
                          lambda layer=layer: intents.begin(self.txn, self.db("intents"), self.db("meta"),
                                                            "remove", layer=layer.number, id=layer.id),
@@ -243,8 +260,11 @@ class LayerChecks:
         if not self.repair:
             # Recovery removes these layers, so the later phases leave them alone.
             self.skip |= ending
-        elif pending or stuck:
-            self.store.commit()
-            recover(self.store)
-            self.store._ready()
+        elif pending or ending:
+            store.commit()
+            recover(store)
+            store._ready()
 
+    def _nlink(self, number: int, ino: int) -> int:
+        raw = self.txn.get(inode_key(ino, number), db=self.db("inodes"))
+        return Inode.unpack(ino, raw).nlink if raw is not None else 0

@@ -473,6 +473,17 @@ def test_dangling_dirent_over_inherited_name(store_image, capsys):
             s.lookup(n["child"], ROOT_INO, b"link")
 
 
+def test_directory_with_two_names(store_image, capsys):
+    path, n, _ = store_image
+    with damage(path) as (txn, dbs):
+        # A second name for /etc, as if the directory were hard-linked.
+        txn.put(dirent_key(ROOT_INO, b"etc2", n["base"]), DIRENT.pack(n["etc"], stat.S_IFDIR >> 12),
+                db=dbs["dirents"])  # fmt: skip
+        txn.put(change_dirent_key(n["base"], ROOT_INO, b"etc2"), b"", db=dbs["changes"])
+    assert_repairs(store_image, capsys, "directory entries",
+                   f"directory inode {n['etc']} of layer base has another name 'etc2' in directory 1")  # fmt: skip
+
+
 def test_dirent_wrong_type(store_image, capsys):
     path, n, _ = store_image
     with damage(path) as (txn, dbs):

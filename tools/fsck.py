@@ -133,10 +133,13 @@ class Checker(LayerChecks, BlockChecks):
             try:
                 self.store._write(fix)
             except (errors.StoreError, lmdb.Error) as exc:
+                self.store._clear_caches()
                 entry["action"] = f"repair failed: {exc}"
                 log.error("%s: %s; repair failed: %s", self.phase, message, exc)
                 self.problems.append(entry)
                 return
+            # Fixes write records directly, past the store's lookup caches.
+            self.store._clear_caches()
             entry["repaired"] = True
             entry["action"] = fix_text
             log.warning("%s: %s; repair: %s", self.phase, message, fix_text)
@@ -295,8 +298,13 @@ class Checker(LayerChecks, BlockChecks):
 
     def _count_names(self, number: int) -> dict:
         """Walk a layer's tree; count names per inode and subdirectories per directory."""
+        return self._walk_names(number)[0]
+
+    def _walk_names(self, number: int) -> tuple[dict, dict[int, list[tuple[int, bytes]]]]:
+        """Walk a layer's tree; return the name counts and the (directory, name) of every subdirectory."""
         store = self.store
         counts: dict = {}
+        places: dict[int, list[tuple[int, bytes]]] = {}
         stack = [ROOT_INO]
         visited = set()
         while stack:
@@ -308,7 +316,7 @@ class Checker(LayerChecks, BlockChecks):
                 dir_inode = store._inode(number, dir_ino)
             except errors.NotFound:
                 continue
-            for _, ino in store._entries(number, dir_inode).items():
+            for name, ino in store._entries(number, dir_inode).items():
                 counts[ino] = counts.get(ino, 0) + 1
                 try:
                     child = store._inode(number, ino)
@@ -316,8 +324,9 @@ class Checker(LayerChecks, BlockChecks):
                     continue
                 if child.is_dir:
                     counts[("subdirs", dir_ino)] = counts.get(("subdirs", dir_ino), 0) + 1
+                    places.setdefault(ino, []).append((dir_ino, name))
                     stack.append(ino)
-        return counts
+        return counts, places
 
     def _update_inode(self, number: int, ino: int, **fields) -> Inode:
         """Change fields of layer ``number``'s own record of ``ino``."""
@@ -375,6 +384,35 @@ class Checker(LayerChecks, BlockChecks):
                 self.problem(f"entry {text!r} in directory {dir_ino} of layer {layers[number].id} "
                              "has the wrong file type",
                              lambda key=key, n=number: self._fix_type(key, n), "fix the type")  # fmt: skip
+        for number in sorted(layers):
+            if number not in self.skip:
+                self._check_directory_names(number)
+
+    def _check_directory_names(self, number: int) -> None:
+        """Report directories with more than one name; the root directory has none.
+
+        A directory keeps the name its record gives as its primary link. An
+        extra name whose entry an ancestor layer owns is reported for that layer.
+        """
+        store = self.store
+        layer = store._layers[number]
+        _, places = self._walk_names(number)
+        for ino, entries in sorted(places.items()):
+            if len(entries) < 2 and ino != ROOT_INO:
+                continue
+            keep = None
+            if ino != ROOT_INO:
+                inode = store._inode(number, ino)
+                keep = (inode.parent, inode.name) if (inode.parent, inode.name) in entries else min(entries)
+            for dir_ino, name in sorted(entries):
+                if (dir_ino, name) == keep:
+                    continue
+                if self.txn.get(dirent_key(dir_ino, name, number), db=self.db("dirents")) is None:
+                    continue
+                self.problem(f"directory inode {ino} of layer {layer.id} has another name "
+                             f"{name.decode(errors='replace')!r} in directory {dir_ino}",
+                             lambda d=dir_ino, nm=name: self._drop_entry(number, d, nm),
+                             "remove that name")  # fmt: skip
 
     def _drop_entry(self, number: int, dir_ino: int, name: bytes) -> None:
         """Remove a layer's entry; a tombstone keeps hiding the name if an ancestor has it."""
@@ -485,13 +523,14 @@ class Checker(LayerChecks, BlockChecks):
                              f"set it to {top + 1}")  # fmt: skip
 
 
+# Entries come before link counts, so the counts see the entries as repaired.
 PHASES = (
     "superblock",
     "lmdb",
     "layers",
     "intents",
-    "inodes",
     "dirents",
+    "inodes",
     "xattrs",
     "extents",
     "free_space",

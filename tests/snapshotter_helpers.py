@@ -238,7 +238,11 @@ class Containerd:
         """Start containerd in a new network namespace and wait until ctr reaches it."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config())
-        env = {"PATH": SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root")}
+        # containerd mounts snapshots for unpacking under TMPDIR, so a mount
+        # left by a crash is under the work directory and stop() finds it.
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        env = {"PATH": SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "TMPDIR": str(tmp)}
         log.info("starting containerd in %s", self.workdir)
         with open(self.log_path, "ab") as log_file:
             self.process = subprocess.Popen(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from rootfs import cache_dir
+from mounts import unmount_under
 from snapshotter_helpers import SnapshotterDaemon, check_list_consistent
 
 GO_SOURCES = Path(__file__).resolve().parent / "containerd"
@@ -113,6 +114,7 @@ def test_containerd_snapshotter_suite(suite_binary, tmp_path):
         assert skipped == EXPECTED_SKIP, tail
         check_list_consistent(daemon.list())
     finally:
+        unmount_under(work)
         daemon.cleanup()
     assert daemon.process.returncode == 0
     result = daemon.fsck()
@@ -131,6 +133,7 @@ def test_rename_in_child_snapshot(suite_binary, tmp_path):
         assert run.returncode == 0, tail
         assert daemon.list() == []
     finally:
+        unmount_under(work)
         daemon.cleanup()
     result = daemon.fsck()
     assert result.returncode == 0, result.stdout + result.stderr

@@ -56,6 +56,9 @@ KINDS = (KIND_VIEW, KIND_ACTIVE, KIND_COMMITTED)
 # (labels.Validate in containerd 1.6).
 MAX_LABEL_BYTES = 4096
 # LMDB's default maximum key size, in bytes.
+# NOTE: containerd's own snapshotters (bolt) accept longer keys. The keys
+# containerd sends (namespace/sequence/key, about 100 bytes for an unpack)
+# fit, but a longer one is rejected as invalid.
 MAX_KEY_BYTES = 511
 
 NEXT_SNAPSHOT = b"next_snapshot"

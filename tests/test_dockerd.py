@@ -13,9 +13,14 @@ The last test removes every image and container and stops both daemons,
 so it must stay last in the file.
 """
 
+import io
 import os
 import random
+import signal
 import subprocess
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from hashlib import sha256
 from pathlib import Path
 
@@ -413,6 +418,13 @@ def test_classic_build_uses_cache(docker, classic_image, build_context):
     assert output.count("Using cache") == 3, output
 
 
+DATA_USED = "Data Space Used (bytes)"
+# The random data tar holds 160 MiB, so 20 MiB written is well inside its
+# import.
+RANDOM_FILES = 40
+RANDOM_FILE_SIZE = 4 * 1024 * 1024
+KILL_AFTER_BYTES = 20 * 1024 * 1024
+
 # Layer tars have no entry for the root directory, so its mtime is whenever
 # each driver created the layer directory, not data carried by the image.
 ROOT_MTIME = {b".": {"mtime"}}
@@ -442,6 +454,71 @@ def test_save_load_matches_vfs(
         finally:
             lcfs.call("GraphDriver.Put", {"ID": lcfs_id})
         assert found == [], f"{name}: lcfs layer {lcfs_id} differs from vfs"
+
+
+@pytest.fixture(scope="module")
+def random_data_tar(busybox_tree, tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A busybox root with /data/NN.bin files of random content, and their sha256.
+
+    Nothing else in the store has this content, so importing it writes every
+    byte (the store maps files equal to a recently diffed layer's by
+    reference instead of writing them).
+    """
+    path = tmp_path_factory.mktemp("random") / "random-data.tar"
+    generator = random.Random(11)
+    digests = {}
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        archive.add(busybox_tree, arcname=".")
+        for index in range(RANDOM_FILES):
+            data = generator.randbytes(RANDOM_FILE_SIZE)
+            member = tarfile.TarInfo(f"./data/{index:02d}.bin")
+            member.size = len(data)
+            member.mode = 0o644
+            archive.addfile(member, io.BytesIO(data))
+            digests[f"{index:02d}.bin"] = sha256(data).hexdigest()
+    return path, digests
+
+
+def test_import_killed_midway_rolls_back(docker, lcfs, images, random_data_tar):
+    tar_path, digests = random_data_tar
+    before = lcfs.status()
+    importer = ThreadPoolExecutor(max_workers=1)
+    attempt = importer.submit(
+        docker.docker, "import", str(tar_path), "lcfs-test/killed:1", check=False
+    )
+    # Kill the plugin once the import has written data but before it ends.
+    deadline = time.monotonic() + 60
+    while int(lcfs.status()[DATA_USED]) < int(before[DATA_USED]) + KILL_AFTER_BYTES:
+        if attempt.done():
+            pytest.fail(f"the import ended before the kill: {attempt.result()}")
+        assert time.monotonic() < deadline, "the import wrote too little in 60 s"
+        time.sleep(0.05)
+    lcfs.process.send_signal(signal.SIGKILL)
+    lcfs.stop()
+    # dockerd retries the dead plugin for about 15 s per call before it fails.
+    failed = attempt.result(timeout=300)
+    importer.shutdown()
+    lcfs.start()
+    after = lcfs.status()
+    assert failed.returncode != 0
+    assert after["Layers"] == before["Layers"]
+    assert after[DATA_USED] == before[DATA_USED]
+
+    docker.docker("import", str(tar_path), "lcfs-test/killed:1")
+    script = "cd /data && sha256sum *.bin"
+    result = docker.docker(*RUN, "lcfs-test/killed:1", "sh", "-c", script)
+    found = dict(reversed(line.split("  ")) for line in result.stdout.splitlines())
+    assert found == digests
+
+
+def test_plugin_killed_then_restarted(docker, lcfs, committed_image):
+    # A daemon killed by SIGKILL leaves its FUSE mount disconnected; the
+    # next start detaches it and mounts again at the recorded Home.
+    lcfs.process.send_signal(signal.SIGKILL)
+    lcfs.stop()
+    lcfs.start()
+    result = docker.docker(*RUN, committed_image, "cat", "/root/new.txt")
+    assert result.stdout == "hello\n"
 
 
 def test_fsck_clean_while_images_stored(docker, lcfs, committed_image, buildkit_image):
@@ -488,8 +565,7 @@ def test_remove_everything_empties_store(docker, lcfs, initial_status):
 
     status = lcfs.status()
     assert status.get("Layers") == "0", status
-    used = "Data Space Used (bytes)"
-    assert status.get(used) == initial_status.get(used), status
+    assert status.get(DATA_USED) == initial_status.get(DATA_USED), status
 
     leftover_mounts = docker.stop()
     assert leftover_mounts == [], "dockerd (or lcfs Cleanup) left mounts"

@@ -205,9 +205,10 @@ def test_kill_during_import(stack, tmp_path, busybox_tar):
     importer = threading.Thread(target=run_import)
     importer.start()
     try:
-        wait_until(lambda: daemon.list('kind==active,name~=extract'), 120,
-                   "an extraction snapshot", interval=0.05)  # fmt: skip
-        time.sleep(1.0)
+        # The second layer is the large one: kill while containerd writes it.
+        wait_until(lambda: daemon.list('kind==active,name~=extract,parent!=""'), 120,
+                   "the extraction snapshot of the second layer", interval=0.05)  # fmt: skip
+        time.sleep(0.5)
         daemon.kill()
     finally:
         importer.join(600)

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -102,9 +103,11 @@ def build_store(path: str) -> dict:
     diff = b"".join(s.diff("leaf"))
     commit = s.create_layer("commit", "child").number
     s.apply_diff("commit", io.BytesIO(diff))
+    committed = s.lookup(commit, ROOT_INO, b"leaf.txt")
     s.close()
     return {"base": base, "child": child, "leaf": leaf, "commit": commit, "etc": etc.ino,
-            "hosts": hosts.ino, "big": big.ino, "new": new.ino, "leaf.txt": own.ino}  # fmt: skip
+            "hosts": hosts.ino, "big": big.ino, "new": new.ino, "leaf.txt": own.ino,
+            "committed leaf.txt": committed.ino}  # fmt: skip
 
 
 def snapshot(path: str) -> dict:
@@ -237,6 +240,23 @@ def put_layer(txn, dbs, number: int, **fields) -> None:
 
 def free_map(txn, dbs) -> list[tuple[int, int]]:
     return [(U64.unpack(k)[0], U64.unpack(v)[0]) for k, v in txn.cursor(db=dbs["free"])]
+
+
+def shared_run(txn, dbs, n, layer="leaf", file="leaf.txt") -> tuple[int, int, int]:
+    """Return (first block, count, references) of the shared extent of /leaf.txt.
+
+    A repair may merge neighbouring runs with equal counts into one record,
+    so the references come from whichever record covers the first block.
+    """
+    key = extent_key(n[file], n[layer], 0)
+    phys, count, flag = EXTENT.unpack(txn.get(key, db=dbs["extents"]))
+    assert flag == SHARED
+    for key, value in txn.cursor(db=dbs["refs"]):
+        start = U64.unpack(key)[0]
+        length, refs = REFS.unpack(value)
+        if start <= phys and phys + count <= start + length:
+            return phys, count, refs
+    return phys, count, 0
 
 
 # -- corruption cases, in phase order -------------------------------------------------
@@ -432,17 +452,47 @@ def test_inode_missing_from_change_log(store_image, capsys):
         assert ("/etc/new", 1) in s.changes("child")
 
 
-def test_unreachable_inode(store_image, capsys):
+def test_unreachable_file_linked_back(store_image, capsys):
     path, n, _ = store_image
     with damage(path) as (txn, dbs):
-        # A file whose only entry was removed without freeing it: a leak.
+        # The only entry of a file is gone but the file was never freed.
         assert txn.delete(dirent_key(ROOT_INO, b"leaf.txt", n["leaf"]), db=dbs["dirents"])
         assert txn.delete(change_dirent_key(n["leaf"], ROOT_INO, b"leaf.txt"), db=dbs["changes"])
+    report = assert_repairs(store_image, capsys, "directory entries",
+                            f"inode {n['leaf.txt']} of layer leaf has links but no name reaches it")  # fmt: skip
+    assert report["problems"][0]["action"] == "link it back as 'leaf.txt' in directory 1"
+
+
+def test_unreachable_directory_linked_back(store_image, capsys):
+    path, n, _ = store_image
+    with damage(path) as (txn, dbs):
+        # Without its entry, base's /etc and everything below it is cut off in every layer.
+        assert txn.delete(dirent_key(ROOT_INO, b"etc", n["base"]), db=dbs["dirents"])
+        assert txn.delete(change_dirent_key(n["base"], ROOT_INO, b"etc"), db=dbs["changes"])
+    report = assert_repairs(store_image, capsys, "directory entries",
+                            f"inode {n['etc']} of layer base has links but no name reaches it")  # fmt: skip
+    assert len(report["problems"]) == 1
+
+
+def test_unreachable_file_freed(store_image, capsys):
+    path, n, _ = store_image
+    with damage(path) as (txn, dbs):
+        # The entry is gone and the record names a directory that does not exist,
+        # so the file cannot go back: it is freed.
+        assert txn.delete(dirent_key(ROOT_INO, b"leaf.txt", n["leaf"]), db=dbs["dirents"])
+        assert txn.delete(change_dirent_key(n["leaf"], ROOT_INO, b"leaf.txt"), db=dbs["changes"])
+        put_inode(txn, dbs, n["leaf"], n["leaf.txt"], parent=999)
+        refs = shared_run(txn, dbs, n)[2]
+    assert refs == 2
     report = assert_repairs(store_image, capsys, "inodes and link counts",
                             f"inode {n['leaf.txt']} of layer leaf has 1 links but no name",
                             lost_paths=[("leaf", b"/leaf.txt")])  # fmt: skip
-    # Freeing the inode returned its blocks, so the free-space phase found nothing.
+    # Freeing the inode dropped its reference to the shared blocks, so the
+    # extents and free-space phases found nothing.
     assert [p["phase"] for p in report["problems"]] == ["inodes and link counts"]
+    with damage(path) as (txn, dbs):
+        assert txn.get(inode_key(n["leaf.txt"], n["leaf"]), db=dbs["inodes"]) is None
+        assert shared_run(txn, dbs, n, "commit", "committed leaf.txt")[2] == 1
 
 
 def test_dangling_dirent(store_image, capsys):
@@ -575,22 +625,6 @@ def test_borrowed_extent_without_owner(store_image, capsys):
         txn.put(key, EXTENT.pack(free[0][0] + 100, count, 0), db=dbs["extents"])
     assert_repairs(store_image, capsys, "file extents", "points at blocks no layer owns",
                    lost_paths=[(layer, b"/big") for layer in BELOW_CHILD])  # fmt: skip
-
-
-def shared_run(txn, dbs, n) -> tuple[int, int, int]:
-    """Return (first block, count, references) of the shared extent of /leaf.txt.
-
-    A repair may merge neighbouring runs with equal counts into one record,
-    so the references come from whichever record covers the first block.
-    """
-    phys, count, flag = EXTENT.unpack(txn.get(extent_key(n["leaf.txt"], n["leaf"], 0), db=dbs["extents"]))
-    assert flag == SHARED
-    for key, value in txn.cursor(db=dbs["refs"]):
-        start = U64.unpack(key)[0]
-        length, refs = REFS.unpack(value)
-        if start <= phys and phys + count <= start + length:
-            return phys, count, refs
-    return phys, count, 0
 
 
 @pytest.mark.parametrize("damage_kind", ["count", "missing", "extra"])
@@ -807,6 +841,22 @@ def test_interrupted_repair_blocks_open(store_image, capsys):
         Store.open(path)
     assert_repairs(store_image, capsys, "superblock", "interrupted")
     Store.open(path).close()
+
+
+def test_repair_killed_midway(store_image, capsys):
+    path, n, _ = store_image
+    with damage(path) as (txn, dbs):
+        put_inode(txn, dbs, n["base"], n["hosts"], nlink=9)
+    # Commits: opening marks the store dirty, the repair marks it needs_fsck,
+    # then every phase commits. Die right after the superblock phase's commit.
+    env = dict(os.environ, LCFS_CRASH_POINT="commit.done@3")
+    result = subprocess.run([sys.executable, "-m", "tools.fsck", path, "--repair", "--yes"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert read_superblock(path)["needs_fsck"] is True
+    with pytest.raises(errors.FormatError, match="lcfs-fsck --repair"):
+        Store.open(path)
+    assert_repairs(store_image, capsys, "superblock", "an earlier repair was interrupted")
 
 
 def test_missing_device(tmp_path, capsys):

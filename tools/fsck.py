@@ -251,6 +251,7 @@ class Checker(LayerChecks, BlockChecks):
         self.problem(f"layer record {number} ({layer.id}) is unreadable",
                      lambda: self.txn.put(key, layer.pack(), db=self.db("layers")),
                      "rebuild it from the id index and the child links", always=True)  # fmt: skip
+
     # -- inodes and entries ------------------------------------------------------------
 
     def check_inodes(self):
@@ -337,7 +338,14 @@ class Checker(LayerChecks, BlockChecks):
         return inode
 
     def _free_unreachable(self, number: int, ino: int) -> None:
-        self._update_inode(number, ino, nlink=0)
+        """Free a layer's inode that no name reaches, with the layer's entries inside it."""
+        inode = self._update_inode(number, ino, nlink=0)
+        if inode.is_dir:
+            for key, _ in list(self.store._prefix_items(self.db("dirents"), U64.pack(ino))):
+                _, name, layer = split_dirent_key(key)
+                if layer == number:
+                    self.txn.delete(key, db=self.db("dirents"))
+                    self.txn.delete(change_dirent_key(number, ino, name), db=self.db("changes"))
         self.store._destroy_inode(number, ino)
 
     def check_dirents(self):
@@ -384,9 +392,15 @@ class Checker(LayerChecks, BlockChecks):
                 self.problem(f"entry {text!r} in directory {dir_ino} of layer {layers[number].id} "
                              "has the wrong file type",
                              lambda key=key, n=number: self._fix_type(key, n), "fix the type")  # fmt: skip
+        linked: dict[int, list[int]] = {}
+        for key, value in self.records("inodes"):
+            ino, number = U64X2.unpack(key)
+            if number in layers and number not in self.skip and ino != ROOT_INO and Inode.unpack(ino, value).nlink:
+                linked.setdefault(number, []).append(ino)
         for number in sorted(layers):
             if number not in self.skip:
                 self._check_directory_names(number)
+                self._reconnect_unreachable(number, linked.get(number, []))
 
     def _check_directory_names(self, number: int) -> None:
         """Report directories with more than one name; the root directory has none.
@@ -413,6 +427,42 @@ class Checker(LayerChecks, BlockChecks):
                              f"{name.decode(errors='replace')!r} in directory {dir_ino}",
                              lambda d=dir_ino, nm=name: self._drop_entry(number, d, nm),
                              "remove that name")  # fmt: skip
+
+    def _reconnect_unreachable(self, number: int, inos: list[int]) -> None:
+        """Link inodes that no name reaches back at the name their record gives.
+
+        ``inos`` are the layer's inodes with links. One the root does not
+        reach goes back as its record's primary name when that directory is
+        reachable and the name is free; the link-count phase frees the rest.
+        Without --repair the entries go into the check's transaction, which is
+        never committed, so later phases see the tree as a repair leaves it.
+        """
+        store = self.store
+        layer = store._layers[number]
+        reachable = {key for key in self._count_names(number) if isinstance(key, int)}
+        waiting = sorted(ino for ino in inos if ino not in reachable)
+        progress = True
+        while waiting and progress:
+            progress = False
+            for ino in waiting:
+                inode = store._inode(number, ino)
+                if inode.parent not in reachable | {ROOT_INO} or not inode.name:
+                    continue
+                try:
+                    parent = store._dir(number, inode.parent)
+                except errors.StoreError:
+                    continue
+                if store._entry(number, parent, inode.name) is not None:
+                    continue
+                name = inode.name.decode(errors="replace")
+                self.problem(f"inode {ino} of layer {layer.id} has links but no name reaches it",
+                             lambda ino=ino, inode=inode: store._add_entry(number, inode.parent, inode.name, inode),
+                             f"link it back as {name!r} in directory {inode.parent}", always=True)  # fmt: skip
+                store._clear_caches()
+                reachable = {key for key in self._count_names(number) if isinstance(key, int)}
+                waiting = [i for i in waiting if i not in reachable]
+                progress = True
+                break
 
     def _drop_entry(self, number: int, dir_ino: int, name: bytes) -> None:
         """Remove a layer's entry; a tombstone keeps hiding the name if an ancestor has it."""

@@ -452,26 +452,18 @@ def test_inode_missing_from_change_log(store_image, capsys):
         assert ("/etc/new", 1) in s.changes("child")
 
 
-def test_unreachable_file_linked_back(store_image, capsys):
+@pytest.mark.parametrize("layer, name", [("leaf", "leaf.txt"), ("base", "etc")])
+def test_unreachable_inode_linked_back(store_image, capsys, layer, name):
     path, n, _ = store_image
     with damage(path) as (txn, dbs):
-        # The only entry of a file is gone but the file was never freed.
-        assert txn.delete(dirent_key(ROOT_INO, b"leaf.txt", n["leaf"]), db=dbs["dirents"])
-        assert txn.delete(change_dirent_key(n["leaf"], ROOT_INO, b"leaf.txt"), db=dbs["changes"])
+        # The only entry is gone but the inode was never freed. Without base's
+        # /etc, everything below it is cut off in every layer.
+        assert txn.delete(dirent_key(ROOT_INO, name.encode(), n[layer]), db=dbs["dirents"])
+        assert txn.delete(change_dirent_key(n[layer], ROOT_INO, name.encode()), db=dbs["changes"])
     report = assert_repairs(store_image, capsys, "directory entries",
-                            f"inode {n['leaf.txt']} of layer leaf has links but no name reaches it")  # fmt: skip
-    assert report["problems"][0]["action"] == "link it back as 'leaf.txt' in directory 1"
-
-
-def test_unreachable_directory_linked_back(store_image, capsys):
-    path, n, _ = store_image
-    with damage(path) as (txn, dbs):
-        # Without its entry, base's /etc and everything below it is cut off in every layer.
-        assert txn.delete(dirent_key(ROOT_INO, b"etc", n["base"]), db=dbs["dirents"])
-        assert txn.delete(change_dirent_key(n["base"], ROOT_INO, b"etc"), db=dbs["changes"])
-    report = assert_repairs(store_image, capsys, "directory entries",
-                            f"inode {n['etc']} of layer base has links but no name reaches it")  # fmt: skip
+                            f"inode {n[name]} of layer {layer} has links but no name reaches it")  # fmt: skip
     assert len(report["problems"]) == 1
+    assert report["problems"][0]["action"] == f"link it back as {name!r} in directory 1"
 
 
 def test_unreachable_file_freed(store_image, capsys):

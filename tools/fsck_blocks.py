@@ -74,7 +74,6 @@ def runs_union(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(start, end - start) for start, end in merged]
 
 
-
 class BlockChecks:
     """Phases of ``Checker`` for extents, reference counts and the free map."""
 

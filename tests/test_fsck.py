@@ -851,6 +851,21 @@ def test_repair_killed_midway(store_image, capsys):
     assert_repairs(store_image, capsys, "superblock", "an earlier repair was interrupted")
 
 
+def test_crash_in_a_phase_exits_8(store_image, caplog, monkeypatch):
+    path = store_image[0]
+
+    def broken_phase(checker):
+        raise RuntimeError("phase bug")
+
+    monkeypatch.setattr(fsck.Checker, "check_nodes", broken_phase)
+    broken_phase.__doc__ = "node ids and counters"
+    assert fsck.main([path, "--repair", "--yes", "--no-progress"]) == fsck.EXIT_FAILED
+    failures = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "lcfs.fsck"]
+    assert failures and failures[-1].exc_info[0] is RuntimeError
+    # The repair never finished, so the daemon must not open the store.
+    assert read_superblock(path)["needs_fsck"] is True
+
+
 def test_missing_device(tmp_path, capsys):
     assert fsck.main([str(tmp_path / "absent.img"), "--no-progress"]) == fsck.EXIT_FAILED
     assert "absent.img" in capsys.readouterr().err

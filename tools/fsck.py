@@ -712,6 +712,10 @@ def main(argv=None) -> int:
         problems, found, left = check_store(store, args, progress)
         stats = store.statfs()
         layer_count = len(store._layers)
+    except Exception:
+        # Exit 8, not Python's 1, which would claim that everything was repaired.
+        log.exception("lcfs-fsck failed on %s; a repair, if any, stays marked as interrupted", args.device)
+        return EXIT_FAILED
     finally:
         if store.readonly:
             with store.lock:

@@ -121,7 +121,7 @@ class Checker(LayerChecks, BlockChecks):
         self.grace = 3600.0
         # Layers a repair removes as a whole; without --repair later phases skip their records.
         self.skip: set[int] = set()
-        # Sorted (first block, count) of the owned extents the extents phase kept.
+        # Sorted (first block, count) of the owned extents and shared runs the extents phase kept.
         self.owned: list[tuple[int, int]] = []
 
     # -- bookkeeping ---------------------------------------------------------

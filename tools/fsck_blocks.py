@@ -104,10 +104,12 @@ class BlockChecks:
                     shared.append((phys, count))
         for message, key in bad:
             self.problem(message, lambda key=key: self.txn.delete(key, db=self.db("extents")), "remove it")
+
         coverage = _coverage(shared)
         self._check_refs(coverage)
         dropped = self._check_double_owners(kept, coverage)
         dropped |= self._check_borrowed(kept)
+
         mapped: dict[tuple[int, int], int] = {}
         for key, ino, number, _, count, _ in kept:
             if key not in dropped:
@@ -205,7 +207,7 @@ class BlockChecks:
         self.store.alloc.count(self.txn)
 
     def _rebuild_free_map(self) -> None:
-        """Rewrite the free map as every block no kept owned extent maps (a no-op once done)."""
+        """Rewrite the free map as every block outside ``self.owned`` (a no-op once done)."""
         wanted = runs_difference([(0, self.store.data_blocks)], runs_union(self.owned))
         current = [(U64.unpack(k)[0], U64.unpack(v)[0]) for k, v in self.cursor("free") if len(v) == 8]
         if current == wanted and all(len(k) == 8 for k, _ in self.cursor("free")):

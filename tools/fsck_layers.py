@@ -183,8 +183,8 @@ class LayerChecks:
                 try:
                     self.store._release(phys, count, flag)
                 except errors.StoreError as exc:
-                    # The free map or the reference counts are damaged: the
-                    # extents and free-space phases rebuild them.
+                    # Releasing fails on a damaged free map or reference
+                    # count, which the extents and free-space phases rebuild.
                     log.debug("not freeing blocks %d..%d now: %s", phys, phys + count - 1, exc)
 
     def _delete_where(self, name: str, predicate) -> None:

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import grpc
-
 from dockerd import terminate
-from lcfs.driver.proto import snapshots_pb2, snapshots_pb2_grpc
 from lcfs_daemon import fsck_command, lcfs_command
 from mounts import unmount_under
+
+from lcfs.driver.proto import snapshots_pb2, snapshots_pb2_grpc
 
 log = logging.getLogger(__name__)
 

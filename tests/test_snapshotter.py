@@ -20,8 +20,8 @@ from snapshotter_helpers import KIND_NAMES, SnapshotterDaemon, check_list_consis
 
 from lcfs.driver.proto import snapshots_pb2 as pb
 from lcfs.driver.reconcile import find_orphans
-from lcfs.driver.snapshotter_filters import FilterError, parse_filters
 from lcfs.driver.snapshotter import snapshot_fields
+from lcfs.driver.snapshotter_filters import FilterError, parse_filters
 from lcfs.store import ROOT_INO, Store, errors
 from lcfs.store.snapshots import (
     SNAPSHOT_LAYER_PREFIX,
@@ -135,7 +135,8 @@ def test_prepare_commit_view(store):
     layer = store.get_layer(view.layer_id)
     assert layer.frozen
     assert layer.parent_id == committed.layer_id
-    assert store.read(layer.number, store.lookup(layer.number, ROOT_INO, b"f").ino, 0, 5) == b"hello"
+    inherited = store.lookup(layer.number, ROOT_INO, b"f")
+    assert store.read(layer.number, inherited.ino, 0, 5) == b"hello"
     with pytest.raises(errors.ReadOnly):
         write_file(store, view.layer_id, b"g", b"x")
     assert [s.name for s in store.list_snapshots()] == ["c1", "v1"]

@@ -123,7 +123,7 @@ def test_import_run_and_gc(stack, image):
 
 
 def listed_top(committed) -> str:
-    """Return the backend-name suffix of the top committed snapshot (the one no one names as parent)."""
+    """Return the ctr name of the top committed snapshot, which no other names as parent."""
     parents = {info.parent for info in committed}
     tops = [info.name for info in committed if info.name not in parents]
     assert len(tops) == 1, tops

@@ -15,8 +15,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from rootfs import cache_dir
 from mounts import unmount_under
+from rootfs import cache_dir
 from snapshotter_helpers import SnapshotterDaemon, check_list_consistent
 
 GO_SOURCES = Path(__file__).resolve().parent / "containerd"

@@ -8,7 +8,8 @@ Cleanup).
 
 The mount does not use ``auto_unmount``: with libfuse 3.14 that option mounts
 through fusermount3, which forces nosuid and nodev, and containers need
-setuid binaries and device nodes.
+setuid binaries and device nodes. A watchdog process (``watchdog.py``)
+takes its place: it detaches the mount when the serving process dies.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 
 import pyfuse3
 import trio
 
+from . import watchdog
 from .operations import LayerOperations
+from .settings import FuseSettings
+from .stats import RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +49,11 @@ MOUNT_OPTIONS = frozenset(
 
 START_TIMEOUT = 10.0
 
+# Seconds to wait for the watchdog to exit after the mount is gone.
+WATCHDOG_EXIT_TIMEOUT = 5.0
+
 _active_lock = threading.Lock()
 _active_server: FuseServer | None = None
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # The kernel writes space, tab, newline and backslash as octal escapes.
-    for escaped, plain in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"),
-                           ("\\134", "\\")):
-        field = field.replace(escaped, plain)
-    return field
 
 
 def find_mount(mountpoint: str, fstype: str = FSTYPE) -> str | None:
@@ -64,7 +65,7 @@ def find_mount(mountpoint: str, fstype: str = FSTYPE) -> str | None:
         for line in f:
             fields = line.split()
             separator = fields.index("-")
-            if (_unescape_mountinfo(fields[4]) == mountpoint
+            if (watchdog.unescape_mountinfo(fields[4]) == mountpoint
                     and fields[separator + 1] == fstype):
                 found = fields[2]  # later lines are mounted on top of earlier ones
     return found
@@ -121,14 +122,65 @@ class _EntryInvalidator:
                             name, parent, self._mountpoint, exc)
 
 
-class FuseServer:
-    """The FUSE mount of one store, served on a thread of its own."""
+class _Watchdog:
+    """A process started by exec that detaches a mount once this process is gone.
 
-    def __init__(self, store, options: frozenset[str] = MOUNT_OPTIONS):
+    Its standard input is a pipe whose only write end this process holds:
+    the descriptor is close-on-exec and every child is started with
+    close_fds, so no other process keeps it open. Closing it, or dying,
+    makes the watchdog check that the same FUSE mount (the same device
+    number) is still at the path and detach it.
+    """
+
+    def __init__(self, mountpoint: str, device: str):
+        read_end, self._write_end = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", watchdog.__file__, mountpoint, device],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                close_fds=True,
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(self._write_end)
+            raise
+        finally:
+            os.close(read_end)
+        log.info("started watchdog pid %d for %s (device %s)", self.process.pid,
+                 mountpoint, device)
+
+    def stop(self) -> None:
+        """Close the pipe and wait for the watchdog; call after unmounting."""
+        if self._write_end is not None:
+            os.close(self._write_end)
+            self._write_end = None
+        try:
+            self.process.wait(WATCHDOG_EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.warning("watchdog pid %d did not exit within %.0f s; killing it",
+                        self.process.pid, WATCHDOG_EXIT_TIMEOUT)
+            self.process.kill()
+            self.process.wait()
+
+
+class FuseServer:
+    """The FUSE mount of one store, served on a thread of its own.
+
+    ``stats`` counts the requests of every mount this server makes; pass
+    one ``RequestStats`` to several servers to count them together.
+    """
+
+    def __init__(self, store, options: frozenset[str] = MOUNT_OPTIONS,
+                 settings: FuseSettings | None = None,
+                 stats: RequestStats | None = None):  # fmt: skip
         self.store = store
         self.options = options
+        self.settings = settings or FuseSettings()
+        self.stats = stats or RequestStats()
         self.mountpoint: str | None = None
         self.operations: LayerOperations | None = None
+        self.watchdog: _Watchdog | None = None
         self._thread: threading.Thread | None = None
         self._invalidator: _EntryInvalidator | None = None
         self._trio_token = None
@@ -158,7 +210,7 @@ class FuseServer:
                     f"the mount at {_active_server.mountpoint}; stop it first"
                 )
             initialized = threading.Event()
-            operations = LayerOperations(self.store, initialized)
+            operations = LayerOperations(self.store, initialized, self.settings, self.stats)
             _init_session(operations, mountpoint, self.options)
             _active_server = self
             self.mountpoint = mountpoint
@@ -172,11 +224,16 @@ class FuseServer:
             self._thread.start()
         try:
             self._wait_until_live(initialized, timeout)
+            device = find_mount(mountpoint)
+            if self.settings.watchdog:
+                self.watchdog = _Watchdog(mountpoint, device)
         except BaseException:
             self.stop()
             raise
-        log.info("mounted lcfs at %s (device %s, options %s)", mountpoint,
-                 find_mount(mountpoint), ",".join(sorted(self.options)))
+        log.info("mounted lcfs at %s (device %s, options %s, direct I/O %s, "
+                 "invalidate on close %s)", mountpoint, device,
+                 ",".join(sorted(self.options)), self.settings.direct_io,
+                 "on" if self.settings.invalidate_on_close else "off")  # fmt: skip
 
     def _wait_until_live(self, initialized: threading.Event, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -210,6 +267,9 @@ class FuseServer:
                 except trio.RunFinishedError:
                     pass  # the loop ended on its own, for example after umount
             thread.join()
+            if self.watchdog is not None:
+                self.watchdog.stop()
+                self.watchdog = None
             self._thread = None
             self.operations = None
             with _active_lock:

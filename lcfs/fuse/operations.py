@@ -7,24 +7,33 @@ root directory (``ROOT_INO``) of that layer's tree.
 Invariants:
 
 - Every node id except the mount root comes from the store's persistent node
-  table (``store.node_id`` and ``store.node_target``), so st_ino is unique
-  across the mount and stable across remounts. Node ids are never computed
-  from bits of the layer or inode number.
+  table (``store.node_id`` and ``store.node_target``), which maps it to a
+  64-bit layer number and a 64-bit inode number. Node ids are never computed
+  from bits of those numbers and never reused, so st_ino is unique across
+  the mount and a file handle from name_to_handle_at(2) stays valid across
+  remounts: the kernel resolves a node it has forgotten by a lookup of "."
+  and, for directories, "..".
 - A handler raises only ``pyfuse3.FUSEError``, because any other exception
   ends the pyfuse3 main loop and leaves the mount failing every request
   with ENOTCONN. ``StoreError`` becomes its errno, and anything else is
   logged with its traceback and becomes EIO.
 - Only fsync and fsyncdir commit at once. Other modifying handlers set
-  ``dirty``, and ``run_commits`` commits about once a second.
+  ``dirty``, and ``run_commits`` commits about once a second (also when a
+  lookup allocated a node id, so that file handles survive a crash).
 - An open file pins its inode in the store, so an unlinked file stays
   readable and writable until its last descriptor is closed.
+- ``_attrs`` keeps the attributes of every node the kernel holds, from the
+  last reply that carried them. They are trusted for a frozen layer until
+  the kernel forgets the node, and for a writable layer for as long as the
+  kernel trusts the same reply (``WRITABLE_TIMEOUT``). Xattr requests and
+  the privilege checks of direct I/O writes read them instead of the store.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import logging
+import math
 import os
 import stat
 import threading
@@ -36,6 +45,12 @@ import trio
 
 from lcfs.store import ROOT_INO, errors
 
+from .handler import fuse_handler
+from .privileges import Caller, caller_from_context, mode_after_data_change
+from .settings import DIRECT_IO_WRITE_ONLY, FuseSettings
+from .stats import RequestStats
+from .xattrs import CAPABILITY_XATTR, XattrHandlers
+
 log = logging.getLogger(__name__)
 
 # Frozen layers never change, so the kernel may cache them for long. A
@@ -46,61 +61,25 @@ WRITABLE_TIMEOUT = 1.0
 
 COMMIT_INTERVAL = 1.0
 
-# ``ls -l`` requests security.selinux of every file unless the file system
-# returned EOPNOTSUPP for it once, so an absent value of these names gets
-# EOPNOTSUPP instead of ENODATA.
-UNSUPPORTED_WHEN_ABSENT = frozenset({b"security.selinux"})
-
-CAPABILITY_XATTR = b"security.capability"
-
 RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
 
-
-def _brief(value: object) -> str:
-    """Return a repr of a handler argument short enough for a log line."""
-    if isinstance(value, (bytes, bytearray, memoryview)) and len(value) > 64:
-        return f"<{len(value)} bytes>"
-    return repr(value)
-
-
-def fuse_handler(modifies: bool = False):
-    """Wrap a handler so that it raises only FUSEError.
-
-    ``modifies`` marks handlers that change the store: they set the dirty
-    flag that the commit task looks at, even when they fail halfway.
-    """
-
-    def decorate(method):
-        @functools.wraps(method)
-        async def wrapper(self: LayerOperations, *args):
-            if modifies:
-                self.dirty = True
-            try:
-                return await method(self, *args)
-            except pyfuse3.FUSEError:
-                raise
-            except errors.StoreError as exc:
-                raise pyfuse3.FUSEError(exc.errno) from None
-            except Exception:
-                shown = ", ".join(_brief(arg) for arg in args)
-                log.exception("FUSE %s(%s) failed, returning EIO", method.__name__, shown)
-                raise pyfuse3.FUSEError(errno.EIO) from None
-
-        return wrapper
-
-    return decorate
+PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 @dataclass(slots=True)
 class OpenFile:
-    """A file handle: the node opened and what the opener may do with it."""
+    """A file handle: the node opened and what the opener may do with it.
+
+    ``opener`` is the request context of the open. ``caller`` is the
+    opener's credentials, read when a privilege check first needs them.
+    """
 
     node: int
     layer: int
     ino: int
     direct_io: bool
-    opener_uid: int
-    privileges_cleared: bool = False
+    opener: object
+    caller: Caller | None = None
 
 
 @dataclass(slots=True)
@@ -118,22 +97,27 @@ class OpenDir:
     listing: list | None = None
 
 
-class LayerOperations(pyfuse3.Operations):
+class LayerOperations(XattrHandlers, pyfuse3.Operations):
     """The pyfuse3 request handlers for one mount of a store."""
 
-    # Lookups of "." and ".." need a directory's parent, which the store
-    # does not return, so export support (open_by_handle_at of a node the
-    # kernel forgot) stays off.
-    supports_dot_lookup = False
+    # Export support: the kernel may look up "." and ".." to turn a file
+    # handle into a node it has forgotten.
+    supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, store, initialized: threading.Event | None = None):
+    def __init__(self, store, initialized: threading.Event | None = None,
+                 settings: FuseSettings | None = None,
+                 stats: RequestStats | None = None):  # fmt: skip
         super().__init__()
         self.store = store
+        self.settings = settings or FuseSettings()
+        self.stats = stats or RequestStats()
         self.dirty = False
         self.initialized = initialized or threading.Event()
         self.lookup_counts: dict[int, int] = {}
+        self._attrs: dict[int, tuple[object, float]] = {}
+        self._open_counts: dict[int, int] = {}
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._next_handle = 1
@@ -143,13 +127,15 @@ class LayerOperations(pyfuse3.Operations):
 
     def init(self) -> None:
         """Record that the kernel finished the FUSE handshake."""
+        self.stats.record("init", 0.0)
         self.initialized.set()
 
     async def run_commits(self) -> None:
         """Commit the store about once a second while changes are pending."""
         while True:
             await trio.sleep(COMMIT_INTERVAL)
-            if self.dirty:
+            # A lookup that allocated a node id changed the store too.
+            if self.dirty or self.store.dirty:
                 self.commit()
 
     def commit(self) -> None:
@@ -176,8 +162,10 @@ class LayerOperations(pyfuse3.Operations):
             self._unpin(open_file)
         self._files.clear()
         self._dirs.clear()
+        self._open_counts.clear()
+        self._attrs.clear()
         self.lookup_counts.clear()
-        if self.dirty:
+        if self.dirty or self.store.dirty:
             self.commit()
 
     # -- helpers --------------------------------------------------------------
@@ -208,11 +196,28 @@ class LayerOperations(pyfuse3.Operations):
         self._remember(entry.st_ino)
         return entry
 
+    def _keep_attr(self, node: int, layer: int, attr, frozen: bool | None = None) -> None:
+        """Keep the attributes of a node for as long as the kernel may trust them."""
+        if frozen is None:
+            frozen = self._is_frozen(layer)
+        valid_until = math.inf if frozen else time.monotonic() + WRITABLE_TIMEOUT
+        self._attrs[node] = (attr, valid_until)
+
+    def _current_attr(self, node: int, layer: int, ino: int):
+        """Return the attributes of a node, from memory while they are valid."""
+        kept = self._attrs.get(node)
+        if kept is not None and kept[1] > time.monotonic():
+            return kept[0]
+        attr = self.store.getattr(layer, ino)
+        self._keep_attr(node, layer, attr)
+        return attr
+
     def _entry(self, layer: int, attr, entry_timeout: float | None = None):
         frozen = self._is_frozen(layer)
         timeout = FROZEN_TIMEOUT if frozen else WRITABLE_TIMEOUT
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = self.store.node_id(layer, attr.ino)
+        self._keep_attr(entry.st_ino, layer, attr, frozen)
         entry.generation = 0
         entry.st_mode = attr.mode
         entry.st_nlink = attr.nlink
@@ -274,35 +279,45 @@ class LayerOperations(pyfuse3.Operations):
             log.warning("unpin of inode %d in layer %d (node %d) failed: %s",
                         open_file.ino, open_file.layer, open_file.node, exc)
 
-    def _clear_privileges(self, layer: int, ino: int, uid: int) -> None:
-        """Drop setuid, setgid and file capabilities as a data change by ``uid`` must.
+    def _drop_privileges(self, node: int, layer: int, ino: int, caller,
+                         capability: bool = True) -> None:  # fmt: skip
+        """Drop setuid, setgid and file capabilities as a data change must.
 
-        The kernel does this itself before cached writes and truncates, but
-        not for direct_io writes or for the truncate of an open with O_TRUNC,
-        which libfuse makes atomic. pyfuse3 passes no kill flag, so uid 0
-        serves as the CAP_FSETID check.
+        The kernel does this itself before buffered writes and truncates,
+        except that FUSE (Linux 6.x) drops setgid only from files that their
+        group may execute. It does nothing before direct I/O writes or for
+        the truncate of an open with O_TRUNC, which libfuse makes atomic.
+        ``caller`` is called for the writer's credentials only when the file
+        has a setuid or setgid bit. ``capability`` False leaves
+        security.capability to the kernel. See ``lcfs.fuse.privileges``.
         """
-        attr = self.store.getattr(layer, ino)
-        mode = attr.mode
-        if uid != 0:
-            mode &= ~stat.S_ISUID
-            if mode & stat.S_IXGRP:
-                mode &= ~stat.S_ISGID
-        if mode != attr.mode:
-            self.store.setattr(layer, ino, mode=stat.S_IMODE(mode))
-        if attr.has_xattrs:
+        attr = self._current_attr(node, layer, ino)
+        drops_mode = stat.S_ISREG(attr.mode) and attr.mode & PRIVILEGE_BITS
+        drops_capability = (capability and attr.has_xattrs
+                            and self.store.xattr_name_seen(CAPABILITY_XATTR))  # fmt: skip
+        if drops_mode:
+            mode = mode_after_data_change(attr.mode, attr.gid, caller())
+            if mode != attr.mode:
+                attr = self.store.setattr(layer, ino, mode=stat.S_IMODE(mode))
+                self._keep_attr(node, layer, attr)
+        if drops_capability:
             try:
                 self.store.removexattr(layer, ino, CAPABILITY_XATTR)
             except errors.NoData:
                 pass
+            self._keep_attr(node, layer, self.store.getattr(layer, ino))
 
     # -- names ----------------------------------------------------------------
 
     @fuse_handler()
     async def lookup(self, parent_inode, name, ctx):
-        if parent_inode == pyfuse3.ROOT_INODE:
-            if name in (b".", b".."):
-                return self._root_entry()
+        if name == b".":
+            self.stats.dot_lookups += 1
+            entry = self._node_entry(parent_inode)
+        elif name == b"..":
+            self.stats.dotdot_lookups += 1
+            entry = self._parent_entry(parent_inode)
+        elif parent_inode == pyfuse3.ROOT_INODE:
             entry = self._layer_entry(self.store.get_layer(os.fsdecode(name)))
         else:
             layer, dir_ino = self._target(parent_inode)
@@ -310,13 +325,32 @@ class LayerOperations(pyfuse3.Operations):
         self._remember(entry.st_ino)
         return entry
 
+    def _node_entry(self, node: int):
+        """Return the entry of ``node`` itself, which the kernel may have forgotten."""
+        if node == pyfuse3.ROOT_INODE:
+            return self._root_entry()
+        layer, ino = self.store.node_target(node)
+        return self._entry(layer, self.store.getattr(layer, ino))
+
+    def _parent_entry(self, node: int):
+        """Return the entry of a directory's parent; a layer root's is the mount root."""
+        if node == pyfuse3.ROOT_INODE:
+            return self._root_entry()
+        layer, ino = self.store.node_target(node)
+        if ino == ROOT_INO:
+            return self._root_entry()
+        return self._entry(layer, self.store.lookup_parent(layer, ino))
+
     async def forget(self, inode_list):
+        started = time.perf_counter()
         for node, count in inode_list:
             remaining = self.lookup_counts.get(node, 0) - count
             if remaining > 0:
                 self.lookup_counts[node] = remaining
             else:
                 self.lookup_counts.pop(node, None)
+                self._attrs.pop(node, None)
+        self.stats.record("forget", time.perf_counter() - started)
 
     @fuse_handler()
     async def getattr(self, inode, ctx):
@@ -345,7 +379,14 @@ class LayerOperations(pyfuse3.Operations):
             changes["mtime_ns"] = attr.st_mtime_ns
         if fields.update_ctime:
             changes["ctime_ns"] = attr.st_ctime_ns
-        return self._entry(layer, self.store.setattr(layer, ino, **changes))
+        entry = self._entry(layer, self.store.setattr(layer, ino, **changes))
+        if fields.update_size:
+            # FUSE lets the kernel drop setgid only from group-executable
+            # files, so a truncate drops it from the others here.
+            self._drop_privileges(inode, layer, ino, lambda: caller_from_context(ctx),
+                                  capability=False)  # fmt: skip
+            entry = self._entry(layer, self._current_attr(inode, layer, ino))
+        return entry
 
     @fuse_handler()
     async def readlink(self, inode, ctx):
@@ -386,6 +427,8 @@ class LayerOperations(pyfuse3.Operations):
             else:
                 entry = self._entry(opened.layer, item)
             if not pyfuse3.readdir_reply(token, name, entry, index + 1):
+                if entry.st_ino not in self.lookup_counts:
+                    self._attrs.pop(entry.st_ino, None)  # the kernel did not take it
                 break
             # readdirplus gives the kernel a reference to every entry it takes.
             self._remember(entry.st_ino)
@@ -446,13 +489,23 @@ class LayerOperations(pyfuse3.Operations):
     # -- files ----------------------------------------------------------------
 
     def _open(self, node: int, layer: int, ino: int, flags: int, ctx):
-        # A descriptor opened write-only can never be mapped, so it skips the
-        # page cache: no cache pollution, and the kernel sends no
-        # getxattr of security.capability before every write.
-        direct_io = flags & os.O_ACCMODE == os.O_WRONLY
+        # A descriptor opened write-only can never be memory-mapped, so with
+        # DIRECT_IO_WRITE_ONLY it skips the page cache: no cache pollution,
+        # and the kernel sends no getxattr of security.capability before
+        # every write. Any other descriptor may back a MAP_SHARED mapping,
+        # which FUSE refuses (ENODEV) on a direct I/O file.
+        direct_io = (self.settings.direct_io == DIRECT_IO_WRITE_ONLY
+                     and flags & os.O_ACCMODE == os.O_WRONLY)  # fmt: skip
         self.store.pin(layer, ino)
+        open_file = OpenFile(node, layer, ino, direct_io, ctx)
+        kept = self._attrs.get(node)
+        writes = flags & os.O_ACCMODE != os.O_RDONLY
+        if writes and kept is not None and kept[0].mode & PRIVILEGE_BITS:
+            # Read the credentials now, while the opener surely still runs.
+            open_file.caller = caller_from_context(ctx)
         handle = self._new_handle()
-        self._files[handle] = OpenFile(node, layer, ino, direct_io, ctx.uid)
+        self._files[handle] = open_file
+        self._open_counts[node] = self._open_counts.get(node, 0) + 1
         return pyfuse3.FileInfo(fh=handle, direct_io=direct_io, keep_cache=True)
 
     @fuse_handler()
@@ -465,8 +518,9 @@ class LayerOperations(pyfuse3.Operations):
         # truncate to this handler.
         if flags & os.O_TRUNC and stat.S_ISREG(self.store.getattr(layer, ino).mode):
             self.dirty = True
-            self._clear_privileges(layer, ino, ctx.uid)
-            self.store.setattr(layer, ino, size=0, mtime_ns=time.time_ns())
+            self._drop_privileges(inode, layer, ino, lambda: caller_from_context(ctx))
+            attr = self.store.setattr(layer, ino, size=0, mtime_ns=time.time_ns())
+            self._keep_attr(inode, layer, attr)
         return self._open(inode, layer, ino, flags, ctx)
 
     @fuse_handler(modifies=True)
@@ -487,11 +541,18 @@ class LayerOperations(pyfuse3.Operations):
     @fuse_handler(modifies=True)
     async def write(self, fh, off, buf):
         open_file = self._files[fh]
-        if open_file.direct_io and not open_file.privileges_cleared:
-            # NOTE: once per handle, where the kernel checks on every write.
-            open_file.privileges_cleared = True
-            self._clear_privileges(open_file.layer, open_file.ino, open_file.opener_uid)
+        # NOTE: pyfuse3 passes no request context to write, so the opener's
+        # credentials stand in for the writer's.
+        self._drop_privileges(open_file.node, open_file.layer, open_file.ino,
+                              lambda: self._opener_credentials(open_file),
+                              capability=open_file.direct_io)  # fmt: skip
         return self.store.write(open_file.layer, open_file.ino, off, buf)
+
+    @staticmethod
+    def _opener_credentials(open_file: OpenFile) -> Caller:
+        if open_file.caller is None:
+            open_file.caller = caller_from_context(open_file.opener)
+        return open_file.caller
 
     @fuse_handler()
     async def flush(self, fh):
@@ -505,40 +566,27 @@ class LayerOperations(pyfuse3.Operations):
 
     @fuse_handler()
     async def release(self, fh):
-        self._unpin(self._files.pop(fh))
+        open_file = self._files.pop(fh)
+        self._unpin(open_file)
+        node = open_file.node
+        remaining = self._open_counts.get(node, 0) - 1
+        if remaining > 0:
+            self._open_counts[node] = remaining
+            return
+        self._open_counts.pop(node, None)
+        if self.settings.invalidate_on_close:
+            # invalidate_inode blocks until the kernel has dropped the pages,
+            # which may wait for a request that this loop must serve.
+            await trio.to_thread.run_sync(self._invalidate_cache, node)
 
-    # -- extended attributes --------------------------------------------------
-
-    @fuse_handler()
-    async def getxattr(self, inode, name, ctx):
-        if inode == pyfuse3.ROOT_INODE:
-            raise pyfuse3.FUSEError(errno.ENODATA)
-        layer, ino = self._target(inode)
+    def _invalidate_cache(self, node: int) -> None:
+        """Drop the kernel's cached pages and attributes of a node; runs on a worker thread."""
         try:
-            return self.store.getxattr(layer, ino, name)
-        except errors.NoData:
-            if name in UNSUPPORTED_WHEN_ABSENT:
-                raise pyfuse3.FUSEError(errno.EOPNOTSUPP) from None
-            raise
-
-    @fuse_handler()
-    async def listxattr(self, inode, ctx):
-        if inode == pyfuse3.ROOT_INODE:
-            return []
-        layer, ino = self._target(inode)
-        return self.store.listxattr(layer, ino)
-
-    @fuse_handler(modifies=True)
-    async def setxattr(self, inode, name, value, ctx):
-        # pyfuse3 checks XATTR_CREATE and XATTR_REPLACE itself through
-        # getxattr before it calls this handler.
-        layer, ino = self._target(inode)
-        self.store.setxattr(layer, ino, name, value)
-
-    @fuse_handler(modifies=True)
-    async def removexattr(self, inode, name, ctx):
-        layer, ino = self._target(inode)
-        self.store.removexattr(layer, ino, name)
+            pyfuse3.invalidate_inode(node, attr_only=False)
+        except FileNotFoundError:
+            pass  # the kernel has forgotten the node already
+        except OSError as exc:
+            log.warning("dropping the page cache of node %d failed: %s", node, exc)
 
     # -- file system ----------------------------------------------------------
 
@@ -551,8 +599,11 @@ class LayerOperations(pyfuse3.Operations):
         result.f_blocks = usage.total_blocks
         result.f_bfree = usage.free_blocks
         result.f_bavail = usage.free_blocks
-        result.f_files = usage.files
-        result.f_ffree = usage.free_files
-        result.f_favail = usage.free_files
+        # Inode numbers past the store's nominal count leave free_files
+        # negative, which statvfs cannot carry.
+        free_files = max(usage.free_files, 0)
+        result.f_files = max(usage.files, free_files)
+        result.f_ffree = free_files
+        result.f_favail = free_files
         result.f_namemax = 255
         return result

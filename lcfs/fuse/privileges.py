@@ -1,0 +1,76 @@
+"""Which privilege bits a data change by a caller removes, as the kernel decides it.
+
+The kernel clears setuid, setgid and the security.capability xattr before a
+buffered write or a truncate (``file_remove_privs``), but not before a
+direct I/O write to a FUSE file, and pyfuse3 3.5 passes no kill flag to the
+write handler. The frontend then applies the same rule itself. Linux 6.x
+(``setattr_should_drop_suidgid``) drops, on a regular file:
+
+- setuid always, unless the caller has CAP_FSETID;
+- setgid when the group may execute the file, or when the caller is
+  neither in the file's group nor has CAP_FSETID, and again never when the
+  caller has CAP_FSETID;
+- security.capability on every data change, by any caller.
+
+The caller's capabilities and groups come from /proc/PID/status of the
+process that opened the file. FUSE reports that pid in the pid namespace
+of the mounting process, which is the daemon's.
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+CAP_FSETID = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The credentials of a process that matter for dropping privilege bits."""
+
+    uid: int
+    gid: int
+    groups: frozenset[int]
+    fsetid: bool
+
+    def in_group(self, gid: int) -> bool:
+        return gid == self.gid or gid in self.groups
+
+
+def caller_from_context(ctx) -> Caller:
+    """Return the credentials of the process behind a pyfuse3 request context.
+
+    When the process has already exited, only the uid and gid of the
+    request remain, and only uid 0 counts as having CAP_FSETID.
+    """
+    fallback = Caller(ctx.uid, ctx.gid, frozenset(), ctx.uid == 0)
+    if ctx.pid <= 0:
+        return fallback
+    try:
+        with open(f"/proc/{ctx.pid}/status", encoding="ascii") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        log.debug("cannot read the credentials of pid %d: %s", ctx.pid, exc)
+        return fallback
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    try:
+        effective = int(fields["CapEff"].strip(), 16)
+        groups = frozenset(int(group) for group in fields["Groups"].split())
+    except (KeyError, ValueError):
+        return fallback
+    return Caller(ctx.uid, ctx.gid, groups, bool(effective & (1 << CAP_FSETID)))
+
+
+def mode_after_data_change(mode: int, file_gid: int, caller: Caller) -> int:
+    """Return ``mode`` without the setuid and setgid bits a data change by ``caller`` drops."""
+    if not stat.S_ISREG(mode) or caller.fsetid:
+        return mode
+    if mode & stat.S_ISUID:
+        mode &= ~stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not caller.in_group(file_gid)):
+        mode &= ~stat.S_ISGID
+    return mode

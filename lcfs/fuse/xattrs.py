@@ -1,0 +1,113 @@
+"""Extended attribute handlers of the FUSE frontend (a mixin of ``LayerOperations``).
+
+Most files have no xattrs, yet the kernel and common tools ask for them
+all the time: the kernel requests security.capability before every
+buffered write, and ``ls -l`` requests security.selinux and
+system.posix_acl_access of every file it lists. Two rules keep those
+requests away from the store's xattr database:
+
+- A request for a name that no layer has ever stored
+  (``store.xattr_name_seen``) fails without a store read. In the security and system namespaces, whose
+  names the kernel and tools probe on their own, the answer is EOPNOTSUPP:
+  ls then stops asking for that name on the whole mount, and the kernel
+  reads it as "no capability". Elsewhere (user, trusted) it is ENODATA,
+  because programs take EOPNOTSUPP there to mean that the file system has
+  no xattrs at all. The rule ends by itself once a layer stores the name.
+- Whether an inode has any xattrs comes from the attributes kept in memory
+  with lookup and getattr replies (``Attr.has_xattrs``), so getxattr,
+  listxattr and removexattr on an inode without xattrs read nothing.
+
+Requests that do reach the xattr database are counted per operation in
+``stats.xattr_store_calls``.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pyfuse3
+
+from .handler import fuse_handler
+
+
+class _NeverStoredErrno(int):
+    """The errno EOPNOTSUPP, which pyfuse3's check before setxattr reads as ENODATA.
+
+    pyfuse3 3.5 handles setxattr with XATTR_CREATE by calling the getxattr
+    handler first, and goes on only when ``error.errno != ENOATTR`` is
+    false. A name that no layer has stored must still be creatable, so
+    this value compares equal to ENODATA there. The kernel receives its
+    integer value, EOPNOTSUPP. A setxattr with XATTR_REPLACE of such a name
+    fails with EOPNOTSUPP rather than ENODATA.
+    """
+
+    def __ne__(self, other):
+        if other == errno.ENODATA:
+            return False
+        return int(self) != other
+
+    __hash__ = int.__hash__
+
+
+class NameNeverStored(pyfuse3.FUSEError):
+    """The reply to getxattr of a name that no layer has ever stored."""
+
+    _errno = _NeverStoredErrno(errno.EOPNOTSUPP)
+
+    @property
+    def errno(self):
+        return self._errno
+
+
+CAPABILITY_XATTR = b"security.capability"
+# Namespaces whose names the kernel and common tools request for every file.
+PROBED_NAMESPACES = (b"security.", b"system.")
+
+
+class XattrHandlers:
+    """getxattr, listxattr, setxattr and removexattr of ``LayerOperations``."""
+
+    @fuse_handler()
+    async def getxattr(self, inode, name, ctx):
+        self.stats.record_getxattr_name(name)
+        if not self.store.xattr_name_seen(name):
+            if name.startswith(PROBED_NAMESPACES):
+                raise NameNeverStored(errno.EOPNOTSUPP)
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        if inode == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        layer, ino = self._target(inode)
+        if not self._current_attr(inode, layer, ino).has_xattrs:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        self.stats.record_xattr_store_call("getxattr")
+        return self.store.getxattr(layer, ino, name)
+
+    @fuse_handler()
+    async def listxattr(self, inode, ctx):
+        if inode == pyfuse3.ROOT_INODE:
+            return []
+        layer, ino = self._target(inode)
+        if not self._current_attr(inode, layer, ino).has_xattrs:
+            return []
+        self.stats.record_xattr_store_call("listxattr")
+        return self.store.listxattr(layer, ino)
+
+    @fuse_handler(modifies=True)
+    async def setxattr(self, inode, name, value, ctx):
+        # pyfuse3 checks XATTR_CREATE and XATTR_REPLACE itself through
+        # getxattr before it calls this handler.
+        layer, ino = self._target(inode)
+        self.stats.record_xattr_store_call("setxattr")
+        self.store.setxattr(layer, ino, name, value)
+        self._keep_attr(inode, layer, self.store.getattr(layer, ino))
+
+    @fuse_handler(modifies=True)
+    async def removexattr(self, inode, name, ctx):
+        layer, ino = self._target(inode)
+        if self._is_frozen(layer):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if not self._current_attr(inode, layer, ino).has_xattrs:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        self.stats.record_xattr_store_call("removexattr")
+        self.store.removexattr(layer, ino, name)
+        self._keep_attr(inode, layer, self.store.getattr(layer, ino))

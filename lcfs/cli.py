@@ -6,6 +6,7 @@ reported in one line on stderr.
 """
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -13,6 +14,7 @@ import sys
 from lcfs.sizes import parse_size
 
 DEFAULT_DEVICE = "/var/lib/lcfs/lcfs.img"
+DEFAULT_SOCKET = "/run/docker/plugins/lcfs.sock"
 
 EXIT_USER_ERROR = 2
 
@@ -123,6 +125,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="how old an unreferenced layer must be before it is logged as "
         "an orphan (default 3600)",
     )
+    _add_fuse_options(daemon)
     _add_log_level(daemon, "info")
 
     mkfs = commands.add_parser(
@@ -163,7 +166,48 @@ def _build_parser() -> argparse.ArgumentParser:
         help="image file or block device (default %(default)s)",
     )
     _add_log_level(layers, "warning")
+
+    stats = commands.add_parser(
+        "stats",
+        help="show the FUSE requests a running daemon has served",
+        description="Print the FUSE requests that a running lcfs daemon has "
+        "served since it started: count and latency per operation, getxattr "
+        "requests per attribute name, and xattr requests that reached the "
+        "store.",
+    )
+    stats.add_argument(
+        "--socket",
+        default=DEFAULT_SOCKET,
+        help="the daemon's plugin socket (default %(default)s)",
+    )
+    stats.add_argument(
+        "--json",
+        action="store_true",
+        help="print the counters as JSON, keyed by FUSE operation name",
+    )
+    _add_log_level(stats, "warning")
     return parser
+
+
+def _add_fuse_options(parser: argparse.ArgumentParser) -> None:
+    from lcfs.fuse.settings import DIRECT_IO_MODES, FuseSettings
+
+    defaults = FuseSettings()
+    parser.add_argument(
+        "--direct-io",
+        choices=DIRECT_IO_MODES,
+        default=defaults.direct_io,
+        help="which opens bypass the kernel's page cache: write-only for "
+        "descriptors opened O_WRONLY, the only ones that can never be "
+        "memory-mapped; never to cache every open (default %(default)s)",
+    )
+    parser.add_argument(
+        "--invalidate-on-close",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.invalidate_on_close,
+        help="drop a file's pages from the kernel's page cache when its last "
+        "descriptor is closed (default %(default)s)",
+    )
 
 
 def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
@@ -186,6 +230,7 @@ def _setup_logging(level: str) -> None:
 
 def _run_daemon(args: argparse.Namespace) -> int:
     from lcfs.driver.daemon import Daemon, DaemonConfig
+    from lcfs.fuse.settings import FuseSettings
 
     config = DaemonConfig(
         device=args.device,
@@ -196,6 +241,9 @@ def _run_daemon(args: argparse.Namespace) -> int:
         pid_file=args.pid_file,
         docker_root=args.docker_root,
         grace=args.grace,
+        fuse=FuseSettings(
+            direct_io=args.direct_io, invalidate_on_close=args.invalidate_on_close
+        ),
     )
     if args.stop_timeout is not None:
         config.stop_timeout = args.stop_timeout
@@ -235,7 +283,29 @@ def _run_layers(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"daemon": _run_daemon, "mkfs": _run_mkfs, "layers": _run_layers}
+def _run_stats(args: argparse.Namespace) -> int:
+    from lcfs.fuse.stats import fetch_stats, format_stats
+
+    try:
+        snapshot = fetch_stats(args.socket)
+    except OSError as error:
+        raise UserError(
+            f"cannot read statistics from {args.socket}: {error}; is lcfs "
+            "daemon running? pass its plugin socket with --socket"
+        ) from error
+    if args.json:
+        print(json.dumps(snapshot, indent=2, sort_keys=True))
+    else:
+        print(format_stats(snapshot), end="")
+    return 0
+
+
+_COMMANDS = {
+    "daemon": _run_daemon,
+    "mkfs": _run_mkfs,
+    "layers": _run_layers,
+    "stats": _run_stats,
+}
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:

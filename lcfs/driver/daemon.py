@@ -27,10 +27,11 @@ import signal
 import socket
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from lcfs.fuse.settings import FuseSettings
 from lcfs.store import Store
 
 from .mounts import MountError, MountManager
@@ -71,6 +72,7 @@ class DaemonConfig:
     stop_timeout: float = SHUTDOWN_TIMEOUT
     docker_root: str | None = None
     grace: float = 3600.0
+    fuse: FuseSettings = field(default_factory=FuseSettings)
 
     def resolved_pid_file(self) -> str:
         """Return the pid file given, or else the socket path with .pid for .sock.
@@ -240,7 +242,7 @@ class Daemon:
     async def _serve(self, store: Store) -> None:
         """Mount and serve until a signal, then unmount."""
         config = self.config
-        mounts = MountManager(store, config.resolved_mountpoint())
+        mounts = MountManager(store, config.resolved_mountpoint(), fuse_settings=config.fuse)
         plugin = GraphDriverPlugin(store, config.device, mounts)
         try:
             await asyncio.to_thread(mounts.start, plugin.stored_home())

@@ -22,6 +22,8 @@ import threading
 from collections.abc import Callable
 
 from lcfs.fuse.mount import FSTYPE, FuseServer, find_mount
+from lcfs.fuse.settings import FuseSettings
+from lcfs.fuse.stats import RequestStats
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,12 @@ class MountManager:
         store,
         fixed_mountpoint: str | None,
         fuse_factory: Callable = FuseServer,
+        fuse_settings: FuseSettings | None = None,
     ):
         self._store = store
+        self._fuse_settings = fuse_settings or FuseSettings()
+        # FUSE request counters of every mount this manager makes.
+        self.stats = RequestStats()
         self._fixed = os.path.abspath(fixed_mountpoint) if fixed_mountpoint else None
         self._fuse_factory = fuse_factory
         self._lock = threading.Lock()
@@ -130,7 +136,9 @@ class MountManager:
             os.makedirs(path, mode=0o700, exist_ok=True)
         except OSError as error:
             raise MountError(f"cannot create mount point {path}: {error}") from error
-        server = self._fuse_factory(self._store)
+        server = self._fuse_factory(
+            self._store, settings=self._fuse_settings, stats=self.stats
+        )
         try:
             server.start(path)
         except Exception as error:

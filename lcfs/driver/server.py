@@ -127,6 +127,7 @@ class GraphDriverPlugin:
             )
         app.router.add_post("/GraphDriver.Diff", self.diff)
         app.router.add_post("/GraphDriver.ApplyDiff", self.apply_diff)
+        app.router.add_post("/lcfs.Stats", self.fuse_stats)
         app.router.add_route("*", "/{call:.*}", self.unknown_call)
         return app
 
@@ -485,6 +486,10 @@ class GraphDriverPlugin:
             return _error_reply(f"internal error: {_describe(error, layer_id)}")
         log.debug("GraphDriver.ApplyDiff of layer %s applied %d bytes", layer_id, size)
         return web.json_response({"Size": size}, content_type=CONTENT_TYPE)
+
+    async def fuse_stats(self, request: web.Request) -> web.Response:
+        """Reply with the FUSE request counters (``lcfs stats``), not a Docker call."""
+        return web.json_response(self.mounts.stats.snapshot())
 
     async def unknown_call(self, request: web.Request) -> web.Response:
         call = request.match_info.get("call", "")

@@ -9,14 +9,16 @@ server could not.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
 from lcfs.fuse import FuseServer, find_mount
+from lcfs.fuse.settings import FuseSettings
 from lcfs.store import Store
 
 IMAGE_SIZE = 512 << 20
@@ -43,6 +45,7 @@ class Mounted:
     image: str
     store: Store
     server: FuseServer
+    settings: FuseSettings = field(default_factory=FuseSettings)
 
     def at(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
@@ -52,7 +55,8 @@ class Mounted:
         self.server.stop()
         self.store.close()
         self.store = Store.open(self.image)
-        self.server = FuseServer(self.store)
+        self.server = FuseServer(self.store, settings=self.settings,
+                                 stats=self.server.stats)  # fmt: skip
         self.server.start(self.path)
 
 
@@ -66,15 +70,24 @@ def lcfs_image(tmp_path) -> str:
 @pytest.fixture
 def mounted(lcfs_image):
     """A mount of a fresh store with one empty writable layer named ``base``."""
+    with mount_store(lcfs_image) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def mount_store(image: str, settings: FuseSettings | None = None):
+    """Mount the store on ``image``, adding an empty layer ``base`` if it has none."""
     if not fuse_available():
         pytest.skip("FUSE mounts need root and /dev/fuse")
-    store = Store.open(lcfs_image)
-    store.create_layer("base")
-    store.commit()
+    settings = settings or FuseSettings()
+    store = Store.open(image)
+    if not store.exists("base"):
+        store.create_layer("base")
+        store.commit()
     mountpoint = tempfile.mkdtemp(prefix="lcfs-test-mnt-")
     os.chmod(mountpoint, 0o755)
-    server = FuseServer(store)
-    handle = Mounted(mountpoint, lcfs_image, store, server)
+    server = FuseServer(store, settings=settings)
+    handle = Mounted(mountpoint, image, store, server, settings)
     try:
         server.start(mountpoint)
         yield handle

@@ -1,0 +1,884 @@
+"""Tests of the FUSE frontend's request statistics, xattr shortcuts, direct I/O
+and page cache settings, watchdog, and 64-bit node table.
+
+Request counts come from the daemon's own counters: ``RequestStats`` of an
+in-process ``FuseServer``, or ``lcfs stats`` of a real ``lcfs daemon``
+subprocess. The process that serves a mount never touches files on it, so
+every access to a mount runs in a subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from fuse_fixtures import fuse_available, lcfs_image, mount_store  # noqa: F401
+from lcfs_daemon import LcfsDaemon, lcfs_command
+from mounts import unmount_under
+
+from lcfs.fuse import find_mount
+from lcfs.fuse import watchdog as watchdog_module
+from lcfs.fuse.settings import DIRECT_IO_NEVER, DIRECT_IO_WRITE_ONLY, FuseSettings
+from lcfs.fuse.stats import fetch_stats
+from lcfs.store import ROOT_INO, Store
+from lcfs.store.format import U64
+from lcfs.store.namespace import XATTR_NAME_PREFIX, XATTR_NAMES_COMPLETE
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(not fuse_available(), reason="FUSE mounts need root and /dev/fuse"),
+]
+
+DAEMON_IMAGE_SIZE = 1 << 30
+UNPRIVILEGED = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"]
+# The system interpreter, which an unprivileged user may run (this one may
+# live under /root).
+SYSTEM_PYTHON = "/usr/bin/python3"
+# A version 2 file capability (struct vfs_cap_data) granting CAP_NET_RAW.
+CAPABILITY_VALUE = (0x02000000).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
+CAPABILITY_HEX = CAPABILITY_VALUE.hex()
+# Names of the requests pyfuse3 3.5 passes on, plus init.
+FUSE_OPERATIONS = {
+    "init", "lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir",
+    "unlink", "rmdir", "symlink", "rename", "link", "open", "read", "write", "flush",
+    "release", "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs",
+    "setxattr", "getxattr", "listxattr", "removexattr", "access", "create",
+}  # fmt: skip
+
+
+def run_python(script: str, *args: str, user: bool = False, timeout: float = 120) -> str:
+    """Run a Python script in a subprocess, as uid 1000 if ``user``; return its stdout."""
+    command = [SYSTEM_PYTHON if user else sys.executable, "-c", textwrap.dedent(script), *args]
+    if user:
+        command = UNPRIVILEGED + command
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"script failed ({result.returncode}):\n{result.stderr}"
+    return result.stdout
+
+
+def delta(before: dict, after: dict, operation: str, field: str = "requests") -> int:
+    return after.get(operation, {}).get(field, 0) - before.get(operation, {}).get(field, 0)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def mount_options(path: str) -> tuple[list[str], list[str]]:
+    """Return the per-mount and the superblock options of the mount at ``path``."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == path:
+                separator = fields.index("-")
+                return fields[5].split(","), fields[separator + 3].split(",")
+    raise AssertionError(f"{path} is not mounted")
+
+
+def create_files(image: str, count: int, directory: bytes = b"big") -> None:
+    """Format ``image`` with ``count`` empty files in directory ``directory`` of layer ``base``."""
+    Store.mkfs(image, size=DAEMON_IMAGE_SIZE)
+    store = Store.open(image)
+    try:
+        layer = store.create_layer("base").number
+        parent = store.mkdir(layer, ROOT_INO, directory, 0o755).ino
+        for index in range(count):
+            store.mknod(layer, parent, b"f%05d" % index, stat.S_IFREG | 0o644)
+        store.commit()
+    finally:
+        store.close()
+
+
+class FeatureDaemon(LcfsDaemon):
+    """`lcfs daemon` on a fixed mount point, with extra command line options."""
+
+    def __init__(self, workdir: Path, mountpoint: str, extra_args: list[str]):
+        super().__init__(workdir, size="1G", mountpoint=mountpoint)
+        self.extra_args = extra_args
+
+    def command(self) -> list[str]:
+        return super().command() + self.extra_args
+
+    def stats(self) -> dict:
+        return fetch_stats(str(self.socket_path))
+
+
+@contextlib.contextmanager
+def running_daemon(workdir: Path, extra_args: list[str] = (), mountpoint: str | None = None):
+    """Run `lcfs daemon` on a world-traversable mount point; unmount afterwards."""
+    own_mountpoint = mountpoint is None
+    if own_mountpoint:
+        mountpoint = tempfile.mkdtemp(prefix="lcfs-test-daemon-")
+        os.chmod(mountpoint, 0o755)
+    daemon = FeatureDaemon(workdir, mountpoint, list(extra_args))
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        if find_mount(mountpoint) is not None:
+            unmount_under(mountpoint)
+        if own_mountpoint:
+            os.rmdir(mountpoint)
+
+
+# -- request statistics ------------------------------------------------------------
+
+
+def test_stats_served_by_daemon(tmp_path):
+    with running_daemon(tmp_path) as daemon:
+        daemon.call("GraphDriver.Create", {"ID": "base"})
+        run_python(
+            """
+            import os, sys
+            path = os.path.join(sys.argv[1], "base", "file")
+            with open(path, "wb") as f:
+                f.write(b"data")
+            with open(path, "rb") as f:
+                assert f.read() == b"data"
+            os.stat(path)
+            """,
+            str(daemon.mountpoint),
+        )
+        command = [lcfs_command(), "stats", "--socket", str(daemon.socket_path)]
+        as_json = json.loads(subprocess.run(command + ["--json"], capture_output=True,
+                                            text=True, check=True).stdout)  # fmt: skip
+        table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        missing = subprocess.run([lcfs_command(), "stats", "--socket", str(tmp_path / "none")],
+                                 capture_output=True, text=True)  # fmt: skip
+    assert set(as_json) <= FUSE_OPERATIONS
+    for operation in ("lookup", "create", "write", "open", "read", "release"):
+        assert as_json[operation]["requests"] >= 1, operation
+        assert as_json[operation]["seconds"] >= 0, operation
+    assert as_json["write"]["requests"] == 1
+    assert as_json["getxattr"]["store_calls"] == 0
+    assert "lookup" in table
+    assert table.startswith("OPERATION")
+    assert missing.returncode == 2
+    assert "--socket" in missing.stderr
+
+
+# -- xattrs: no xattrs, no cost ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ten_thousand_files(tmp_path_factory):
+    """A daemon serving layer ``base`` with 10,000 empty files in ``big``."""
+    workdir = tmp_path_factory.mktemp("xattr-daemon")
+    create_files(str(workdir / "lcfs.img"), 10_000)
+    with running_daemon(workdir) as daemon:
+        yield daemon
+
+
+def test_ls_long_sends_at_most_two_getxattr(ten_thousand_files):
+    daemon = ten_thousand_files
+    before = daemon.stats()
+    listing = subprocess.run(["ls", "-l", os.path.join(daemon.mountpoint, "base", "big")],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    after = daemon.stats()
+    assert len(listing.splitlines()) == 10_001  # "total" and one line per file
+    assert delta(before, after, "getxattr") <= 2
+    assert delta(before, after, "getxattr", "store_calls") == 0
+    assert delta(before, after, "listxattr", "store_calls") == 0
+
+
+def test_write_only_descriptor_sends_no_getxattr(ten_thousand_files):
+    daemon = ten_thousand_files
+    path = os.path.join(daemon.mountpoint, "base", "big", "f00001")
+    before = daemon.stats()
+    run_python(
+        """
+        import os, sys
+        fd = os.open(sys.argv[1], os.O_WRONLY)
+        for i in range(1000):
+            os.write(fd, b"x" * 100)
+        os.close(fd)
+        """,
+        path,
+    )
+    after = daemon.stats()
+    assert delta(before, after, "write") == 1000
+    assert delta(before, after, "getxattr") == 0
+    assert os.path.getsize(path) == 100_000
+
+
+def test_getxattr_without_xattrs_skips_store(ten_thousand_files):
+    daemon = ten_thousand_files
+    directory = os.path.join(daemon.mountpoint, "base", "big")
+    # One file with user.tag makes the name known, so requests for it no
+    # longer fail by the never-stored rule.
+    run_python("import os, sys; os.setxattr(sys.argv[1], 'user.tag', b'v')",
+               os.path.join(directory, "f00000"))  # fmt: skip
+    before = daemon.stats()
+    output = run_python(
+        """
+        import errno, os, sys
+        directory = sys.argv[1]
+        missing = 0
+        for index in range(1, 1001):
+            path = os.path.join(directory, "f%05d" % index)
+            try:
+                os.getxattr(path, "user.tag")
+            except OSError as error:
+                assert error.errno == errno.ENODATA, error
+                missing += 1
+            assert os.listxattr(path) == []
+            try:
+                os.removexattr(path, "user.tag")
+            except OSError as error:
+                assert error.errno == errno.ENODATA, error
+        print(missing, os.getxattr(os.path.join(directory, "f00000"), "user.tag").decode())
+        """,
+        directory,
+    )
+    after = daemon.stats()
+    assert output.split() == ["1000", "v"]
+    assert delta(before, after, "getxattr") == 1001
+    assert delta(before, after, "listxattr") == 1000
+    assert delta(before, after, "removexattr") == 1000
+    assert delta(before, after, "getxattr", "store_calls") == 1  # the tagged file only
+    assert delta(before, after, "listxattr", "store_calls") == 0
+    assert delta(before, after, "removexattr", "store_calls") == 0
+
+
+def test_buffered_writes_answered_from_memory(lcfs_image):
+    with mount_store(lcfs_image) as mounted:
+        stats = mounted.server.stats
+        first = mounted.at("base", "unseen-capability")
+        second = mounted.at("base", "known-capability")
+        script = """
+            import os, sys
+            fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+            for i in range(500):
+                os.write(fd, b"x" * 100)
+            os.close(fd)
+            """
+        before = stats.snapshot()
+        run_python(script, first)
+        # Once one file has security.capability, the kernel's check before
+        # each write is resolved from the attributes kept in memory.
+        run_python("import os, sys; os.close(os.open(sys.argv[1], os.O_CREAT, 0o644)); "
+                   "os.setxattr(sys.argv[1], 'security.capability', bytes.fromhex(sys.argv[2]))",
+                   mounted.at("base", "with-capability"), CAPABILITY_HEX)  # fmt: skip
+        run_python(script, second)
+        after = stats.snapshot()
+    # A cached write that crosses a page boundary may go out as two requests.
+    assert delta(before, after, "write") >= 1000
+    assert after["getxattr"]["names"]["security.capability"] >= 1000
+    assert delta(before, after, "getxattr", "store_calls") == 0
+
+
+def test_store_calls_match_store(lcfs_image, monkeypatch):
+    with mount_store(lcfs_image) as mounted:
+        store = mounted.store
+        calls = {"getxattr": 0, "listxattr": 0, "removexattr": 0}
+        for name in calls:
+            original = getattr(store, name)
+
+            def counted(*args, _name=name, _original=original):
+                calls[_name] += 1
+                return _original(*args)
+
+            monkeypatch.setattr(store, name, counted)
+        run_python(
+            """
+            import os, sys
+            base = sys.argv[1]
+            for index in range(50):
+                path = os.path.join(base, "f%d" % index)
+                open(path, "w").close()
+                if index % 10 == 0:
+                    os.setxattr(path, "user.a", b"1")
+                    os.setxattr(path, "user.b", b"2")
+            for index in range(50):
+                path = os.path.join(base, "f%d" % index)
+                for name in ("user.a", "security.selinux", "system.posix_acl_access"):
+                    try:
+                        os.getxattr(path, name)
+                    except OSError:
+                        pass
+                os.listxattr(path)
+                try:
+                    os.removexattr(path, "user.b")
+                except OSError:
+                    pass
+            """,
+            mounted.at("base"),
+        )
+        snapshot = mounted.server.stats.snapshot()
+    for name, count in calls.items():
+        assert snapshot[name]["store_calls"] == count, name
+    # Only the 5 files with xattrs reach the store.
+    assert calls == {"getxattr": 5, "listxattr": 5, "removexattr": 5}
+    assert snapshot["getxattr"]["requests"] >= 150
+
+
+def test_never_stored_names(lcfs_image):
+    with mount_store(lcfs_image) as mounted:
+        output = run_python(
+            """
+            import errno, os, sys
+            first, second = sys.argv[1], sys.argv[2]
+            for path in (first, second):
+                open(path, "w").close()
+
+            def error_of(func, *args):
+                try:
+                    func(*args)
+                except OSError as error:
+                    return str(error.errno)
+                return "ok"
+
+            print(error_of(os.getxattr, first, "security.selinux"))
+            print(error_of(os.getxattr, first, "system.posix_acl_access"))
+            print(error_of(os.getxattr, first, "user.never"))
+            print(error_of(os.setxattr, first, "security.label", b"x", os.XATTR_REPLACE))
+            print(error_of(os.setxattr, first, "security.selinux", b"ctx", os.XATTR_CREATE))
+            print(os.getxattr(first, "security.selinux").decode())
+            print(error_of(os.getxattr, second, "security.selinux"))
+            print(error_of(os.setxattr, first, "security.selinux", b"x", os.XATTR_CREATE))
+            """,
+            mounted.at("base", "first"),
+            mounted.at("base", "second"),
+        )
+        assert mounted.store.xattr_name_seen(b"security.selinux")
+        assert not mounted.store.xattr_name_seen(b"security.label")
+    assert output.split() == [
+        str(errno.EOPNOTSUPP),  # security.selinux, never stored
+        str(errno.EOPNOTSUPP),  # system.posix_acl_access, never stored
+        str(errno.ENODATA),  # user.never: outside security and system
+        str(errno.EOPNOTSUPP),  # XATTR_REPLACE of a never-stored name
+        "ok",  # XATTR_CREATE of a never-stored name
+        "ctx",
+        str(errno.ENODATA),  # the name is known now
+        str(errno.EEXIST),
+    ]
+
+
+def test_ls_long_asks_again_once_name_stored(lcfs_image):
+    with mount_store(lcfs_image) as mounted:
+        stats = mounted.server.stats
+        directory = mounted.at("base", "dir")
+        run_python(
+            """
+            import os, sys
+            os.mkdir(sys.argv[1])
+            for index in range(50):
+                open(os.path.join(sys.argv[1], "f%02d" % index), "w").close()
+            """,
+            directory,
+        )
+        first = stats.snapshot()
+        subprocess.run(["ls", "-l", directory], capture_output=True, check=True)
+        second = stats.snapshot()
+        run_python("import os, sys; os.setxattr(sys.argv[1], 'security.selinux', b'ctx')",
+                   os.path.join(directory, "f00"))  # fmt: skip
+        third = stats.snapshot()
+        subprocess.run(["ls", "-l", directory], capture_output=True, check=True)
+        fourth = stats.snapshot()
+    assert delta(first, second, "getxattr") <= 2
+    assert delta(third, fourth, "getxattr") >= 50
+    assert delta(third, fourth, "getxattr", "store_calls") <= 2
+
+
+def test_xattr_names_persist_and_old_store_indexed(lcfs_image):
+    store = Store.open(lcfs_image)
+    layer = store.create_layer("base").number
+    ino = store.mknod(layer, ROOT_INO, b"file", stat.S_IFREG | 0o644).ino
+    store.setxattr(layer, ino, b"user.kept", b"1")
+    store.removexattr(layer, ino, b"user.kept")
+    store.setxattr(layer, ino, b"trusted.held", b"2")
+    store.commit()
+    store.close()
+
+    store = Store.open(lcfs_image)
+    assert store.xattr_name_seen(b"user.kept")  # removed, but once stored
+    assert store.xattr_name_seen(b"trusted.held")
+    assert not store.xattr_name_seen(b"security.selinux")
+    # Drop the set as a store from before it existed would lack it.
+    with store.lock:
+        store._ready()
+        meta = store.dbs["meta"]
+        for key in [k for k, _ in store._prefix_items(meta, XATTR_NAME_PREFIX)]:
+            store._txn.delete(key, db=meta)
+        store._txn.delete(XATTR_NAMES_COMPLETE, db=meta)
+    store.commit()
+    store.close()
+
+    store = Store.open(lcfs_image)
+    try:
+        assert store.xattr_name_seen(b"trusted.held")
+        assert not store.xattr_name_seen(b"user.kept")  # no record has it now
+        with store.lock:
+            store._ready()
+            assert store._txn.get(XATTR_NAMES_COMPLETE, db=store.dbs["meta"]) is not None
+    finally:
+        store.close()
+
+
+# -- direct I/O ----------------------------------------------------------------------
+
+MMAP_SCRIPT = """
+    import mmap, os, sys
+    path = sys.argv[1]
+    with open(path, "wb") as f:
+        f.write(b"a" * 8192)
+    fd = os.open(path, os.O_WRONLY)
+    os.pwrite(fd, b"W" * 10, 100)
+    os.close(fd)
+    with open(path, "ab") as f:
+        f.write(b"tail")
+    with open(path, "r+b") as f:
+        shared = mmap.mmap(f.fileno(), 8192, mmap.MAP_SHARED)
+        private = mmap.mmap(f.fileno(), 8192, mmap.MAP_PRIVATE)
+    assert shared[100:110] == b"W" * 10, shared[100:110]
+    assert private[:4] == b"aaaa"
+    shared[4096:4100] = b"SHRD"
+    shared.flush()
+    private[0:4] = b"PRIV"
+    # A direct write by another descriptor shows in the shared mapping.
+    fd = os.open(path, os.O_WRONLY)
+    os.pwrite(fd, b"D", 5000)
+    os.close(fd)
+    assert shared[5000:5001] == b"D"
+    shared.close()
+    private.close()
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b"aaaa", data[:4]
+    assert data[100:110] == b"W" * 10
+    assert data[4096:4100] == b"SHRD"
+    assert data[5000:5001] == b"D"
+    assert data.endswith(b"tail")
+    assert len(data) == 8196
+    # Executable mappings, as the loader makes them, read through the cache.
+    with open(path, "rb") as f:
+        text = mmap.mmap(f.fileno(), 4096, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_EXEC)
+        assert text[:4] == b"aaaa"
+        text.close()
+    fd = os.open(path, os.O_WRONLY)
+    for i in range(1000):
+        os.pwrite(fd, b"z", i)
+    os.close(fd)
+    print("ok")
+"""
+
+
+@pytest.mark.parametrize("direct_io", [DIRECT_IO_WRITE_ONLY, DIRECT_IO_NEVER])
+def test_direct_io_setting_keeps_mmap_working(lcfs_image, direct_io):
+    with mount_store(lcfs_image, FuseSettings(direct_io=direct_io)) as mounted:
+        stats = mounted.server.stats
+        assert run_python(MMAP_SCRIPT, mounted.at("base", "file")).strip() == "ok"
+        snapshot = stats.snapshot()
+    # 1,000 writes on one O_WRONLY descriptor at the end of the script, and
+    # the kernel's security.capability check before every cached write.
+    if direct_io == DIRECT_IO_WRITE_ONLY:
+        assert snapshot["getxattr"]["requests"] < 20
+    else:
+        assert snapshot["getxattr"]["requests"] >= 1000
+    assert snapshot["getxattr"]["store_calls"] == 0
+
+
+# -- privileges dropped by writes, against tmpfs -----------------------------------
+
+PRIVILEGE_SCRIPT = """
+    import itertools, json, os, subprocess, sys
+    phase, directory = sys.argv[1], sys.argv[2]
+    CAPABILITY = bytes.fromhex(sys.argv[3])
+    KINDS = {
+        "wronly": "dd if=/dev/zero of=\\"$1\\" bs=1 count=1 conv=notrunc status=none",
+        "rdwr": "printf x 1<>\\"$1\\"",
+        "append": "printf x >>\\"$1\\"",
+        "trunc": "printf x >\\"$1\\"",
+        "ftruncate": "truncate -s 1 \\"$1\\"",
+    }
+    cases = []
+    for mode, group, kind in itertools.product((0o4777, 0o2777, 0o6777, 0o2767),
+                                               (0, 1000), KINDS):
+        cases.append(("user", mode, group, False, kind))
+    for mode, kind in itertools.product((0o4777, 0o6777), KINDS):
+        cases.append(("root", mode, 0, False, kind))
+    for writer, kind in itertools.product(("user", "root"), KINDS):
+        cases.append((writer, 0o777, 0, True, kind))
+
+    def name(case):
+        writer, mode, group, capability, kind = case
+        return f"{writer}-{mode:o}-g{group}-{'cap' if capability else 'nocap'}-{kind}"
+
+    for case in cases:
+        writer, mode, group, capability, kind = case
+        path = os.path.join(directory, name(case))
+        if phase == "setup":
+            with open(path, "wb") as f:
+                f.write(b"#!/bin/sh\\n")
+            os.chown(path, 0, group)
+            os.chmod(path, mode)
+            if capability:
+                os.setxattr(path, "security.capability", CAPABILITY)
+        elif phase == "write":
+            command = ["/bin/sh", "-c", KINDS[kind], "sh", path]
+            if writer == "user":
+                command = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"] + command
+            subprocess.run(command, check=True)
+    if phase == "report":
+        report = {}
+        for case in cases:
+            path = os.path.join(directory, name(case))
+            try:
+                held = os.getxattr(path, "security.capability") == CAPABILITY
+            except OSError:
+                held = False
+            report[name(case)] = [oct(os.stat(path).st_mode), held]
+        print(json.dumps(report, sort_keys=True))
+"""
+
+
+def privileges_after_writes(directory: str) -> dict:
+    for phase in ("setup", "write"):
+        run_python(PRIVILEGE_SCRIPT, phase, directory, CAPABILITY_HEX)
+    return json.loads(run_python(PRIVILEGE_SCRIPT, "report", directory, CAPABILITY_HEX))
+
+
+@pytest.fixture(scope="module")
+def tmpfs_privileges():
+    """What tmpfs keeps of setuid, setgid and capabilities after the test writes."""
+    directory = tempfile.mkdtemp(prefix="lcfs-test-tmpfs-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=755,size=16m", "lcfs-test", directory],
+                   check=True)  # fmt: skip
+    try:
+        return privileges_after_writes(directory)
+    finally:
+        subprocess.run(["umount", directory], check=True)
+        os.rmdir(directory)
+
+
+@pytest.mark.parametrize("direct_io", [DIRECT_IO_WRITE_ONLY, DIRECT_IO_NEVER])
+def test_write_drops_privileges_as_tmpfs(lcfs_image, tmpfs_privileges, direct_io):
+    with mount_store(lcfs_image, FuseSettings(direct_io=direct_io)) as mounted:
+        found = privileges_after_writes(mounted.at("base"))
+    # The table covers both outcomes, so the comparison can tell a fault.
+    assert any(mode == "0o104777" for mode, _ in tmpfs_privileges.values())
+    assert any(mode == "0o100777" for mode, _ in tmpfs_privileges.values())
+    assert any(mode == "0o102767" for mode, _ in tmpfs_privileges.values())
+    differences = {
+        name: (found.get(name), expected)
+        for name, expected in tmpfs_privileges.items()
+        if found.get(name) != expected
+    }
+    assert differences == {}, "lcfs and tmpfs differ (lcfs, tmpfs)"
+
+
+# -- invalidate on close -------------------------------------------------------------
+
+READ_TWICE_SCRIPT = """
+    import sys
+    for _ in range(2):
+        with open(sys.argv[1], "rb") as f:
+            while f.read(1 << 20):
+                pass
+    """
+
+
+@pytest.mark.parametrize("invalidate", [True, False])
+def test_invalidate_on_close(lcfs_image, invalidate):
+    settings = FuseSettings(invalidate_on_close=invalidate)
+    with mount_store(lcfs_image, settings) as mounted:
+        path = mounted.at("base", "file")
+        run_python("import os, sys; open(sys.argv[1], 'wb').write(os.urandom(8 << 20))", path)
+        stats = mounted.server.stats
+        first = stats.snapshot()
+        run_python(READ_TWICE_SCRIPT, path)
+        second = stats.snapshot()
+        run_python(READ_TWICE_SCRIPT, path)
+        third = stats.snapshot()
+    # The first pass after the write reads from the daemon either way.
+    assert delta(first, second, "read") > 0
+    if invalidate:
+        # Every pass of every run reads from the daemon again.
+        assert delta(second, third, "read") >= delta(first, second, "read") > 0
+    else:
+        assert delta(second, third, "read") == 0
+
+
+def test_invalidate_on_close_with_concurrent_opens(lcfs_image):
+    settings = FuseSettings(invalidate_on_close=True)
+    with mount_store(lcfs_image, settings) as mounted:
+        path = mounted.at("base", "file")
+        run_python("import sys; open(sys.argv[1], 'wb').write(bytes(range(256)) * 4096)", path)
+        script = """
+            import mmap, sys
+            expected = bytes(range(256)) * 4096
+            for i in range(100):
+                with open(sys.argv[1], "rb") as f:
+                    assert f.read() == expected
+                    if i % 10 == 0:
+                        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+                            assert m[:256] == expected[:256]
+            """
+        workers = [
+            subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), path])
+            for _ in range(4)
+        ]
+        codes = [worker.wait(timeout=120) for worker in workers]
+        releases = mounted.server.stats.snapshot()["release"]["requests"]
+    assert codes == [0, 0, 0, 0]
+    assert releases >= 400
+
+
+# -- suid, dev and the watchdog -----------------------------------------------------
+
+GETEUID_SOURCE = """
+#include <stdio.h>
+#include <unistd.h>
+int main(void) { printf("%d\\n", (int)geteuid()); return 0; }
+"""
+
+
+def build_geteuid_program(directory: Path) -> Path:
+    source = directory / "geteuid.c"
+    source.write_text(GETEUID_SOURCE)
+    program = directory / "geteuid"
+    subprocess.run(["cc", "-static", "-O", "-o", str(program), str(source)], check=True)
+    return program
+
+
+def watchdog_of(daemon_pid: int) -> int:
+    """Return the pid of the daemon's child running the watchdog."""
+    for task in os.listdir(f"/proc/{daemon_pid}/task"):
+        with open(f"/proc/{daemon_pid}/task/{task}/children") as f:
+            for pid in f.read().split():
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    if b"watchdog.py" in cmdline.read():
+                        return int(pid)
+    raise AssertionError(f"daemon pid {daemon_pid} has no watchdog child")
+
+
+def test_suid_dev_and_unmount_after_sigkill(tmp_path):
+    program = build_geteuid_program(tmp_path)
+    with running_daemon(tmp_path / "daemon") as daemon:
+        mountpoint = str(daemon.mountpoint)
+        daemon.call("GraphDriver.Create", {"ID": "base"})
+        mount_flags, super_options = mount_options(mountpoint)
+        assert "nosuid" not in mount_flags
+        assert "nodev" not in mount_flags
+        assert "allow_other" in super_options
+        layer = os.path.join(mountpoint, "base")
+        run_python(
+            """
+            import os, shutil, stat, sys
+            layer, program = sys.argv[1], sys.argv[2]
+            shutil.copy(program, os.path.join(layer, "geteuid"))
+            os.chmod(os.path.join(layer, "geteuid"), 0o4755)
+            os.mknod(os.path.join(layer, "null"), stat.S_IFCHR | 0o666, os.makedev(1, 3))
+            with open(os.path.join(layer, "null"), "wb") as f:
+                f.write(b"discarded")
+            with open(os.path.join(layer, "null"), "rb") as f:
+                assert f.read() == b""
+            """,
+            layer,
+            str(program),
+        )
+        as_user = subprocess.run(UNPRIVILEGED + [os.path.join(layer, "geteuid")],
+                                 capture_output=True, text=True, check=True)  # fmt: skip
+        assert as_user.stdout.strip() == "0"
+
+        watchdog = watchdog_of(daemon.process.pid)
+        descriptors = [os.readlink(f"/proc/{watchdog}/fd/{fd}")
+                       for fd in os.listdir(f"/proc/{watchdog}/fd")]  # fmt: skip
+        assert "/dev/fuse" not in descriptors
+        assert len(descriptors) == 3  # the pipe, /dev/null and the log
+
+        device = find_mount(mountpoint)
+        assert device is not None
+        os.kill(daemon.process.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        assert wait_until(lambda: find_mount(mountpoint) is None, timeout=2.0)
+        gone_after = time.monotonic() - killed
+        assert wait_until(lambda: not os.path.exists(f"/proc/{watchdog}"), timeout=5.0)
+    assert gone_after < 2.0
+
+
+def test_watchdog_leaves_other_mount(lcfs_image):
+    with mount_store(lcfs_image, FuseSettings(watchdog=False)) as mounted:
+        read_end, write_end = os.pipe()
+        watchdog = subprocess.Popen(
+            [sys.executable, "-I", watchdog_module.__file__, mounted.path, "0:9999"],
+            stdin=read_end,
+        )
+        os.close(read_end)
+        os.close(write_end)
+        assert watchdog.wait(timeout=10) == 0
+        assert find_mount(mounted.path) is not None
+        assert mounted.server.watchdog is None
+
+
+# -- 64-bit layer and inode numbers, file handles ------------------------------------
+
+HANDLE_SCRIPT = """
+    import ctypes, errno, json, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    AT_FDCWD = -100
+    MAX_HANDLE_SZ = 128
+
+    class FileHandle(ctypes.Structure):
+        _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                    ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+    def save(paths):
+        handles = {}
+        for path in paths:
+            handle = FileHandle(handle_bytes=MAX_HANDLE_SZ)
+            mount_id = ctypes.c_int()
+            if libc.name_to_handle_at(AT_FDCWD, path.encode(), ctypes.byref(handle),
+                                      ctypes.byref(mount_id), 0) != 0:
+                raise OSError(ctypes.get_errno(), "name_to_handle_at", path)
+            data = bytes(handle.f_handle[: handle.handle_bytes])
+            handles[path] = [handle.handle_type, data.hex()]
+        return handles
+
+    def open_all(mountpoint, handles):
+        mount_fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        result = {}
+        for path, (handle_type, data) in handles.items():
+            raw = bytes.fromhex(data)
+            handle = FileHandle(handle_bytes=len(raw), handle_type=handle_type)
+            ctypes.memmove(handle.f_handle, raw, len(raw))
+            fd = libc.open_by_handle_at(mount_fd, ctypes.byref(handle), os.O_RDONLY)
+            if fd < 0:
+                result[path] = errno.errorcode[ctypes.get_errno()]
+                continue
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                result[path] = sorted(os.listdir(fd))
+            else:
+                result[path] = os.read(fd, 100).decode()
+            os.close(fd)
+        return result
+
+    command = sys.argv[1]
+    if command == "save":
+        print(json.dumps(save(sys.argv[2:])))
+    else:
+        print(json.dumps(open_all(sys.argv[2], json.loads(sys.stdin.read()))))
+"""
+
+
+def open_handles(mountpoint: str, handles: dict) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(HANDLE_SCRIPT), "open", mountpoint],
+        input=json.dumps(handles), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def drop_kernel_caches() -> None:
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def prepare_large_numbers(image: str) -> dict:
+    """Format ``image`` with layers numbered above 2**32, inodes above 2**48 and
+    node ids above 2**40."""
+    Store.mkfs(image, size=DAEMON_IMAGE_SIZE)
+    store = Store.open(image)
+    try:
+        with store.lock:
+            store._ready()
+            meta = store.dbs["meta"]
+            store._txn.put(b"next_layer", U64.pack(2**32 + 5), db=meta)
+            store._txn.put(b"next_ino", U64.pack(2**48 + 7), db=meta)
+            store._txn.put(b"next_node", U64.pack(2**40 + 3), db=meta)
+        store.commit()
+        base = store.create_layer("base").number
+        directory = store.mkdir(base, ROOT_INO, b"dir", 0o755).ino
+        file = store.mknod(base, directory, b"file", stat.S_IFREG | 0o644).ino
+        store.write(base, file, 0, b"base data")
+        child = store.create_layer("child", "base").number
+        store.commit()
+        return {"base": base, "child": child, "dir": directory, "file": file}
+    finally:
+        store.close()
+
+
+def test_large_numbers_and_file_handles(tmp_path):
+    numbers = prepare_large_numbers(str(tmp_path / "lcfs.img"))
+    assert numbers["base"] > 2**32
+    assert numbers["child"] > 2**32
+    assert numbers["dir"] > 2**48
+    assert numbers["file"] > 2**48
+    mountpoint = tempfile.mkdtemp(prefix="lcfs-test-handles-")
+    os.chmod(mountpoint, 0o755)
+    base = os.path.join(mountpoint, "base")
+    child = os.path.join(mountpoint, "child")
+    saved_paths = [
+        os.path.join(base, "dir", "file"),
+        os.path.join(child, "dir", "file"),
+        os.path.join(child, "dir", "new"),
+        os.path.join(child, "dir"),
+        os.path.join(base, "dir"),
+    ]
+    expected = {
+        saved_paths[0]: "base data",
+        saved_paths[1]: "child data",
+        saved_paths[2]: "new file",
+        saved_paths[3]: ["file", "new"],
+        saved_paths[4]: ["file"],
+    }
+    try:
+        with running_daemon(tmp_path, mountpoint=mountpoint) as daemon:
+            inodes = json.loads(run_python(
+                """
+                import json, os, sys
+                base, child = sys.argv[1], sys.argv[2]
+                assert open(os.path.join(child, "dir", "file")).read() == "base data"
+                with open(os.path.join(child, "dir", "file"), "r+") as f:
+                    f.write("child data")
+                with open(os.path.join(child, "dir", "new"), "w") as f:
+                    f.write("new file")
+                os.statvfs(child)
+                paths = [base, child] + [os.path.join(layer, "dir", name)
+                                         for layer in (base, child) for name in ("", "file")]
+                paths.append(os.path.join(child, "dir", "new"))
+                print(json.dumps({path: os.stat(path).st_ino for path in paths}))
+                """,
+                base, child,
+            ))  # fmt: skip
+            assert len(set(inodes.values())) == len(inodes), inodes
+            assert all(ino > 2**40 for ino in inodes.values())
+            handles = json.loads(run_python(HANDLE_SCRIPT, "save", *saved_paths))
+
+            before = daemon.stats()
+            drop_kernel_caches()
+            assert wait_until(lambda: delta(before, daemon.stats(), "forget") > 0, timeout=5)
+            assert open_handles(mountpoint, handles) == expected
+            after = daemon.stats()
+            assert after["lookup"]["dot"] > before["lookup"]["dot"]
+            assert after["lookup"]["dotdot"] > before["lookup"]["dotdot"]
+
+        # A new daemon resolves the same handles from the persistent node table.
+        with running_daemon(tmp_path, mountpoint=mountpoint) as daemon:
+            assert open_handles(mountpoint, handles) == expected
+            assert daemon.stats()["lookup"]["dot"] >= len(handles)
+            run_python("import os, sys; os.unlink(sys.argv[1])", saved_paths[2])
+            drop_kernel_caches()
+            reopened = open_handles(mountpoint, handles)
+        assert reopened[saved_paths[2]] == "ESTALE"
+        assert reopened[saved_paths[3]] == ["file"]
+    finally:
+        os.rmdir(mountpoint)

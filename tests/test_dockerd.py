@@ -1,16 +1,17 @@
 """End to end: a real dockerd 20.10 keeping its layers in lcfs.
 
 One `lcfs daemon` (own image file and socket) and one dockerd using it as
-its graphdriver plugin serve the whole module. A second dockerd on the vfs
-driver is the reference that lcfs must agree with. The daemon mounts at
-the Home that dockerd's Init names, as in production.
+its graphdriver plugin serve the whole module (see docker_fixtures.py). A
+second dockerd on the vfs driver is the reference that lcfs must agree
+with.
 
 Images come only from `docker import` of trees built by rootfs.py and from
-builds and commits in these tests; every `docker run` passes --pull never,
+builds and commits in these tests. Every `docker run` passes --pull never,
 and dockerd runs in its own network namespace.
 
-The last test removes every image and container and stops both daemons,
-so it must stay last in the file.
+The tests run in file order and share state: later tests kill and restart
+the plugin under the running dockerd, and the last one removes every image
+and container and stops both daemons, so it must stay last in the file.
 """
 
 import io
@@ -25,10 +26,12 @@ from hashlib import sha256
 from pathlib import Path
 
 import pytest
-import trees
-from dockerd import DockerDaemon, remove_stale_plugin_specs
-from lcfs_daemon import LcfsDaemon, fsck_command, lcfs_command
-from mounts import unmount_under
+from dockerd import DockerDaemon
+from layer_compare import compare_with_vfs
+from lcfs_daemon import fsck_command, lcfs_command
+
+# Fixtures lcfs, initial_status, docker and vfs_docker, one set per module.
+pytest_plugins = ["docker_fixtures"]
 
 pytestmark = [
     pytest.mark.docker,
@@ -167,41 +170,6 @@ def parse_pairs(output: str) -> dict[str, str]:
 
 
 # --- fixtures --------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def lcfs(tmp_path_factory):
-    remove_stale_plugin_specs()
-    daemon = LcfsDaemon(tmp_path_factory.mktemp("lcfs"))
-    daemon.start()
-    yield daemon
-    daemon.stop()
-    unmount_under(daemon.workdir)
-    daemon.device.unlink(missing_ok=True)
-
-
-@pytest.fixture(scope="module")
-def initial_status(lcfs) -> dict[str, str]:
-    """The plugin's Status before dockerd stored anything."""
-    return lcfs.status()
-
-
-@pytest.fixture(scope="module")
-def docker(lcfs, initial_status, tmp_path_factory):
-    daemon = DockerDaemon(
-        tmp_path_factory.mktemp("dockerd"), plugin_socket=lcfs.socket_path
-    )
-    daemon.start()
-    yield daemon
-    daemon.stop()
-
-
-@pytest.fixture(scope="module")
-def vfs_docker(tmp_path_factory):
-    daemon = DockerDaemon(tmp_path_factory.mktemp("dockerd-vfs"), storage_driver="vfs")
-    daemon.start()
-    yield daemon
-    daemon.stop()
 
 
 @pytest.fixture(scope="module")
@@ -419,15 +387,11 @@ def test_classic_build_uses_cache(docker, classic_image, build_context):
 
 
 DATA_USED = "Data Space Used (bytes)"
-# The random data tar holds 160 MiB, so 20 MiB written is well inside its
-# import.
+# The random data tar contains 160 MiB, so 20 MiB written is well inside
+# its import.
 RANDOM_FILES = 40
 RANDOM_FILE_SIZE = 4 * 1024 * 1024
 KILL_AFTER_BYTES = 20 * 1024 * 1024
-
-# Layer tars have no entry for the root directory, so its mtime is whenever
-# each driver created the layer directory, not data carried by the image.
-ROOT_MTIME = {b".": {"mtime"}}
 
 
 def test_save_load_matches_vfs(
@@ -438,22 +402,8 @@ def test_save_load_matches_vfs(
     docker.docker("save", "-o", str(archive), *names)
     vfs_docker.docker("load", "-i", str(archive))
     for name in names:
-        chains = docker.image_chain_ids(name)
-        assert vfs_docker.image_chain_ids(name) == chains, name
-        # Every layer of the image is a full tree in both drivers, so the
-        # top one also shows the content of the lower layers.
-        lcfs_id = docker.layer_cache_id(chains[-1])
-        vfs_dir = (
-            vfs_docker.data_root / "vfs" / "dir" / vfs_docker.layer_cache_id(chains[-1])
-        )
-        lcfs_dir = lcfs.call("GraphDriver.Get", {"ID": lcfs_id})["Dir"]
-        try:
-            found = trees.differences(
-                trees.snapshot(vfs_dir), trees.snapshot(lcfs_dir), ignore=ROOT_MTIME
-            )
-        finally:
-            lcfs.call("GraphDriver.Put", {"ID": lcfs_id})
-        assert found == [], f"{name}: lcfs layer {lcfs_id} differs from vfs"
+        found = compare_with_vfs(docker, vfs_docker, lcfs, name)
+        assert found == [], f"{name}: the lcfs layer differs from vfs"
 
 
 @pytest.fixture(scope="module")

@@ -408,3 +408,24 @@ def test_shared_blocks_freed_by_last_owner(store):
     for layer_id in ("committed", "ctr", "ctr-init", "img"):
         store.remove_layer(layer_id)
     assert store.statfs().free_blocks == free_empty
+
+
+def test_commit_keeps_hard_links_of_changed_file(store):
+    apply(store, "img", None, make_tar([
+        ("etc", DIR, {}), ("etc/hosts", REG, {"data": b"old"}), ("hosts.hard", LNK, {"linkname": "etc/hosts"}),
+    ]))  # fmt: skip
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    etc = store.lookup(number, ROOT_INO, b"etc")
+    hosts = store.lookup(number, etc.ino, b"hosts")
+    store.write(number, hosts.ino, 0, b"new")
+    changes = dict(store.changes("ctr"))
+    assert changes["/etc/hosts"] == 0
+    assert changes["/hosts.hard"] == 0
+    apply(store, "committed", "img", b"".join(store.diff("ctr")))
+    committed = store.get_layer("committed").number
+    hard = store.lookup(committed, ROOT_INO, b"hosts.hard")
+    assert store.read(committed, hard.ino, 0, 10) == b"new"
+    assert hard.nlink == 2
+    etc = store.lookup(committed, ROOT_INO, b"etc")
+    assert store.lookup(committed, etc.ino, b"hosts").ino == hard.ino

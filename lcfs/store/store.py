@@ -268,7 +268,13 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             txn = self._txn = self._group_txn()
             for key, value in txn.cursor(db=self.dbs["layers"]):
                 number = U64.unpack(key)[0]
-                layer = Layer.unpack(number, value)
+                try:
+                    layer = Layer.unpack(number, value)
+                except (ValueError, KeyError) as exc:
+                    raise errors.FormatError(
+                        f"{self.path}: layer record {number} is unreadable ({exc}); "
+                        f"run 'lcfs-fsck --repair {self.path}'"
+                    ) from None
                 self._layers[number] = layer
                 self._ids[layer.id] = number
             for key, _ in txn.cursor(db=self.dbs["children"]):
@@ -276,7 +282,13 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 self._children.setdefault(parent, set()).add(child)
             for layer in self._layers.values():
                 if layer.parent is not None:
-                    layer.parent_id = self._layers[layer.parent].id
+                    parent = self._layers.get(layer.parent)
+                    if parent is None:
+                        raise errors.FormatError(
+                            f"{self.path}: layer {layer.id} names missing parent {layer.parent}; "
+                            f"run 'lcfs-fsck --repair {self.path}'"
+                        )
+                    layer.parent_id = parent.id
             self.alloc.count(txn)
             self._load_xattr_names()
             if not self.readonly:

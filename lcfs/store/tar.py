@@ -675,6 +675,33 @@ class _DiffPlan:
                 subtrees.append((path, inode))
         for path, inode in subtrees:
             self._add_subtree(path, inode)
+        self._add_other_links()
+
+    def _add_other_links(self) -> None:
+        """Add every other name of a changed file that has several hard links.
+
+        NOTE: finding those names walks the layer's whole tree, because the
+        store keeps no index from an inode to its names; it runs only when a
+        changed file has more than one link.
+        """
+        store, number = self.store, self.number
+        wanted = set()
+        for path, (kind, ino) in self.items.items():
+            if ino is not None and kind != CHANGE_DELETE:
+                inode = store._inode(number, ino)
+                if inode.is_reg and inode.nlink > 1:
+                    wanted.add(ino)
+        if not wanted:
+            return
+        stack = [(b"", ROOT_INO)]
+        while stack:
+            prefix, dir_ino = stack.pop()
+            for name, ino in store._entries(number, store._inode(number, dir_ino)).items():
+                path = prefix + b"/" + name
+                if ino in wanted:
+                    self._add(path, ino)
+                elif store._inode(number, ino).is_dir:
+                    stack.append((path, ino))
 
     def _add_subtree(self, path: bytes, dir_inode: Inode) -> None:
         store, number = self.store, self.number

@@ -29,7 +29,9 @@ def begin(txn, intents_db, meta_db, kind: str, **fields) -> int:
         raise ValueError(f"unknown intent kind {kind!r}")
     number = U64.unpack(txn.get(b"next_intent", db=meta_db))[0]
     txn.put(b"next_intent", U64.pack(number + 1), db=meta_db)
-    txn.put(U64.pack(number), json.dumps({"kind": kind, **fields}).encode(), db=intents_db)
+    txn.put(
+        U64.pack(number), json.dumps({"kind": kind, **fields}).encode(), db=intents_db
+    )
     return number
 
 

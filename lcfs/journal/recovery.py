@@ -39,7 +39,9 @@ def recover(store) -> int:
                 store._finish_intent(number)
                 continue
             if kind == "apply":
-                log.warning("rolling back the unfinished import into layer %s", layer.id)
+                log.warning(
+                    "rolling back the unfinished import into layer %s", layer.id
+                )
             else:
                 log.warning("finishing the interrupted removal of layer %s", layer.id)
             if layer.state != "removing":

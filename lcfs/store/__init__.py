@@ -6,14 +6,14 @@ from .namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_RE
 from .store import Attr, StatFs, Store
 
 __all__ = [
-    "Attr",
     "BLOCK_SIZE",
     "RENAME_EXCHANGE",
     "RENAME_NOREPLACE",
     "ROOT_INO",
-    "StatFs",
-    "Store",
     "XATTR_CREATE",
     "XATTR_REPLACE",
+    "Attr",
+    "StatFs",
+    "Store",
     "errors",
 ]

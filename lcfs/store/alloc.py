@@ -43,7 +43,9 @@ class Allocator:
         self.free_blocks = total
         return total
 
-    def allocate(self, txn, count: int, hint: int | None = None) -> list[tuple[int, int]]:
+    def allocate(
+        self, txn, count: int, hint: int | None = None
+    ) -> list[tuple[int, int]]:
         """Take ``count`` blocks, as few runs as possible, starting at ``hint`` if it is free."""
         if count > self.free_blocks:
             raise errors.NoSpace(
@@ -97,7 +99,11 @@ class Allocator:
         if block > start:
             txn.put(U64.pack(start), U64.pack(block - start), db=self.db)
         if block + taken < start + length:
-            txn.put(U64.pack(block + taken), U64.pack(start + length - block - taken), db=self.db)
+            txn.put(
+                U64.pack(block + taken),
+                U64.pack(start + length - block - taken),
+                db=self.db,
+            )
         return taken
 
     def release(self, txn, start: int, count: int) -> None:
@@ -105,7 +111,9 @@ class Allocator:
         if count <= 0:
             return
         if start < 0 or start + count > self.data_blocks:
-            raise errors.StoreError(f"freeing blocks {start}..{start + count - 1} outside the data region")
+            raise errors.StoreError(
+                f"freeing blocks {start}..{start + count - 1} outside the data region"
+            )
         self.pending.append((start, count))
 
     def flush(self, txn) -> None:
@@ -134,7 +142,9 @@ class Allocator:
             plen = U64.unpack(cursor.value())[0]
             if prev < start:
                 if prev + plen > start:
-                    raise errors.StoreError(f"double free of blocks {start}..{start + count - 1}")
+                    raise errors.StoreError(
+                        f"double free of blocks {start}..{start + count - 1}"
+                    )
                 if prev + plen == start:
                     new_start = prev
                     cursor.delete()

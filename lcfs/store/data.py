@@ -18,13 +18,14 @@ owned (branch on write). Unmapped blocks are holes and read as zeros.
 from __future__ import annotations
 
 import os
-import stat
+import struct
+import time
 
 from . import errors
 from .format import BLOCK_SIZE, EXTENT, U64, U64X2, extent_key
 
 BORROWED, OWNED, SHARED = 0, 1, 2
-REFS = __import__("struct").Struct(">QI")
+REFS = struct.Struct(">QI")
 
 # Largest run handed to one pwrite or pread.
 IO_CHUNK_BLOCKS = 256
@@ -59,13 +60,23 @@ class DataMixin:
             found.append([block, phys, count, owned])
         return found
 
-    def _put_extent(self, ino: int, layer: int, block: int, phys: int, count: int, owned: int) -> None:
-        self._txn.put(extent_key(ino, layer, block), EXTENT.pack(phys, count, owned), db=self.dbs["extents"])
+    def _put_extent(
+        self, ino: int, layer: int, block: int, phys: int, count: int, owned: int
+    ) -> None:
+        self._txn.put(
+            extent_key(ino, layer, block),
+            EXTENT.pack(phys, count, owned),
+            db=self.dbs["extents"],
+        )
 
     def _copy_extents(self, ino: int, source: int, dest: int) -> None:
-        for key, value in list(self._prefix_items(self.dbs["extents"], U64X2.pack(ino, source))):
+        for key, value in list(
+            self._prefix_items(self.dbs["extents"], U64X2.pack(ino, source))
+        ):
             phys, count, _ = EXTENT.unpack(value)
-            self._put_extent(ino, dest, int.from_bytes(key[16:24], "big"), phys, count, 0)
+            self._put_extent(
+                ino, dest, int.from_bytes(key[16:24], "big"), phys, count, 0
+            )
 
     def _unmap(self, inode, layer: int, first: int, end: int) -> None:
         """Remove the mapping of file blocks [first, end), freeing what the layer owns."""
@@ -75,7 +86,9 @@ class DataMixin:
             cut_start = max(block, first)
             cut_end = min(block + count, end)
             if block < cut_start:
-                self._put_extent(inode.ino, layer, block, phys, cut_start - block, owned)
+                self._put_extent(
+                    inode.ino, layer, block, phys, cut_start - block, owned
+                )
             if cut_end < block + count:
                 self._put_extent(inode.ino, layer, cut_end, phys + (cut_end - block),
                                  block + count - cut_end, owned)  # fmt: skip
@@ -88,8 +101,14 @@ class DataMixin:
         before = self._extents(inode.ino, layer, block - 1, block) if block else []
         if before:
             prev_block, prev_phys, prev_count, prev_owned = before[0]
-            if prev_owned == OWNED and prev_block + prev_count == block and prev_phys + prev_count == phys:
-                self._put_extent(inode.ino, layer, prev_block, prev_phys, prev_count + count, 1)
+            if (
+                prev_owned == OWNED
+                and prev_block + prev_count == block
+                and prev_phys + prev_count == phys
+            ):
+                self._put_extent(
+                    inode.ino, layer, prev_block, prev_phys, prev_count + count, 1
+                )
                 inode.blocks += count
                 return
         self._put_extent(inode.ino, layer, block, phys, count, 1)
@@ -151,7 +170,9 @@ class DataMixin:
         for lo, hi, r in sorted(covered + gaps):
             refs = r + delta
             if refs < 0:
-                raise errors.StoreError(f"reference count below zero for blocks {lo}..{hi - 1}")
+                raise errors.StoreError(
+                    f"reference count below zero for blocks {lo}..{hi - 1}"
+                )
             if refs == 0:
                 self.alloc.release(txn, lo, hi - lo)
             else:
@@ -161,7 +182,7 @@ class DataMixin:
         """Return the layer whose extent of ``ino`` owns ``phys``, which ``layer`` borrows."""
         current = self._layers[layer].parent
         while current is not None:
-            for start, p, count, flag in self._extents(ino, current, block, block + 1):
+            for start, p, _count, flag in self._extents(ino, current, block, block + 1):
                 if p + (block - start) != phys:
                     return None
                 if flag != BORROWED:
@@ -172,27 +193,41 @@ class DataMixin:
     def _share_extents(self, ino: int, owner: int) -> list[list[int]]:
         """Turn the owned extents of (ino, owner) into shared ones; return its extent list."""
         extents = []
-        for key, value in list(self._prefix_items(self.dbs["extents"], U64X2.pack(ino, owner))):
+        for key, value in list(
+            self._prefix_items(self.dbs["extents"], U64X2.pack(ino, owner))
+        ):
             phys, count, flag = EXTENT.unpack(value)
             if flag == OWNED:
                 self._add_refs(phys, count, 1)
                 flag = SHARED
-                self._txn.put(key, EXTENT.pack(phys, count, flag), db=self.dbs["extents"])
+                self._txn.put(
+                    key, EXTENT.pack(phys, count, flag), db=self.dbs["extents"]
+                )
             extents.append([int.from_bytes(key[16:24], "big"), phys, count, flag])
         return extents
 
     # -- device I/O --------------------------------------------------------------
 
     def _pread(self, phys: int, length: int, offset_in_block: int = 0) -> bytes:
-        if phys < 0 or phys * BLOCK_SIZE + offset_in_block + length > self.data_blocks * BLOCK_SIZE:
+        if (
+            phys < 0
+            or phys * BLOCK_SIZE + offset_in_block + length
+            > self.data_blocks * BLOCK_SIZE
+        ):
             raise errors.StoreError(f"read of block {phys} outside the data region")
-        data = os.pread(self.fd, length, self.data_offset + phys * BLOCK_SIZE + offset_in_block)
+        data = os.pread(
+            self.fd, length, self.data_offset + phys * BLOCK_SIZE + offset_in_block
+        )
         if len(data) < length:
             data += bytes(length - len(data))
         return data
 
     def _pwrite(self, phys: int, data, offset_in_block: int = 0) -> None:
-        if phys < 0 or phys * BLOCK_SIZE + offset_in_block + len(data) > self.data_blocks * BLOCK_SIZE:
+        if (
+            phys < 0
+            or phys * BLOCK_SIZE + offset_in_block + len(data)
+            > self.data_blocks * BLOCK_SIZE
+        ):
             raise errors.StoreError(f"write of block {phys} outside the data region")
         view = memoryview(data)
         position = self.data_offset + phys * BLOCK_SIZE + offset_in_block
@@ -227,7 +262,9 @@ class DataMixin:
             if start >= stop:
                 continue
             delta = start - block * BLOCK_SIZE
-            chunk = self._pread(phys + delta // BLOCK_SIZE, stop - start, delta % BLOCK_SIZE)
+            chunk = self._pread(
+                phys + delta // BLOCK_SIZE, stop - start, delta % BLOCK_SIZE
+            )
             out[start - offset : stop - offset] = chunk
         return bytes(out)
 
@@ -250,8 +287,7 @@ class DataMixin:
         inode = self._own(layer, ino)
         self._store_bytes(inode, layer, offset, memoryview(data))
         end = offset + len(data)
-        if end > inode.size:
-            inode.size = end
+        inode.size = max(inode.size, end)
         if touch:
             now = self._now_ns()
             inode.mtime_ns = inode.ctime_ns = now
@@ -260,8 +296,6 @@ class DataMixin:
 
     @staticmethod
     def _now_ns() -> int:
-        import time
-
         return time.time_ns()
 
     def _store_bytes(self, inode, layer: int, offset: int, data: memoryview) -> None:
@@ -283,7 +317,11 @@ class DataMixin:
                     run_end += 1
                 start = max(block * BLOCK_SIZE, offset)
                 stop = min(run_end * BLOCK_SIZE, end)
-                self._pwrite(phys, data[start - offset : stop - offset], start - block * BLOCK_SIZE)
+                self._pwrite(
+                    phys,
+                    data[start - offset : stop - offset],
+                    start - block * BLOCK_SIZE,
+                )
             else:
                 while run_end < last and mapping.get(run_end, (None, 0))[1] != OWNED and \
                         run_end - block < IO_CHUNK_BLOCKS:  # fmt: skip
@@ -299,7 +337,9 @@ class DataMixin:
         head_partial = offset > base
         tail_partial = offset + len(data) < base + length
         for block in {first, end - 1}:
-            partial = (block == first and head_partial) or (block == end - 1 and tail_partial)
+            partial = (block == first and head_partial) or (
+                block == end - 1 and tail_partial
+            )
             old = mapping.get(block)
             if partial and old is not None:
                 at = (block - first) * BLOCK_SIZE
@@ -314,11 +354,14 @@ class DataMixin:
         elif first:
             before = self._extents(inode.ino, layer, first - 1, first)
             if before and before[0][3] == OWNED:
-                b, p, c, _ = before[0]
+                b, p, _, _ = before[0]
                 hint = p + (first - 1 - b) + 1
         done = 0
         for phys, count in self.alloc.allocate(self._txn, end - first, hint):
-            self._pwrite(phys, memoryview(buffer)[done * BLOCK_SIZE : (done + count) * BLOCK_SIZE])
+            self._pwrite(
+                phys,
+                memoryview(buffer)[done * BLOCK_SIZE : (done + count) * BLOCK_SIZE],
+            )
             self._map(inode, layer, first + done, phys, count)
             for i in range(count):
                 mapping[first + done + i] = (phys + i, 1)
@@ -331,13 +374,10 @@ class DataMixin:
             keep = (size + BLOCK_SIZE - 1) // BLOCK_SIZE
             self._unmap(inode, layer, keep, 1 << 62)
             tail = size % BLOCK_SIZE
-            if tail and self._extents(inode.ino, layer, size // BLOCK_SIZE, size // BLOCK_SIZE + 1):
-                self._store_bytes(inode, layer, size, memoryview(bytes(BLOCK_SIZE - tail)))
+            if tail and self._extents(
+                inode.ino, layer, size // BLOCK_SIZE, size // BLOCK_SIZE + 1
+            ):
+                self._store_bytes(
+                    inode, layer, size, memoryview(bytes(BLOCK_SIZE - tail))
+                )
         inode.size = size
-
-    def zero_block(self) -> bytes:
-        return bytes(BLOCK_SIZE)
-
-
-def is_regular(mode: int) -> bool:
-    return stat.S_ISREG(mode)

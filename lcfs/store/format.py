@@ -269,7 +269,9 @@ def open_databases(env: lmdb.Environment, txn=None) -> dict:
 def read_superblock(path: str) -> dict | None:
     """Return the superblock of the store on ``path``, or None if it holds none."""
     try:
-        env = lmdb.open(path, subdir=False, lock=False, readonly=True, max_dbs=len(DATABASES) + 1)
+        env = lmdb.open(
+            path, subdir=False, lock=False, readonly=True, max_dbs=len(DATABASES) + 1
+        )
     except lmdb.Error:
         return None
     try:
@@ -298,7 +300,9 @@ def mkfs(path: str, size: int | None = None, metadata_size: int | None = None,
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         created = True
     elif not force and read_superblock(path) is not None:
-        raise errors.Exists(f"{path} already holds an lcfs store; pass --force to overwrite it")
+        raise errors.Exists(
+            f"{path} already holds an lcfs store; pass --force to overwrite it"
+        )
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         st = os.fstat(fd)
@@ -309,7 +313,9 @@ def mkfs(path: str, size: int | None = None, metadata_size: int | None = None,
             metadata_size = default_metadata_size(total)
         metadata_size = metadata_size // BLOCK_SIZE * BLOCK_SIZE
         if metadata_size < MIN_METADATA_SIZE:
-            raise errors.Invalid(f"metadata size {metadata_size} is below the minimum {MIN_METADATA_SIZE}")
+            raise errors.Invalid(
+                f"metadata size {metadata_size} is below the minimum {MIN_METADATA_SIZE}"
+            )
         data_blocks = (total - metadata_size) // BLOCK_SIZE
         if data_blocks < 16:
             raise errors.Invalid(

@@ -25,7 +25,6 @@ from .format import (
     Inode,
     change_dirent_key,
     dirent_key,
-    dirent_prefix,
     inode_key,
     split_dirent_key,
     xattr_key,
@@ -50,7 +49,9 @@ def check_name(name: bytes) -> None:
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
         raise errors.Invalid(f"invalid file name {name!r}")
     if len(name) > NAME_MAX:
-        raise errors.NameTooLong(f"file name {name[:40]!r}... is longer than {NAME_MAX} bytes")
+        raise errors.NameTooLong(
+            f"file name {name[:40]!r}... is longer than {NAME_MAX} bytes"
+        )
 
 
 class NamespaceMixin:
@@ -125,7 +126,9 @@ class NamespaceMixin:
             return self._layers[dir_inode.opaque].depth
         return 0
 
-    def _entry(self, layer: int, dir_inode: Inode, name: bytes) -> tuple[int, int] | None:
+    def _entry(
+        self, layer: int, dir_inode: Inode, name: bytes
+    ) -> tuple[int, int] | None:
         """Return (ino, type) of ``name`` in the directory, or None."""
         depth_limit = self._boundary(layer, dir_inode)
         number = layer
@@ -139,7 +142,9 @@ class NamespaceMixin:
                 if key in self._entry_cache:
                     result = self._entry_cache[key]
                     break
-            raw = self._txn.get(dirent_key(dir_inode.ino, name, number), db=self.dbs["dirents"])
+            raw = self._txn.get(
+                dirent_key(dir_inode.ino, name, number), db=self.dbs["dirents"]
+            )
             walked.append(number)
             if raw is not None:
                 result = DIRENT.unpack(raw) if raw else None
@@ -156,7 +161,9 @@ class NamespaceMixin:
         dir_inode = self._dir(layer, dir_ino)
         found = self._entry(layer, dir_inode, name)
         if found is None:
-            raise errors.NotFound(f"{name.decode(errors='replace')!r} not found in directory inode {dir_ino}")
+            raise errors.NotFound(
+                f"{name.decode(errors='replace')!r} not found in directory inode {dir_ino}"
+            )
         return self._inode(layer, found[0])
 
     def _entries(self, layer: int, dir_inode: Inode) -> dict[bytes, int]:
@@ -164,7 +171,9 @@ class NamespaceMixin:
         chain = self._ancestry(layer)
         limit = self._boundary(layer, dir_inode)
         best: dict[bytes, tuple[int, bytes]] = {}
-        for key, value in self._prefix_items(self.dbs["dirents"], U64.pack(dir_inode.ino)):
+        for key, value in self._prefix_items(
+            self.dbs["dirents"], U64.pack(dir_inode.ino)
+        ):
             _, name, number = split_dirent_key(key)
             depth = chain.get(number)
             if depth is None or depth < limit:
@@ -172,23 +181,31 @@ class NamespaceMixin:
             current = best.get(name)
             if current is None or depth > current[0]:
                 best[name] = (depth, value)
-        return {name: DIRENT.unpack(value)[0] for name, (_, value) in best.items() if value}
+        return {
+            name: DIRENT.unpack(value)[0] for name, (_, value) in best.items() if value
+        }
 
     def _add_entry(self, layer: int, dir_ino: int, name: bytes, inode: Inode) -> None:
         value = DIRENT.pack(inode.ino, stat.S_IFMT(inode.mode) >> 12)
         self._txn.put(dirent_key(dir_ino, name, layer), value, db=self.dbs["dirents"])
-        self._txn.put(change_dirent_key(layer, dir_ino, name), b"", db=self.dbs["changes"])
+        self._txn.put(
+            change_dirent_key(layer, dir_ino, name), b"", db=self.dbs["changes"]
+        )
 
     def _remove_entry(self, layer: int, dir_inode: Inode, name: bytes) -> None:
         txn, dbs = self._txn, self.dbs
         txn.delete(dirent_key(dir_inode.ino, name, layer), db=dbs["dirents"])
         parent = self._layers[layer].parent
         inherited = False
-        if parent is not None and self._layers[parent].depth >= self._boundary(layer, dir_inode):
+        if parent is not None and self._layers[parent].depth >= self._boundary(
+            layer, dir_inode
+        ):
             inherited = self._entry(parent, dir_inode, name) is not None
         if inherited:
             txn.put(dirent_key(dir_inode.ino, name, layer), b"", db=dbs["dirents"])
-            txn.put(change_dirent_key(layer, dir_inode.ino, name), b"", db=dbs["changes"])
+            txn.put(
+                change_dirent_key(layer, dir_inode.ino, name), b"", db=dbs["changes"]
+            )
         else:
             txn.delete(change_dirent_key(layer, dir_inode.ino, name), db=dbs["changes"])
 
@@ -215,9 +232,13 @@ class NamespaceMixin:
         inherited = self._is_inherited(layer, ino)
         self._drop_inode_records(layer, ino, keep_record=inherited)
         if not inherited:
-            self._txn.delete(U64.pack(layer) + b"i" + U64.pack(ino), db=self.dbs["changes"])
+            self._txn.delete(
+                U64.pack(layer) + b"i" + U64.pack(ino), db=self.dbs["changes"]
+            )
 
-    def _drop_inode_records(self, layer: int, ino: int, keep_record: bool = False) -> None:
+    def _drop_inode_records(
+        self, layer: int, ino: int, keep_record: bool = False
+    ) -> None:
         txn, dbs = self._txn, self.dbs
         self._free_extents(ino, layer)
         for key, _ in list(self._prefix_items(dbs["xattrs"], U64X2.pack(ino, layer))):
@@ -270,7 +291,10 @@ class NamespaceMixin:
             self._ready()
             self._layer(layer)
             entries = self._entries(layer, self._dir(layer, dir_ino))
-            return [(name, Attr.of(self._inode(layer, entries[name]))) for name in sorted(entries)]
+            return [
+                (name, Attr.of(self._inode(layer, entries[name])))
+                for name in sorted(entries)
+            ]
 
     def readlink(self, layer: int, ino: int) -> bytes:
         with self.lock:
@@ -295,7 +319,9 @@ class NamespaceMixin:
         self._writable(layer)
         dir_inode = self._dir(layer, dir_ino)
         if self._entry(layer, dir_inode, name) is not None:
-            raise errors.Exists(f"{name.decode(errors='replace')!r} already exists in directory inode {dir_ino}")
+            raise errors.Exists(
+                f"{name.decode(errors='replace')!r} already exists in directory inode {dir_ino}"
+            )
         now = _now()
         is_dir = stat.S_ISDIR(mode)
         inode = Inode(self._next_counter(b"next_ino"), mode, uid, gid, 2 if is_dir else 1,
@@ -306,21 +332,72 @@ class NamespaceMixin:
         self._touch_dir(layer, dir_ino, 1 if is_dir else 0)
         return Attr.of(inode)
 
-    def mknod(self, layer: int, dir_ino: int, name: bytes, mode: int, rdev: int = 0, uid: int = 0, gid: int = 0):
+    def mknod(
+        self,
+        layer: int,
+        dir_ino: int,
+        name: bytes,
+        mode: int,
+        rdev: int = 0,
+        uid: int = 0,
+        gid: int = 0,
+    ):
         fmt = stat.S_IFMT(mode) or stat.S_IFREG
-        if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+        if fmt not in (
+            stat.S_IFREG,
+            stat.S_IFIFO,
+            stat.S_IFSOCK,
+            stat.S_IFCHR,
+            stat.S_IFBLK,
+        ):
             raise errors.Invalid(f"mknod of file type {oct(fmt)} is not supported")
         if fmt not in (stat.S_IFCHR, stat.S_IFBLK):
             rdev = 0
-        return self._write(self._create, layer, dir_ino, name, fmt | stat.S_IMODE(mode), uid, gid, rdev)
+        return self._write(
+            self._create, layer, dir_ino, name, fmt | stat.S_IMODE(mode), uid, gid, rdev
+        )
 
-    def mkdir(self, layer: int, dir_ino: int, name: bytes, mode: int, uid: int = 0, gid: int = 0):
-        return self._write(self._create, layer, dir_ino, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+    def mkdir(
+        self,
+        layer: int,
+        dir_ino: int,
+        name: bytes,
+        mode: int,
+        uid: int = 0,
+        gid: int = 0,
+    ):
+        return self._write(
+            self._create,
+            layer,
+            dir_ino,
+            name,
+            stat.S_IFDIR | stat.S_IMODE(mode),
+            uid,
+            gid,
+        )
 
-    def symlink(self, layer: int, dir_ino: int, name: bytes, target: bytes, uid: int = 0, gid: int = 0):
+    def symlink(
+        self,
+        layer: int,
+        dir_ino: int,
+        name: bytes,
+        target: bytes,
+        uid: int = 0,
+        gid: int = 0,
+    ):
         if not target or b"\0" in target or len(target) > 4095:
             raise errors.Invalid(f"invalid symbolic link target {target[:40]!r}")
-        return self._write(self._create, layer, dir_ino, name, stat.S_IFLNK | 0o777, uid, gid, 0, target)
+        return self._write(
+            self._create,
+            layer,
+            dir_ino,
+            name,
+            stat.S_IFLNK | 0o777,
+            uid,
+            gid,
+            0,
+            target,
+        )
 
     def _write(self, fn, *args, **kwargs):
         from .store import write_op
@@ -337,10 +414,14 @@ class NamespaceMixin:
         self._writable(layer)
         inode = self._inode(layer, ino)
         if inode.is_dir:
-            raise errors.NotPermitted(f"inode {ino} is a directory and cannot be hard-linked")
+            raise errors.NotPermitted(
+                f"inode {ino} is a directory and cannot be hard-linked"
+            )
         dir_inode = self._dir(layer, new_dir_ino)
         if self._entry(layer, dir_inode, new_name) is not None:
-            raise errors.Exists(f"{new_name.decode(errors='replace')!r} already exists in directory inode {new_dir_ino}")
+            raise errors.Exists(
+                f"{new_name.decode(errors='replace')!r} already exists in directory inode {new_dir_ino}"
+            )
         inode = self._own(layer, ino)
         inode.nlink += 1
         inode.ctime_ns = _now()
@@ -393,7 +474,9 @@ class NamespaceMixin:
         if not inode.is_dir:
             raise errors.NotDir(f"{name.decode(errors='replace')!r} is not a directory")
         if self._entries(layer, inode):
-            raise errors.NotEmpty(f"directory {name.decode(errors='replace')!r} is not empty")
+            raise errors.NotEmpty(
+                f"directory {name.decode(errors='replace')!r} is not empty"
+            )
         self._remove_entry(layer, dir_inode, name)
         self._touch_dir(layer, dir_ino, -1)
         self._drop_dir(layer, inode.ino)
@@ -405,16 +488,23 @@ class NamespaceMixin:
             self._put_inode(layer, inode)
         else:
             self._drop_inode_records(layer, ino)
-            self._txn.delete(U64.pack(layer) + b"i" + U64.pack(ino), db=self.dbs["changes"])
+            self._txn.delete(
+                U64.pack(layer) + b"i" + U64.pack(ino), db=self.dbs["changes"]
+            )
 
     # -- rename --------------------------------------------------------------------
 
     def rename(self, layer: int, old_dir: int, old_name: bytes, new_dir: int, new_name: bytes,
                flags: int = 0) -> None:  # fmt: skip
-        return self._write(self._rename, layer, old_dir, old_name, new_dir, new_name, flags)
+        return self._write(
+            self._rename, layer, old_dir, old_name, new_dir, new_name, flags
+        )
 
     def _rename(self, layer, old_dir, old_name, new_dir, new_name, flags):
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        if (
+            flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)
+            or flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        ):
             raise errors.Invalid(f"invalid rename flags {flags}")
         check_name(new_name)
         self._writable(layer)
@@ -431,21 +521,31 @@ class NamespaceMixin:
             self._check_not_inside(layer, source.ino, new_dir)
         if flags & RENAME_EXCHANGE:
             if target is None:
-                raise errors.NotFound(f"{new_name.decode(errors='replace')!r} not found")
+                raise errors.NotFound(
+                    f"{new_name.decode(errors='replace')!r} not found"
+                )
             if target.is_dir:
                 self._check_not_inside(layer, target.ino, old_dir)
-            self._exchange(layer, old_dir_inode, old_name, source, new_dir_inode, new_name, target)
+            self._exchange(
+                layer, old_dir_inode, old_name, source, new_dir_inode, new_name, target
+            )
             return
         if target is not None:
             if target.ino == source.ino:
                 return
             if source.is_dir and not target.is_dir:
-                raise errors.NotDir(f"{new_name.decode(errors='replace')!r} is not a directory")
+                raise errors.NotDir(
+                    f"{new_name.decode(errors='replace')!r} is not a directory"
+                )
             if not source.is_dir and target.is_dir:
-                raise errors.IsDir(f"{new_name.decode(errors='replace')!r} is a directory")
+                raise errors.IsDir(
+                    f"{new_name.decode(errors='replace')!r} is a directory"
+                )
             if target.is_dir:
                 if self._entries(layer, target):
-                    raise errors.NotEmpty(f"directory {new_name.decode(errors='replace')!r} is not empty")
+                    raise errors.NotEmpty(
+                        f"directory {new_name.decode(errors='replace')!r} is not empty"
+                    )
                 self._touch_dir(layer, new_dir, -1)
                 self._drop_dir(layer, target.ino)
             else:
@@ -461,7 +561,9 @@ class NamespaceMixin:
             if new_dir != old_dir:
                 self._touch_dir(layer, new_dir)
 
-    def _exchange(self, layer, old_dir_inode, old_name, source, new_dir_inode, new_name, target):
+    def _exchange(
+        self, layer, old_dir_inode, old_name, source, new_dir_inode, new_name, target
+    ):
         old_dir, new_dir = old_dir_inode.ino, new_dir_inode.ino
         self._add_entry(layer, new_dir, new_name, source)
         self._add_entry(layer, old_dir, old_name, target)
@@ -488,11 +590,15 @@ class NamespaceMixin:
         seen = 0
         while current and current != ROOT_INO:
             if current == dir_ino:
-                raise errors.Invalid(f"cannot move directory inode {dir_ino} into itself")
+                raise errors.Invalid(
+                    f"cannot move directory inode {dir_ino} into itself"
+                )
             current = self._inode(layer, current).parent
             seen += 1
             if seen > 100_000:
-                raise errors.StoreError(f"directory parent loop above inode {target_dir}")
+                raise errors.StoreError(
+                    f"directory parent loop above inode {target_dir}"
+                )
         if current == dir_ino:
             raise errors.Invalid(f"cannot move directory inode {dir_ino} into itself")
 
@@ -500,7 +606,18 @@ class NamespaceMixin:
 
     def setattr(self, layer: int, ino: int, mode=None, uid=None, gid=None, size=None,
                 atime_ns=None, mtime_ns=None, ctime_ns=None):  # fmt: skip
-        return self._write(self._setattr, layer, ino, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns)
+        return self._write(
+            self._setattr,
+            layer,
+            ino,
+            mode,
+            uid,
+            gid,
+            size,
+            atime_ns,
+            mtime_ns,
+            ctime_ns,
+        )
 
     def _setattr(self, layer, ino, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns):
         from .store import Attr
@@ -542,10 +659,14 @@ class NamespaceMixin:
             self._layer(layer)
             owner, inode = self._resolve(layer, ino)
             if inode.has_xattrs:
-                value = self._txn.get(xattr_key(ino, owner, name), db=self.dbs["xattrs"])
+                value = self._txn.get(
+                    xattr_key(ino, owner, name), db=self.dbs["xattrs"]
+                )
                 if value is not None:
                     return bytes(value)
-            raise errors.NoData(f"no xattr {name.decode(errors='replace')!r} on inode {ino}")
+            raise errors.NoData(
+                f"no xattr {name.decode(errors='replace')!r} on inode {ino}"
+            )
 
     def listxattr(self, layer: int, ino: int) -> list[bytes]:
         with self.lock:
@@ -554,24 +675,39 @@ class NamespaceMixin:
             owner, inode = self._resolve(layer, ino)
             if not inode.has_xattrs:
                 return []
-            return [key[16:] for key, _ in self._prefix_items(self.dbs["xattrs"], U64X2.pack(ino, owner))]
+            return [
+                key[16:]
+                for key, _ in self._prefix_items(
+                    self.dbs["xattrs"], U64X2.pack(ino, owner)
+                )
+            ]
 
-    def setxattr(self, layer: int, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+    def setxattr(
+        self, layer: int, ino: int, name: bytes, value: bytes, flags: int = 0
+    ) -> None:
         return self._write(self._setxattr, layer, ino, name, value, flags)
 
     def _setxattr(self, layer, ino, name, value, flags):
         if not name or len(name) > NAME_MAX or b"\0" in name:
             raise errors.Invalid(f"invalid xattr name {name[:40]!r}")
         if len(value) > XATTR_SIZE_MAX:
-            raise errors.TooBig(f"xattr {name!r} value of {len(value)} bytes is over {XATTR_SIZE_MAX}")
+            raise errors.TooBig(
+                f"xattr {name!r} value of {len(value)} bytes is over {XATTR_SIZE_MAX}"
+            )
         self._writable(layer)
         inode = self._own(layer, ino)
         key = xattr_key(ino, layer, name)
-        exists = inode.has_xattrs and self._txn.get(key, db=self.dbs["xattrs"]) is not None
+        exists = (
+            inode.has_xattrs and self._txn.get(key, db=self.dbs["xattrs"]) is not None
+        )
         if flags & XATTR_CREATE and exists:
-            raise errors.Exists(f"xattr {name.decode(errors='replace')!r} already exists on inode {ino}")
+            raise errors.Exists(
+                f"xattr {name.decode(errors='replace')!r} already exists on inode {ino}"
+            )
         if flags & XATTR_REPLACE and not exists:
-            raise errors.NoData(f"no xattr {name.decode(errors='replace')!r} on inode {ino}")
+            raise errors.NoData(
+                f"no xattr {name.decode(errors='replace')!r} on inode {ino}"
+            )
         self._txn.put(key, value, db=self.dbs["xattrs"])
         if name not in self._xattr_names:
             self._record_xattr_name(name)
@@ -585,11 +721,17 @@ class NamespaceMixin:
     def _removexattr(self, layer, ino, name):
         self._writable(layer)
         if not self._inode(layer, ino).has_xattrs:
-            raise errors.NoData(f"no xattr {name.decode(errors='replace')!r} on inode {ino}")
+            raise errors.NoData(
+                f"no xattr {name.decode(errors='replace')!r} on inode {ino}"
+            )
         inode = self._own(layer, ino)
         if not self._txn.delete(xattr_key(ino, layer, name), db=self.dbs["xattrs"]):
-            raise errors.NoData(f"no xattr {name.decode(errors='replace')!r} on inode {ino}")
-        if not any(True for _ in self._prefix_items(self.dbs["xattrs"], U64X2.pack(ino, layer))):
+            raise errors.NoData(
+                f"no xattr {name.decode(errors='replace')!r} on inode {ino}"
+            )
+        if not any(
+            True for _ in self._prefix_items(self.dbs["xattrs"], U64X2.pack(ino, layer))
+        ):
             inode.flags &= ~FLAG_XATTRS
         inode.ctime_ns = _now()
         self._put_inode(layer, inode)

@@ -189,7 +189,9 @@ class SnapshotMixin:
         with self.lock:
             self._ready()
             return [
-                SnapshotInfo.unpack(bytes(key).decode("utf-8", "surrogateescape"), value)
+                SnapshotInfo.unpack(
+                    bytes(key).decode("utf-8", "surrogateescape"), value
+                )
                 for key, value in self._txn.cursor(db=self.dbs["snapshots"])
             ]
 
@@ -201,12 +203,12 @@ class SnapshotMixin:
         the files, directories and links it changed. The parent's content is
         not counted.
         """
-        from .tar import _DiffPlan
+        from .diff import DiffPlan
 
         with self.lock:
             self._ready()
             layer = self._snapshot_layer(self._existing_snapshot(key))
-            plan = _DiffPlan(self, layer)
+            plan = DiffPlan(self, layer)
             inodes = {ino for _, ino in plan.items.values() if ino is not None}
             return plan.size(), len(inodes)
 
@@ -224,7 +226,9 @@ class SnapshotMixin:
         @write_op
         def create(self) -> SnapshotInfo:
             if kind not in (KIND_ACTIVE, KIND_VIEW):
-                raise errors.Invalid(f"snapshot {key}: cannot create a snapshot of kind {kind}")
+                raise errors.Invalid(
+                    f"snapshot {key}: cannot create a snapshot of kind {kind}"
+                )
             clean_labels = check_labels(labels or {})
             if self._snapshot(key) is not None:
                 raise SnapshotExists(f"snapshot {key} already exists")
@@ -232,7 +236,9 @@ class SnapshotMixin:
             if parent:
                 parent_info = self._snapshot(parent)
                 if parent_info is None:
-                    raise SnapshotNotFound(f"parent snapshot {parent} of {key} not found")
+                    raise SnapshotNotFound(
+                        f"parent snapshot {parent} of {key} not found"
+                    )
                 if parent_info.kind != KIND_COMMITTED:
                     raise errors.Invalid(
                         f"parent snapshot {parent} of {key} is {parent_info.kind}, "
@@ -307,7 +313,7 @@ class SnapshotMixin:
                 if path == "labels":
                     new = dict(labels)
                 elif path.startswith("labels."):
-                    label = path[len("labels."):]
+                    label = path[len("labels.") :]
                     new[label] = labels.get(label, "")
                 else:
                     raise errors.Invalid(
@@ -357,7 +363,9 @@ class SnapshotMixin:
         return info
 
     def _snapshot_names_of_layers(self, numbers) -> list[str]:
-        wanted = {self._layers[number].id for number in numbers if number in self._layers}
+        wanted = {
+            self._layers[number].id for number in numbers if number in self._layers
+        }
         names = [info.name for info in self.list_snapshots() if info.layer_id in wanted]
         return sorted(names) or sorted(wanted)
 

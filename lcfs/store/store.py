@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 # Frozen-layer lookups are cached; the caches are dropped when they grow past this.
 CACHE_LIMIT = 200_000
 # Records removed per LMDB commit while a layer is purged.
-PURGE_BATCH = int(os.environ.get("LCFS_PURGE_BATCH", 5000))
+PURGE_BATCH = int(os.environ.get("LCFS_PURGE_BATCH", "5000"))
 
 
 @dataclass(slots=True, frozen=True)
@@ -143,23 +143,21 @@ def lock_holder(path: str) -> int | None:
     """Return the pid holding a flock on ``path``, from /proc/locks, if any."""
     try:
         st = os.stat(path)
-        dev = st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev
-        ino = st.st_ino
         with open("/proc/locks") as f:
             lines = f.readlines()
     except OSError:
         return None
+    wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
     for line in lines:
         parts = line.split()
         if len(parts) < 6 or parts[1] != "FLOCK":
             continue
         try:
             major, minor, lock_ino = parts[5].split(":")
-            if (int(major, 16), int(minor, 16), int(lock_ino)) == (os.major(st.st_dev), os.minor(st.st_dev), ino):
+            if (int(major, 16), int(minor, 16), int(lock_ino)) == wanted:
                 return int(parts[4])
         except ValueError:
             continue
-    del dev
     return None
 
 
@@ -209,8 +207,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
              force: bool = False) -> dict:  # fmt: skip
         from .format import mkfs
 
-        if lock_holder(path) is not None and os.path.exists(path):
-            raise errors.DeviceBusy(f"{path} is in use by pid {lock_holder(path)}")
+        holder = lock_holder(path) if os.path.exists(path) else None
+        if holder is not None:
+            raise errors.DeviceBusy(f"{path} is in use by pid {holder}")
         superblock = mkfs(path, size, metadata_size, force)
         log.info("formatted %s: %d data blocks, %d bytes of metadata", path,
                  superblock["data_blocks"], superblock["metadata_size"])  # fmt: skip
@@ -227,7 +226,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise errors.NotFound(f"{path} does not exist; create it with 'lcfs mkfs {path}'") from None
+            raise errors.NotFound(
+                f"{path} does not exist; create it with 'lcfs mkfs {path}'"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -237,12 +238,20 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         try:
             superblock = read_superblock(path)
             if superblock is None or superblock.get("magic") != "lcfs":
-                raise errors.FormatError(f"{path} holds no lcfs store; format it with 'lcfs mkfs {path}'")
+                raise errors.FormatError(
+                    f"{path} holds no lcfs store; format it with 'lcfs mkfs {path}'"
+                )
             if superblock["format"] != 1:
-                raise errors.FormatError(f"{path}: unsupported format version {superblock['format']}")
-            needed = superblock["metadata_size"] + superblock["data_blocks"] * BLOCK_SIZE
+                raise errors.FormatError(
+                    f"{path}: unsupported format version {superblock['format']}"
+                )
+            needed = (
+                superblock["metadata_size"] + superblock["data_blocks"] * BLOCK_SIZE
+            )
             if device_size(fd) < needed:
-                raise errors.FormatError(f"{path} is smaller than its store ({needed} bytes)")
+                raise errors.FormatError(
+                    f"{path} is smaller than its store ({needed} bytes)"
+                )
             if superblock.get("needs_fsck") and not for_fsck:
                 raise errors.FormatError(
                     f"{path} was left mid-repair by lcfs-fsck; run 'lcfs-fsck --repair {path}' first"
@@ -304,7 +313,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     def _set_state(self, state: str, **fields) -> None:
         self.superblock["state"] = state
         self.superblock.update(fields)
-        self._txn.put(b"super", json.dumps(self.superblock).encode(), db=self.dbs["meta"])
+        self._txn.put(
+            b"super", json.dumps(self.superblock).encode(), db=self.dbs["meta"]
+        )
 
     def close(self) -> None:
         """Commit, mark the store clean and release the device."""
@@ -419,14 +430,18 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     def _writable(self, number: int) -> Layer:
         layer = self._layer(number)
         if layer.frozen:
-            raise errors.ReadOnly(f"layer {layer.id} is read-only because it has child layers")
+            raise errors.ReadOnly(
+                f"layer {layer.id} is read-only because it has child layers"
+            )
         return layer
 
     @staticmethod
     def _check_layer_id(layer_id: str) -> None:
         if (not isinstance(layer_id, str) or not layer_id or len(layer_id) > 255 or "/" in layer_id
                 or "\0" in layer_id or layer_id in (".", "..")):  # fmt: skip
-            raise errors.Invalid(f"invalid layer id {layer_id!r}: use 1 to 255 characters without '/'")
+            raise errors.Invalid(
+                f"invalid layer id {layer_id!r}: use 1 to 255 characters without '/'"
+            )
 
     @write_op
     def create_layer(self, layer_id: str, parent_id: str | None = None) -> Layer:
@@ -458,14 +473,18 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._layers[number] = layer
         self._ids[layer_id] = number
         self._undo.append(lambda: (self._layers.pop(number), self._ids.pop(layer_id)))
-        log.debug("created layer %s (number %d, parent %s)", layer_id, number, parent_id)
+        log.debug(
+            "created layer %s (number %d, parent %s)", layer_id, number, parent_id
+        )
         crash_point("create.done")
         return layer
 
     def _set_frozen(self, layer: Layer, frozen: bool) -> None:
         layer.frozen = frozen
         self._txn.put(U64.pack(layer.number), layer.pack(), db=self.dbs["layers"])
-        self._undo.append(lambda: (setattr(layer, "frozen", not frozen), self._clear_caches()))
+        self._undo.append(
+            lambda: (setattr(layer, "frozen", not frozen), self._clear_caches())
+        )
         self._ancestors.pop(layer.number, None)
 
     def remove_layer(self, layer_id: str) -> None:
@@ -475,7 +494,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             kids = self._children.get(layer.number)
             if kids:
                 names = ", ".join(sorted(self._layers[c].id for c in kids))
-                raise errors.LayerHasChildren(f"layer {layer_id} has child layers: {names}")
+                raise errors.LayerHasChildren(
+                    f"layer {layer_id} has child layers: {names}"
+                )
             self._mark_removing(layer)
             self.commit()
             crash_point("remove.marked")

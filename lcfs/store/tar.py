@@ -29,17 +29,21 @@ from lcfs.journal.crash import crash_point
 
 from . import errors
 from .data import BORROWED, SHARED
-from .format import ROOT_INO, U64, U64X2, Inode, change_dirent_key, dirent_key, inode_key
+from .diff import OPAQUE, WHITEOUT, DiffPlan
+from .format import (
+    ROOT_INO,
+    Inode,
+    change_dirent_key,
+    dirent_key,
+    inode_key,
+)
 
 log = logging.getLogger(__name__)
 
-WHITEOUT = b".wh."
-OPAQUE = b".wh..wh..opq"
 # Bytes of file content written per store call while importing.
 CHUNK = 1 << 20
 # Seconds between group commits during a long import.
 COMMIT_INTERVAL = 1.0
-CHANGE_MODIFY, CHANGE_ADD, CHANGE_DELETE = 0, 1, 2
 
 _TYPE_MODES = {
     tarfile.REGTYPE: stat.S_IFREG,
@@ -55,10 +59,14 @@ def _split(name: str, layer_id: str) -> list[bytes]:
     """Return the components of a member name, rejecting names that leave the layer."""
     raw = name.encode("utf-8", "surrogateescape")
     if raw.startswith(b"/"):
-        raise errors.BadArchive(f"layer {layer_id}: absolute member name {name!r} in tar")
+        raise errors.BadArchive(
+            f"layer {layer_id}: absolute member name {name!r} in tar"
+        )
     parts = [p for p in raw.split(b"/") if p and p != b"."]
     if b".." in parts:
-        raise errors.BadArchive(f"layer {layer_id}: member name {name!r} leaves the layer")
+        raise errors.BadArchive(
+            f"layer {layer_id}: member name {name!r} leaves the layer"
+        )
     return parts
 
 
@@ -110,7 +118,13 @@ class TarMixin:
                               tarinfo=_StrictTarInfo) as archive:  # fmt: skip
                 for member in archive:
                     applier.apply(member, archive)
-        except (tarfile.TarError, EOFError, OSError, errors.StoreError, ValueError) as exc:
+        except (
+            tarfile.TarError,
+            EOFError,
+            OSError,
+            errors.StoreError,
+            ValueError,
+        ) as exc:
             self._roll_back_apply(layer)
             if isinstance(exc, errors.BadArchive):
                 if str(exc).startswith(f"layer {layer_id}:"):
@@ -118,7 +132,9 @@ class TarMixin:
                 raise errors.BadArchive(f"layer {layer_id}: {exc}") from exc
             if isinstance(exc, errors.NoSpace):
                 raise errors.NoSpace(f"layer {layer_id}: {exc}") from exc
-            raise errors.BadArchive(f"layer {layer_id}: invalid layer tar: {exc}") from exc
+            raise errors.BadArchive(
+                f"layer {layer_id}: invalid layer tar: {exc}"
+            ) from exc
         except BaseException:
             self._roll_back_apply(layer)
             raise
@@ -138,7 +154,9 @@ class TarMixin:
         def begin(self):
             self._writable(layer.number)
             if self._has_changes(layer.number):
-                raise errors.Invalid(f"layer {layer.id} already has content; apply a tar to a new layer")
+                raise errors.Invalid(
+                    f"layer {layer.id} already has content; apply a tar to a new layer"
+                )
             self._applying[layer.number] = intents.begin(self._txn, self.dbs["intents"], self.dbs["meta"], "apply",
                                            layer=layer.number, id=layer.id)  # fmt: skip
 
@@ -174,18 +192,21 @@ class TarMixin:
     def changes(self, layer_id: str) -> list[tuple[str, int]]:
         """Return (path, kind) for every path the layer changed against its parent."""
         with self.lock:
-            plan = _DiffPlan(self, self.get_layer(layer_id))
-            return [(path.decode("utf-8", "surrogateescape"), kind) for path, kind in plan.changes()]
+            plan = DiffPlan(self, self.get_layer(layer_id))
+            return [
+                (path.decode("utf-8", "surrogateescape"), kind)
+                for path, kind in plan.changes()
+            ]
 
     def diff_size(self, layer_id: str) -> int:
         with self.lock:
-            plan = _DiffPlan(self, self.get_layer(layer_id))
+            plan = DiffPlan(self, self.get_layer(layer_id))
             return plan.size()
 
     def diff(self, layer_id: str):
         """Yield the layer's changes against its parent as an uncompressed tar, in chunks."""
         with self.lock:
-            plan = _DiffPlan(self, self.get_layer(layer_id))
+            plan = DiffPlan(self, self.get_layer(layer_id))
             entries = plan.entries()
         written: dict[int, str] = {}
         layer = plan.number
@@ -269,7 +290,9 @@ class _Applier:
         self.dir_times: dict[int, tuple[int, int]] = {}
         # Bytes of file content mapped from another layer instead of written.
         self.referenced = 0
-        self.commit_interval = float(os.environ.get("LCFS_APPLY_COMMIT_INTERVAL", COMMIT_INTERVAL))
+        self.commit_interval = float(
+            os.environ.get("LCFS_APPLY_COMMIT_INTERVAL", COMMIT_INTERVAL)
+        )
         self.last_commit = time.monotonic()
 
     def apply(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
@@ -358,7 +381,10 @@ class _Applier:
             key = dirent_key(dir_inode.ino, name, number)
             if txn.get(key, db=store.dbs["dirents"]) is not None:
                 txn.delete(key, db=store.dbs["dirents"])
-                txn.delete(change_dirent_key(number, dir_inode.ino, name), db=store.dbs["changes"])
+                txn.delete(
+                    change_dirent_key(number, dir_inode.ino, name),
+                    db=store.dbs["changes"],
+                )
             if txn.get(inode_key(ino, number), db=store.dbs["inodes"]) is None:
                 continue
             if child.is_dir:
@@ -379,16 +405,22 @@ class _Applier:
             self._remove(dir_inode, name)
         uid, gid = member.uid, member.gid
         if member.isdir():
-            return store._create(number, dir_ino, name, stat.S_IFDIR | 0o755, uid, gid).ino
+            return store._create(
+                number, dir_ino, name, stat.S_IFDIR | 0o755, uid, gid
+            ).ino
         if member.issym():
             target = member.linkname.encode("utf-8", "surrogateescape")
-            return store._create(number, dir_ino, name, stat.S_IFLNK | 0o777, uid, gid, 0, target).ino
+            return store._create(
+                number, dir_ino, name, stat.S_IFLNK | 0o777, uid, gid, 0, target
+            ).ino
         if member.islnk():
             link_parts = _split(member.linkname, self.layer.id)
             source_dir = self._parent(link_parts, create=False) if link_parts else None
             source = None
             if source_dir is not None:
-                source = store._entry(number, store._dir(number, source_dir), link_parts[-1])
+                source = store._entry(
+                    number, store._dir(number, source_dir), link_parts[-1]
+                )
             if source is None:
                 raise errors.BadArchive(
                     f"layer {self.layer.id}: hard link {member.name!r} points to missing {member.linkname!r}"
@@ -396,7 +428,9 @@ class _Applier:
             return store._link(number, source[0], dir_ino, name).ino
         fmt = _TYPE_MODES.get(member.type)
         if fmt is None:
-            raise errors.BadArchive(f"layer {self.layer.id}: unsupported tar entry type {member.type!r} for {member.name!r}")
+            raise errors.BadArchive(
+                f"layer {self.layer.id}: unsupported tar entry type {member.type!r} for {member.name!r}"
+            )
         rdev = 0
         if member.ischr() or member.isblk():
             rdev = os.makedev(member.devmajor, member.devminor)
@@ -420,7 +454,9 @@ class _Applier:
         while offset < member.size:
             chunk = stream.read(min(CHUNK, member.size - offset))
             if not chunk:
-                raise errors.BadArchive(f"layer {self.layer.id}: tar ends inside {member.name!r}")
+                raise errors.BadArchive(
+                    f"layer {self.layer.id}: tar ends inside {member.name!r}"
+                )
             if source is not None:
                 if self.store.read(source[0], source[1], offset, len(chunk)) == chunk:
                     offset += len(chunk)
@@ -431,7 +467,9 @@ class _Applier:
             offset += len(chunk)
             self._commit_if_due()
         if source is not None and member.size:
-            referenced = write_op(lambda store: self._map_reference(ino, source))(self.store)
+            referenced = write_op(lambda store: self._map_reference(ino, source))(
+                self.store
+            )
             if referenced:
                 self.referenced += member.size
             else:
@@ -443,18 +481,24 @@ class _Applier:
 
         runs = _nonzero_runs(chunk, bytes(4096))
         if runs:
-            write_op(lambda store: self._write_runs(ino, offset, chunk, runs))(self.store)
+            write_op(lambda store: self._write_runs(ino, offset, chunk, runs))(
+                self.store
+            )
 
     def _copy_from(self, ino: int, source: tuple[int, int], end: int) -> None:
         """Write bytes [0, end) of the source file into ``ino``."""
         offset = 0
         while offset < end:
-            chunk = self.store.read(source[0], source[1], offset, min(CHUNK, end - offset))
+            chunk = self.store.read(
+                source[0], source[1], offset, min(CHUNK, end - offset)
+            )
             self._write_chunk(ino, offset, chunk)
             offset += len(chunk)
             self._commit_if_due()
 
-    def _reference_source(self, parts: list[bytes], member: tarfile.TarInfo) -> tuple[int, int] | None:
+    def _reference_source(
+        self, parts: list[bytes], member: tarfile.TarInfo
+    ) -> tuple[int, int] | None:
         """Return (layer, ino) of the same regular file in the last diffed layer, if any."""
         store = self.store
         layer = store._last_diff
@@ -462,7 +506,10 @@ class _Applier:
             return None
         with store.lock:
             store._ready()
-            if store._layers.get(layer) is None or store._layers[layer].state != "ready":
+            if (
+                store._layers.get(layer) is None
+                or store._layers[layer].state != "ready"
+            ):
                 return None
             ino = ROOT_INO
             try:
@@ -490,7 +537,10 @@ class _Applier:
         ancestry = store._ancestry(number)
         extents = store._extents(source[1], owner, 0, 1 << 62)
         for block, phys, count, flag in extents:
-            if flag == BORROWED and store._block_owner(source[1], owner, block, phys) not in ancestry:
+            if (
+                flag == BORROWED
+                and store._block_owner(source[1], owner, block, phys) not in ancestry
+            ):
                 return False
         inode = store._own(number, ino)
         for block, phys, count, flag in store._share_extents(source[1], owner):
@@ -504,7 +554,9 @@ class _Applier:
     def _write_runs(self, ino, offset, chunk, runs) -> None:
         view = memoryview(chunk)
         for start, stop in runs:
-            self.store._write_data(self.number, ino, offset + start, view[start:stop], touch=False)
+            self.store._write_data(
+                self.number, ino, offset + start, view[start:stop], touch=False
+            )
 
     def _set_metadata(self, ino: int, member: tarfile.TarInfo) -> None:
         store, number = self.store, self.number
@@ -557,252 +609,3 @@ def _nonzero_runs(chunk: bytes, zero: bytes) -> list[tuple[int, int]]:
     if start is not None:
         runs.append((start, size))
     return runs
-
-
-class _DiffPlan:
-    """The paths a layer changed against its parent, computed from its change log."""
-
-    def __init__(self, store, layer):
-        self.store = store
-        self.layer = layer
-        self.number = layer.number
-        self.parent = layer.parent
-        self._paths: dict[int, bytes | None] = {ROOT_INO: b""}
-        store._ready()
-        # path -> (kind, ino or None for a whiteout)
-        self.items: dict[bytes, tuple[int, int | None]] = {}
-        self._collect()
-
-    def _path(self, ino: int) -> bytes | None:
-        """Return the path of ``ino`` in the layer, or None if no name reaches it."""
-        if ino in self._paths:
-            return self._paths[ino]
-        store, number = self.store, self.number
-        try:
-            inode = store._inode(number, ino)
-        except errors.NotFound:
-            return None
-        path = None
-        if inode.nlink and inode.parent:
-            parent_path = self._path(inode.parent)
-            if parent_path is not None:
-                try:
-                    dir_inode = store._dir(number, inode.parent)
-                    found = store._entry(number, dir_inode, inode.name)
-                except errors.StoreError:
-                    found = None
-                if found is not None and found[0] == ino:
-                    path = parent_path + b"/" + inode.name
-        self._paths[ino] = path
-        return path
-
-    def _parent_entry(self, path: bytes) -> int | None:
-        """Return the inode at ``path`` in the parent layer, or None."""
-        if self.parent is None:
-            return None
-        store = self.store
-        ino = ROOT_INO
-        for part in path.split(b"/")[1:]:
-            try:
-                dir_inode = store._dir(self.parent, ino)
-            except errors.StoreError:
-                return None
-            found = store._entry(self.parent, dir_inode, part)
-            if found is None:
-                return None
-            ino = found[0]
-        return ino
-
-    def _unchanged(self, path: bytes, ino: int) -> bool:
-        """Return True if the layer's copy of ``ino`` differs from its parent's in nothing
-        that a file comparison sees (a link count or ctime change only)."""
-        if self.parent is None or self._parent_entry(path) != ino:
-            return False
-        store = self.store
-        mine = store._inode(self.number, ino)
-        try:
-            parent_owner, theirs = store._resolve(self.parent, ino)
-        except errors.NotFound:
-            return False
-        same = (mine.mode, mine.uid, mine.gid, mine.rdev, mine.size, mine.mtime_ns, mine.target) == (
-            theirs.mode, theirs.uid, theirs.gid, theirs.rdev, theirs.size, theirs.mtime_ns, theirs.target)
-        if not same or mine.opaque == self.number:
-            return False
-        for _, value in store._prefix_items(store.dbs["extents"], U64X2.pack(ino, self.number)):
-            if value[-1]:
-                return False
-        mine_x = list(store._prefix_items(store.dbs["xattrs"], U64X2.pack(ino, self.number)))
-        theirs_x = list(store._prefix_items(store.dbs["xattrs"], U64X2.pack(ino, parent_owner)))
-        return [(k[16:], v) for k, v in mine_x] == [(k[16:], v) for k, v in theirs_x]
-
-    def _add(self, path: bytes, ino: int) -> None:
-        if path in self.items:
-            return
-        kind = CHANGE_MODIFY if self._parent_entry(path) is not None else CHANGE_ADD
-        self.items[path] = (kind, ino)
-
-    def _collect(self) -> None:
-        store, number = self.store, self.number
-        prefix = U64.pack(number)
-        subtrees = []
-        for key, _ in list(store._prefix_items(store.dbs["changes"], prefix)):
-            if key[8:9] == b"i":
-                ino = U64.unpack_from(key, 9)[0]
-                path = self._path(ino)
-                if path and not self._unchanged(path, ino):
-                    self._add(path, ino)
-                    inode = store._inode(number, ino)
-                    if inode.is_dir and inode.opaque == number:
-                        self.items[path + b"/" + OPAQUE] = (CHANGE_DELETE, None)
-                continue
-            dir_ino = U64.unpack_from(key, 9)[0]
-            name = key[17:]
-            dir_path = self._path(dir_ino)
-            if dir_path is None:
-                continue
-            path = dir_path + b"/" + name
-            before = self._parent_entry(path)
-            now = store._entry(number, store._dir(number, dir_ino), name)
-            if now is None:
-                if before is not None:
-                    self.items.setdefault(path, (CHANGE_DELETE, None))
-                continue
-            self._add(path, now[0])
-            inode = store._inode(number, now[0])
-            if inode.is_dir and before != now[0]:
-                if before is not None and store._inode(self.parent, before).is_dir:
-                    self.items[path + b"/" + OPAQUE] = (CHANGE_DELETE, None)
-                subtrees.append((path, inode))
-        for path, inode in subtrees:
-            self._add_subtree(path, inode)
-        self._add_other_links()
-
-    def _add_other_links(self) -> None:
-        """Add every other name of a changed file that has several hard links.
-
-        NOTE: finding those names walks the layer's whole tree, because the
-        store keeps no index from an inode to its names; it runs only when a
-        changed file has more than one link.
-        """
-        store, number = self.store, self.number
-        wanted = set()
-        for path, (kind, ino) in self.items.items():
-            if ino is not None and kind != CHANGE_DELETE:
-                inode = store._inode(number, ino)
-                if inode.is_reg and inode.nlink > 1:
-                    wanted.add(ino)
-        if not wanted:
-            return
-        stack = [(b"", ROOT_INO)]
-        while stack:
-            prefix, dir_ino = stack.pop()
-            for name, ino in store._entries(number, store._inode(number, dir_ino)).items():
-                path = prefix + b"/" + name
-                if ino in wanted:
-                    self._add(path, ino)
-                elif store._inode(number, ino).is_dir:
-                    stack.append((path, ino))
-
-    def _add_subtree(self, path: bytes, dir_inode: Inode) -> None:
-        store, number = self.store, self.number
-        for name, ino in store._entries(number, dir_inode).items():
-            child = path + b"/" + name
-            if child in self.items:
-                continue
-            self.items[child] = (CHANGE_ADD, ino)
-            inode = store._inode(number, ino)
-            if inode.is_dir:
-                self._add_subtree(child, inode)
-
-    @staticmethod
-    def _order(path: bytes):
-        return path.split(b"/")
-
-    def changes(self) -> list[tuple[bytes, int]]:
-        result = []
-        for path in sorted(self.items, key=self._order):
-            kind, _ = self.items[path]
-            if path.endswith(b"/" + OPAQUE):
-                continue
-            result.append((path, kind))
-        return result
-
-    def size(self) -> int:
-        total = 0
-        seen = set()
-        for path, (kind, ino) in self.items.items():
-            if ino is None or ino in seen:
-                continue
-            seen.add(ino)
-            inode = self.store._inode(self.number, ino)
-            if inode.is_reg:
-                total += inode.size
-        return total
-
-    def entries(self) -> list[tuple[bytes, int, int | None]]:
-        """Return (path, kind, ino) in tar order: parents first, whiteouts as ino None."""
-        return [(path, *self.items[path]) for path in sorted(self.items, key=self._order)]
-
-    def header(self, path: bytes, kind: int, ino: int | None, written: dict[int, str]):
-        name = path[1:].decode("utf-8", "surrogateescape")
-        member = tarfile.TarInfo(name)
-        if ino is None:
-            base = path.rsplit(b"/", 1)
-            if base[1] == OPAQUE:
-                member.name = name
-            else:
-                member.name = (base[0] + b"/" + WHITEOUT + base[1])[1:].decode("utf-8", "surrogateescape")
-            member.type = tarfile.REGTYPE
-            member.mode = 0
-            member.mtime = 0
-            return member, None
-        store, number = self.store, self.number
-        owner, inode = store._resolve(number, ino)
-        member.mode = stat.S_IMODE(inode.mode)
-        member.uid, member.gid = inode.uid, inode.gid
-        member.uname = member.gname = ""
-        member.mtime = inode.mtime_ns // 1_000_000_000
-        pax = {}
-        if inode.mtime_ns % 1_000_000_000:
-            pax["mtime"] = _format_ns(inode.mtime_ns)
-        if inode.has_xattrs:
-            for xname in store.listxattr(number, ino):
-                value = store._txn.get(store_xattr_key(ino, owner, xname), db=store.dbs["xattrs"])
-                if value is not None:
-                    key = "SCHILY.xattr." + xname.decode("utf-8", "surrogateescape")
-                    pax[key] = bytes(value).decode("utf-8", "surrogateescape")
-        member.pax_headers = pax
-        fmt = stat.S_IFMT(inode.mode)
-        if fmt == stat.S_IFREG and inode.nlink > 1 and ino in written:
-            member.type = tarfile.LNKTYPE
-            member.linkname = written[ino]
-            return member, inode
-        if fmt == stat.S_IFDIR:
-            member.type = tarfile.DIRTYPE
-        elif fmt == stat.S_IFREG:
-            member.type = tarfile.REGTYPE
-            member.size = inode.size
-            written[ino] = name
-        elif fmt == stat.S_IFLNK:
-            member.type = tarfile.SYMTYPE
-            member.linkname = inode.target.decode("utf-8", "surrogateescape")
-        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            member.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
-            member.devmajor, member.devminor = os.major(inode.rdev), os.minor(inode.rdev)
-        elif fmt == stat.S_IFIFO:
-            member.type = tarfile.FIFOTYPE
-        else:
-            # Sockets cannot be stored in a tar; Docker's own archiver skips them too.
-            return None, inode
-        return member, inode
-
-
-def store_xattr_key(ino: int, owner: int, name: bytes) -> bytes:
-    from .format import xattr_key
-
-    return xattr_key(ino, owner, name)
-
-
-def _format_ns(ns: int) -> str:
-    seconds, fraction = divmod(ns, 1_000_000_000)
-    return f"{seconds}.{fraction:09d}".rstrip("0").rstrip(".")

@@ -1,0 +1,296 @@
+"""The export side of layer tars: which paths a layer changed, and their tar headers.
+
+``DiffPlan`` reads a layer's change log (what the layer itself wrote) and
+turns each changed inode or directory entry back into paths, comparing with
+the parent layer to tell additions from modifications. A directory that is
+new at its path contributes its whole subtree, and a directory that replaced
+an older one gets an opaque whiteout.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+
+from . import errors
+from .format import ROOT_INO, U64, U64X2, Inode, xattr_key
+
+WHITEOUT = b".wh."
+OPAQUE = b".wh..wh..opq"
+CHANGE_MODIFY, CHANGE_ADD, CHANGE_DELETE = 0, 1, 2
+
+
+class DiffPlan:
+    """The paths a layer changed against its parent, computed from its change log."""
+
+    def __init__(self, store, layer):
+        self.store = store
+        self.layer = layer
+        self.number = layer.number
+        self.parent = layer.parent
+        self._paths: dict[int, bytes | None] = {ROOT_INO: b""}
+        store._ready()
+        # path -> (kind, ino or None for a whiteout)
+        self.items: dict[bytes, tuple[int, int | None]] = {}
+        self._collect()
+
+    def _path(self, ino: int) -> bytes | None:
+        """Return the path of ``ino`` in the layer, or None if no name reaches it."""
+        if ino in self._paths:
+            return self._paths[ino]
+        store, number = self.store, self.number
+        try:
+            inode = store._inode(number, ino)
+        except errors.NotFound:
+            return None
+        path = None
+        if inode.nlink and inode.parent:
+            parent_path = self._path(inode.parent)
+            if parent_path is not None:
+                try:
+                    dir_inode = store._dir(number, inode.parent)
+                    found = store._entry(number, dir_inode, inode.name)
+                except errors.StoreError:
+                    found = None
+                if found is not None and found[0] == ino:
+                    path = parent_path + b"/" + inode.name
+        self._paths[ino] = path
+        return path
+
+    def _parent_entry(self, path: bytes) -> int | None:
+        """Return the inode at ``path`` in the parent layer, or None."""
+        if self.parent is None:
+            return None
+        store = self.store
+        ino = ROOT_INO
+        for part in path.split(b"/")[1:]:
+            try:
+                dir_inode = store._dir(self.parent, ino)
+            except errors.StoreError:
+                return None
+            found = store._entry(self.parent, dir_inode, part)
+            if found is None:
+                return None
+            ino = found[0]
+        return ino
+
+    def _unchanged(self, path: bytes, ino: int) -> bool:
+        """Return True if the layer's copy of ``ino`` differs from its parent's in nothing
+        that a file comparison sees (a link count or ctime change only)."""
+        if self.parent is None or self._parent_entry(path) != ino:
+            return False
+        store = self.store
+        mine = store._inode(self.number, ino)
+        try:
+            parent_owner, theirs = store._resolve(self.parent, ino)
+        except errors.NotFound:
+            return False
+        same = (
+            mine.mode,
+            mine.uid,
+            mine.gid,
+            mine.rdev,
+            mine.size,
+            mine.mtime_ns,
+            mine.target,
+        ) == (
+            theirs.mode,
+            theirs.uid,
+            theirs.gid,
+            theirs.rdev,
+            theirs.size,
+            theirs.mtime_ns,
+            theirs.target,
+        )
+        if not same or mine.opaque == self.number:
+            return False
+        for _, value in store._prefix_items(
+            store.dbs["extents"], U64X2.pack(ino, self.number)
+        ):
+            if value[-1]:
+                return False
+        mine_x = list(
+            store._prefix_items(store.dbs["xattrs"], U64X2.pack(ino, self.number))
+        )
+        theirs_x = list(
+            store._prefix_items(store.dbs["xattrs"], U64X2.pack(ino, parent_owner))
+        )
+        return [(k[16:], v) for k, v in mine_x] == [(k[16:], v) for k, v in theirs_x]
+
+    def _add(self, path: bytes, ino: int) -> None:
+        if path in self.items:
+            return
+        kind = CHANGE_MODIFY if self._parent_entry(path) is not None else CHANGE_ADD
+        self.items[path] = (kind, ino)
+
+    def _collect(self) -> None:
+        store, number = self.store, self.number
+        prefix = U64.pack(number)
+        subtrees = []
+        for key, _ in list(store._prefix_items(store.dbs["changes"], prefix)):
+            if key[8:9] == b"i":
+                ino = U64.unpack_from(key, 9)[0]
+                path = self._path(ino)
+                if path and not self._unchanged(path, ino):
+                    self._add(path, ino)
+                    inode = store._inode(number, ino)
+                    if inode.is_dir and inode.opaque == number:
+                        self.items[path + b"/" + OPAQUE] = (CHANGE_DELETE, None)
+                continue
+            dir_ino = U64.unpack_from(key, 9)[0]
+            name = key[17:]
+            dir_path = self._path(dir_ino)
+            if dir_path is None:
+                continue
+            path = dir_path + b"/" + name
+            before = self._parent_entry(path)
+            now = store._entry(number, store._dir(number, dir_ino), name)
+            if now is None:
+                if before is not None:
+                    self.items.setdefault(path, (CHANGE_DELETE, None))
+                continue
+            self._add(path, now[0])
+            inode = store._inode(number, now[0])
+            if inode.is_dir and before != now[0]:
+                if before is not None and store._inode(self.parent, before).is_dir:
+                    self.items[path + b"/" + OPAQUE] = (CHANGE_DELETE, None)
+                subtrees.append((path, inode))
+        for path, inode in subtrees:
+            self._add_subtree(path, inode)
+        self._add_other_links()
+
+    def _add_other_links(self) -> None:
+        """Add every other name of a changed file that has several hard links.
+
+        NOTE: finding those names walks the layer's whole tree, because the
+        store keeps no index from an inode to its names; it runs only when a
+        changed file has more than one link.
+        """
+        store, number = self.store, self.number
+        wanted = set()
+        for path, (kind, ino) in self.items.items():
+            if ino is not None and kind != CHANGE_DELETE:
+                inode = store._inode(number, ino)
+                if inode.is_reg and inode.nlink > 1:
+                    wanted.add(ino)
+        if not wanted:
+            return
+        stack = [(b"", ROOT_INO)]
+        while stack:
+            prefix, dir_ino = stack.pop()
+            for name, ino in store._entries(
+                number, store._inode(number, dir_ino)
+            ).items():
+                path = prefix + b"/" + name
+                if ino in wanted:
+                    self._add(path, ino)
+                elif store._inode(number, ino).is_dir:
+                    stack.append((path, ino))
+
+    def _add_subtree(self, path: bytes, dir_inode: Inode) -> None:
+        store, number = self.store, self.number
+        for name, ino in store._entries(number, dir_inode).items():
+            child = path + b"/" + name
+            if child in self.items:
+                continue
+            self.items[child] = (CHANGE_ADD, ino)
+            inode = store._inode(number, ino)
+            if inode.is_dir:
+                self._add_subtree(child, inode)
+
+    @staticmethod
+    def _order(path: bytes):
+        return path.split(b"/")
+
+    def changes(self) -> list[tuple[bytes, int]]:
+        result = []
+        for path in sorted(self.items, key=self._order):
+            kind, _ = self.items[path]
+            if path.endswith(b"/" + OPAQUE):
+                continue
+            result.append((path, kind))
+        return result
+
+    def size(self) -> int:
+        total = 0
+        seen = set()
+        for _kind, ino in self.items.values():
+            if ino is None or ino in seen:
+                continue
+            seen.add(ino)
+            inode = self.store._inode(self.number, ino)
+            if inode.is_reg:
+                total += inode.size
+        return total
+
+    def entries(self) -> list[tuple[bytes, int, int | None]]:
+        """Return (path, kind, ino) in tar order: parents first, whiteouts as ino None."""
+        return [
+            (path, *self.items[path]) for path in sorted(self.items, key=self._order)
+        ]
+
+    def header(self, path: bytes, kind: int, ino: int | None, written: dict[int, str]):
+        name = path[1:].decode("utf-8", "surrogateescape")
+        member = tarfile.TarInfo(name)
+        if ino is None:
+            base = path.rsplit(b"/", 1)
+            if base[1] == OPAQUE:
+                member.name = name
+            else:
+                member.name = (base[0] + b"/" + WHITEOUT + base[1])[1:].decode(
+                    "utf-8", "surrogateescape"
+                )
+            member.type = tarfile.REGTYPE
+            member.mode = 0
+            member.mtime = 0
+            return member, None
+        store, number = self.store, self.number
+        owner, inode = store._resolve(number, ino)
+        member.mode = stat.S_IMODE(inode.mode)
+        member.uid, member.gid = inode.uid, inode.gid
+        member.uname = member.gname = ""
+        member.mtime = inode.mtime_ns // 1_000_000_000
+        pax = {}
+        if inode.mtime_ns % 1_000_000_000:
+            pax["mtime"] = _format_ns(inode.mtime_ns)
+        if inode.has_xattrs:
+            for xname in store.listxattr(number, ino):
+                value = store._txn.get(
+                    xattr_key(ino, owner, xname), db=store.dbs["xattrs"]
+                )
+                if value is not None:
+                    key = "SCHILY.xattr." + xname.decode("utf-8", "surrogateescape")
+                    pax[key] = bytes(value).decode("utf-8", "surrogateescape")
+        member.pax_headers = pax
+        fmt = stat.S_IFMT(inode.mode)
+        if fmt == stat.S_IFREG and inode.nlink > 1 and ino in written:
+            member.type = tarfile.LNKTYPE
+            member.linkname = written[ino]
+            return member, inode
+        if fmt == stat.S_IFDIR:
+            member.type = tarfile.DIRTYPE
+        elif fmt == stat.S_IFREG:
+            member.type = tarfile.REGTYPE
+            member.size = inode.size
+            written[ino] = name
+        elif fmt == stat.S_IFLNK:
+            member.type = tarfile.SYMTYPE
+            member.linkname = inode.target.decode("utf-8", "surrogateescape")
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            member.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
+            member.devmajor, member.devminor = (
+                os.major(inode.rdev),
+                os.minor(inode.rdev),
+            )
+        elif fmt == stat.S_IFIFO:
+            member.type = tarfile.FIFOTYPE
+        else:
+            # Sockets cannot be stored in a tar; Docker's own archiver skips them too.
+            return None, inode
+        return member, inode
+
+
+def _format_ns(ns: int) -> str:
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return f"{seconds}.{fraction:09d}".rstrip("0").rstrip(".")

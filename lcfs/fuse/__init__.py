@@ -2,5 +2,14 @@
 
 from .mount import MOUNT_OPTIONS, FuseServer, find_mount
 from .operations import LayerOperations
+from .settings import FuseSettings
+from .stats import RequestStats
 
-__all__ = ["MOUNT_OPTIONS", "FuseServer", "LayerOperations", "find_mount"]
+__all__ = [
+    "MOUNT_OPTIONS",
+    "FuseServer",
+    "FuseSettings",
+    "LayerOperations",
+    "RequestStats",
+    "find_mount",
+]

@@ -390,9 +390,10 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     @read_op
     def statfs(self) -> StatFs:
         next_ino = U64.unpack(self._txn.get(b"next_ino", db=self.dbs["meta"]))[0]
-        files = 1 << 48
+        # Inode numbers are 64-bit; report a large fixed total that stays above them.
+        files = 1 << 63
         free = self.alloc.free_blocks + self.alloc.pending_blocks
-        return StatFs(BLOCK_SIZE, self.data_blocks, free, files, files - next_ino)
+        return StatFs(BLOCK_SIZE, self.data_blocks, free, files, max(files - next_ino, 0))
 
     # -- layers ----------------------------------------------------------------
 

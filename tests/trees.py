@@ -127,6 +127,14 @@ def snapshot(root: str | os.PathLike) -> Snapshot:
     return Snapshot(entries, groups)
 
 
+def _short(path: bytes, limit: int = 120) -> str:
+    # Deep test paths run to thousands of bytes; keep both ends readable.
+    name = os.fsdecode(path)
+    if len(name) <= limit:
+        return name
+    return f"{name[:50]}...{name[-50:]} ({len(path)} bytes)"
+
+
 def differences(
     expected: Snapshot,
     actual: Snapshot,
@@ -140,7 +148,7 @@ def differences(
     ignore = ignore or {}
     lines = []
     for path in sorted(expected.entries.keys() | actual.entries.keys()):
-        name = os.fsdecode(path)
+        name = _short(path)
         want = expected.entries.get(path)
         got = actual.entries.get(path)
         if want is None:
@@ -157,9 +165,9 @@ def differences(
     missing_groups = expected.link_groups - actual.link_groups
     extra_groups = actual.link_groups - expected.link_groups
     for group in sorted(missing_groups, key=sorted):
-        lines.append(f"hard link group missing: {sorted(map(os.fsdecode, group))}")
+        lines.append(f"hard link group missing: {sorted(map(_short, group))}")
     for group in sorted(extra_groups, key=sorted):
-        lines.append(f"unexpected hard link group: {sorted(map(os.fsdecode, group))}")
+        lines.append(f"unexpected hard link group: {sorted(map(_short, group))}")
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more differences"]
     return lines

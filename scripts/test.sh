@@ -15,9 +15,13 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 2
 fi
 
+# The containerd snapshotter tests need containerd, runc and the shim, and
+# build containerd's own snapshotter test suite offline from Debian's Go
+# sources (GOPATH mode, no module proxy).
 "$repo/scripts/apt-install.sh" \
     fuse3 libfuse3-dev pkg-config build-essential \
-    docker.io busybox-static debootstrap
+    docker.io busybox-static debootstrap \
+    containerd runc golang-go golang-github-containerd-containerd-dev
 python3 -m pip install --quiet --root-user-action=ignore -e '.[test]'
 
 if ! grep -qw fuse /proc/filesystems; then

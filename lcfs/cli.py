@@ -186,7 +186,93 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print the counters as JSON, keyed by FUSE operation name",
     )
     _add_log_level(stats, "warning")
+    _add_install_commands(commands)
     return parser
+
+
+def _add_install_commands(commands) -> None:
+    install = commands.add_parser(
+        "install",
+        help="install the daemon as a systemd service that starts before dockerd",
+        description="Write the systemd unit /etc/systemd/system/lcfs.service, "
+        "the plugin spec file /etc/docker/plugins/lcfs.spec that tells dockerd "
+        "where the socket is, and a manifest of both in /var/lib/lcfs. Nothing "
+        "is written under Docker's data root and nothing is downloaded. Then "
+        "run 'systemctl daemon-reload && systemctl enable --now lcfs' and "
+        "start dockerd with --experimental --storage-driver lcfs.",
+    )
+    install.add_argument(
+        "--device",
+        default=DEFAULT_DEVICE,
+        help="image file or block device the service opens; a missing image "
+        "file is created at first start (default %(default)s)",
+    )
+    install.add_argument(
+        "--size",
+        type=_size,
+        help="size of a new image file in bytes, K, M, G or T suffix allowed "
+        "(default 64G)",
+    )
+    install.add_argument(
+        "--socket",
+        default=DEFAULT_SOCKET,
+        help="plugin socket; the spec file is named after it (default %(default)s)",
+    )
+    install.add_argument(
+        "--mountpoint", help="passed on to 'lcfs daemon --mountpoint'"
+    )
+    install.add_argument(
+        "--docker-root", help="passed on to 'lcfs daemon --docker-root'"
+    )
+    install.add_argument(
+        "--stop-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="passed on to 'lcfs daemon --stop-timeout'; systemd waits 30 s "
+        "longer before SIGKILL (default %(default)s)",
+    )
+    install.add_argument(
+        "--daemon-log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the service's --log-level (default %(default)s)",
+    )
+    install.add_argument(
+        "--command",
+        dest="lcfs_command",
+        metavar="PATH",
+        help="the lcfs program the service runs (default: the lcfs script "
+        "beside this Python, or this Python with -m lcfs.cli)",
+    )
+    _add_root(install)
+    install.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite files that exist already",
+    )
+    _add_log_level(install, "info")
+
+    uninstall = commands.add_parser(
+        "uninstall",
+        help="remove what 'lcfs install' wrote",
+        description="Remove the files listed in the manifest that 'lcfs "
+        "install' wrote, and the directories it created if they are empty. A "
+        "file changed since then is kept and reported. The store itself is "
+        "not touched. Disable the service first: systemctl disable --now lcfs.",
+    )
+    _add_root(uninstall)
+    _add_log_level(uninstall, "info")
+
+
+def _add_root(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--root",
+        default="/",
+        metavar="DIR",
+        help="write under DIR instead of / (for tests and image builds); "
+        "paths inside the files stay as given (default %(default)s)",
+    )
 
 
 def _add_fuse_options(parser: argparse.ArgumentParser) -> None:
@@ -300,11 +386,52 @@ def _run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_install(args: argparse.Namespace) -> int:
+    from lcfs import install
+
+    command = [args.lcfs_command] if args.lcfs_command else install.default_command()
+    config = install.ServiceConfig(
+        command=command,
+        device=args.device,
+        socket=args.socket,
+        size=args.size,
+        mountpoint=args.mountpoint,
+        docker_root=args.docker_root,
+        stop_timeout=args.stop_timeout,
+        log_level=args.daemon_log_level,
+    )
+    try:
+        written = install.install(config, root=args.root, force=args.force)
+    except install.InstallError as error:
+        raise UserError(str(error)) from None
+    for path in written:
+        print(f"wrote {path}")
+    if args.root == "/":
+        print(f"next: systemctl daemon-reload && systemctl enable --now {install.UNIT_NAME}")
+    return 0
+
+
+def _run_uninstall(args: argparse.Namespace) -> int:
+    from lcfs import install
+
+    try:
+        removed, changed = install.uninstall(root=args.root)
+    except install.InstallError as error:
+        raise UserError(str(error)) from None
+    for path in removed:
+        print(f"removed {path}")
+    for path in changed:
+        print(f"kept {path}: changed since install; remove it by hand")
+    return 0
+
+
 _COMMANDS = {
     "daemon": _run_daemon,
     "mkfs": _run_mkfs,
     "layers": _run_layers,
     "stats": _run_stats,
+    "install": _run_install,
+    "uninstall": _run_uninstall,
 }
 
 

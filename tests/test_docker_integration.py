@@ -16,15 +16,25 @@ import io
 import json
 import logging
 import os
+import shutil
+import signal
+import stat
 import statistics
 import subprocess
 import tarfile
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
-from dockerd import PLUGIN_SPEC_DIR, DockerDaemon, unix_http
-from lcfs_daemon import PLUGIN_HEADERS, LcfsDaemon, fsck_command
+from dockerd import DOCKER, DockerDaemon, terminate, unix_http
+from lcfs_daemon import (
+    PLUGIN_HEADERS,
+    LcfsDaemon,
+    PluginError,
+    fsck_command,
+    lcfs_command,
+)
 from mounts import mount_table, unmount_under
 
 # Fixtures lcfs, initial_status, docker and vfs_docker, one set per module.
@@ -319,3 +329,430 @@ def test_diff_cost_independent_of_image_size(diff_timings, call):
     # 100 times the files must not cost more than twice the time, plus 20 ms
     # for scheduling noise on a shared two-core machine.
     assert large[call] <= 2 * small[call] + 0.02, (small[call], large[call])
+
+
+# --- clean stop: Cleanup unmounts, Init mounts again ---------------------------------
+
+STOP_CYCLES = 20
+FUSE_TYPE = "fuse.lcfs"
+
+
+def lcfs_mounts_under(directory: Path) -> list[str]:
+    """Return the lcfs FUSE mount points at or below ``directory``."""
+    top = os.path.realpath(directory)
+    return [
+        point
+        for point, fstype in mount_table()
+        if fstype == FUSE_TYPE and (point == top or point.startswith(top + "/"))
+    ]
+
+
+def stop_keeping_data(docker: DockerDaemon) -> int:
+    """Stop dockerd with SIGTERM as a service manager does, keeping its data root."""
+    code = terminate(docker.process, 30, f"dockerd in {docker.workdir}")
+    docker.process = None
+    return code
+
+
+@pytest.fixture
+def cycling(tmp_path_factory):
+    # A short directory name: containerd's sockets under the exec root must
+    # stay within the 104-byte limit of a unix socket path.
+    workdir = tmp_path_factory.mktemp("cycle")
+    lcfs = LcfsDaemon(workdir / "lcfs", size="2G").start()
+    docker = DockerDaemon(workdir / "dockerd", plugin_socket=lcfs.socket_path)
+    yield lcfs, docker
+    docker.stop()
+    lcfs.stop()
+    unmount_under(lcfs.workdir)
+
+
+def test_dockerd_restarts_leave_one_mount(cycling, busybox_tar):
+    lcfs, docker = cycling
+    while_running, after_stop, exit_codes = [], [], []
+    for cycle in range(STOP_CYCLES):
+        docker.start()
+        if cycle == 0:
+            docker.docker("import", str(busybox_tar), BUSYBOX_IMAGE)
+        while_running.append(lcfs_mounts_under(docker.data_root))
+        exit_codes.append(stop_keeping_data(docker))
+        after_stop.append(lcfs_mounts_under(docker.data_root))
+    home = str(docker.driver_home)
+    assert while_running == [[home]] * STOP_CYCLES
+    assert after_stop == [[]] * STOP_CYCLES
+    assert exit_codes == [0] * STOP_CYCLES
+    assert lcfs.process.poll() is None, lcfs.log_tail()
+
+    docker.start()
+    result = docker.docker(*RUN, "--rm", BUSYBOX_IMAGE, "cat", "/etc/passwd")
+    assert result.stdout.startswith("root:x:0:0:")
+    assert lcfs.log_tail().count("Traceback") == 0
+
+
+# --- install as a service, and start-up time ------------------------------------
+
+SERVICE_LAYERS = 10_000
+LAYER_CHAIN_DEPTH = 10
+START_ROUNDS = 5
+
+
+def run_lcfs(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [lcfs_command(), *args], capture_output=True, text=True, check=False
+    )
+
+
+def test_install_writes_unit_and_spec(tmp_path):
+    result = run_lcfs(
+        "install", "--root", str(tmp_path), "--device", "/srv/lcfs.img",
+        "--size", "16G", "--command", "/opt/lcfs/bin/lcfs",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    unit = (tmp_path / "etc/systemd/system/lcfs.service").read_text()
+    spec = (tmp_path / "etc/docker/plugins/lcfs.spec").read_text()
+    lines = unit.splitlines()
+    assert "Before=docker.service" in lines
+    assert "WantedBy=docker.service multi-user.target" in lines
+    assert "Type=simple" in lines
+    assert "KillSignal=SIGTERM" in lines
+    assert (
+        "ExecStart=/opt/lcfs/bin/lcfs daemon --device /srv/lcfs.img "
+        "--socket /run/docker/plugins/lcfs.sock --size 17179869184 "
+        "--stop-timeout 30 --log-level info"
+    ) in lines
+    assert spec == "unix:///run/docker/plugins/lcfs.sock\n"
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == [
+        "etc/docker/plugins/lcfs.spec",
+        "etc/systemd/system/lcfs.service",
+        "var/lib/lcfs/install.json",
+    ]
+
+
+@pytest.mark.skipif(
+    not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed"
+)
+def test_install_unit_passes_systemd_analyze(tmp_path):
+    # verify checks that ExecStart's program exists, so the real one is used.
+    assert run_lcfs("install", "--root", str(tmp_path)).returncode == 0
+    unit = tmp_path / "etc/systemd/system/lcfs.service"
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lcfs.service" not in result.stderr, result.stderr
+
+
+def test_uninstall_removes_what_install_wrote(tmp_path):
+    (tmp_path / "etc/docker/plugins").mkdir(parents=True)
+    (tmp_path / "etc/docker/plugins/other.spec").write_text("unix:///x.sock\n")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert run_lcfs("install", "--root", str(tmp_path)).returncode == 0
+    again = run_lcfs("install", "--root", str(tmp_path))
+    result = run_lcfs("uninstall", "--root", str(tmp_path))
+    assert again.returncode == 2
+    assert "installed already" in again.stderr
+    assert result.returncode == 0, result.stderr
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_uninstall_keeps_edited_file(tmp_path):
+    assert run_lcfs("install", "--root", str(tmp_path)).returncode == 0
+    spec = tmp_path / "etc/docker/plugins/lcfs.spec"
+    spec.write_text("unix:///elsewhere.sock\n")
+    result = run_lcfs("uninstall", "--root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert spec.read_text() == "unix:///elsewhere.sock\n"
+    assert not (tmp_path / "etc/systemd/system/lcfs.service").exists()
+
+
+def test_uninstall_refuses_enabled_unit(tmp_path):
+    assert run_lcfs("install", "--root", str(tmp_path)).returncode == 0
+    wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir()
+    (wants / "lcfs.service").symlink_to("/etc/systemd/system/lcfs.service")
+    result = run_lcfs("uninstall", "--root", str(tmp_path))
+    assert result.returncode == 2
+    assert "systemctl disable --now lcfs.service" in result.stderr
+    assert (tmp_path / "etc/systemd/system/lcfs.service").exists()
+
+
+def build_many_layers(device: Path, home: Path) -> None:
+    """Format ``device`` and fill it with SERVICE_LAYERS layers through the store API.
+
+    Chains of LAYER_CHAIN_DEPTH layers, each layer adding a file, as images
+    sharing nothing would. Docker's layer store under ``home``'s parent names
+    every layer, as it would after dockerd registered them, so the start-up
+    check for orphans reads 10,000 cache-id files.
+    """
+    from lcfs.store import Store
+
+    Store.mkfs(str(device), size=4 * GiB)
+    layerdb = home.parent / "image" / home.name / "layerdb" / "sha256"
+    (home.parent / "buildkit").mkdir(parents=True)
+    store = Store.open(str(device))
+    try:
+        for chain in range(SERVICE_LAYERS // LAYER_CHAIN_DEPTH):
+            parent = None
+            for depth in range(LAYER_CHAIN_DEPTH):
+                layer_id = hashlib.sha256(f"{chain}/{depth}".encode()).hexdigest()
+                layer = store.create_layer(layer_id, parent)
+                attr = store.mknod(
+                    layer.number, 1, f"file{depth}".encode(), stat.S_IFREG | 0o644, 0, 0, 0
+                )
+                store.write(layer.number, attr.ino, 0, b"layer %d\n" % depth)
+                record = layerdb / hashlib.sha256(layer_id.encode()).hexdigest()
+                record.mkdir(parents=True)
+                (record / "cache-id").write_text(layer_id)
+                parent = layer_id
+            store.commit()
+        store.set_meta("driver.home", str(home).encode())
+        store.commit()
+    finally:
+        store.close()
+
+
+def time_daemon_start(lcfs: LcfsDaemon, home: Path) -> float:
+    """Start the daemon and return the seconds from exec to its reply to Activate.
+
+    The daemon mounts at the Home recorded in the store before it listens,
+    as after a reboot; it is stopped again before this returns.
+    """
+    started = time.monotonic()
+    with open(lcfs.log_path, "ab") as log_file:
+        lcfs.process = subprocess.Popen(
+            lcfs.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        while True:
+            assert lcfs.process.poll() is None, lcfs.log_tail()
+            try:
+                lcfs.call("Plugin.Activate", timeout=5)
+                break
+            except (OSError, PluginError):
+                pass
+            assert time.monotonic() < started + 30, lcfs.log_tail()
+            time.sleep(0.005)
+        elapsed = time.monotonic() - started
+        assert lcfs_mounts_under(home) == [str(home)]
+    finally:
+        code = lcfs.stop()
+    assert code == 0, lcfs.log_tail()
+    return elapsed
+
+
+@pytest.fixture(scope="module")
+def many_layers(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("start")
+    lcfs = LcfsDaemon(workdir / "lcfs")
+    lcfs.workdir.mkdir()
+    home = workdir / "docker" / "lcfs"
+    build_many_layers(lcfs.device, home)
+    yield lcfs, home
+    lcfs.stop()
+    unmount_under(workdir)
+
+
+def test_daemon_start_with_many_layers(many_layers):
+    lcfs, home = many_layers
+    times = [time_daemon_start(lcfs, home) for _ in range(START_ROUNDS)]
+    log.info("daemon start with %d layers: %s s", SERVICE_LAYERS, times)
+    assert f"opened {lcfs.device}: {SERVICE_LAYERS} layers" in lcfs.log_tail()
+    assert "WARNING" not in lcfs.log_tail()
+    assert statistics.median(times) < 1.0, times
+
+
+# --- no leftovers ----------------------------------------------------------------
+
+BUILD_IMAGE = "lcfs-it/buildkit:1"
+IMPORT_KILLED_IMAGE = "lcfs-it/killed:1"
+KILL_AFTER_BYTES = 16 * MiB
+RANDOM_FILES = 32
+RANDOM_FILE_SIZE = 4 * MiB
+
+
+def files_under(root: Path, skip: Path | None = None) -> list[str]:
+    """Return every file and directory below ``root``, relative, sorted; not
+    descending into ``skip``."""
+    found = []
+    for directory, subdirectories, files in os.walk(root):
+        here = Path(directory)
+        if skip is not None and here == skip:
+            subdirectories.clear()
+            continue
+        for name in subdirectories + files:
+            found.append(str((here / name).relative_to(root)))
+    return sorted(found)
+
+
+@pytest.fixture(scope="module")
+def random_tar(tmp_path_factory) -> Path:
+    """A tar of 128 MiB of random data, which the store cannot take by reference."""
+    path = tmp_path_factory.mktemp("random") / "random.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        for index in range(RANDOM_FILES):
+            member = tarfile.TarInfo(f"./data/{index:02d}.bin")
+            member.size = RANDOM_FILE_SIZE
+            member.mode = 0o644
+            archive.addfile(member, io.BytesIO(os.urandom(RANDOM_FILE_SIZE)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def buildkit_image(docker, busybox_image, tmp_path_factory):
+    context = tmp_path_factory.mktemp("build")
+    (context / "Dockerfile").write_text(
+        f"FROM {busybox_image}\nRUN echo built > /built.txt\nCOPY Dockerfile /\n"
+    )
+    docker.docker(
+        "build", "--network", "none", "-t", BUILD_IMAGE, str(context),
+        env={"DOCKER_BUILDKIT": "1"},
+    )  # fmt: skip
+    return BUILD_IMAGE
+
+
+def remove_all_images(docker: DockerDaemon) -> None:
+    containers = docker.docker("ps", "-aq").stdout.split()
+    if containers:
+        docker.docker("rm", "-f", *containers)
+    images = list(dict.fromkeys(docker.docker("image", "ls", "-aq").stdout.split()))
+    if images:
+        docker.docker("rmi", "-f", *images)
+    docker.docker("builder", "prune", "-af")
+
+
+# What dockerd 20.10 keeps in its data root once every image, container and
+# build cache entry is gone, with "DRIVER" for the storage driver's name.
+# docs/docker-leftovers.md gives the reason for each.
+DOCKER_KEEPS = [
+    "buildkit",
+    "buildkit/*.db",
+    "buildkit/content",
+    "buildkit/content/ingest",
+    "buildkit/executor",
+    "buildkit/executor/*",
+    "containerd",
+    "containerd/daemon",
+    "containerd/daemon/*",
+    "containers",
+    "image",
+    "image/DRIVER",
+    "image/DRIVER/distribution",
+    "image/DRIVER/imagedb",
+    "image/DRIVER/imagedb/content",
+    "image/DRIVER/imagedb/content/sha256",
+    "image/DRIVER/imagedb/metadata",
+    "image/DRIVER/imagedb/metadata/sha256",
+    "image/DRIVER/layerdb",
+    "image/DRIVER/layerdb/mounts",
+    "image/DRIVER/layerdb/sha256",
+    "image/DRIVER/layerdb/tmp",
+    "image/DRIVER/repositories.json",
+    "DRIVER",
+    "network",
+    "network/files",
+    "network/files/local-kv.db",
+    "plugins",
+    "plugins/storage",
+    "plugins/storage/ingest",
+    "plugins/tmp",
+    "runtimes",
+    "swarm",
+    "tmp",
+    "trust",
+    "volumes",
+    "volumes/backingFsBlockDev",
+    "volumes/metadata.db",
+]
+
+
+def unexpected_docker_files(docker: DockerDaemon) -> list[str]:
+    """Return the paths under dockerd's data root that DOCKER_KEEPS does not list."""
+    patterns = [
+        pattern.replace("DRIVER", docker.storage_driver) for pattern in DOCKER_KEEPS
+    ]
+    left = files_under(docker.data_root, skip=docker.driver_home)
+    return [path for path in left if not any(fnmatch(path, p) for p in patterns)]
+
+
+def kill_dockerd_during_import(docker: DockerDaemon, lcfs: LcfsDaemon, tar: Path) -> None:
+    """SIGKILL dockerd while it imports ``tar``, once the import has written data.
+
+    dockerd dies between the driver's ApplyDiff and the rename that names the
+    layer in its layer store, so it leaves a driver layer that nothing
+    references and a layerdb/tmp/write-set-* directory.
+    """
+    before = data_used(lcfs)
+    importer = subprocess.Popen(
+        [DOCKER, "import", str(tar), IMPORT_KILLED_IMAGE],
+        env={**os.environ, "DOCKER_HOST": docker.host},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while data_used(lcfs) < before + KILL_AFTER_BYTES:
+            assert importer.poll() is None, "the import ended before the kill"
+            assert time.monotonic() < deadline, "the import wrote too little in 120 s"
+            time.sleep(0.05)
+        containerd = int((docker.exec_root / "containerd" / "containerd.pid").read_text())
+        docker.process.kill()
+        docker.process.wait()
+    finally:
+        importer.wait(timeout=120)
+    # The containerd that the killed dockerd started keeps running, and a new
+    # dockerd waits in vain for it to answer, so it is stopped here.
+    os.kill(containerd, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{containerd}").exists():
+        assert time.monotonic() < deadline, f"containerd pid {containerd} did not exit"
+        time.sleep(0.1)
+
+
+def test_remove_everything_leaves_nothing(
+    docker, lcfs, initial_status, buildkit_image, random_tar
+):
+    """Must stay last: it removes every image and stops the module's daemons."""
+    remove_all_images(docker)
+    assert docker.docker("image", "ls", "-aq").stdout.split() == []
+    status = lcfs.status()
+    assert status["Layers"] == "0", status
+    assert status[DATA_USED] == initial_status[DATA_USED], status
+    assert os.listdir(docker.driver_home) == []
+    assert unexpected_docker_files(docker) == []
+    repositories = docker.data_root / "image" / docker.storage_driver / "repositories.json"
+    assert json.loads(repositories.read_text()) == {"Repositories": {}}
+
+    # A dockerd killed during an import leaves a layer and a write-set
+    # directory behind; the restarted dockerd does not remove either.
+    kill_dockerd_during_import(docker, lcfs, random_tar)
+    docker.start()
+    assert docker.docker("image", "ls", "-aq").stdout.split() == []
+    assert lcfs.status()["Layers"] == "1"
+    layerdb_tmp = docker.data_root / "image" / docker.storage_driver / "layerdb" / "tmp"
+    assert [p.name.startswith("write-set-") for p in layerdb_tmp.iterdir()] == [True]
+
+    # dockerd's Cleanup unmounts the driver home; the daemon removes its
+    # socket and pid file when it stops.
+    assert stop_keeping_data(docker) == 0
+    assert lcfs_mounts_under(docker.data_root) == []
+    assert os.listdir(docker.driver_home) == []
+    assert lcfs.stop() == 0, lcfs.log_tail()
+    assert sorted(os.listdir(lcfs.workdir)) == ["lcfs.img", "lcfs.log"]
+
+    fsck = [fsck_command(), "--docker-root", str(docker.data_root), "--grace", "0"]
+    repair = subprocess.run(
+        [*fsck, "--repair", "--yes", str(lcfs.device)], capture_output=True, text=True
+    )
+    check = subprocess.run([*fsck, str(lcfs.device)], capture_output=True, text=True)
+    assert repair.returncode == 1, repair.stdout + repair.stderr
+    assert "is an orphan" in repair.stderr
+    assert "write-set-" in repair.stderr
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert list(layerdb_tmp.iterdir()) == []
+    assert unexpected_docker_files(docker) == []
+    assert "; 0 layers," in check.stdout

@@ -37,7 +37,6 @@ from lcfs.store import Store
 from .mounts import MountError, MountManager
 from .reconcile import docker_root_from_home, find_orphans
 from .server import GraphDriverPlugin
-from .snapshotter import SnapshotterServer
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +259,10 @@ class Daemon:
         runner_started = False
         try:
             if config.snapshotter_socket:
+                # Imported here: grpc and protobuf take about 0.1 s to import,
+                # which a daemon serving only Docker need not spend at start.
+                from .snapshotter import SnapshotterServer
+
                 await asyncio.to_thread(store.reconcile_snapshots)
                 snapshotter = SnapshotterServer(store, mounts, config.snapshotter_socket)
                 await snapshotter.start()

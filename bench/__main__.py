@@ -1,0 +1,342 @@
+"""``python -m bench``: run every benchmark and regenerate the benchmark page sections.
+
+Order: build the inputs (cached), then for each storage driver start its
+dockerd and run the Docker phases, then the measurements on lcfs alone,
+then containerd with both snapshotters. A full run writes the "Driver
+comparison" and "containerd snapshotter" sections of docs/benchmarks.md,
+the plots under docs/img/ and the samples to bench/results/; a quick run
+writes the same files under .cache/bench/quick/ and leaves docs/ alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from .common import (
+    REPO_ROOT,
+    cache_dir,
+    command_version,
+    load_average,
+    wait_for_quiet_machine,
+)
+
+log = logging.getLogger("bench")
+
+PHASE_NAMES = (
+    "import",
+    "containers",
+    "write",
+    "read",
+    "scan",
+    "commit",
+    "build",
+    "page_cache",
+)
+EXTRA_NAMES = ("chain", "start", "containerd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="run every workload once at reduced sizes (under 5 minutes) to check "
+        "the harness; results go under .cache/bench/quick/",
+    )
+    parser.add_argument(
+        "--drivers",
+        default="overlay2,fuse-overlayfs,vfs,lcfs",
+        help="comma-separated storage drivers to compare, in run order "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(PHASE_NAMES + EXTRA_NAMES),
+        help="comma-separated phases to run (default: all): "
+        f"{', '.join(PHASE_NAMES + EXTRA_NAMES)}",
+    )
+    parser.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="do not rerun missed lcfs workloads under py-spy",
+    )
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        default=1.5,
+        help="before a full run, wait while the 1-minute load average is above "
+        "this (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=20 * 60,
+        help="longest wait for the load average, in seconds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="regenerate the page from saved results without running anything",
+    )
+    parser.add_argument(
+        "--page",
+        type=Path,
+        help="page to write (default docs/benchmarks.md, "
+        "or .cache/bench/quick/benchmarks.md with --quick)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser
+
+
+def machine_info() -> dict[str, object]:
+    import lmdb
+    import pyfuse3
+
+    with open("/proc/meminfo") as f:
+        total_kib = int(f.readline().split()[1])
+    fuse_overlayfs = subprocess.run(
+        ["fuse-overlayfs", "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    return {
+        "date": datetime.date.today().isoformat(),
+        "nproc": os.cpu_count(),
+        "memory": f"{total_kib / (1 << 20):.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pyfuse3": pyfuse3.__version__,
+        "lmdb": lmdb.__version__,
+        "dockerd": command_version(["dockerd", "--version"]),
+        "containerd": command_version(["containerd", "--version"]),
+        "fuse_overlayfs": next(
+            (
+                line
+                for line in fuse_overlayfs.splitlines()
+                if line.startswith("fuse-overlayfs")
+            ),
+            "unavailable",
+        ),
+        "libfuse": command_version(["dpkg-query", "-W", "libfuse3-3"]),
+        "backing_fs": command_version(
+            ["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", tempfile.gettempdir()]
+        ),
+    }
+
+
+def _run_step(results, what: str, function, *args) -> bool:
+    """Run one phase; on failure log it, note it on the page and carry on."""
+    try:
+        function(*args)
+        return True
+    except Exception as error:  # noqa: BLE001 - one failed phase must not end the run
+        log.error("%s failed:\n%s", what, traceback.format_exc())
+        first_line = (
+            str(error).strip().splitlines()[0]
+            if str(error).strip()
+            else type(error).__name__
+        )
+        results.notes.append(f"{what} failed: {first_line}")
+        return False
+
+
+def run(args: argparse.Namespace, results, sizes, workdir: Path) -> None:
+    from . import containerd_bench, micro
+    from .docker_bench import DockerPhases
+    from .drivers import DriverStack
+    from .profiling import PySpy
+    from .results import Recorder
+    from .workloads import catalogue
+
+    selected = set(args.only.split(","))
+    unknown = selected - set(PHASE_NAMES + EXTRA_NAMES)
+    if unknown:
+        raise SystemExit(f"unknown phases: {', '.join(sorted(unknown))}")
+    workloads = {w.key: w for w in catalogue(sizes)}
+    runs = sizes.runs
+    # A quick run skips the profiles, which would take it past 5 minutes.
+    profile = not (args.no_profile or args.quick) and shutil.which("py-spy") is not None
+
+    docker_phases = DockerPhases(sizes, workdir)
+    chosen = [p for p in docker_phases.phases() if p[0] in selected]
+    for driver in args.drivers.split(","):
+        if not chosen:
+            break
+        stack = DriverStack(driver, workdir / driver)
+        if not _run_step(results, f"starting dockerd with {driver}", stack.start):
+            continue
+        try:
+            docker_phases.prepare(stack)
+            for name, function, _ in chosen:
+                log.info("== %s: %s", driver, name)
+                _run_step(
+                    results,
+                    f"{name} on {driver}",
+                    function,
+                    stack,
+                    Recorder(results, driver),
+                    runs,
+                )
+            if driver == "lcfs" and profile:
+                missed = {
+                    key
+                    for key in workloads
+                    if (outcome := results.check(workloads[key])).met is False
+                    and outcome.workload.section == "docker"
+                }
+                profiler = PySpy(stack.daemon_pid, workdir / "profiles")
+                for name, function, keys in chosen:
+                    if keys & missed:
+                        log.info(
+                            "== lcfs: profiling %s for %s",
+                            name,
+                            ", ".join(sorted(keys & missed)),
+                        )
+                        _run_step(
+                            results,
+                            f"profiling {name} on lcfs",
+                            function,
+                            stack,
+                            Recorder(
+                                results, driver, profiler, frozenset(keys & missed)
+                            ),
+                            1,
+                        )
+                results.profiles.update(profiler.summaries)
+        finally:
+            stack.stop()
+
+    if "chain" in selected:
+        log.info("== lcfs alone: layer chain of %d", sizes.chain_depth)
+        _run_step(
+            results,
+            "layer chain",
+            micro.layer_chain,
+            sizes,
+            workdir / "chain",
+            Recorder(results, "lcfs"),
+            runs,
+        )
+    if "start" in selected:
+        log.info("== lcfs alone: daemon start with %d layers", sizes.start_layers)
+        _run_step(
+            results,
+            "daemon start",
+            micro.daemon_start,
+            sizes,
+            workdir / "start",
+            Recorder(results, "lcfs"),
+            runs,
+        )
+    if "containerd" in selected:
+        log.info("== containerd snapshotters")
+        recorders = {
+            name: Recorder(results, name) for name in containerd_bench.SNAPSHOTTERS
+        }
+        _run_step(
+            results,
+            "containerd snapshotters",
+            containerd_bench.run,
+            sizes,
+            workdir / "containerd",
+            recorders,
+            runs,
+        )
+
+
+def print_summary(results, workloads) -> None:
+    from .report import _target_value, _verdict, outcomes
+
+    for outcome in outcomes(results, workloads):
+        print(
+            f"{outcome.workload.key:22} {outcome.workload.target.text:28} "
+            f"{_target_value(outcome):>12}  {_verdict(outcome)}"
+        )
+    for note in results.notes:
+        print(f"note: {note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from .config import FULL, QUICK
+    from .report import write_page
+    from .results import Results
+    from .workloads import catalogue
+
+    sizes = QUICK if args.quick else FULL
+    quick_dir = cache_dir() / "quick"
+    page = args.page or (
+        quick_dir / "benchmarks.md"
+        if args.quick
+        else REPO_ROOT / "docs" / "benchmarks.md"
+    )
+    results_path = (
+        quick_dir / "results.json"
+        if args.quick
+        else REPO_ROOT / "bench" / "results" / "driver-comparison.json"
+    )
+    if args.report_only:
+        results = Results.load(args.report_only)
+        write_page(page, results, catalogue(sizes))
+        print_summary(results, catalogue(sizes))
+        return 0
+    if os.geteuid() != 0:
+        print(
+            "python -m bench: run as root: it starts dockerd and mounts filesystems",
+            file=sys.stderr,
+        )
+        return 2
+
+    results = Results()
+    load_start = load_average()
+    if not args.quick:
+        load_start = wait_for_quiet_machine(args.max_load, args.max_wait)
+    results.meta.update(machine_info())
+    results.meta.update(
+        mode="quick" if args.quick else "full",
+        runs=sizes.runs,
+        snapshot_cycles=sizes.snapshot_cycles,
+        command="python -m bench "
+        + shlex.join(argv if argv is not None else sys.argv[1:]),
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="lcfs-bench-"))
+    try:
+        run(args, results, sizes, workdir)
+    finally:
+        results.meta["load"] = f"{load_start} / {load_average()}"
+        results.save(results_path)
+        from mounts import remove_tree
+
+        if results.notes:
+            log.warning(
+                "keeping %s for the daemons' logs, because a step failed", workdir
+            )
+        else:
+            remove_tree(workdir)
+    write_page(page, results, catalogue(sizes))
+    print(f"results: {results_path}\npage: {page}")
+    print_summary(results, catalogue(sizes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Paths, system probes and statistics shared by the benchmark modules.
+
+The dockerd, lcfs daemon, mount and root filesystem helpers live in tests/
+(dockerd.py, lcfs_daemon.py, mounts.py, rootfs.py, snapshotter_helpers.py).
+Importing this module puts tests/ on sys.path so the benchmarks drive the
+same daemons, in the same isolation, as the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TESTS_DIR = REPO_ROOT / "tests"
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Return the directory that keeps generated layer tars between runs."""
+    path = Path(os.environ.get("LCFS_BENCH_CACHE") or REPO_ROOT / ".cache" / "bench")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def drop_caches() -> None:
+    """Write back dirty pages, then drop the page, dentry and inode caches."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    time.sleep(0.5)
+
+
+def meminfo_kib(field: str = "Cached") -> int:
+    """Return one field of /proc/meminfo in KiB."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/meminfo has no {field} line")
+
+
+def process_status_kib(pid: int, field: str) -> int:
+    """Return a memory field of /proc/PID/status (VmRSS, VmHWM) in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/{pid}/status has no {field} line")
+
+
+def load_average() -> str:
+    """Return the 1, 5 and 15 minute load averages as text."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def wait_for_quiet_machine(limit: float, max_wait: float) -> str:
+    """Sleep until the 1-minute load average is below ``limit``, at most ``max_wait`` s.
+
+    Returns the load average seen when the wait ended.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        load = float(load_average().split()[0])
+        if load <= limit or time.monotonic() >= deadline:
+            return load_average()
+        log.info("load average %.2f is above %.2f; waiting before the run", load, limit)
+        time.sleep(30)
+
+
+_DD_SECONDS = re.compile(r"copied, ([0-9.e+-]+) s")
+
+
+def dd_seconds(stderr: str) -> float:
+    """Return the seconds that GNU dd reported for its copy on stderr."""
+    match = _DD_SECONDS.search(stderr)
+    if match is None:
+        raise RuntimeError(f"no timing in the output of dd: {stderr!r}")
+    return float(match.group(1))
+
+
+def command_version(command: list[str]) -> str:
+    """Return the first line a version command prints, or why it failed."""
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unavailable ({error})"
+    text = (result.stdout or result.stderr).strip().splitlines()
+    return text[0] if text else f"unavailable (exit {result.returncode})"
+
+
+@dataclass
+class Summary:
+    """The median of a list of samples and its spread."""
+
+    median: float
+    low: float
+    high: float
+    count: int
+
+
+def summarize(samples: list[float]) -> Summary | None:
+    """Return the median, minimum and maximum of ``samples``, or None if empty."""
+    if not samples:
+        return None
+    return Summary(statistics.median(samples), min(samples), max(samples), len(samples))
+
+
+class Stopwatch:
+    """A context manager that measures wall-clock seconds with perf_counter."""
+
+    def __enter__(self) -> Self:
+        self.started = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.seconds = time.perf_counter() - self.started

@@ -264,6 +264,23 @@ def _add_install_commands(commands) -> None:
     _add_root(uninstall)
     _add_log_level(uninstall, "info")
 
+    bundle = commands.add_parser(
+        "plugin-bundle",
+        help="build a managed Docker plugin (config.json and rootfs/) in OUTDIR",
+        description="Build the directory that 'docker plugin create NAME OUTDIR' "
+        "reads: Debian's Python 3.11 and libfuse3 from apt-get download, lcfs's "
+        "dependencies from pip, and lcfs itself, cut down to what the daemon "
+        "uses. Needs root, apt-get, dpkg-deb and binutils.",
+    )
+    bundle.add_argument("outdir", metavar="OUTDIR", help="directory to create")
+    bundle.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="keep the downloaded .deb files here and reuse them (default: "
+        "download into a temporary directory)",
+    )
+    _add_log_level(bundle, "info")
+
 
 def _add_root(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -425,6 +442,21 @@ def _run_uninstall(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_plugin_bundle(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lcfs import bundle
+
+    cache = Path(args.cache) if args.cache else None
+    try:
+        size = bundle.build_bundle(Path(args.outdir), cache)
+    except bundle.BundleError as error:
+        raise UserError(str(error)) from None
+    print(f"built {args.outdir}: rootfs {size / 2**20:.1f} MiB")
+    print(f"next: docker plugin create lcfs {args.outdir}")
+    return 0
+
+
 _COMMANDS = {
     "daemon": _run_daemon,
     "mkfs": _run_mkfs,
@@ -432,6 +464,7 @@ _COMMANDS = {
     "stats": _run_stats,
     "install": _run_install,
     "uninstall": _run_uninstall,
+    "plugin-bundle": _run_plugin_bundle,
 }
 
 

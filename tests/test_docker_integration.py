@@ -566,6 +566,93 @@ def test_daemon_start_with_many_layers(many_layers):
     assert statistics.median(times) < 1.0, times
 
 
+# --- managed (V2) plugin --------------------------------------------------------
+
+MANAGED_PLUGIN = "lcfs-managed-test"
+# Target for the bundle's root filesystem. LCFS's own managed plugin, built
+# on CentOS, put about 300 MB into the store.
+BUNDLE_LIMIT = 60 * MiB
+
+
+@pytest.fixture(scope="module")
+def plugin_bundle(tmp_path_factory) -> Path:
+    import rootfs
+
+    outdir = tmp_path_factory.mktemp("bundle") / "lcfs-plugin"
+    result = run_lcfs(
+        "plugin-bundle", str(outdir), "--cache", str(rootfs.cache_dir() / "plugin-debs")
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return outdir
+
+
+def test_plugin_bundle_is_small(plugin_bundle):
+    from lcfs.bundle import directory_size
+
+    size = directory_size(plugin_bundle / "rootfs")
+    log.info("plugin bundle rootfs: %.1f MiB", size / MiB)
+    assert size < BUNDLE_LIMIT, size
+
+
+def test_plugin_bundle_config(plugin_bundle):
+    config = json.loads((plugin_bundle / "config.json").read_text())
+    assert config["interface"] == {
+        "types": ["docker.graphdriver/1.0"],
+        "socket": "lcfs.sock",
+    }
+    assert config["linux"]["capabilities"] == ["CAP_SYS_ADMIN"]
+    assert config["linux"]["devices"] == [{"path": "/dev/fuse"}]
+    entrypoint = plugin_bundle / "rootfs" / config["entrypoint"][0].lstrip("/")
+    assert os.access(entrypoint, os.X_OK)
+    assert (plugin_bundle / "rootfs" / config["propagatedMount"].lstrip("/")).is_dir()
+
+
+@pytest.fixture
+def managed_docker(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("managed")
+    (workdir / "data").mkdir()
+    daemon = DockerDaemon(workdir / "dockerd", storage_driver="vfs")
+    yield daemon, workdir / "data"
+    daemon.stop()
+
+
+def test_managed_plugin_serves_dockerd(plugin_bundle, managed_docker, busybox_tar):
+    # dockerd needs a storage driver to create and enable a plugin, so it
+    # starts on vfs first and is then restarted with the plugin as driver.
+    setup, data = managed_docker
+    setup.start()
+    setup.docker("plugin", "create", MANAGED_PLUGIN, str(plugin_bundle))
+    setup.docker("plugin", "set", MANAGED_PLUGIN, f"data.source={data}")
+    setup.docker("plugin", "enable", MANAGED_PLUGIN)
+    assert stop_keeping_data(setup) == 0
+
+    driver = f"{MANAGED_PLUGIN}:latest"
+    docker = DockerDaemon(setup.workdir, storage_driver=driver)
+    docker.start()
+    try:
+        info = docker.docker("info", "--format", "{{.Driver}}").stdout.strip()
+        docker.docker("import", str(busybox_tar), BUSYBOX_IMAGE)
+        result = docker.docker(*RUN, "--rm", BUSYBOX_IMAGE, "cat", "/etc/group")
+        mounted = lcfs_mounts_under(docker.data_root / "plugins")
+        status = dict(json.loads(docker.docker(
+            "info", "--format", "{{json .DriverStatus}}"
+        ).stdout))  # fmt: skip
+    finally:
+        code = stop_keeping_data(docker)
+    assert info == driver
+    assert result.stdout.startswith("root:x:0:")
+    # The host sees the FUSE mount where dockerd maps the plugin's propagated
+    # mount, plugins/<id>/propagated-mount/<driver>. That directory is a
+    # shared mount stacked on itself, so the mount shows up once per peer.
+    points = {Path(point) for point in mounted}
+    assert [(p.parent.name, p.name) for p in points] == [("propagated-mount", driver)]
+    assert status["Layers"] == "1"
+    assert status["Docker Home"] == f"/mnt/lcfs/{driver}"
+    assert code == 0
+    assert lcfs_mounts_under(docker.data_root) == []
+    assert (data / "lcfs.img").is_file()
+
+
 # --- no leftovers ----------------------------------------------------------------
 
 BUILD_IMAGE = "lcfs-it/buildkit:1"

@@ -5,7 +5,10 @@ rename of a ``layerdb/tmp/write-set-*`` directory into
 ``layerdb/sha256/<chain id>``), so a crash in between leaves a layer no one
 names. A store layer is referenced when one of these names its id:
 
-* ``<root>/image/*/layerdb/sha256/*/cache-id`` (image layers),
+* ``<root>/image/*/layerdb/sha256/*/cache-id`` (image layers), except in a
+  directory named ``<chain id>-<random>-removing``. dockerd renames a layer's
+  directory to that name before it calls Remove and no longer loads it as a
+  layer, so a layer named only there is one that Docker is deleting,
 * ``<root>/image/*/layerdb/mounts/*/mount-id`` or ``init-id`` (containers),
 * any file of BuildKit's databases under ``<root>/buildkit`` (its own
   snapshots, found by searching the files for the id's bytes).
@@ -29,6 +32,10 @@ from lcfs.store.snapshots import is_snapshot_layer
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE = 3600.0
+
+# dockerd's layer store renames a layer directory with this suffix before it
+# calls the driver's Remove, and deletes it once Remove succeeds.
+REMOVING_SUFFIX = "-removing"
 
 
 @dataclass
@@ -88,7 +95,8 @@ def read_references(docker_root: str) -> References:
     for layerdb in layerdbs:
         sha = os.path.join(layerdb, "sha256")
         for name in _listdir(sha, refs):
-            _read_id(os.path.join(sha, name, "cache-id"), refs)
+            if not name.endswith(REMOVING_SUFFIX):
+                _read_id(os.path.join(sha, name, "cache-id"), refs)
         mounts = os.path.join(layerdb, "mounts")
         for name in _listdir(mounts, refs):
             _read_id(os.path.join(mounts, name, "mount-id"), refs)
@@ -181,7 +189,7 @@ def find_stale_files(store, docker_root: str | None, grace: float = DEFAULT_GRAC
         for layerdb in layerdb_dirs(docker_root):
             sha = os.path.join(layerdb, "sha256")
             for name in _safe_listdir(sha):
-                if name.endswith("-removing"):
+                if name.endswith(REMOVING_SUFFIX):
                     stale.append(StaleFile(os.path.join(sha, name), "layer directory left by an interrupted removal"))
             tmp = os.path.join(layerdb, "tmp")
             for name in _safe_listdir(tmp):

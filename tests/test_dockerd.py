@@ -296,9 +296,6 @@ def test_docker_diff_lists_changes(docker, changed_container):
 
 # NOTE: lcfs's Changes lists a changed entry and its parent directory, but
 # not the directories above that, which vfs and overlay2 list as modified.
-@pytest.mark.xfail(
-    strict=True, reason="Changes omits ancestor directories above the parent"
-)
 def test_docker_diff_lists_ancestors(docker, changed_container):
     listed = docker.docker("diff", changed_container).stdout.splitlines()
     assert ANCESTOR_CHANGES - set(listed) == set()

@@ -205,7 +205,6 @@ def test_xattrs_kept_up_the_chain(docker, lcfs, loaded):
 
 # NOTE: Docker's layer applier (pkg/archive UnpackLayer in dockerd 20.10)
 # creates a missing parent directory with mode 0600; lcfs uses 0755.
-@pytest.mark.xfail(strict=True, reason="lcfs creates missing parents with 0755")
 def test_missing_parents_created_like_docker(docker, vfs_docker, lcfs, loaded):
     ignore = {os.fsencode(path): {"mtime"} for path in CREATED_BY_APPLIER}
     found = compare_with_vfs(docker, vfs_docker, lcfs, loaded, ignore, layer=1)

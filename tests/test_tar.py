@@ -429,3 +429,29 @@ def test_commit_keeps_hard_links_of_changed_file(store):
     assert hard.nlink == 2
     etc = store.lookup(committed, ROOT_INO, b"etc")
     assert store.lookup(committed, etc.ino, b"hosts").ino == hard.ino
+
+
+def test_changes_list_every_ancestor_directory(store):
+    apply(store, "img", None, make_tar([
+        ("usr", DIR, {}), ("usr/share", DIR, {}), ("usr/share/doc", DIR, {}),
+        ("usr/share/doc/sed", DIR, {}), ("usr/share/doc/sed/README", REG, {"data": b"r"}),
+    ]))  # fmt: skip
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    usr = store.lookup(number, ROOT_INO, b"usr")
+    share = store.lookup(number, usr.ino, b"share")
+    doc = store.lookup(number, share.ino, b"doc")
+    store.rename(number, doc.ino, b"sed", doc.ino, b"sed-moved")
+    changes = dict(store.changes("ctr"))
+    assert changes["/usr"] == 0
+    assert changes["/usr/share"] == 0
+    assert changes["/usr/share/doc"] == 0
+    assert changes["/usr/share/doc/sed"] == 2
+    assert changes["/usr/share/doc/sed-moved"] == 1
+
+
+def test_missing_parents_made_like_docker(store):
+    apply(store, "img", None, make_tar([("np/one/file", REG, {"data": b"x"})]))
+    number = store.get_layer("img").number
+    np_dir = store.lookup(number, ROOT_INO, b"np")
+    assert stat.S_IMODE(np_dir.mode) == 0o600

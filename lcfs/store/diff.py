@@ -159,6 +159,28 @@ class DiffPlan:
         for path, inode in subtrees:
             self._add_subtree(path, inode)
         self._add_other_links()
+        self._add_ancestors()
+
+    def _add_ancestors(self) -> None:
+        """List every directory above a change as modified, as Docker's own
+        change walk does, so that a commit keeps the directories' metadata."""
+        store, number = self.store, self.number
+        for path in list(self.items):
+            parts = path.split(b"/")
+            for depth in range(2, len(parts)):
+                ancestor = b"/".join(parts[:depth])
+                if ancestor in self.items:
+                    continue
+                ino = ROOT_INO
+                try:
+                    for part in parts[1:depth]:
+                        found = store._entry(number, store._dir(number, ino), part)
+                        if found is None:
+                            raise errors.NotFound(part)
+                        ino = found[0]
+                except errors.StoreError:
+                    break
+                self._add(ancestor, ino)
 
     def _add_other_links(self) -> None:
         """Add every other name of a changed file that has several hard links.

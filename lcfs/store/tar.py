@@ -334,7 +334,8 @@ class _Applier:
                 return None
             if found is not None:
                 self._remove(dir_inode, part)
-            ino = store._create(number, ino, part, stat.S_IFDIR | 0o755, 0, 0).ino
+            # Docker's applier makes missing parent directories with mode 0600.
+            ino = store._create(number, ino, part, stat.S_IFDIR | 0o600, 0, 0).ino
         return ino
 
     def _whiteout(self, parts: list[bytes]) -> None:

@@ -109,15 +109,6 @@ def big_commit(docker, lcfs, busybox_image) -> dict:
     return figures
 
 
-# NOTE: dockerd streams Diff into ApplyDiff (moby's CommitImage registers the
-# layer from the Diff response body while it is still arriving), and the
-# store takes a file by reference only from the layer whose Diff has ended,
-# so with real dockerd every commit copies its data.
-@pytest.mark.xfail(
-    strict=True,
-    reason="the store maps blocks only from a Diff that has finished, and "
-    "dockerd's commit applies the Diff while it still streams",
-)
 def test_commit_adds_under_one_percent(big_commit):
     growth = big_commit["growth_bytes"]
     assert growth < BIG_FILE_MIB * MiB // 100, f"commit grew the device by {growth} bytes"

@@ -636,16 +636,6 @@ def test_no_orphans_after_crashes(docker, lcfs):
     assert orphans == []
 
 
-# NOTE: the daemon replies "not found" to a Remove of a layer that its
-# recovery has already removed. dockerd's shutdown keeps the `-removing`
-# directory of any layer whose Remove fails, so an rmi cut short by a
-# daemon kill leaves that directory for lcfs-fsck to delete. Docker's vfs
-# driver removes with RemoveAll, which succeeds when the layer is gone.
-@pytest.mark.xfail(
-    strict=True,
-    reason="Remove of a layer that recovery removed fails, so dockerd keeps "
-    "its -removing directory",
-)
 def test_shutdown_leaves_no_removing_dirs():
     if "removing" not in leftovers:
         pytest.skip("test_no_orphans_after_crashes did not run")

@@ -272,6 +272,9 @@ class GraphDriverPlugin:
         return {}
 
     def _remove_layer(self, layer_id: str) -> None:
+        if self.store.was_recovered(layer_id):
+            log.info("layer %s was already removed by crash recovery", layer_id)
+            return
         self.store.remove_layer(layer_id)
         self.store.commit()
         self.mounts.notify_layer_removed(layer_id)

@@ -208,6 +208,10 @@ class TarMixin:
         with self.lock:
             plan = DiffPlan(self, self.get_layer(layer_id))
             entries = plan.entries()
+            # dockerd's commit applies this tar while it still streams, so the
+            # layer becomes the source for references as soon as Diff starts;
+            # ApplyDiff compares every byte with it before mapping anything.
+            self._last_diff = plan.number
         written: dict[int, str] = {}
         layer = plan.number
         for path, kind, ino in entries:
@@ -222,7 +226,6 @@ class TarMixin:
                 yield from self._file_chunks(layer, inode.ino, member.size)
         # The end-of-archive marker: two zero blocks.
         yield bytes(2 * tarfile.BLOCKSIZE)
-        self._last_diff = layer
 
     def _file_chunks(self, layer: int, ino: int, size: int):
         """Yield ``size`` bytes of a file and the padding to the next tar block.

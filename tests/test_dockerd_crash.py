@@ -84,10 +84,11 @@ KILL_ATTEMPTS = 3
 DETACH_TIMEOUT = 10
 # The commit test's container writes this much random data. The commit's
 # ApplyDiff compares all of it with the container's layer before it maps
-# the blocks, which takes about two seconds.
+# the blocks, which took 2 to 3 s on a 2-core test machine.
 COMMIT_DATA_MIB = 256
 # Files in each upper layer of the image that `docker rmi` removes. Removing
-# one such layer takes about 0.1 s, the window for the kill.
+# one such layer took about 0.1 s on a 2-core test machine, the window for
+# the kill.
 FILES_PER_LAYER = 4000
 UPPER_LAYERS = 3
 # Seconds between the daemon logging a Remove request and the kill, so that

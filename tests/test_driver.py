@@ -367,9 +367,26 @@ def test_init_rejects_options(daemon, tmp_path):
     assert "relative/home" in message
 
 
-def test_home_mount_follows_init(home_daemon, tmp_path):
+@pytest.fixture
+def docker_root_bind(tmp_path):
+    """Bind-mount a Docker root over itself, as dockerd does when it starts."""
+    root = tmp_path / "docker"
+    root.mkdir(exist_ok=True)
+    mounted = []
+
+    def bind():
+        subprocess.run(["mount", "--bind", str(root), str(root)], check=True)
+        mounted.append(root)
+
+    yield bind
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_home_mount_follows_init(home_daemon, tmp_path, docker_root_bind):
     client = home_daemon.client
     home = tmp_path / "docker" / "lcfs"
+    docker_root_bind()
     client.ok("GraphDriver.Create", {"ID": "base"})
     assert client.status_pairs()["Mount Path"] == "not mounted"
     assert "not mounted" in client.err("GraphDriver.Get", {"ID": "base"})
@@ -398,6 +415,34 @@ def test_home_mount_follows_init(home_daemon, tmp_path):
 
     assert home_daemon.stop() == 0
     assert mount_type(home) is None
+
+
+def test_restart_without_dockerd_waits_for_init(home_daemon, tmp_path, docker_root_bind):
+    client = home_daemon.client
+    home = tmp_path / "docker" / "lcfs"
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    client.ok("GraphDriver.Init", {"Home": str(home)})
+    client.ok("GraphDriver.Cleanup", {})
+    home_daemon.restart()
+    # Docker's root is no mount point, so dockerd is not running: a mount
+    # made now would be hidden by the bind mount dockerd makes at start.
+    assert mount_type(home) is None
+    docker_root_bind()
+    client.ok("GraphDriver.Init", {"Home": str(home)})
+    assert mount_type(home) == "fuse.lcfs"
+    assert (home / "base").is_dir()
+
+
+def test_init_remounts_hidden_home(home_daemon, tmp_path, docker_root_bind):
+    client = home_daemon.client
+    home = tmp_path / "docker" / "lcfs"
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    client.ok("GraphDriver.Init", {"Home": str(home)})
+    assert (home / "base").is_dir()
+    docker_root_bind()  # hides the mount below it
+    assert not (home / "base").exists()
+    client.ok("GraphDriver.Init", {"Home": str(home)})
+    assert (home / "base").is_dir()
 
 
 # -- layers ----------------------------------------------------------------

@@ -116,6 +116,8 @@ class Checker(LayerChecks, BlockChecks):
         self.progress = progress
         self.interrupted = interrupted
         self.problems: list[dict] = []
+        # Tree walks per layer, reused by later phases until a fix changes the store.
+        self._walks: dict[int, tuple[dict, dict]] = {}
         self.phase = ""
         self.docker_root: str | None = None
         self.grace = 3600.0
@@ -134,6 +136,8 @@ class Checker(LayerChecks, BlockChecks):
         the later phases.
         """
         entry = {"phase": self.phase, "problem": message, "repaired": False, "action": ""}
+        if fix is not None and (self.repair or always):
+            self._walks.clear()
         if self.repair and fix is not None:
             try:
                 self.store._write(fix)
@@ -313,6 +317,12 @@ class Checker(LayerChecks, BlockChecks):
 
     def _walk_names(self, number: int) -> tuple[dict, dict[int, list[tuple[int, bytes]]]]:
         """Walk a layer's tree; return the name counts and the (directory, name) of every subdirectory."""
+        if number in self._walks:
+            return self._walks[number]
+        self._walks[number] = result = self._walk_tree(number)
+        return result
+
+    def _walk_tree(self, number: int) -> tuple[dict, dict[int, list[tuple[int, bytes]]]]:
         store = self.store
         counts: dict = {}
         places: dict[int, list[tuple[int, bytes]]] = {}

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from lcfs.fuse.mount import FSTYPE, FuseServer, find_mount
 from lcfs.fuse.settings import FuseSettings
 from lcfs.fuse.stats import RequestStats
+from lcfs.fuse.watchdog import unescape_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,40 @@ def detach_stale_mount(path: str) -> None:
         )
 
 
+def _mount_table() -> list[tuple[str, str]]:
+    """Return (mount point, filesystem type) of every mount, in the order mounted."""
+    table = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            separator = fields.index("-")
+            table.append((unescape_mountinfo(fields[4]), fields[separator + 1]))
+    return table
+
+
+def is_mount_point(path: str) -> bool:
+    path = os.path.abspath(path)
+    return any(point == path for point, _ in _mount_table())
+
+
+def is_hidden(path: str) -> bool:
+    """Return True if the lcfs mount at ``path`` is covered by a later mount.
+
+    dockerd bind-mounts its data root over itself at start when the root is
+    not a mount point already; an lcfs mount made below it before that is
+    hidden from every process, dockerd and runc included.
+    """
+    path = os.path.abspath(path)
+    table = _mount_table()
+    ours = [i for i, (point, fstype) in enumerate(table) if point == path and fstype == FSTYPE]
+    if not ours:
+        return False
+    for point, _ in table[ours[-1] + 1 :]:
+        if point == path or path.startswith(point.rstrip("/") + "/"):
+            return True
+    return False
+
+
 class MountManager:
     """Mounts the store's FUSE filesystem at the fixed mount point or Docker's Home."""
 
@@ -99,14 +134,34 @@ class MountManager:
             if self._fixed is not None:
                 self._mount(self._fixed)
             elif stored_home:
+                docker_root = os.path.dirname(os.path.abspath(stored_home))
+                if not is_mount_point(docker_root):
+                    # dockerd is not running: its start would bind-mount its
+                    # root over itself and hide a mount made now.
+                    log.info(
+                        "not mounting at Docker's Home %s until Init: %s is not "
+                        "mounted yet, so dockerd is not running",
+                        stored_home,
+                        docker_root,
+                    )
+                    return
                 log.info("mounting at Docker's Home %s recorded by Init", stored_home)
                 self._mount(stored_home)
 
     def init(self, home: str) -> None:
         """Mount at ``home`` unless a fixed mount point is in use."""
         with self._lock:
-            if self._fixed is not None or self._mountpoint == home:
+            if self._fixed is not None:
                 return
+            if self._mountpoint == home:
+                if not is_hidden(home):
+                    return
+                log.warning(
+                    "the lcfs mount at %s is hidden by a mount made over Docker's "
+                    "root after it; mounting again",
+                    home,
+                )
+                self._unmount()
             if self._mountpoint is not None:
                 log.info("Home moved from %s to %s", self._mountpoint, home)
                 self._unmount()

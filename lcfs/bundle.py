@@ -108,7 +108,9 @@ class BundleError(Exception):
 
 def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     log.debug("running %s", " ".join(command))
-    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=False, **kwargs
+    )
     if result.returncode != 0:
         raise BundleError(
             f"{' '.join(command)} failed with exit code {result.returncode}: "
@@ -118,13 +120,20 @@ def _run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def _require_tools() -> None:
-    for tool, package in (("apt-get", "apt"), ("dpkg-deb", "dpkg"), ("readelf", "binutils"),
-                          ("strip", "binutils"), ("ldconfig", "libc-bin"),
-                          ("chroot", "coreutils")):  # fmt: skip
+    for tool, package in (
+        ("apt-get", "apt"),
+        ("dpkg-deb", "dpkg"),
+        ("readelf", "binutils"),
+        ("strip", "binutils"),
+        ("ldconfig", "libc-bin"),
+        ("chroot", "coreutils"),
+    ):
         if shutil.which(tool) is None:
             raise BundleError(f"{tool} is not installed: install the {package} package")
     if os.geteuid() != 0:
-        raise BundleError("building the bundle needs root: it runs the bundle's Python under chroot")
+        raise BundleError(
+            "building the bundle needs root: it runs the bundle's Python under chroot"
+        )
 
 
 def download_packages(cache: Path) -> list[Path]:
@@ -166,12 +175,28 @@ def install_python_packages(rootfs: Path) -> None:
         try:
             requirements.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
-            raise BundleError(f"{name} is not installed here: run pip install -e .") from None
-    _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile",
-          "--root-user-action=ignore", "--target", str(target), *requirements])  # fmt: skip
+            raise BundleError(
+                f"{name} is not installed here: run pip install -e ."
+            ) from None
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-compile",
+            "--root-user-action=ignore",
+            "--target",
+            str(target),
+            *requirements,
+        ]
+    )
     shutil.rmtree(target / "bin", ignore_errors=True)
     package_dir = Path(__file__).resolve().parent
-    shutil.copytree(package_dir, target / "lcfs", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        package_dir, target / "lcfs", ignore=shutil.ignore_patterns("__pycache__")
+    )
 
 
 def _remove(path: Path) -> None:
@@ -212,8 +237,11 @@ def _is_elf(path: Path) -> bool:
 
 def _needed(path: Path) -> list[str]:
     output = _run(["readelf", "--dynamic", str(path)]).stdout
-    return [line.split("[", 1)[1].split("]", 1)[0]
-            for line in output.splitlines() if "(NEEDED)" in line]  # fmt: skip
+    return [
+        line.split("[", 1)[1].split("]", 1)[0]
+        for line in output.splitlines()
+        if "(NEEDED)" in line
+    ]
 
 
 def check_libraries(rootfs: Path) -> list[str]:
@@ -249,10 +277,22 @@ def check_libraries(rootfs: Path) -> list[str]:
 def compile_and_check(rootfs: Path) -> None:
     """Build the library cache and bytecode, then import the daemon with the bundle's Python."""
     _run(["ldconfig", "-r", str(rootfs)])
-    _run(["chroot", str(rootfs), PYTHON, "-m", "compileall", "-q",
-          "/" + STDLIB, "/" + SITE_PACKAGES])  # fmt: skip
-    check = ("import lcfs.cli, lcfs.driver.daemon, pyfuse3, lmdb, aiohttp, trio; "
-             "print(pyfuse3.__version__)")  # fmt: skip
+    _run(
+        [
+            "chroot",
+            str(rootfs),
+            PYTHON,
+            "-m",
+            "compileall",
+            "-q",
+            "/" + STDLIB,
+            "/" + SITE_PACKAGES,
+        ]
+    )
+    check = (
+        "import lcfs.cli, lcfs.driver.daemon, pyfuse3, lmdb, aiohttp, trio; "
+        "print(pyfuse3.__version__)"
+    )
     _run(["chroot", str(rootfs), PYTHON, "-I", "-c", check])
 
 
@@ -260,9 +300,16 @@ def plugin_config() -> dict:
     """Return the plugin's config.json (Docker's plugin config version 1)."""
     return {
         "description": "lcfs: copy-on-write layer store, as a graphdriver",
-        "entrypoint": [PYTHON, "-m", "lcfs.cli", "daemon",
-                       "--socket", f"/run/docker/plugins/{PLUGIN_SOCKET}",
-                       "--device", f"{DATA_DIR}/lcfs.img"],  # fmt: skip
+        "entrypoint": [
+            PYTHON,
+            "-m",
+            "lcfs.cli",
+            "daemon",
+            "--socket",
+            f"/run/docker/plugins/{PLUGIN_SOCKET}",
+            "--device",
+            f"{DATA_DIR}/lcfs.img",
+        ],
         "workdir": "/",
         "interface": {"types": ["docker.graphdriver/1.0"], "socket": PLUGIN_SOCKET},
         "network": {"type": "none"},
@@ -305,7 +352,9 @@ def build_bundle(outdir: Path, cache: Path | None = None) -> int:
     """Build the plugin bundle in ``outdir`` (which must not exist); return rootfs bytes."""
     _require_tools()
     if outdir.exists():
-        raise BundleError(f"{outdir} exists already; remove it or name another directory")
+        raise BundleError(
+            f"{outdir} exists already; remove it or name another directory"
+        )
     outdir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".lcfs-bundle-", dir=outdir.parent))
     try:
@@ -316,10 +365,19 @@ def build_bundle(outdir: Path, cache: Path | None = None) -> int:
         install_python_packages(rootfs)
         prune(rootfs)
         removed = check_libraries(rootfs)
-        log.info("left out stdlib extensions whose libraries are not bundled: %s",
-                 ", ".join(removed) or "none")  # fmt: skip
-        for directory in ("dev", "proc", "sys", "tmp", "run/docker/plugins",
-                          DATA_DIR.lstrip("/"), PROPAGATED_MOUNT.lstrip("/")):  # fmt: skip
+        log.info(
+            "left out stdlib extensions whose libraries are not bundled: %s",
+            ", ".join(removed) or "none",
+        )
+        for directory in (
+            "dev",
+            "proc",
+            "sys",
+            "tmp",
+            "run/docker/plugins",
+            DATA_DIR.lstrip("/"),
+            PROPAGATED_MOUNT.lstrip("/"),
+        ):
             (rootfs / directory).mkdir(parents=True, exist_ok=True)
         os.chmod(rootfs / "tmp", 0o1777)
         compile_and_check(rootfs)

@@ -218,9 +218,7 @@ def _add_install_commands(commands) -> None:
         default=DEFAULT_SOCKET,
         help="plugin socket; the spec file is named after it (default %(default)s)",
     )
-    install.add_argument(
-        "--mountpoint", help="passed on to 'lcfs daemon --mountpoint'"
-    )
+    install.add_argument("--mountpoint", help="passed on to 'lcfs daemon --mountpoint'")
     install.add_argument(
         "--docker-root", help="passed on to 'lcfs daemon --docker-root'"
     )
@@ -424,7 +422,9 @@ def _run_install(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     if args.root == "/":
-        print(f"next: systemctl daemon-reload && systemctl enable --now {install.UNIT_NAME}")
+        print(
+            f"next: systemctl daemon-reload && systemctl enable --now {install.UNIT_NAME}"
+        )
     return 0
 
 

@@ -39,8 +39,10 @@ MANIFEST_PATH = "/var/lib/lcfs/install.json"
 # dockerd's own unit; lcfs must be serving before it starts and stop after it.
 DOCKER_UNIT = "docker.service"
 # systemctl enable makes these links; their presence means the unit is enabled.
-WANTS_DIRS = (f"/etc/systemd/system/{DOCKER_UNIT}.wants",
-              "/etc/systemd/system/multi-user.target.wants")  # fmt: skip
+WANTS_DIRS = (
+    f"/etc/systemd/system/{DOCKER_UNIT}.wants",
+    "/etc/systemd/system/multi-user.target.wants",
+)
 # Seconds systemd waits after SIGTERM before SIGKILL. The daemon waits up
 # to its --stop-timeout (30 s by default) for requests in flight first.
 STOP_TIMEOUT_MARGIN = 30
@@ -66,14 +68,26 @@ class ServiceConfig:
 
     def exec_start(self) -> str:
         """Return the unit's ExecStart command line."""
-        args = [*self.command, "daemon", "--device", self.device, "--socket", self.socket]
+        args = [
+            *self.command,
+            "daemon",
+            "--device",
+            self.device,
+            "--socket",
+            self.socket,
+        ]
         if self.size is not None:
             args += ["--size", str(self.size)]
         if self.mountpoint:
             args += ["--mountpoint", self.mountpoint]
         if self.docker_root:
             args += ["--docker-root", self.docker_root]
-        args += ["--stop-timeout", f"{self.stop_timeout:g}", "--log-level", self.log_level]
+        args += [
+            "--stop-timeout",
+            f"{self.stop_timeout:g}",
+            "--log-level",
+            self.log_level,
+        ]
         args += self.extra_args
         return shlex.join(args)
 
@@ -196,9 +210,13 @@ def uninstall(root: str = "/") -> tuple[list[Path], list[Path]]:
     try:
         record = json.loads(manifest.read_text())
     except FileNotFoundError:
-        raise InstallError(f"lcfs is not installed: {manifest} does not exist") from None
+        raise InstallError(
+            f"lcfs is not installed: {manifest} does not exist"
+        ) from None
     except (OSError, ValueError) as error:
-        raise InstallError(f"cannot read the install manifest {manifest}: {error}") from None
+        raise InstallError(
+            f"cannot read the install manifest {manifest}: {error}"
+        ) from None
     links = _enabled_links(root)
     if links:
         raise InstallError(
@@ -214,7 +232,9 @@ def uninstall(root: str = "/") -> tuple[list[Path], list[Path]]:
             log.info("%s is gone already", target)
             continue
         if _sha256(content) != digest:
-            log.warning("keeping %s: it was changed after lcfs install wrote it", target)
+            log.warning(
+                "keeping %s: it was changed after lcfs install wrote it", target
+            )
             changed.append(target)
             continue
         target.unlink()

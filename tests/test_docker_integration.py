@@ -63,7 +63,12 @@ def container_layers(docker: DockerDaemon, container: str) -> tuple[str, str]:
     """Return the driver's (layer id, init layer id) of a container."""
     full_id = docker.docker("inspect", "--format", "{{.Id}}", container).stdout.strip()
     record = (
-        docker.data_root / "image" / docker.storage_driver / "layerdb" / "mounts" / full_id
+        docker.data_root
+        / "image"
+        / docker.storage_driver
+        / "layerdb"
+        / "mounts"
+        / full_id
     )
     mount_id = (record / "mount-id").read_text().strip()
     init_id = (record / "init-id").read_text().strip()
@@ -91,7 +96,9 @@ def big_commit(docker, lcfs, busybox_image) -> dict:
         " && sha256sum /big | cut -d' ' -f1"
     )
     started = time.monotonic()
-    result = docker.docker(*RUN, "--name", BIG_CONTAINER, busybox_image, "sh", "-c", write)
+    result = docker.docker(
+        *RUN, "--name", BIG_CONTAINER, busybox_image, "sh", "-c", write
+    )
     write_seconds = time.monotonic() - started
     before = data_used(lcfs)
     started = time.monotonic()
@@ -111,10 +118,12 @@ def big_commit(docker, lcfs, busybox_image) -> dict:
 
 def test_commit_adds_under_one_percent(big_commit):
     growth = big_commit["growth_bytes"]
-    assert growth < BIG_FILE_MIB * MiB // 100, f"commit grew the device by {growth} bytes"
+    assert growth < BIG_FILE_MIB * MiB // 100, (
+        f"commit grew the device by {growth} bytes"
+    )
 
 
-def test_commit_time_recorded(big_commit):
+def test_commit_time_under_a_minute(big_commit):
     # A commit reads the 1 GiB twice (Diff and the comparison in ApplyDiff);
     # a minute is far above what it takes on two cores.
     assert big_commit["commit_seconds"] < 60, big_commit
@@ -231,7 +240,9 @@ def write_many_files_tar(path: Path, busybox_tree: Path, count: int) -> Path:
 def change_script() -> str:
     """A script that appends to CHANGED_FILES files spread over the first directory."""
     step = FILES_PER_DIRECTORY // CHANGED_FILES
-    paths = " ".join(f"/data/d000/f{n:03d}" for n in range(0, FILES_PER_DIRECTORY, step))
+    paths = " ".join(
+        f"/data/d000/f{n:03d}" for n in range(0, FILES_PER_DIRECTORY, step)
+    )
     return f"for f in {paths}; do echo changed >> $f; done"
 
 
@@ -248,10 +259,19 @@ def time_call(function, rounds: int = TIMING_ROUNDS) -> float:
 def plugin_stream(lcfs: LcfsDaemon, name: str, payload: dict) -> bytes:
     """Send a plugin call whose reply is a raw stream (Diff) and return the body."""
     status, body = unix_http(
-        lcfs.socket_path, "POST", f"/{name}", json.dumps(payload).encode(), PLUGIN_HEADERS
+        lcfs.socket_path,
+        "POST",
+        f"/{name}",
+        json.dumps(payload).encode(),
+        PLUGIN_HEADERS,
     )
     assert status == 200, body[:300]
     return body
+
+
+def tar_member_names(data: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        return sorted(archive.getnames())
 
 
 def measure_diff_calls(docker, lcfs, tmp_path, busybox_tree, count: int) -> dict:
@@ -278,9 +298,7 @@ def measure_diff_calls(docker, lcfs, tmp_path, busybox_tree, count: int) -> dict
         "diff": time_call(lambda: plugin_stream(lcfs, "GraphDriver.Diff", request)),
         "docker_diff": time_call(lambda: docker.docker("diff", container)),
         "changed_paths": sorted(change["Path"] for change in changes),
-        "diff_members": sorted(
-            member.name for member in tarfile.open(fileobj=io.BytesIO(diff))
-        ),
+        "diff_members": tar_member_names(diff),
     }
     docker.docker("rm", container)
 
@@ -412,7 +430,9 @@ def test_install_writes_unit_and_spec(tmp_path):
         "--stop-timeout 30 --log-level info"
     ) in lines
     assert spec == "unix:///run/docker/plugins/lcfs.sock\n"
-    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    written = sorted(
+        str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()
+    )
     assert written == [
         "etc/docker/plugins/lcfs.spec",
         "etc/systemd/system/lcfs.service",
@@ -428,7 +448,10 @@ def test_install_unit_passes_systemd_analyze(tmp_path):
     assert run_lcfs("install", "--root", str(tmp_path)).returncode == 0
     unit = tmp_path / "etc/systemd/system/lcfs.service"
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "lcfs.service" not in result.stderr, result.stderr
@@ -489,7 +512,13 @@ def build_many_layers(device: Path, home: Path) -> None:
                 layer_id = hashlib.sha256(f"{chain}/{depth}".encode()).hexdigest()
                 layer = store.create_layer(layer_id, parent)
                 attr = store.mknod(
-                    layer.number, 1, f"file{depth}".encode(), stat.S_IFREG | 0o644, 0, 0, 0
+                    layer.number,
+                    1,
+                    f"file{depth}".encode(),
+                    stat.S_IFREG | 0o644,
+                    0,
+                    0,
+                    0,
                 )
                 store.write(layer.number, attr.ino, 0, b"layer %d\n" % depth)
                 record = layerdb / hashlib.sha256(layer_id.encode()).hexdigest()
@@ -560,8 +589,7 @@ def test_daemon_start_with_many_layers(many_layers):
 # --- managed (V2) plugin --------------------------------------------------------
 
 MANAGED_PLUGIN = "lcfs-managed-test"
-# Target for the bundle's root filesystem. LCFS's own managed plugin, built
-# on CentOS, put about 300 MB into the store.
+# Upper bound for the bundle's root filesystem.
 BUNDLE_LIMIT = 60 * MiB
 
 
@@ -632,8 +660,8 @@ def test_managed_plugin_serves_dockerd(plugin_bundle, managed_docker, busybox_ta
         code = stop_keeping_data(docker)
     assert info == driver
     assert result.stdout.startswith("root:x:0:")
-    # The host sees the FUSE mount where dockerd maps the plugin's propagated
-    # mount, plugins/<id>/propagated-mount/<driver>. That directory is a
+    # The FUSE mount appears on the host where dockerd maps the plugin's
+    # propagated mount, plugins/<id>/propagated-mount/<driver>. That directory is a
     # shared mount stacked on itself, so the mount shows up once per peer.
     points = {Path(point) for point in mounted}
     assert [(p.parent.name, p.name) for p in points] == [("propagated-mount", driver)]
@@ -757,12 +785,14 @@ def unexpected_docker_files(docker: DockerDaemon) -> list[str]:
     return [path for path in left if not any(fnmatch(path, p) for p in patterns)]
 
 
-def kill_dockerd_during_import(docker: DockerDaemon, lcfs: LcfsDaemon, tar: Path) -> None:
+def kill_dockerd_during_import(
+    docker: DockerDaemon, lcfs: LcfsDaemon, tar: Path
+) -> None:
     """SIGKILL dockerd while it imports ``tar``, once the import has written data.
 
-    dockerd dies between the driver's ApplyDiff and the rename that names the
-    layer in its layer store, so it leaves a driver layer that nothing
-    references and a layerdb/tmp/write-set-* directory.
+    dockerd dies before the rename that names the layer in its layer store,
+    so it leaves a driver layer that nothing references and a
+    layerdb/tmp/write-set-* directory.
     """
     before = data_used(lcfs)
     importer = subprocess.Popen(
@@ -777,13 +807,15 @@ def kill_dockerd_during_import(docker: DockerDaemon, lcfs: LcfsDaemon, tar: Path
             assert importer.poll() is None, "the import ended before the kill"
             assert time.monotonic() < deadline, "the import wrote too little in 120 s"
             time.sleep(0.05)
-        containerd = int((docker.exec_root / "containerd" / "containerd.pid").read_text())
+        containerd = int(
+            (docker.exec_root / "containerd" / "containerd.pid").read_text()
+        )
         docker.process.kill()
         docker.process.wait()
     finally:
         importer.wait(timeout=120)
     # The containerd that the killed dockerd started keeps running, and a new
-    # dockerd waits in vain for it to answer, so it is stopped here.
+    # dockerd times out waiting for it, so it is stopped here.
     os.kill(containerd, signal.SIGTERM)
     deadline = time.monotonic() + 30
     while Path(f"/proc/{containerd}").exists():
@@ -802,7 +834,9 @@ def test_remove_everything_leaves_nothing(
     assert status[DATA_USED] == initial_status[DATA_USED], status
     assert os.listdir(docker.driver_home) == []
     assert unexpected_docker_files(docker) == []
-    repositories = docker.data_root / "image" / docker.storage_driver / "repositories.json"
+    repositories = (
+        docker.data_root / "image" / docker.storage_driver / "repositories.json"
+    )
     assert json.loads(repositories.read_text()) == {"Repositories": {}}
 
     # A dockerd killed during an import leaves a layer and a write-set
@@ -824,9 +858,14 @@ def test_remove_everything_leaves_nothing(
 
     fsck = [fsck_command(), "--docker-root", str(docker.data_root), "--grace", "0"]
     repair = subprocess.run(
-        [*fsck, "--repair", "--yes", str(lcfs.device)], capture_output=True, text=True
+        [*fsck, "--repair", "--yes", str(lcfs.device)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    check = subprocess.run([*fsck, str(lcfs.device)], capture_output=True, text=True)
+    check = subprocess.run(
+        [*fsck, str(lcfs.device)], capture_output=True, text=True, check=False
+    )
     assert repair.returncode == 1, repair.stdout + repair.stderr
     assert "is an orphan" in repair.stderr
     assert "write-set-" in repair.stderr

@@ -6,6 +6,7 @@ reported in one line on stderr.
 """
 
 import argparse
+import os
 import json
 import logging
 import math
@@ -485,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     user_errors = _user_error_types()
     try:
         return _COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # The reader of our output went away (``lcfs stats --json | head``).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except user_errors as error:
         log.debug("lcfs %s failed", args.command, exc_info=True)
         print(f"lcfs {args.command}: error: {error}", file=sys.stderr)

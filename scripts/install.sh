@@ -41,7 +41,7 @@ if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
 fi
 
 mkdir -p "$(dirname "$socket")" "$(dirname "$log")"
-setsid -f lcfs daemon --socket "$socket" --pid-file "$pid_file" \
+setsid -f "$prefix/bin/lcfs" daemon --socket "$socket" --pid-file "$pid_file" \
     </dev/null >>"$log" 2>&1
 
 for _ in $(seq 1 150); do

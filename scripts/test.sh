@@ -22,7 +22,9 @@ fi
     fuse3 libfuse3-dev pkg-config build-essential \
     docker.io busybox-static debootstrap \
     containerd runc golang-go golang-github-containerd-containerd-dev
-python3 -m pip install --quiet --root-user-action=ignore -e '.[test]'
+# Debian's own python3 is marked externally managed; the tests need lcfs
+# importable by the same interpreter that runs pytest.
+PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --root-user-action=ignore -e '.[test]'
 
 if ! grep -qw fuse /proc/filesystems; then
     modprobe fuse

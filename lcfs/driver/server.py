@@ -267,6 +267,10 @@ class GraphDriverPlugin:
 
     async def remove(self, args: dict) -> dict:
         layer_id = _string_field(args, "ID")
+        if not layer_id:
+            # dockerd 20.10 retries a call with what is left of its body, so a
+            # Remove cut off by a daemon restart arrives empty.
+            raise RequestError("invalid Remove request: the layer ID is missing")
         await self._run(self._remove_layer, layer_id)
         log.debug("removed layer %s", layer_id)
         return {}

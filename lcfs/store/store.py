@@ -227,7 +227,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise errors.NotFound(
-                f"{path} does not exist; create it with 'lcfs mkfs {path}'"
+                f"{path} does not exist; create it with 'lcfs mkfs --size SIZE {path}'"
             ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -414,11 +414,11 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
 
     @read_op
     def statfs(self) -> StatFs:
-        next_ino = U64.unpack(self._txn.get(b"next_ino", db=self.dbs["meta"]))[0]
+        used = self._txn.stat(self.dbs["inodes"])["entries"]
         # Inode numbers are 64-bit; report a large fixed total that stays above them.
         files = 1 << 63
         free = self.alloc.free_blocks + self.alloc.pending_blocks
-        return StatFs(BLOCK_SIZE, self.data_blocks, free, files, max(files - next_ino, 0))
+        return StatFs(BLOCK_SIZE, self.data_blocks, free, files, files - used)
 
     # -- layers ----------------------------------------------------------------
 
@@ -430,7 +430,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     @read_op
     def get_layer(self, layer_id: str) -> Layer:
         number = self._ids.get(layer_id)
-        if number is None:
+        if number is None or self._layers[number].state != "ready":
             raise errors.LayerNotFound(f"layer {layer_id} not found")
         return self._layers[number]
 
@@ -514,7 +514,12 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._ancestors.pop(layer.number, None)
 
     def remove_layer(self, layer_id: str) -> None:
-        """Remove a layer and return all of its space; atomic through the journal."""
+        """Remove a layer and return all of its space; atomic through the journal.
+
+        The store lock is released between the batches that free the layer's
+        records, so other layers stay usable during a long removal; the layer
+        itself counts as gone from the moment it is marked.
+        """
         with self.lock:
             layer = self.get_layer(layer_id)
             kids = self._children.get(layer.number)
@@ -525,12 +530,13 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 )
             self._mark_removing(layer)
             self.commit()
-            crash_point("remove.marked")
-            self._purge(layer.number)
-            crash_point("remove.dropping")
+        crash_point("remove.marked")
+        self._purge(layer.number)
+        crash_point("remove.dropping")
+        with self.lock:
             self._drop_layer(layer)
             self.commit()
-            log.info("removed layer %s (number %d)", layer_id, layer.number)
+        log.info("removed layer %s (number %d)", layer_id, layer.number)
 
     @write_op
     def _mark_removing(self, layer: Layer, record_intent: bool = True) -> None:
@@ -543,8 +549,11 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
 
     def _purge(self, number: int) -> None:
         """Delete every record layer ``number`` owns, in batches of commits."""
-        while self._purge_batch(number):
-            self.commit()
+        while True:
+            with self.lock:
+                if not self._purge_batch(number):
+                    break
+                self.commit()
             crash_point("remove.batch")
         self._clear_caches()
 

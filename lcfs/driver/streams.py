@@ -254,5 +254,10 @@ async def consume_in_thread(
         # Let work() finish rolling back before the caller replies or
         # serves the next request on the same layer.
         await asyncio.wait({outcome})
+        failure = outcome.exception()
+        if failure is not None and not isinstance(failure, BodyAborted):
+            # work() failed for its own reason (an unknown layer, say) before
+            # it ran into the missing body: that is the error to report.
+            raise failure from error
         raise
     return await outcome

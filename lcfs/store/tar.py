@@ -105,7 +105,11 @@ class TarMixin:
             crash_point("apply.intent")
         started = time.monotonic()
         applier = _Applier(self, layer)
-        first = fileobj.read(tarfile.BLOCKSIZE)
+        try:
+            first = fileobj.read(tarfile.BLOCKSIZE)
+        except BaseException:
+            self._roll_back_apply(layer)
+            raise
         if not first:
             # An empty body is an empty layer, as Docker's own applier reads it.
             with self.lock:
@@ -118,24 +122,21 @@ class TarMixin:
                               tarinfo=_StrictTarInfo) as archive:  # fmt: skip
                 for member in archive:
                     applier.apply(member, archive)
-        except (
-            tarfile.TarError,
-            EOFError,
-            OSError,
-            errors.StoreError,
-            ValueError,
-        ) as exc:
+        except errors.BadArchive as exc:
             self._roll_back_apply(layer)
-            if isinstance(exc, errors.BadArchive):
-                if str(exc).startswith(f"layer {layer_id}:"):
-                    raise
-                raise errors.BadArchive(f"layer {layer_id}: {exc}") from exc
-            if isinstance(exc, errors.NoSpace):
-                raise errors.NoSpace(f"layer {layer_id}: {exc}") from exc
+            if str(exc).startswith(f"layer {layer_id}:"):
+                raise
+            raise errors.BadArchive(f"layer {layer_id}: {exc}") from exc
+        except errors.NoSpace as exc:
+            self._roll_back_apply(layer)
+            raise errors.NoSpace(f"layer {layer_id}: {exc}") from exc
+        except (tarfile.TarError, EOFError, ValueError) as exc:
+            self._roll_back_apply(layer)
             raise errors.BadArchive(
                 f"layer {layer_id}: invalid layer tar: {exc}"
             ) from exc
         except BaseException:
+            # Store errors, and OSError from a stream that broke off, keep their type.
             self._roll_back_apply(layer)
             raise
         with self.lock:

@@ -313,8 +313,15 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             records = json.loads(b"[" + b",".join(raws) + b"]")
             if len(records) == len(raws):
                 return [
-                    Layer(number, rec["id"], rec["parent"], rec["depth"], rec["frozen"],
-                          rec["created"], rec["state"])  # fmt: skip
+                    Layer(
+                        number,
+                        rec["id"],
+                        rec["parent"],
+                        rec["depth"],
+                        rec["frozen"],
+                        rec["created"],
+                        rec["state"],
+                    )
                     for number, rec in zip(numbers, records, strict=True)
                 ]
         except (ValueError, KeyError, TypeError):
@@ -638,7 +645,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         ids = self._recovered_ids()
         if layer_id not in ids:
             ids = (ids + [layer_id])[-self.RECOVERED_KEEP :]
-            self._txn.put(b"recovered_ids", json.dumps(ids).encode(), db=self.dbs["meta"])
+            self._txn.put(
+                b"recovered_ids", json.dumps(ids).encode(), db=self.dbs["meta"]
+            )
 
     def _recovered_ids(self) -> list[str]:
         raw = self._txn.get(b"recovered_ids", db=self.dbs["meta"])

@@ -25,10 +25,16 @@ from .format import (
     Inode,
     change_dirent_key,
     dirent_key,
+    dirent_prefix,
     inode_key,
     split_dirent_key,
     xattr_key,
 )
+
+# Layers tried one by one before a lookup reads every version of its key at once.
+WALK_STEPS = 8
+# Frozen-layer lookups are cached; a cache is dropped when it grows past this.
+CACHE_LIMIT = 200_000
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -58,33 +64,57 @@ class NamespaceMixin:
     # -- resolution ----------------------------------------------------------
 
     def _resolve(self, layer: int, ino: int) -> tuple[int, Inode]:
-        """Return (owner layer, record) of inode ``ino`` as layer ``layer`` sees it."""
-        number = layer
-        walked = []
+        """Return (owner layer, record) of inode ``ino`` as layer ``layer`` sees it.
+
+        The nearest few layers are tried one by one; past them, every version
+        of the inode (they are adjacent in the ``inodes`` database) is read
+        once and the deepest one on the layer's ancestry wins, so the cost
+        does not grow with the depth of the layer chain.
+        """
         layers = self._layers
-        while number is not None:
-            entry = layers[number]
-            if entry.frozen:
-                cached = self._inode_cache.get((number, ino))
-                if cached is not None:
-                    owner, raw = cached
-                    break
+        frozen = layers[layer].frozen
+        if frozen:
+            cached = self._inode_cache.get((layer, ino))
+            if cached is not None:
+                return cached[0], Inode.unpack(ino, cached[1])
+        found = None
+        number = layer
+        for _ in range(WALK_STEPS):
             raw = self._txn.get(inode_key(ino, number), db=self.dbs["inodes"])
             if raw is not None:
-                owner, raw = number, bytes(raw)
+                found = (number, bytes(raw))
                 break
-            walked.append(number)
-            number = entry.parent
+            number = layers[number].parent
+            if number is None:
+                break
         else:
+            found = self._deepest_version(self.dbs["inodes"], U64.pack(ino), layer, 0)
+        if found is None:
             raise errors.NotFound(f"inode {ino} not found in layer {layers[layer].id}")
-        if len(self._inode_cache) > 200_000:
-            self._inode_cache.clear()
-        for number in walked:
-            if layers[number].frozen:
-                self._inode_cache[(number, ino)] = (owner, raw)
-        if layers[owner].frozen:
-            self._inode_cache[(owner, ino)] = (owner, raw)
-        return owner, Inode.unpack(ino, raw)
+        if frozen:
+            if len(self._inode_cache) > CACHE_LIMIT:
+                self._inode_cache.clear()
+            self._inode_cache[(layer, ino)] = found
+        return found[0], Inode.unpack(ino, found[1])
+
+    def _deepest_version(self, db, prefix: bytes, layer: int, min_depth: int):
+        """Return (layer, value) of the record under ``prefix`` from the deepest
+        ancestor of ``layer`` at ``min_depth`` or below it, or None.
+
+        Keys are ``prefix`` followed by a layer number (u64).
+        """
+        chain = self._ancestry(layer)
+        best = None
+        best_depth = -1
+        size = len(prefix) + 8
+        for key, value in self._prefix_items(db, prefix):
+            if len(key) != size:
+                continue
+            number = U64.unpack_from(key, len(prefix))[0]
+            depth = chain.get(number)
+            if depth is not None and depth >= min_depth and depth > best_depth:
+                best, best_depth = (number, value), depth
+        return best
 
     def _inode(self, layer: int, ino: int) -> Inode:
         return self._resolve(layer, ino)[1]
@@ -129,32 +159,45 @@ class NamespaceMixin:
     def _entry(
         self, layer: int, dir_inode: Inode, name: bytes
     ) -> tuple[int, int] | None:
-        """Return (ino, type) of ``name`` in the directory, or None."""
-        depth_limit = self._boundary(layer, dir_inode)
-        number = layer
-        walked = []
-        result = None
+        """Return (ino, type) of ``name`` in the directory, or None.
+
+        Looks up like ``_resolve``: the nearest layers one by one, then every
+        version of the entry at once, ignoring layers older than the layer at
+        which the directory became opaque.
+        """
         layers = self._layers
-        while number is not None and layers[number].depth >= depth_limit:
-            entry = layers[number]
-            if entry.frozen:
-                key = (number, dir_inode.ino, name)
-                if key in self._entry_cache:
-                    result = self._entry_cache[key]
-                    break
-            raw = self._txn.get(
+        frozen = layers[layer].frozen
+        key = (layer, dir_inode.ino, name)
+        if frozen and key in self._entry_cache:
+            return self._entry_cache[key]
+        depth_limit = self._boundary(layer, dir_inode)
+        raw = None
+        number = layer
+        for _ in range(WALK_STEPS):
+            if layers[number].depth < depth_limit:
+                break
+            value = self._txn.get(
                 dirent_key(dir_inode.ino, name, number), db=self.dbs["dirents"]
             )
-            walked.append(number)
-            if raw is not None:
-                result = DIRENT.unpack(raw) if raw else None
+            if value is not None:
+                raw = bytes(value)
                 break
-            number = entry.parent
-        if len(self._entry_cache) > 200_000:
-            self._entry_cache.clear()
-        for number in walked:
-            if layers[number].frozen:
-                self._entry_cache[(number, dir_inode.ino, name)] = result
+            number = layers[number].parent
+            if number is None:
+                break
+        else:
+            found = self._deepest_version(
+                self.dbs["dirents"],
+                dirent_prefix(dir_inode.ino, name),
+                layer,
+                depth_limit,
+            )
+            raw = found[1] if found is not None else None
+        result = DIRENT.unpack(raw) if raw else None
+        if frozen:
+            if len(self._entry_cache) > CACHE_LIMIT:
+                self._entry_cache.clear()
+            self._entry_cache[key] = result
         return result
 
     def _child(self, layer: int, dir_ino: int, name: bytes) -> Inode:

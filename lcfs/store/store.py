@@ -622,10 +622,10 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             layer = self._layers[current]
             chain[current] = layer.depth
             current = layer.parent
-        if self._layers[number].frozen:
-            if len(self._ancestors) > 64:
-                self._ancestors.clear()
-            self._ancestors[number] = chain
+        # A layer's ancestry never changes, so every layer's is cached.
+        if len(self._ancestors) > 256:
+            self._ancestors.clear()
+        self._ancestors[number] = chain
         return chain
 
     def _has_changes(self, number: int) -> bool:

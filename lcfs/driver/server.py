@@ -36,8 +36,13 @@ CONTENT_TYPE = "application/vnd.docker.plugins.v1.2+json"
 HOME_KEY = "driver.home"
 OPTS_KEY = "driver.opts"
 
-# Bytes read from an ApplyDiff request body at a time.
-APPLY_CHUNK_SIZE = 1 << 16
+# Most bytes read from an ApplyDiff request body at a time. Each chunk costs
+# one hand-off between the event loop and the applying thread. With 1 MiB
+# instead of 64 KiB, a direct ApplyDiff of a 210 MB Debian minbase tar took
+# 2.2 s instead of 2.9 s (2 CPUs, python -m bench's import profile showed
+# the hand-offs as the event loop's main cost). At most
+# streams.MAX_PENDING_CHUNKS chunks wait in memory.
+APPLY_CHUNK_SIZE = 1 << 20
 
 # Maximum length of a layer id in bytes, because it is a directory name
 # under the mount point.

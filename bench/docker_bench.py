@@ -16,6 +16,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from lcfs.fuse.stats import fetch_stats
+
 from . import artifacts
 from .common import MIB, dd_seconds, drop_caches, meminfo_kib, process_status_kib
 from .config import Sizes
@@ -36,6 +38,32 @@ def _bash_time(stack: DriverStack, container: str, command: str) -> float:
     if not found:
         raise RuntimeError(f"no time in the output of {command!r}: {result.stderr!r}")
     return float(found[-1])
+
+
+def _request_counts(stack: DriverStack) -> dict[str, int] | None:
+    """Return the lcfs daemon's FUSE request counts by operation, or None for other drivers."""
+    if stack.lcfs is None:
+        return None
+    snapshot = fetch_stats(str(stack.lcfs.socket_path))
+    return {
+        operation: counters["requests"]
+        for operation, counters in snapshot.items()
+        if isinstance(counters, dict) and "requests" in counters
+    }
+
+
+def _record_requests(
+    rec: Recorder, key: str, before: dict | None, after: dict | None
+) -> None:
+    """Keep the FUSE requests that one measured command sent, for the report."""
+    if before is None or after is None or rec.profiling:
+        return
+    sent = {
+        op: after[op] - before.get(op, 0)
+        for op in after
+        if after[op] != before.get(op, 0)
+    }
+    rec.results.meta.setdefault("fuse_requests", {})[key] = sent
 
 
 def _run_detached(stack: DriverStack, name: str, image: str, *command: str) -> int:
@@ -191,9 +219,11 @@ class DockerPhases:
                 with rec.region("read_cold"):
                     cold = stack.docker("exec", name, *read)
                 rec.add("read_cold", mib / dd_seconds(cold.stderr))
+                before = _request_counts(stack)
                 with rec.region("read_warm"):
                     warm = stack.docker("exec", name, *read)
                 rec.add("read_warm", mib / dd_seconds(warm.stderr))
+                _record_requests(rec, "read_warm", before, _request_counts(stack))
                 _remove_containers(stack, name)
         finally:
             stack.docker("rmi", "bench/big")
@@ -212,9 +242,11 @@ class DockerPhases:
                 _bash_time(stack, name, command)
             for run in range(runs):
                 for key, command in commands.items():
+                    before = _request_counts(stack)
                     with rec.region(key):
                         seconds = _bash_time(stack, name, command)
                     rec.add(key, seconds)
+                    _record_requests(rec, key, before, _request_counts(stack))
         finally:
             _remove_containers(stack, name)
             stack.docker("rmi", "bench/five")

@@ -26,6 +26,21 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 200
 TOP = 12
 
+# Functions in which a thread waits for work rather than runs. py-spy's idle
+# detection misses some of them with --nonblocking, so samples whose top
+# frame is one of these are counted as waiting and left out of the shares.
+WAITING = frozenset(
+    {
+        "select",
+        "get_events",
+        "_epoll_wait",
+        "wait",
+        "sleep",
+        "_wait_for_tstate_lock",
+        "_worker",
+    }
+)
+
 # One frame of py-spy's raw output: "function (file.py:line)".
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
 
@@ -95,6 +110,7 @@ def summarize_raw(text: str, seconds: float) -> str:
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
+    waiting = 0
     for line in text.splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -103,16 +119,23 @@ def summarize_raw(text: str, seconds: float) -> str:
         frames = [_function_name(frame) for frame in stack.split(";") if frame]
         if not frames:
             continue
+        if frames[-1].split(" (")[0].rpartition(".")[2] in WAITING:
+            waiting += count
+            continue
         total += count
         own[frames[-1]] += count
         for name in set(frames):
             inclusive[name] += count
     if total == 0:
-        return "no samples: the daemon was idle while the workload ran"
+        return (
+            f"{waiting} samples over {seconds:.1f} s, all in waits: the daemon was "
+            "idle while the workload ran"
+        )
     lines = [
         (
-            f"{total} samples at {SAMPLE_RATE}/s over {seconds:.1f} s "
-            f"(≈{total / SAMPLE_RATE:.1f} thread-seconds busy)"
+            f"{total} busy samples at {SAMPLE_RATE}/s over {seconds:.1f} s "
+            f"(≈{total / SAMPLE_RATE:.1f} thread-seconds; {waiting} samples in "
+            "waits left out)"
         ),
         "own time:",
     ]

@@ -50,6 +50,15 @@ def format_value(value: float, unit: str) -> str:
     return f"{value:,.0f} {unit}"
 
 
+def format_ratio(ratio: float) -> str:
+    """Return a ratio with two decimals, or two significant digits when tiny or large."""
+    if ratio >= 100:
+        return f"{ratio:,.0f}"
+    if ratio >= 0.1:
+        return f"{ratio:.2f}"
+    return f"{ratio:.2g}"
+
+
 def _spread(values: list[float], unit: str) -> str:
     summary = summarize(values)
     if summary.count == 1:
@@ -72,7 +81,7 @@ def cell(
             results.median(workload.key, reference),
         )
         if theirs:
-            text += f" ×{ours / theirs:.2f}"
+            text += f" ×{format_ratio(ours / theirs)}"
     return text
 
 
@@ -88,7 +97,7 @@ def _target_value(outcome: Outcome) -> str:
     target = outcome.workload.target
     if target.denominator is None:
         return format_value(outcome.value, outcome.workload.unit)
-    return f"{outcome.value:.3g}"
+    return format_ratio(outcome.value)
 
 
 def _target_columns(results: Results, workload: Workload) -> list[str]:
@@ -132,9 +141,13 @@ def _machine(results: Results) -> str:
 
 
 def driver_section(
-    results: Results, workloads: list[Workload], image_prefix: str
+    results: Results, workloads: list[Workload], image_prefix: str, findings: str = ""
 ) -> str:
-    """Return the markdown of the "Driver comparison" section."""
+    """Return the markdown of the "Driver comparison" section.
+
+    ``findings`` is markdown written by hand (bench/findings.md) that explains
+    the misses; it is copied in under its own heading.
+    """
     meta = results.meta
     docker = [w for w in workloads if w.section == "docker"]
     micro = [w for w in workloads if w.section == "micro"]
@@ -183,6 +196,29 @@ def driver_section(
         )
     parts.append(_table(rows))
 
+    requests = meta.get("fuse_requests") or {}
+    if requests:
+        parts += [
+            "",
+            (
+                "FUSE requests that the lcfs daemon served during one warm run "
+                "(from `lcfs stats --json`, last run):"
+            ),
+            "",
+        ]
+        rows = [["workload", "requests", "by operation"]]
+        titles = {w.key: w.title for w in docker}
+        for key, sent in requests.items():
+            ordered = sorted(sent.items(), key=lambda item: -item[1])
+            rows.append(
+                [
+                    titles.get(key, key),
+                    f"{sum(sent.values()):,}",
+                    ", ".join(f"{op} {count:,}" for op, count in ordered),
+                ]
+            )
+        parts.append(_table(rows))
+
     parts += ["", "### lcfs alone", ""]
     parts.append(
         "Measured on an `lcfs daemon` with a fixed mount point, without Docker: the layer chain "
@@ -218,6 +254,8 @@ def driver_section(
             f"{_target_value(o)}."
             for o in missed
         ]
+    if findings:
+        parts += ["", "### Findings", "", findings.strip()]
     profiled = [o for o in missed if o.workload.key in results.profiles]
     if profiled:
         parts += ["", "### Where lcfs spends the time in missed targets", ""]
@@ -291,13 +329,15 @@ def containerd_section(results: Results, workloads: list[Workload]) -> str:
     return "\n".join(parts)
 
 
-def write_page(page_path: Path, results: Results, workloads: list[Workload]) -> None:
+def write_page(
+    page_path: Path, results: Results, workloads: list[Workload], findings: str = ""
+) -> None:
     """Regenerate both sections in ``page_path`` and the plots in its img/ directory."""
     image_dir = page_path.parent / "img"
     plot(results, workloads, image_dir)
     page = page_path.read_text() if page_path.exists() else PAGE_TITLE
     page = replace_section(
-        page, "driver-comparison", driver_section(results, workloads, "img/")
+        page, "driver-comparison", driver_section(results, workloads, "img/", findings)
     )
     if any(w.key in results.samples for w in workloads if w.section == "containerd"):
         page = replace_section(

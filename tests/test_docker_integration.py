@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import statistics
 import subprocess
@@ -199,6 +200,96 @@ def test_committed_data_outlives_container(docker, big_commit):
         *RUN, "--rm", BIG_IMAGE, "sh", "-c", "sha256sum /big | cut -d' ' -f1"
     )
     assert result.stdout.strip() == big_commit["sha256"]
+
+
+# docker commit --pause=false lets the container write a file while dockerd
+# streams the Diff into ApplyDiff. The test below makes that write happen
+# at a known point, through plugin calls: after ApplyDiff has compared the
+# first part of the file with the container layer, and before the rest of
+# the tar arrives.
+RACE_FILE_MIB = 8
+# MiB of file data sent before the write. ApplyDiff compares the file in
+# 1 MiB pieces, and it reads one tar record past a piece before comparing
+# it, so the last MiB sent stays unread until more data arrives.
+RACE_SENT_MIB = 4
+RACE_WRITTEN_MIB = 2
+
+
+def daemon_read_bytes(pid: int) -> int:
+    """Return the bytes a process has read with read(2) and pread(2) (rchar).
+
+    Socket receives are not counted, so for the daemon during ApplyDiff
+    this is what it read from the store to compare the tar with.
+    """
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no rchar in /proc/{pid}/io")
+
+
+def send_chunked(sock, data: bytes) -> None:
+    for start in range(0, len(data), MiB):
+        piece = data[start : start + MiB]
+        sock.sendall(b"%x\r\n" % len(piece) + piece + b"\r\n")
+
+
+@pytest.fixture
+def mounted_lcfs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("race")
+    daemon = LcfsDaemon(workdir / "lcfs", size="1G", mountpoint=workdir / "mnt")
+    daemon.start()
+    yield daemon
+    daemon.stop()
+    unmount_under(workdir)
+
+
+# NOTE: ApplyDiff compares each chunk of a file with the diffed layer, but
+# then maps (or, after a difference, copies) that layer's blocks as they
+# are at the end, so a write to the layer in between reaches the new layer.
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="ApplyDiff takes the source file's blocks after comparing them, so "
+    "a write in between ends up in the new layer",
+)
+def test_commit_keeps_what_diff_sent(mounted_lcfs):
+    lcfs = mounted_lcfs
+    lcfs.call("GraphDriver.Create", {"ID": "image"})
+    lcfs.call("GraphDriver.CreateReadWrite", {"ID": "ctr-init", "Parent": "image"})
+    lcfs.call("GraphDriver.CreateReadWrite", {"ID": "ctr", "Parent": "ctr-init"})
+    lcfs.call("GraphDriver.Create", {"ID": "committed", "Parent": "image"})
+    original = os.urandom(RACE_FILE_MIB * MiB)
+    (lcfs.mountpoint / "ctr" / "big").write_bytes(original)
+    diff = plugin_stream(lcfs, "GraphDriver.Diff", {"ID": "ctr", "Parent": "ctr-init"})
+    with tarfile.open(fileobj=io.BytesIO(diff)) as archive:
+        data_offset = archive.getmember("big").offset_data
+    split = data_offset + RACE_SENT_MIB * MiB
+
+    with socket.socket(socket.AF_UNIX) as apply:
+        apply.connect(str(lcfs.socket_path))
+        apply.sendall(
+            b"POST /GraphDriver.ApplyDiff?id=committed&parent=image HTTP/1.1\r\n"
+            b"Host: plugin\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        before = daemon_read_bytes(lcfs.process.pid)
+        send_chunked(apply, diff[:split])
+        compared = (RACE_SENT_MIB - 1) * MiB
+        deadline = time.monotonic() + 60
+        while daemon_read_bytes(lcfs.process.pid) < before + compared:
+            if time.monotonic() > deadline:
+                pytest.fail("ApplyDiff compared less than the data sent within 60 s")
+            time.sleep(0.05)
+        with open(lcfs.mountpoint / "ctr" / "big", "r+b") as container_file:
+            container_file.write(os.urandom(RACE_WRITTEN_MIB * MiB))
+            container_file.flush()
+            os.fsync(container_file.fileno())
+        send_chunked(apply, diff[split:])
+        apply.sendall(b"0\r\n\r\n")
+        reply = apply.makefile("rb").read()
+    if b" 200 OK" not in reply.split(b"\r\n", 1)[0]:
+        pytest.fail(f"ApplyDiff failed: {reply[:300]!r}")
+    stored = (lcfs.mountpoint / "committed" / "big").read_bytes()
+    assert stored == original
 
 
 # --- Diff, Changes and DiffSize cost against the image size ---------------------

@@ -737,6 +737,7 @@ def test_managed_plugin_serves_dockerd(plugin_bundle, managed_docker, busybox_ta
     setup.start()
     setup.docker("plugin", "create", MANAGED_PLUGIN, str(plugin_bundle))
     setup.docker("plugin", "set", MANAGED_PLUGIN, f"data.source={data}")
+    setup.docker("plugin", "set", MANAGED_PLUGIN, "args=--size 2G")
     setup.docker("plugin", "enable", MANAGED_PLUGIN)
     assert stop_keeping_data(setup) == 0
 
@@ -762,6 +763,8 @@ def test_managed_plugin_serves_dockerd(plugin_bundle, managed_docker, busybox_ta
     assert [(p.parent.name, p.name) for p in points] == [("propagated-mount", driver)]
     assert status["Layers"] == "1"
     assert status["Docker Home"] == f"/mnt/lcfs/{driver}"
+    # --size from the plugin's args setting made the new image file 2 GiB.
+    assert 0 < int(status["Data Space Total (bytes)"]) < 2 * GiB
     assert code == 0
     assert lcfs_mounts_under(docker.data_root) == []
     assert (data / "lcfs.img").is_file()

@@ -26,6 +26,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from hashlib import sha256
 from pathlib import Path
@@ -167,7 +168,9 @@ class DockerDaemon:
         self.storage_driver = storage_driver
         self.extra_args = tuple(extra_args)
         self.data_root = self.workdir / "root"
-        self.exec_root = self.workdir / "exec"
+        # containerd puts unix sockets under the exec root, and a socket path
+        # may not exceed 104 bytes: pytest's temporary paths can be longer.
+        self.exec_root = Path(tempfile.mkdtemp(prefix="lcfs-dx-", dir="/tmp"))
         self.socket_path = self.workdir / "docker.sock"
         self.pid_file = self.workdir / "docker.pid"
         self.log_path = self.workdir / "dockerd.log"
@@ -343,14 +346,14 @@ class DockerDaemon:
             self._end_process(containerd_pid, "containerd")
 
         leftover = []
-        if self.workdir.exists():
-            leftover = unmount_under(self.workdir)
-            if leftover:
-                log.warning(
-                    "dockerd in %s left mounts behind: %s", self.workdir, leftover
-                )
-            remove_tree(self.data_root)
+        if self.exec_root.exists():
+            leftover += unmount_under(self.exec_root)
             remove_tree(self.exec_root)
+        if self.workdir.exists():
+            leftover += unmount_under(self.workdir)
+            remove_tree(self.data_root)
+        if leftover:
+            log.warning("dockerd in %s left mounts behind: %s", self.workdir, leftover)
         if self.plugin_socket is not None:
             self.spec_path.unlink(missing_ok=True)
         return leftover

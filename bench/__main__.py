@@ -1,8 +1,8 @@
 """``python -m bench``: run every benchmark and regenerate the benchmark page sections.
 
-Order: build the inputs (cached), then for each storage driver start its
-dockerd and run the Docker phases, then the measurements on lcfs alone,
-then containerd with both snapshotters. A full run writes the "Driver
+Order: build the inputs (cached), start one dockerd per storage driver,
+run each Docker phase on every driver in turn (one driver at a time), then
+the measurements on lcfs alone, then containerd with both snapshotters. A full run writes the "Driver
 comparison" and "containerd snapshotter" sections of docs/benchmarks.md,
 the plots under docs/img/ and the samples to bench/results/; a quick run
 writes the same files under .cache/bench/quick/ and leaves docs/ alone.
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-wait",
         type=float,
         default=20 * 60,
-        help="longest wait for the load average, in seconds (default %(default)s)",
+        help="maximum wait for the load average, in seconds (default %(default)s)",
     )
     parser.add_argument(
         "--report-only",
@@ -138,50 +138,49 @@ def machine_info() -> dict[str, object]:
     }
 
 
-def _run_step(results, what: str, function, *args) -> bool:
+def _run_step(results, step: str, function, *args) -> bool:
     """Run one phase; on failure log it, note it on the page and carry on."""
     try:
         function(*args)
         return True
     except Exception as error:  # noqa: BLE001 - one failed phase must not end the run
-        log.error("%s failed:\n%s", what, traceback.format_exc())
+        log.error("%s failed:\n%s", step, traceback.format_exc())
         first_line = (
             str(error).strip().splitlines()[0]
             if str(error).strip()
             else type(error).__name__
         )
-        results.notes.append(f"{what} failed: {first_line}")
+        results.notes.append(f"{step} failed: {first_line}")
         return False
 
 
-def run(args: argparse.Namespace, results, sizes, workdir: Path) -> None:
-    from . import containerd_bench, micro
-    from .docker_bench import DockerPhases
+def run_docker_phases(
+    args, results, runs, chosen, docker_phases, workdir, workloads
+) -> None:
+    """Run each Docker phase on every driver in turn, then profile lcfs's misses.
+
+    All dockerds run side by side, but only one works at a time. The phases
+    form the outer loop, so each phase is measured on every driver within a
+    few minutes and a change in the machine's load does not fall on one
+    driver alone.
+    """
     from .drivers import DriverStack
     from .profiling import PySpy
     from .results import Recorder
-    from .workloads import catalogue
 
-    selected = set(args.only.split(","))
-    unknown = selected - set(PHASE_NAMES + EXTRA_NAMES)
-    if unknown:
-        raise SystemExit(f"unknown phases: {', '.join(sorted(unknown))}")
-    workloads = {w.key: w for w in catalogue(sizes)}
-    runs = sizes.runs
-    # A quick run skips the profiles, which would take it past 5 minutes.
-    profile = not (args.no_profile or args.quick) and shutil.which("py-spy") is not None
-
-    docker_phases = DockerPhases(sizes, workdir)
-    chosen = [p for p in docker_phases.phases() if p[0] in selected]
-    for driver in args.drivers.split(","):
-        if not chosen:
-            break
-        stack = DriverStack(driver, workdir / driver)
-        if not _run_step(results, f"starting dockerd with {driver}", stack.start):
-            continue
-        try:
-            docker_phases.prepare(stack)
-            for name, function, _ in chosen:
+    stacks = {}
+    ready = {}
+    try:
+        for driver in args.drivers.split(","):
+            stack = DriverStack(driver, workdir / driver)
+            if _run_step(results, f"starting dockerd with {driver}", stack.start):
+                stacks[driver] = stack
+                if _run_step(
+                    results, f"preparing {driver}", docker_phases.prepare, stack
+                ):
+                    ready[driver] = stack
+        for name, function, _ in chosen:
+            for driver, stack in ready.items():
                 log.info("== %s: %s", driver, name)
                 _run_step(
                     results,
@@ -191,34 +190,58 @@ def run(args: argparse.Namespace, results, sizes, workdir: Path) -> None:
                     Recorder(results, driver),
                     runs,
                 )
-            if driver == "lcfs" and profile:
-                missed = {
-                    key
-                    for key in workloads
-                    if (outcome := results.check(workloads[key])).met is False
-                    and outcome.workload.section == "docker"
-                }
-                profiler = PySpy(stack.daemon_pid, cache_dir() / "profiles")
-                for name, function, keys in chosen:
-                    if keys & missed:
-                        log.info(
-                            "== lcfs: profiling %s for %s",
-                            name,
-                            ", ".join(sorted(keys & missed)),
-                        )
-                        _run_step(
-                            results,
-                            f"profiling {name} on lcfs",
-                            function,
-                            stack,
-                            Recorder(
-                                results, driver, profiler, frozenset(keys & missed)
-                            ),
-                            1,
-                        )
-                results.profiles.update(profiler.summaries)
-        finally:
+        # A quick run skips the profiles, which would take it past 5 minutes.
+        lcfs = ready.get("lcfs")
+        if (
+            lcfs is None
+            or args.no_profile
+            or args.quick
+            or shutil.which("py-spy") is None
+        ):
+            return
+        missed = {
+            key
+            for key in workloads
+            if (outcome := results.check(workloads[key])).met is False
+            and outcome.workload.section == "docker"
+        }
+        profiler = PySpy(lcfs.daemon_pid, cache_dir() / "profiles")
+        for name, function, keys in chosen:
+            if keys & missed:
+                log.info(
+                    "== lcfs: profiling %s for %s",
+                    name,
+                    ", ".join(sorted(keys & missed)),
+                )
+                recorder = Recorder(results, "lcfs", profiler, frozenset(keys & missed))
+                _run_step(
+                    results, f"profiling {name} on lcfs", function, lcfs, recorder, 1
+                )
+        results.profiles.update(profiler.summaries)
+    finally:
+        for stack in stacks.values():
             stack.stop()
+
+
+def run(args: argparse.Namespace, results, sizes, workdir: Path) -> None:
+    from . import containerd_bench, micro
+    from .docker_bench import DockerPhases
+    from .results import Recorder
+    from .workloads import catalogue
+
+    selected = set(args.only.split(","))
+    unknown = selected - set(PHASE_NAMES + EXTRA_NAMES)
+    if unknown:
+        raise SystemExit(f"unknown phases: {', '.join(sorted(unknown))}")
+    workloads = {w.key: w for w in catalogue(sizes)}
+    runs = sizes.runs
+
+    docker_phases = DockerPhases(sizes, workdir)
+    chosen = [p for p in docker_phases.phases() if p[0] in selected]
+    if chosen:
+        run_docker_phases(
+            args, results, runs, chosen, docker_phases, workdir, workloads
+        )
 
     if "chain" in selected:
         log.info("== lcfs alone: layer chain of %d", sizes.chain_depth)

@@ -1,9 +1,9 @@
 """Docker workloads, run against one DriverStack at a time.
 
-Each phase sets up what it needs without timing it (images from `docker
-import` or `docker load` of tars built here, containers started with
-`--pull never`), times only the operation it measures, and removes its
-containers and images again so that the next phase starts from the same
+Each phase sets up what it needs without timing it: images come from
+`docker import` or `docker load` of tars built here, and containers start
+with `--pull never`. It times only the operation it measures. Then it
+removes its containers and images, so the next phase starts from the same
 state on every driver. Every phase can run again in a profiling pass,
 where its timed regions run under py-spy and nothing is recorded.
 """
@@ -92,6 +92,8 @@ class DockerPhases:
         busybox = artifacts.busybox_tar()
         self.minbase = minbase
         self.busybox = busybox
+
+        # The `docker load` archives, each built once and cached.
         apps = [
             artifacts.app_layer_tar(
                 index, sizes.app_layer_files, 2048, sizes.app_layer_blob
@@ -122,6 +124,7 @@ class DockerPhases:
             [busybox, artifacts.big_file_tar(sizes.shared_file, "shared")],
             ["/bin/sh"],
         )
+
         self.context = artifacts.build_context(
             Path(tempfile.mkdtemp(prefix="build-", dir=scratch)),
             sizes.build_steps,

@@ -164,10 +164,12 @@ def driver_section(
     parts += ["", _machine(results), ""]
     parts.append(
         "Each driver ran under its own Debian dockerd 20.10 with its own data root, exec root "
-        "and socket in its own network namespace, one after the other: overlay2 (kernel "
-        "overlayfs), fuse-overlayfs (dockerd's built-in driver with Debian's fuse-overlayfs), "
-        "vfs, then lcfs (`lcfs daemon` as a graphdriver plugin, on a sparse image file on the "
-        "same file system). Images come from `docker import` and `docker load` of trees built "
+        "and socket in its own network namespace: overlay2 (kernel overlayfs), fuse-overlayfs "
+        "(dockerd's built-in driver with Debian's fuse-overlayfs), vfs, and lcfs (`lcfs "
+        "daemon` as a graphdriver plugin, on a sparse image file on the same file system). "
+        "The four dockerds ran side by side, but only one worked at a time: each phase ran "
+        "all its runs on overlay2, then fuse-overlayfs, vfs and lcfs, before the next phase "
+        "started, so the machine's load at any moment fell on all drivers alike. Images come from `docker import` and `docker load` of trees built "
         "on the machine (Debian bookworm minbase from debootstrap, busybox-static, generated "
         "layers). Times are wall-clock times of the docker client command, except: the 1-byte "
         "write is open+pwrite+close by a host process through /proc/PID/root of a running "

@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 class Target:
     """A goal: the ratio of two medians (or one median) compared with a limit.
 
-    ``numerator`` and ``denominator`` are (workload key, driver) pairs; with
-    no denominator the numerator's median itself is compared. ``at_most``
-    says whether the value must be at most ``limit`` (else at least).
+    ``numerator`` and ``denominator`` are (workload key, driver) pairs. With
+    no denominator the numerator's median itself is compared. With
+    ``at_most`` the value must be at most ``limit``, otherwise at least it.
     """
 
     text: str

@@ -1,7 +1,7 @@
 """File data of the store (a mixin of ``Store``): extents, reads and writes.
 
 An inode version's data is a map of extents ``(file block -> physical block,
-count, flag)``. The flag says who frees the blocks:
+count, flag)``. The flag tells which record frees the blocks:
 
 ``OWNED``     this layer; only these blocks are overwritten in place.
 ``BORROWED``  an ancestor layer, which cannot be removed while this layer

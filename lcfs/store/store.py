@@ -478,7 +478,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
 
     @write_op
     def create_layer(self, layer_id: str, parent_id: str | None = None) -> Layer:
-        """Create a layer that sees ``parent_id``'s tree; O(1). Freezes the parent."""
+        """Create a layer that inherits ``parent_id``'s tree, in O(1), and freeze the parent."""
         self._check_layer_id(layer_id)
         if layer_id in self._ids:
             raise errors.LayerExists(f"layer {layer_id} already exists")
@@ -524,7 +524,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         """Remove a layer and return all of its space; atomic through the journal.
 
         The store lock is released between the batches that free the layer's
-        records, so other layers stay usable during a long removal; the layer
+        records, so other layers stay usable during a long removal. The layer
         itself counts as gone from the moment it is marked.
         """
         with self.lock:

@@ -390,19 +390,68 @@ def test_commit_takes_blocks_by_reference(store):
     assert store.read(committed, conf.ino, 0, 20) == b"aaaaaCHANGEDaaaaaaaa"
 
 
-def test_commit_with_changed_bytes_falls_back(store):
+def test_commit_with_changed_bytes_writes_from_first_difference(store):
     number, payload = container_with_changes(store)
     diff = bytearray(b"".join(store.diff("ctr")))
     at = diff.index(payload[:64])
     diff[at + 4 * MiB] ^= 0xFF
     free = store.statfs().free_blocks
     apply(store, "committed", "img", bytes(diff))
-    assert free - store.statfs().free_blocks >= 8 * MiB // 4096
+    # The first 4 MiB matched and stay shared; the rest is written anew.
+    assert free - store.statfs().free_blocks == 4 * MiB // 4096
     committed = store.get_layer("committed").number
     expected = bytearray(payload)
     expected[4 * MiB] ^= 0xFF
     big = store.lookup(committed, ROOT_INO, b"big")
     assert store.read(committed, big.ino, 0, 8 * MiB) == bytes(expected)
+
+
+class WritingStream(io.BytesIO):
+    """A tar stream that runs ``action`` once, after ``after`` bytes were read."""
+
+    def __init__(self, data, after, action):
+        super().__init__(data)
+        self.after = after
+        self.action = action
+
+    def read(self, size=-1):
+        if self.action is not None and self.tell() >= self.after:
+            action, self.action = self.action, None
+            action()
+        return super().read(size)
+
+
+@pytest.mark.parametrize("change", ["overwrite", "truncate", "remove"])
+def test_commit_ignores_source_changes_after_its_header(store, change):
+    number, payload = container_with_changes(store)
+    diff = b"".join(store.diff("ctr"))
+    big = store.lookup(number, ROOT_INO, b"big")
+
+    def change_source():
+        if change == "overwrite":
+            store.write(number, big.ino, 0, os.urandom(8 * MiB))
+        elif change == "truncate":
+            store.setattr(number, big.ino, size=0)
+        else:
+            store.unlink(number, ROOT_INO, b"big")
+
+    store.create_layer("committed", "img")
+    stream = WritingStream(diff, diff.index(payload[:64]) + 3 * MiB, change_source)
+    store.apply_diff("committed", stream)
+    committed = store.get_layer("committed").number
+    stored = store.lookup(committed, ROOT_INO, b"big")
+    assert store.read(committed, stored.ino, 0, 8 * MiB) == payload
+
+
+def test_commit_after_source_changed_stores_the_tar(store):
+    number, payload = container_with_changes(store)
+    diff = b"".join(store.diff("ctr"))
+    big = store.lookup(number, ROOT_INO, b"big")
+    store.write(number, big.ino, 5 * MiB, b"later")
+    apply(store, "committed", "img", diff)
+    committed = store.get_layer("committed").number
+    stored = store.lookup(committed, ROOT_INO, b"big")
+    assert store.read(committed, stored.ino, 0, 8 * MiB) == payload
 
 
 def test_shared_blocks_freed_by_last_owner(store):

@@ -31,6 +31,7 @@ from . import errors
 from .data import BORROWED, SHARED
 from .diff import OPAQUE, WHITEOUT, DiffPlan
 from .format import (
+    BLOCK_SIZE,
     ROOT_INO,
     Inode,
     change_dirent_key,
@@ -445,16 +446,21 @@ class _Applier:
                    archive: tarfile.TarFile) -> None:  # fmt: skip
         """Store a regular file's content, by reference when the source layer holds it.
 
-        The stream is read in full either way. While every chunk equals the
-        same file in the layer whose Diff was produced last, nothing is
-        written; at the end its blocks are mapped into this layer. At the
-        first difference the matching prefix is copied from that layer and
-        the rest is written from the stream.
+        When the layer whose Diff was produced last has a regular file of the
+        same path and size, its blocks are mapped into ``ino`` first, under
+        the store lock, and the stream is then compared with ``ino`` itself.
+        A container that writes to the source file afterwards branches onto
+        new blocks, so what is compared is what stays. At the first chunk
+        that differs, the mapping from there on is dropped and the rest is
+        written from the stream.
         """
         from .store import write_op
 
         stream = archive.extractfile(member)
         source = self._reference_source(parts, member)
+        mapped = source is not None and write_op(
+            lambda store: self._map_reference(ino, source, member.size)
+        )(self.store)
         offset = 0
         while offset < member.size:
             chunk = stream.read(min(CHUNK, member.size - offset))
@@ -462,24 +468,36 @@ class _Applier:
                 raise errors.BadArchive(
                     f"layer {self.layer.id}: tar ends inside {member.name!r}"
                 )
-            if source is not None:
-                if self.store.read(source[0], source[1], offset, len(chunk)) == chunk:
+            if mapped:
+                if self.store.read(self.number, ino, offset, len(chunk)) == chunk:
                     offset += len(chunk)
                     continue
-                self._copy_from(ino, source, offset)
-                source = None
-            self._write_chunk(ino, offset, chunk)
+                mapped = False
+                head = write_op(lambda store: self._unmap_from(ino, offset))(
+                    self.store
+                )
+                self._write_chunk(ino, offset - len(head), head + chunk)
+            else:
+                self._write_chunk(ino, offset, chunk)
             offset += len(chunk)
             self._commit_if_due()
-        if source is not None and member.size:
-            referenced = write_op(lambda store: self._map_reference(ino, source))(
-                self.store
-            )
-            if referenced:
-                self.referenced += member.size
-            else:
-                self._copy_from(ino, source, member.size)
+        if mapped:
+            self.referenced += member.size
         self.size += member.size
+
+    def _unmap_from(self, ino: int, offset: int) -> bytes:
+        """Drop the mapping of ``ino`` from the block holding ``offset`` on.
+
+        Returns the bytes between that block's start and ``offset``, which
+        the caller writes again with the rest.
+        """
+        store, number = self.store, self.number
+        first = offset // BLOCK_SIZE
+        head = store.read(number, ino, first * BLOCK_SIZE, offset - first * BLOCK_SIZE)
+        inode = store._own(number, ino)
+        store._unmap(inode, number, first, 1 << 62)
+        store._put_inode(number, inode)
+        return head
 
     def _write_chunk(self, ino: int, offset: int, chunk: bytes) -> None:
         from .store import write_op
@@ -489,17 +507,6 @@ class _Applier:
             write_op(lambda store: self._write_runs(ino, offset, chunk, runs))(
                 self.store
             )
-
-    def _copy_from(self, ino: int, source: tuple[int, int], end: int) -> None:
-        """Write bytes [0, end) of the source file into ``ino``."""
-        offset = 0
-        while offset < end:
-            chunk = self.store.read(
-                source[0], source[1], offset, min(CHUNK, end - offset)
-            )
-            self._write_chunk(ino, offset, chunk)
-            offset += len(chunk)
-            self._commit_if_due()
 
     def _reference_source(
         self, parts: list[bytes], member: tarfile.TarInfo
@@ -530,15 +537,21 @@ class _Applier:
             return None
         return layer, ino
 
-    def _map_reference(self, ino: int, source: tuple[int, int]) -> bool:
+    def _map_reference(self, ino: int, source: tuple[int, int], size: int) -> bool:
         """Map the source file's blocks into ``ino`` of this layer without copying.
 
-        Owned and shared blocks become shared. Blocks the source only borrows
-        are borrowed here too when their owner is also an ancestor of this
-        layer; otherwise nothing is mapped and False is returned.
+        Owned blocks of the source become shared, so a later write to the
+        source branches instead of changing them. Blocks the source only
+        borrows are borrowed here too, but only when their owner is also an
+        ancestor of this layer. If not, or if the source no longer has
+        ``size`` bytes, nothing is mapped and False is returned.
         """
         store, number = self.store, self.number
-        owner, _ = store._resolve(source[0], source[1])
+        if store._layers.get(source[0]) is None:
+            return False
+        owner, current = store._resolve(source[0], source[1])
+        if not current.is_reg or current.size != size:
+            return False
         ancestry = store._ancestry(number)
         extents = store._extents(source[1], owner, 0, 1 << 62)
         for block, phys, count, flag in extents:
@@ -553,6 +566,7 @@ class _Applier:
                 store._add_refs(phys, count, 1)
             store._put_extent(ino, number, block, phys, count, flag)
             inode.blocks += count
+        inode.size = size
         store._put_inode(number, inode)
         return True
 

@@ -485,6 +485,26 @@ def test_layer_lifecycle(daemon):
     assert not Path(directory).exists()
 
 
+def test_layer_directory_entry_kept_until_remove(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.CreateReadWrite", {"ID": "c"})
+    directory = Path(client.ok("GraphDriver.Get", {"ID": "c"})["Dir"])
+    (directory / "old").write_bytes(b"old")
+    lookups = client.ok("lcfs.Stats")["lookup"]["requests"]
+    for _ in range(100):
+        os.stat(directory / "old")
+    assert client.ok("lcfs.Stats")["lookup"]["requests"] - lookups <= 1
+
+    client.ok("GraphDriver.Remove", {"ID": "c"})
+    assert not directory.exists()
+    client.ok("GraphDriver.CreateReadWrite", {"ID": "c"})
+    assert os.listdir(directory) == []
+    (directory / "new").write_bytes(b"new")
+    assert client.ok("GraphDriver.Changes", {"ID": "c"})["Changes"] == [
+        {"Path": "/new", "Kind": 1}
+    ]
+
+
 def test_create_existing_id(daemon):
     client = daemon.client
     client.ok("GraphDriver.Create", {"ID": "base"})

@@ -52,6 +52,11 @@ START_TIMEOUT = 10.0
 # Seconds to wait for the watchdog to exit after the mount is gone.
 WATCHDOG_EXIT_TIMEOUT = 5.0
 
+# Seconds a layer removal waits for the kernel to take the notice that
+# drops the layer's directory entry. The notice waits for requests in
+# flight on the mount root, which finish in milliseconds.
+INVALIDATE_WAIT = 5.0
+
 _active_lock = threading.Lock()
 _active_server: FuseServer | None = None
 
@@ -101,8 +106,11 @@ class _EntryInvalidator:
         )
         self._thread.start()
 
-    def invalidate(self, parent: int, name: bytes) -> None:
-        self._queue.put((parent, name))
+    def invalidate(self, parent: int, name: bytes) -> threading.Event:
+        """Queue a notice; the returned event is set once it has been sent."""
+        done = threading.Event()
+        self._queue.put((parent, name, done))
+        return done
 
     def stop(self) -> None:
         """Finish the queued work and end the thread; call while main() runs."""
@@ -112,7 +120,7 @@ class _EntryInvalidator:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            parent, name = item
+            parent, name, done = item
             try:
                 pyfuse3.invalidate_entry(parent, name)
             except FileNotFoundError:
@@ -120,6 +128,8 @@ class _EntryInvalidator:
             except OSError as exc:
                 log.warning("invalidating entry %r of node %d at %s failed: %s",
                             name, parent, self._mountpoint, exc)
+            finally:
+                done.set()
 
 
 class _Watchdog:
@@ -279,12 +289,18 @@ class FuseServer:
     def notify_layer_removed(self, layer_id: str) -> None:
         """Make the kernel forget a removed layer's directory and everything under it.
 
-        Safe to call from any thread, and when no mount is running.
+        Returns once the kernel has the notice, so that a layer created
+        again under the same id is looked up anew. Call it from any thread
+        but the FUSE loop's, without holding the store lock; it is a no-op
+        when no mount is running.
         """
         invalidator = self._invalidator
         if invalidator is None or not self.running:
             return
-        invalidator.invalidate(pyfuse3.ROOT_INODE, os.fsencode(layer_id))
+        done = invalidator.invalidate(pyfuse3.ROOT_INODE, os.fsencode(layer_id))
+        if not done.wait(INVALIDATE_WAIT):
+            log.warning("the kernel did not take the removal of layer %s at %s "
+                        "within %d s", layer_id, self.mountpoint, INVALIDATE_WAIT)
 
     def _serve(self) -> None:
         mountpoint = self.mountpoint

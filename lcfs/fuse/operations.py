@@ -252,10 +252,14 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         return entry
 
     def _layer_entry(self, layer):
-        # Entries of the mount root are never cached, so a layer created or
-        # removed after the kernel looked at its name shows at once.
+        # A layer's name leads to the same root node for the layer's whole
+        # life, so the kernel may keep the entry. Without it, one `docker
+        # start` of a busybox container sent about 400 lookups of the
+        # layer's name, from walks of the container's root path. Removing a
+        # layer drops the entry before Remove replies (notify_layer_removed).
+        # A name that is not found is not cached, so a new layer shows at once.
         attr = self.store.getattr(layer.number, ROOT_INO)
-        return self._entry(layer.number, attr, entry_timeout=0)
+        return self._entry(layer.number, attr, entry_timeout=FROZEN_TIMEOUT)
 
     def _new_owner(self, layer: int, dir_ino: int, mode: int, ctx) -> tuple[int, int]:
         """Return (mode, gid) of a new inode, honouring a setgid directory."""

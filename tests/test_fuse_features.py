@@ -284,6 +284,25 @@ def test_buffered_writes_answered_from_memory(lcfs_image):
     assert delta(before, after, "getxattr", "store_calls") == 0
 
 
+def test_missing_name_asked_once_and_created_at_once(lcfs_image):
+    with mount_store(lcfs_image) as mounted:
+        stats = mounted.server.stats
+        missing = mounted.at("base", "missing-name")
+        run_python("import os, sys; os.stat(sys.argv[1])", mounted.at("base"))
+        before = stats.snapshot()
+        found = run_python("import os, sys\n"
+                           "print(sum(os.path.exists(sys.argv[1]) for _ in range(50)))",
+                           missing)  # fmt: skip
+        after = stats.snapshot()
+        created = run_python("import os, sys\n"
+                             "open(sys.argv[1], 'wb').write(b'now')\n"
+                             "print(open(sys.argv[1], 'rb').read().decode())",
+                             missing)  # fmt: skip
+    assert found.strip() == "0"
+    assert delta(before, after, "lookup") == 1
+    assert created.strip() == "now"
+
+
 def test_store_calls_match_store(lcfs_image, monkeypatch):
     with mount_store(lcfs_image) as mounted:
         store = mounted.store

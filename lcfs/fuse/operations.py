@@ -325,8 +325,29 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             entry = self._layer_entry(self.store.get_layer(os.fsdecode(name)))
         else:
             layer, dir_ino = self._target(parent_inode)
-            entry = self._entry(layer, self.store.lookup(layer, dir_ino, name))
+            try:
+                attr = self.store.lookup(layer, dir_ino, name)
+            except errors.LayerNotFound:
+                raise
+            except errors.NotFound:
+                return self._negative_entry(layer)
+            entry = self._entry(layer, attr)
         self._remember(entry.st_ino)
+        return entry
+
+    def _negative_entry(self, layer: int):
+        """Say that a name is absent, for as long as a present name would be trusted.
+
+        Inode number 0 lets the kernel keep the answer, where ENOENT would
+        make it ask again on the next walk (a container's PATH search, for
+        example). Names in a layer change only through this mount, which
+        the kernel sees, or by ApplyDiff before the layer's first use.
+        """
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = 0
+        entry.entry_timeout = (
+            FROZEN_TIMEOUT if self._is_frozen(layer) else WRITABLE_TIMEOUT
+        )
         return entry
 
     def _node_entry(self, node: int):

@@ -266,6 +266,26 @@ def test_remove_layer_with_children_rejected(store):
         store.create_layer("x", "nope")
 
 
+@pytest.mark.parametrize("files, one_commit", [(3, True), (40, False)])
+def test_remove_commits_once_for_a_small_layer(store, monkeypatch, files, one_commit):
+    # LCFS_PURGE_BATCH is read at import; 40 files take several batches of 10.
+    monkeypatch.setattr("lcfs.store.store.PURGE_BATCH", 10)
+    free = store.statfs().free_blocks
+    layer = store.create_layer("c").number
+    for index in range(files):
+        f = store.mknod(layer, ROOT_INO, b"f%d" % index, stat.S_IFREG | 0o644)
+        store.write(layer, f.ino, 0, b"x" * 5000)
+    store.commit()
+    counted = []
+    commit = Store.commit
+    monkeypatch.setattr(Store, "commit", lambda self: (counted.append(1), commit(self))[1])
+    store.remove_layer("c")
+    # A large layer: the mark, one commit per batch, then the drop.
+    assert (len(counted) == 1) == one_commit
+    assert not store.exists("c")
+    assert store.statfs().free_blocks == free
+
+
 def test_node_ids_persist_and_never_repeat(image):
     with Store.open(image) as s:
         layer = s.create_layer("base").number

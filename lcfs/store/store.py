@@ -523,9 +523,11 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     def remove_layer(self, layer_id: str) -> None:
         """Remove a layer and return all of its space; atomic through the journal.
 
-        The store lock is released between the batches that free the layer's
-        records, so other layers stay usable during a long removal. The layer
-        itself counts as gone from the moment it is marked.
+        A layer whose change log fits in one batch goes in one transaction.
+        A larger one is marked first, and the store lock is released between
+        the batches that free its records, so other layers stay usable
+        during a long removal. The layer counts as gone from the moment it
+        is marked.
         """
         with self.lock:
             layer = self.get_layer(layer_id)
@@ -535,6 +537,12 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 raise errors.LayerHasChildren(
                     f"layer {layer_id} has child layers: {names}"
                 )
+            if self._changes_below(layer.number, PURGE_BATCH):
+                self._remove_at_once(layer)
+                self.commit()
+                log.info("removed layer %s (number %d) in one transaction",
+                         layer_id, layer.number)  # fmt: skip
+                return
             self._mark_removing(layer)
             self.commit()
         crash_point("remove.marked")
@@ -544,6 +552,24 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             self._drop_layer(layer)
             self.commit()
         log.info("removed layer %s (number %d)", layer_id, layer.number)
+
+    def _changes_below(self, number: int, limit: int) -> bool:
+        """Tell whether layer ``number`` has fewer than ``limit`` change records."""
+        prefix = U64.pack(number)
+        cursor = self._group_txn().cursor(db=self.dbs["changes"])
+        if not cursor.set_range(prefix):
+            return True
+        for count, key in enumerate(cursor.iternext(values=False)):
+            if key[:8] != prefix:
+                return True
+            if count + 1 >= limit:
+                return False
+        return True
+
+    @write_op
+    def _remove_at_once(self, layer: Layer) -> None:
+        self._purge_batch(layer.number)
+        self._drop_layer(layer)
 
     @write_op
     def _mark_removing(self, layer: Layer, record_intent: bool = True) -> None:

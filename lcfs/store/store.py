@@ -588,7 +588,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                     break
                 self.commit()
             crash_point("remove.batch")
-        self._clear_caches()
+        self._forget_cached(number)
 
     @write_op
     def _purge_batch(self, number: int) -> bool:
@@ -630,7 +630,17 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         if self._ids.get(layer.id) == layer.number:
             del self._ids[layer.id]
         self._children.pop(layer.number, None)
-        self._clear_caches()
+        self._forget_cached(layer.number)
+
+    def _forget_cached(self, number: int) -> None:
+        """Drop the cached ancestry of layer ``number``, whose records went.
+
+        The inode and entry caches hold frozen layers only, keyed by layer
+        number. A layer stays frozen once it is and numbers come from a
+        counter, so no other layer's entries change and those of
+        ``number`` are never asked for again; the size limit clears them.
+        """
+        self._ancestors.pop(number, None)
 
     def _clear_caches(self) -> None:
         self._inode_cache.clear()

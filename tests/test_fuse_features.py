@@ -29,6 +29,7 @@ from mounts import unmount_under
 
 from lcfs.fuse import find_mount
 from lcfs.fuse import watchdog as watchdog_module
+from lcfs.fuse.operations import KERNEL_CACHES
 from lcfs.fuse.settings import DIRECT_IO_NEVER, DIRECT_IO_WRITE_ONLY, FuseSettings
 from lcfs.fuse.stats import fetch_stats
 from lcfs.store import ROOT_INO, Store
@@ -301,6 +302,82 @@ def test_missing_name_asked_once_and_created_at_once(lcfs_image):
     assert found.strip() == "0"
     assert delta(before, after, "lookup") == 1
     assert created.strip() == "now"
+
+
+WALK_SCRIPT = """
+import os, sys
+count = 0
+for top, dirs, files in os.walk(sys.argv[1]):
+    for name in dirs + files:
+        path = os.path.join(top, name)
+        if os.path.islink(path):
+            os.readlink(path)
+        os.lstat(path)
+        count += 1
+print(count)
+"""
+
+
+def test_kernel_keeps_listings_and_symlinks(lcfs_image):
+    if not KERNEL_CACHES:
+        # scripts/test.sh builds the pyfuse3 that has them.
+        assert not os.environ.get("CI"), "pyfuse3 was not built by scripts/build_pyfuse3.py"
+        pytest.skip("stock pyfuse3 cannot turn on the kernel's directory and symlink caches")
+    with mount_store(lcfs_image) as mounted:
+        stats = mounted.server.stats
+        tree = mounted.at("base", "tree")
+        run_python("import os, sys\n"
+                   "for d in range(5):\n"
+                   "    os.makedirs(f'{sys.argv[1]}/d{d}')\n"
+                   "    for f in range(20):\n"
+                   "        open(f'{sys.argv[1]}/d{d}/f{f}', 'w').close()\n"
+                   "        os.symlink(f'f{f}', f'{sys.argv[1]}/d{d}/l{f}')\n",
+                   tree)  # fmt: skip
+        first = run_python(WALK_SCRIPT, tree)
+        before = stats.snapshot()
+        second = run_python(WALK_SCRIPT, tree)
+        after = stats.snapshot()
+        run_python("import sys; open(sys.argv[1], 'w').close()", os.path.join(tree, "d0", "new"))
+        third = run_python(WALK_SCRIPT, tree)
+    assert int(first) == int(second) == 5 + 5 * 40
+    assert delta(before, after, "readdir") == 0
+    assert delta(before, after, "readlink") == 0
+    assert int(third) == int(second) + 1
+
+
+def test_inherited_tree_cached_and_changes_seen(lcfs_image):
+    with Store.open(lcfs_image) as store:
+        base = store.create_layer("image").number
+        for d in range(5):
+            directory = store.mkdir(base, ROOT_INO, b"d%d" % d, 0o755)
+            for f in range(20):
+                store.mknod(base, directory.ino, b"f%d" % f, stat.S_IFREG | 0o644)
+        store.create_layer("ctr", "image")
+        store.commit()
+    with mount_store(lcfs_image) as mounted:
+        stats = mounted.server.stats
+        tree = mounted.at("ctr")
+        run_python(WALK_SCRIPT, tree)
+        # Past the 1-second timeout of what the writable layer changed itself.
+        time.sleep(1.5)
+        before = stats.snapshot()
+        run_python(WALK_SCRIPT, tree)
+        after = stats.snapshot()
+        changed = run_python(
+            "import os, stat, sys\n"
+            "d = os.path.join(sys.argv[1], 'd0')\n"
+            "mtime = os.stat(d).st_mtime_ns\n"
+            "os.chmod(os.path.join(d, 'f0'), 0o600)\n"
+            "open(os.path.join(d, 'new'), 'w').close()\n"
+            "print(oct(stat.S_IMODE(os.stat(os.path.join(d, 'f0')).st_mode)),\n"
+            "      os.stat(d).st_mtime_ns > mtime)\n",
+            tree,
+        )
+    # The kernel drops a directory's atime after reading it, so the walk's
+    # lstat of each of the 6 directories asks again; no file is asked for.
+    assert delta(before, after, "getattr") <= 6
+    assert delta(before, after, "lookup") == 0
+    assert changed.split() == ["0o600", "True"]
 
 
 def test_store_calls_match_store(lcfs_image, monkeypatch):

@@ -26,7 +26,7 @@ import pyfuse3
 import trio
 
 from . import watchdog
-from .operations import LayerOperations
+from .operations import KERNEL_CACHES, LayerOperations
 from .settings import FuseSettings
 from .stats import RequestStats
 
@@ -241,9 +241,11 @@ class FuseServer:
             self.stop()
             raise
         log.info("mounted lcfs at %s (device %s, options %s, direct I/O %s, "
-                 "invalidate on close %s)", mountpoint, device,
+                 "invalidate on close %s, kernel symlink and directory caches %s)",
+                 mountpoint, device,
                  ",".join(sorted(self.options)), self.settings.direct_io,
-                 "on" if self.settings.invalidate_on_close else "off")  # fmt: skip
+                 "on" if self.settings.invalidate_on_close else "off",
+                 "on" if KERNEL_CACHES else "off (stock pyfuse3)")  # fmt: skip
 
     def _wait_until_live(self, initialized: threading.Event, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 FROZEN_TIMEOUT = 300.0
 WRITABLE_TIMEOUT = 1.0
 
+# Whether this pyfuse3 lets lcfs turn on the kernel's symlink and directory
+# caches; only a build by scripts/build_pyfuse3.py does.
+KERNEL_CACHES = bool(getattr(pyfuse3, "LCFS_KERNEL_CACHES", False))
+
 COMMIT_INTERVAL = 1.0
 
 RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
@@ -105,6 +109,10 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
+    # Read by a pyfuse3 built with scripts/build_pyfuse3.py (see
+    # KERNEL_CACHES); stock pyfuse3 ignores it. A symlink's target never
+    # changes: a new target is a new inode.
+    enable_symlink_cache = True
 
     def __init__(self, store, initialized: threading.Event | None = None,
                  settings: FuseSettings | None = None,
@@ -214,7 +222,11 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
 
     def _entry(self, layer: int, attr, entry_timeout: float | None = None):
         frozen = self._is_frozen(layer)
-        timeout = FROZEN_TIMEOUT if frozen else WRITABLE_TIMEOUT
+        # An inode that a writable layer inherits unchanged can change only
+        # by a copy-up through this mount. The kernel learns of that from
+        # the reply or its own invalidation, so the inode is cached like a
+        # frozen one, and a tree scan in a container asks for no file again.
+        timeout = FROZEN_TIMEOUT if frozen or attr.inherited else WRITABLE_TIMEOUT
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = self.store.node_id(layer, attr.ino)
         self._keep_attr(entry.st_ino, layer, attr, frozen)
@@ -340,8 +352,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
 
         Inode number 0 lets the kernel keep the answer, where ENOENT would
         make it ask again on the next walk (a container's PATH search, for
-        example). Names in a layer change only through this mount, which
-        the kernel sees, or by ApplyDiff before the layer's first use.
+        example). Names in a layer change only through this mount, whose
+        changes the kernel tracks, or by ApplyDiff before the layer's first use.
         """
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = 0
@@ -432,6 +444,16 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         handle = self._new_handle()
         self._dirs[handle] = opened
         return handle
+
+    def cache_directory(self, fh: int) -> bool:
+        """Tell a pyfuse3 built with scripts/build_pyfuse3.py to let the kernel keep a listing.
+
+        Every directory but the mount root qualifies. A layer's directories
+        change only through this mount, whose changes make the kernel drop
+        its copy, or by ApplyDiff before the layer's first use. The mount
+        root lists layers, which plugin calls add and remove.
+        """
+        return self._dirs[fh].layer is not None
 
     @fuse_handler()
     async def readdir(self, fh, start_id, token):

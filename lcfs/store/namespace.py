@@ -201,13 +201,23 @@ class NamespaceMixin:
         return result
 
     def _child(self, layer: int, dir_ino: int, name: bytes) -> Inode:
+        return self._inode(layer, self._child_ino(layer, dir_ino, name))
+
+    def _child_ino(self, layer: int, dir_ino: int, name: bytes) -> int:
         dir_inode = self._dir(layer, dir_ino)
         found = self._entry(layer, dir_inode, name)
         if found is None:
             raise errors.NotFound(
                 f"{name.decode(errors='replace')!r} not found in directory inode {dir_ino}"
             )
-        return self._inode(layer, found[0])
+        return found[0]
+
+    def _attr(self, layer: int, ino: int):
+        """Return the attributes of ``ino`` in ``layer``, marked if inherited."""
+        from .store import Attr
+
+        owner, inode = self._resolve(layer, ino)
+        return Attr.of(inode, inherited=owner != layer)
 
     def _entries(self, layer: int, dir_inode: Inode) -> dict[bytes, int]:
         """Return {name: ino} of every live entry of a directory."""
@@ -306,15 +316,13 @@ class NamespaceMixin:
         with self.lock:
             self._ready()
             self._layer(layer)
-            return Attr.of(self._inode(layer, ino))
+            return self._attr(layer, ino)
 
     def lookup(self, layer: int, dir_ino: int, name: bytes):
-        from .store import Attr
-
         with self.lock:
             self._ready()
             self._layer(layer)
-            return Attr.of(self._child(layer, dir_ino, name))
+            return self._attr(layer, self._child_ino(layer, dir_ino, name))
 
     def lookup_parent(self, layer: int, dir_ino: int):
         """Return the attributes of a directory's parent; the root is its own parent."""
@@ -328,16 +336,11 @@ class NamespaceMixin:
             return Attr.of(self._dir(layer, parent))
 
     def readdir(self, layer: int, dir_ino: int) -> list:
-        from .store import Attr
-
         with self.lock:
             self._ready()
             self._layer(layer)
             entries = self._entries(layer, self._dir(layer, dir_ino))
-            return [
-                (name, Attr.of(self._inode(layer, entries[name])))
-                for name in sorted(entries)
-            ]
+            return [(name, self._attr(layer, entries[name])) for name in sorted(entries)]
 
     def readlink(self, layer: int, ino: int) -> bytes:
         with self.lock:

@@ -85,12 +85,14 @@ class Attr:
     mtime_ns: int
     ctime_ns: int
     has_xattrs: bool
+    # The record belongs to an ancestor: the layer has not changed the inode.
+    inherited: bool = False
 
     @classmethod
-    def of(cls, inode: Inode) -> Attr:
+    def of(cls, inode: Inode, inherited: bool = False) -> Attr:
         return cls(inode.ino, inode.mode, inode.nlink, inode.uid, inode.gid, inode.rdev,
                    inode.size, inode.blocks * (BLOCK_SIZE // 512), inode.atime_ns,
-                   inode.mtime_ns, inode.ctime_ns, inode.has_xattrs)  # fmt: skip
+                   inode.mtime_ns, inode.ctime_ns, inode.has_xattrs, inherited)  # fmt: skip
 
 
 def write_op(fn):

@@ -1,0 +1,118 @@
+"""Build and install pyfuse3 with two kernel caches that lcfs asks for.
+
+pyfuse3 3.5 gives a filesystem no way to set two things the kernel's FUSE
+client offers:
+
+- FUSE_CAP_CACHE_SYMLINKS in the init reply, which lets the kernel keep
+  symlink targets in its page cache instead of sending READLINK on every
+  path walk through a symlink;
+- ``cache_readdir`` and ``keep_cache`` in the opendir reply
+  (FOPEN_CACHE_DIR, FOPEN_KEEP_CACHE), which let the kernel list a
+  directory again from its own cache.
+
+This script downloads the pyfuse3 source release that pip resolves for the
+version in lcfs's requirements, changes those two handlers, and installs
+the result with pip, replacing the installed pyfuse3. The changed handlers
+ask the filesystem object first (``enable_symlink_cache`` and
+``cache_directory(fh)``), so any other pyfuse3 filesystem behaves as
+before. The module gets ``LCFS_KERNEL_CACHES = True``, which lcfs checks at
+mount time. Each edit checks that the text it replaces is there, so a
+different pyfuse3 release fails here, by name, instead of building wrong.
+
+Usage: python3 scripts/build_pyfuse3.py [--python PYTHON]
+Needs libfuse3-dev, pkg-config and a C compiler; pip fetches Cython and
+setuptools for the build from the package index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+VERSION = "3.5.0"
+
+# (file inside the source tree, text that must be there once, replacement)
+EDITS = [
+    (
+        "Include/fuse_common.pxd",
+        "        unsigned int keep_cache\n",
+        "        unsigned int keep_cache\n        unsigned int cache_readdir\n",
+    ),
+    (
+        "Include/fuse_common.pxd",
+        "      FUSE_CAP_HANDLE_KILLPRIV\n",
+        "      FUSE_CAP_HANDLE_KILLPRIV\n      FUSE_CAP_CACHE_SYMLINKS\n",
+    ),
+    (
+        "src/pyfuse3/handlers.pxi",
+        "    # Blocking rather than async, in case we decide to let the\n",
+        "    if (getattr(operations, 'enable_symlink_cache', False) and\n"
+        "        conn.capable & FUSE_CAP_CACHE_SYMLINKS):\n"
+        "        conn.want |= FUSE_CAP_CACHE_SYMLINKS\n\n"
+        "    # Blocking rather than async, in case we decide to let the\n",
+    ),
+    (
+        "src/pyfuse3/handlers.pxi",
+        "        c.fi.fh = await operations.opendir(c.ino, ctx)\n",
+        "        c.fi.fh = await operations.opendir(c.ino, ctx)\n"
+        "        cache_directory = getattr(operations, 'cache_directory', None)\n"
+        "        if cache_directory is not None and cache_directory(c.fi.fh):\n"
+        "            c.fi.cache_readdir = 1\n"
+        "            c.fi.keep_cache = 1\n",
+    ),
+]
+
+MARKER = "\n# Set by lcfs's scripts/build_pyfuse3.py.\nLCFS_KERNEL_CACHES = True\n"
+
+
+def run(*command: str, cwd: Path | None = None) -> None:
+    print("+", " ".join(command), flush=True)
+    subprocess.run(command, check=True, cwd=cwd)
+
+
+def patch(tree: Path) -> None:
+    for relative, old, new in EDITS:
+        path = tree / relative
+        text = path.read_text()
+        if text.count(old) != 1:
+            raise SystemExit(
+                f"build_pyfuse3.py: {relative} of pyfuse3 {VERSION} does not hold "
+                f"{old.strip()!r} exactly once; this script fits pyfuse3 {VERSION} only"
+            )
+        path.write_text(text.replace(old, new))
+    init = tree / "src/pyfuse3/__init__.pyx"
+    init.write_text(init.read_text() + MARKER)
+    # The release ships the C file Cython made from the unchanged sources.
+    (tree / "src/pyfuse3/__init__.c").unlink(missing_ok=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter whose pyfuse3 is replaced (default: this one)")  # fmt: skip
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lcfs-pyfuse3-") as work:
+        work_dir = Path(work)
+        run(args.python, "-m", "pip", "download", "--quiet", "--no-deps",
+            "--no-binary", "pyfuse3", "--dest", str(work_dir), f"pyfuse3=={VERSION}")  # fmt: skip
+        archives = list(work_dir.glob("pyfuse3-*.tar.gz"))
+        if len(archives) != 1:
+            raise SystemExit(f"build_pyfuse3.py: pip left {archives} in {work_dir}")
+        with tarfile.open(archives[0]) as archive:
+            archive.extractall(work_dir, filter="data")
+        tree = work_dir / f"pyfuse3-{VERSION}"
+        patch(tree)
+        run(args.python, "-m", "pip", "install", "--quiet", "--no-deps",
+            "--force-reinstall", str(tree))  # fmt: skip
+    check = "import pyfuse3; assert pyfuse3.LCFS_KERNEL_CACHES"
+    run(args.python, "-c", check)
+    print(f"pyfuse3 {VERSION} with kernel symlink and directory caching installed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,20 +6,24 @@ client offers:
 - FUSE_CAP_CACHE_SYMLINKS in the init reply, which lets the kernel keep
   symlink targets in its page cache instead of sending READLINK on every
   path walk through a symlink;
-- ``cache_readdir`` and ``keep_cache`` in the opendir reply
-  (FOPEN_CACHE_DIR, FOPEN_KEEP_CACHE), which let the kernel list a
-  directory again from its own cache.
+- a directory listing without opendir. When opendir answers ENOSYS the
+  kernel stops sending opendir and releasedir and keeps every listing in
+  its cache (FOPEN_CACHE_DIR, FOPEN_KEEP_CACHE), but its readdir requests
+  then carry file handle 0, and pyfuse3 passes the handler only the file
+  handle, never the directory's inode.
 
 This script downloads the pyfuse3 source release that pip resolves for the
 version in lcfs's requirements, changes those two handlers, and installs
 the result with pip, replacing the installed pyfuse3. The changed handlers
-ask the filesystem object first (``enable_symlink_cache`` and
-``cache_directory(fh)``), so any other pyfuse3 filesystem behaves as
-before. The module gets ``LCFS_KERNEL_CACHES = True``, which lcfs checks at
-mount time. Each edit checks that the text it replaces is there, so a
-different pyfuse3 release fails here, by name, instead of building wrong.
+ask the filesystem object first (``enable_symlink_cache``, and a
+``readdir_node(inode, start_id, token)`` method called for handle 0), so
+any other pyfuse3 filesystem behaves as before. The module gets
+``LCFS_PATCH_LEVEL``, which lcfs checks at mount time. Each edit checks
+that the text it replaces is there, so a different pyfuse3 release fails
+here, by name, instead of building wrong.
 
-Usage: python3 scripts/build_pyfuse3.py [--python PYTHON]
+Usage: python3 scripts/build_pyfuse3.py [--python PYTHON] [--check]
+(--check only tells, by exit status 0 or 1, whether the build is needed.)
 Needs libfuse3-dev, pkg-config and a C compiler; pip fetches Cython and
 setuptools for the build from the package index.
 """
@@ -39,11 +43,6 @@ VERSION = "3.5.0"
 EDITS = [
     (
         "Include/fuse_common.pxd",
-        "        unsigned int keep_cache\n",
-        "        unsigned int keep_cache\n        unsigned int cache_readdir\n",
-    ),
-    (
-        "Include/fuse_common.pxd",
         "      FUSE_CAP_HANDLE_KILLPRIV\n",
         "      FUSE_CAP_HANDLE_KILLPRIV\n      FUSE_CAP_CACHE_SYMLINKS\n",
     ),
@@ -57,16 +56,27 @@ EDITS = [
     ),
     (
         "src/pyfuse3/handlers.pxi",
-        "        c.fi.fh = await operations.opendir(c.ino, ctx)\n",
-        "        c.fi.fh = await operations.opendir(c.ino, ctx)\n"
-        "        cache_directory = getattr(operations, 'cache_directory', None)\n"
-        "        if cache_directory is not None and cache_directory(c.fi.fh):\n"
-        "            c.fi.cache_readdir = 1\n"
-        "            c.fi.keep_cache = 1\n",
+        "    c.off = off\n    c.fh = fi.fh\n    save_retval(fuse_readdirplus_async(c))\n",
+        "    c.off = off\n    c.fh = fi.fh\n    c.ino = ino\n"
+        "    save_retval(fuse_readdirplus_async(c))\n",
+    ),
+    (
+        "src/pyfuse3/handlers.pxi",
+        "        await operations.readdir(c.fh, c.off, token)\n",
+        "        if c.fh == 0 and hasattr(operations, 'readdir_node'):\n"
+        "            await operations.readdir_node(c.ino, c.off, token)\n"
+        "        else:\n"
+        "            await operations.readdir(c.fh, c.off, token)\n",
     ),
 ]
 
-MARKER = "\n# Set by lcfs's scripts/build_pyfuse3.py.\nLCFS_KERNEL_CACHES = True\n"
+# Raised whenever EDITS change; lcfs.fuse.operations needs this level.
+PATCH_LEVEL = 2
+MARKER = f"\n# Set by lcfs's scripts/build_pyfuse3.py.\nLCFS_PATCH_LEVEL = {PATCH_LEVEL}\n"
+CHECK = (
+    "import sys, pyfuse3; "
+    f"sys.exit(getattr(pyfuse3, 'LCFS_PATCH_LEVEL', 0) < {PATCH_LEVEL})"
+)
 
 
 def run(*command: str, cwd: Path | None = None) -> None:
@@ -94,7 +104,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter whose pyfuse3 is replaced (default: this one)")  # fmt: skip
+    parser.add_argument("--check", action="store_true",
+                        help="exit 0 if the installed pyfuse3 is this build, 1 if not")  # fmt: skip
     args = parser.parse_args()
+    if args.check:
+        return subprocess.run([args.python, "-c", CHECK]).returncode
     with tempfile.TemporaryDirectory(prefix="lcfs-pyfuse3-") as work:
         work_dir = Path(work)
         run(args.python, "-m", "pip", "download", "--quiet", "--no-deps",
@@ -108,8 +122,7 @@ def main() -> int:
         patch(tree)
         run(args.python, "-m", "pip", "install", "--quiet", "--no-deps",
             "--force-reinstall", str(tree))  # fmt: skip
-    check = "import pyfuse3; assert pyfuse3.LCFS_KERNEL_CACHES"
-    run(args.python, "-c", check)
+    run(args.python, "-c", CHECK)
     print(f"pyfuse3 {VERSION} with kernel symlink and directory caching installed")
     return 0
 

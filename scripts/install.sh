@@ -30,7 +30,7 @@ python3 -m venv "$prefix"
 "$prefix/bin/pip" install --quiet "$repo"
 # Rebuild pyfuse3 so that lcfs can turn on the kernel's symlink and
 # directory caches; lcfs runs on stock pyfuse3 too, only slower.
-if ! "$prefix/bin/python" -c 'import pyfuse3, sys; sys.exit(not getattr(pyfuse3, "LCFS_KERNEL_CACHES", False))'; then
+if ! "$prefix/bin/python" "$repo/scripts/build_pyfuse3.py" --check; then
     "$prefix/bin/python" "$repo/scripts/build_pyfuse3.py"
 fi
 ln -sf "$prefix/bin/lcfs" /usr/local/bin/lcfs

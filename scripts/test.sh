@@ -26,7 +26,7 @@ fi
 # importable by the same interpreter that runs pytest.
 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --root-user-action=ignore -e '.[test]'
 # The FUSE tests check the kernel caches that need pyfuse3 rebuilt.
-if ! python3 -c 'import pyfuse3, sys; sys.exit(not getattr(pyfuse3, "LCFS_KERNEL_CACHES", False))'; then
+if ! python3 scripts/build_pyfuse3.py --check; then
     PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore python3 scripts/build_pyfuse3.py
 fi
 

@@ -340,6 +340,7 @@ def test_kernel_keeps_listings_and_symlinks(lcfs_image):
         run_python("import sys; open(sys.argv[1], 'w').close()", os.path.join(tree, "d0", "new"))
         third = run_python(WALK_SCRIPT, tree)
     assert int(first) == int(second) == 5 + 5 * 40
+    assert delta(before, after, "opendir") == 0
     assert delta(before, after, "readdir") == 0
     assert delta(before, after, "readlink") == 0
     assert int(third) == int(second) + 1

@@ -21,15 +21,17 @@ def _brief(value: object) -> str:
     return repr(value)
 
 
-def fuse_handler(modifies: bool = False):
+def fuse_handler(modifies: bool = False, operation: str | None = None):
     """Wrap a handler so that it raises only FUSEError and is counted in ``self.stats``.
 
     ``modifies`` marks handlers that change the store: they set the dirty
     flag that the commit task looks at, even when they fail halfway.
+    ``operation`` names the FUSE request in the statistics when the
+    method's own name differs.
     """
 
     def decorate(method):
-        operation = method.__name__
+        name = operation or method.__name__
 
         @functools.wraps(method)
         async def wrapper(self, *args):
@@ -44,10 +46,10 @@ def fuse_handler(modifies: bool = False):
                 raise pyfuse3.FUSEError(exc.errno) from None
             except Exception:
                 shown = ", ".join(_brief(arg) for arg in args)
-                log.exception("FUSE %s(%s) failed, returning EIO", operation, shown)
+                log.exception("FUSE %s(%s) failed, returning EIO", name, shown)
                 raise pyfuse3.FUSEError(errno.EIO) from None
             finally:
-                self.stats.record(operation, time.perf_counter() - started)
+                self.stats.record(name, time.perf_counter() - started)
 
         return wrapper
 

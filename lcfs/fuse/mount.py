@@ -107,9 +107,16 @@ class _EntryInvalidator:
         self._thread.start()
 
     def invalidate(self, parent: int, name: bytes) -> threading.Event:
-        """Queue a notice; the returned event is set once it has been sent."""
+        """Queue a notice to drop an entry; the event is set once it has been sent."""
+        return self._put(pyfuse3.invalidate_entry, parent, name)
+
+    def invalidate_listing(self, node: int) -> threading.Event:
+        """Queue a notice to drop a directory's cached listing and attributes."""
+        return self._put(pyfuse3.invalidate_inode, node, False)
+
+    def _put(self, notice, *args) -> threading.Event:
         done = threading.Event()
-        self._queue.put((parent, name, done))
+        self._queue.put((notice, args, done))
         return done
 
     def stop(self) -> None:
@@ -120,14 +127,14 @@ class _EntryInvalidator:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            parent, name, done = item
+            notice, args, done = item
             try:
-                pyfuse3.invalidate_entry(parent, name)
+                notice(*args)
             except FileNotFoundError:
-                pass  # the kernel had no entry for the name
+                pass  # the kernel had nothing cached for it
             except OSError as exc:
-                log.warning("invalidating entry %r of node %d at %s failed: %s",
-                            name, parent, self._mountpoint, exc)
+                log.warning("%s%r at %s failed: %s", notice.__name__, args,
+                            self._mountpoint, exc)  # fmt: skip
             finally:
                 done.set()
 
@@ -228,6 +235,7 @@ class FuseServer:
             self._trio_token = None
             self._loop_started.clear()
             self._invalidator = _EntryInvalidator(mountpoint)
+            self.store.layers_changed = self._layers_changed
             self._thread = threading.Thread(
                 target=self._serve, name=f"lcfs-fuse {mountpoint}", daemon=True
             )
@@ -269,6 +277,7 @@ class FuseServer:
                 return
             mountpoint = self.mountpoint
             log.info("unmounting lcfs from %s", mountpoint)
+            self.store.layers_changed = None
             if thread.is_alive():
                 # Invalidations need the main loop, so they stop before it.
                 self._invalidator.stop()
@@ -300,9 +309,25 @@ class FuseServer:
         if invalidator is None or not self.running:
             return
         done = invalidator.invalidate(pyfuse3.ROOT_INODE, os.fsencode(layer_id))
+        self._wait(done, "removal of", layer_id)
+
+    def _layers_changed(self) -> None:
+        """Make the kernel list the mount root again; the store calls it.
+
+        The kernel keeps the root's listing when pyfuse3 has KERNEL_CACHES.
+        The store calls this under its lock. That is safe because
+        invalidate_inode, unlike invalidate_entry, takes no directory lock
+        in the kernel, so it waits for no FUSE request.
+        """
+        invalidator = self._invalidator
+        if invalidator is None or not self.running:
+            return
+        self._wait(invalidator.invalidate_listing(pyfuse3.ROOT_INODE), "listing of", "all")
+
+    def _wait(self, done: threading.Event, change: str, layer_id: str) -> None:
         if not done.wait(INVALIDATE_WAIT):
-            log.warning("the kernel did not take the removal of layer %s at %s "
-                        "within %d s", layer_id, self.mountpoint, INVALIDATE_WAIT)
+            log.warning("the kernel did not take the %s layer %s at %s within %d s",
+                        change, layer_id, self.mountpoint, INVALIDATE_WAIT)  # fmt: skip
 
     def _serve(self) -> None:
         mountpoint = self.mountpoint

@@ -61,7 +61,11 @@ WRITABLE_TIMEOUT = 1.0
 
 # Whether this pyfuse3 lets lcfs turn on the kernel's symlink and directory
 # caches; only a build by scripts/build_pyfuse3.py does.
-KERNEL_CACHES = bool(getattr(pyfuse3, "LCFS_KERNEL_CACHES", False))
+KERNEL_CACHES = getattr(pyfuse3, "LCFS_PATCH_LEVEL", 0) >= 2
+
+# Listings kept between the readdir requests of one directory read when
+# there are no directory handles (KERNEL_CACHES).
+LISTINGS_KEPT = 64
 
 COMMIT_INTERVAL = 1.0
 
@@ -128,6 +132,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._open_counts: dict[int, int] = {}
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
+        self._listings: dict[int, list] = {}
         self._next_handle = 1
         self._mount_time_ns = time.time_ns()
 
@@ -170,6 +175,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             self._unpin(open_file)
         self._files.clear()
         self._dirs.clear()
+        self._listings.clear()
         self._open_counts.clear()
         self._attrs.clear()
         self.lookup_counts.clear()
@@ -434,6 +440,10 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
 
     @fuse_handler()
     async def opendir(self, inode, ctx):
+        if KERNEL_CACHES:
+            # The kernel then sends no more opendir or releasedir, keeps
+            # each listing, and reads directories with readdir_node.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if inode == pyfuse3.ROOT_INODE:
             opened = OpenDir(inode, None, 0)
         else:
@@ -445,40 +455,57 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._dirs[handle] = opened
         return handle
 
-    def cache_directory(self, fh: int) -> bool:
-        """Tell a pyfuse3 built with scripts/build_pyfuse3.py to let the kernel keep a listing.
-
-        Every directory but the mount root qualifies. A layer's directories
-        change only through this mount, whose changes make the kernel drop
-        its copy, or by ApplyDiff before the layer's first use. The mount
-        root lists layers, which plugin calls add and remove.
-        """
-        return self._dirs[fh].layer is not None
-
     @fuse_handler()
     async def readdir(self, fh, start_id, token):
         opened = self._dirs[fh]
         if start_id == 0 or opened.listing is None:
-            if opened.layer is None:
-                layers = sorted(self.store.list_layers(), key=lambda layer: layer.id)
-                opened.listing = [(os.fsencode(layer.id), layer) for layer in layers]
-            else:
-                opened.listing = self.store.readdir(opened.layer, opened.ino)
-        for index in range(start_id, len(opened.listing)):
-            name, item = opened.listing[index]
-            if opened.layer is None:
+            opened.listing = self._listing(opened.layer, opened.ino)
+        self._reply_entries(opened.layer, opened.listing, start_id, token)
+
+    @fuse_handler(operation="readdir")
+    async def readdir_node(self, node, start_id, token):
+        """Read a directory without a handle (KERNEL_CACHES).
+
+        The kernel keeps what it reads, so each directory is listed about
+        once. The listing taken at offset 0 serves the requests that follow
+        it, as a handle's would.
+        """
+        if node == pyfuse3.ROOT_INODE:
+            layer, ino = None, ROOT_INO
+        else:
+            layer, ino = self._target(node)
+        listing = self._listings.pop(node, None)
+        if start_id == 0 or listing is None:
+            listing = self._listing(layer, ino)
+        if not self._reply_entries(layer, listing, start_id, token):
+            self._listings[node] = listing
+            while len(self._listings) > LISTINGS_KEPT:
+                del self._listings[next(iter(self._listings))]
+
+    def _listing(self, layer: int | None, ino: int) -> list:
+        if layer is None:
+            layers = sorted(self.store.list_layers(), key=lambda layer: layer.id)
+            return [(os.fsencode(layer.id), layer) for layer in layers]
+        return self.store.readdir(layer, ino)
+
+    def _reply_entries(self, layer: int | None, listing: list, start_id: int, token) -> bool:
+        """Give the kernel entries from ``start_id`` on; True if it took the last one."""
+        for index in range(start_id, len(listing)):
+            name, item = listing[index]
+            if layer is None:
                 try:
                     entry = self._layer_entry(item)
                 except errors.NotFound:
                     continue  # removed since the listing was taken
             else:
-                entry = self._entry(opened.layer, item)
+                entry = self._entry(layer, item)
             if not pyfuse3.readdir_reply(token, name, entry, index + 1):
                 if entry.st_ino not in self.lookup_counts:
                     self._attrs.pop(entry.st_ino, None)  # the kernel did not take it
-                break
+                return False
             # readdirplus gives the kernel a reference to every entry it takes.
             self._remember(entry.st_ino)
+        return True
 
     @fuse_handler()
     async def releasedir(self, fh):

@@ -182,6 +182,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._txn = None
         self._nested = None
         self._undo: list = []
+        # Called after a layer is created or dropped; the FUSE mount sets it.
+        self.layers_changed = None
         self._dirty = False
         with self.env.begin(write=True) as txn:
             self.dbs = open_databases(self.env, txn)
@@ -508,6 +510,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._layers[number] = layer
         self._ids[layer_id] = number
         self._undo.append(lambda: (self._layers.pop(number), self._ids.pop(layer_id)))
+        self._layers_changed()
         log.debug(
             "created layer %s (number %d, parent %s)", layer_id, number, parent_id
         )
@@ -633,6 +636,12 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             del self._ids[layer.id]
         self._children.pop(layer.number, None)
         self._forget_cached(layer.number)
+        self._layers_changed()
+
+    def _layers_changed(self) -> None:
+        """Tell the mount, if any, that the set of layers changed."""
+        if self.layers_changed is not None:
+            self.layers_changed()
 
     def _forget_cached(self, number: int) -> None:
         """Drop the cached ancestry of layer ``number``, whose records went.

@@ -143,6 +143,23 @@ def test_one_byte_write_branches_one_block(store):
     assert store.read(base, f.ino, 0, 8 * MiB) == data
 
 
+@pytest.mark.parametrize("offset, size", [
+    (0, 3 * 4096), (5000, 6000), (4095, 2), (8192, 4096), (3 * 4096 - 1, 10000),
+    (6 * 4096 - 100, 200), (9 * 4096 + 7, 100),
+])  # fmt: skip
+def test_read_ranges_across_extents_and_holes(store, offset, size):
+    layer = store.create_layer("f").number
+    f = store.mknod(layer, ROOT_INO, b"f", stat.S_IFREG | 0o644)
+    # Blocks 0-2 and 6-7 hold data in two extents; 3-5 are a hole, and
+    # the file ends inside block 9, which is a hole too.
+    first, second = os.urandom(3 * 4096), os.urandom(2 * 4096)
+    store.write(layer, f.ino, 0, first)
+    store.write(layer, f.ino, 6 * 4096, second)
+    store.setattr(layer, f.ino, size=9 * 4096 + 50)
+    expected = first + bytes(3 * 4096) + second + bytes(4096 + 50)
+    assert store.read(layer, f.ino, offset, size) == expected[offset : offset + size]
+
+
 def test_frozen_parent_rejects_writes(store):
     base = store.create_layer("base").number
     f = store.mknod(base, ROOT_INO, b"a", stat.S_IFREG | 0o644)

@@ -253,10 +253,19 @@ class DataMixin:
             return self._read_range(inode.ino, owner, offset, end)
 
     def _read_range(self, ino: int, owner: int, offset: int, end: int) -> bytes:
-        out = bytearray(end - offset)
         first = offset // BLOCK_SIZE
         last = (end + BLOCK_SIZE - 1) // BLOCK_SIZE
-        for block, phys, count, _ in self._extents(ino, owner, first, last):
+        extents = self._extents(ino, owner, first, last)
+        if len(extents) == 1:
+            block, phys, count, _ = extents[0]
+            if block <= first and block + count >= last:
+                # One extent covers the range: the pread result is the answer.
+                delta = offset - block * BLOCK_SIZE
+                return self._pread(
+                    phys + delta // BLOCK_SIZE, end - offset, delta % BLOCK_SIZE
+                )
+        out = bytearray(end - offset)
+        for block, phys, count, _ in extents:
             start = max(block * BLOCK_SIZE, offset)
             stop = min((block + count) * BLOCK_SIZE, end)
             if start >= stop:

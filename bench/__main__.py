@@ -104,6 +104,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _pyfuse3_version(pyfuse3) -> str:
+    level = getattr(pyfuse3, "LCFS_PATCH_LEVEL", 0)
+    if not level:
+        return f"{pyfuse3.__version__} (stock: no kernel symlink or listing caches)"
+    return f"{pyfuse3.__version__}, built by scripts/build_pyfuse3.py (patch level {level})"
+
+
 def machine_info() -> dict[str, object]:
     import lmdb
     import pyfuse3
@@ -119,7 +126,7 @@ def machine_info() -> dict[str, object]:
         "memory": f"{total_kib / (1 << 20):.1f} GiB",
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "pyfuse3": pyfuse3.__version__,
+        "pyfuse3": _pyfuse3_version(pyfuse3),
         "lmdb": lmdb.__version__,
         "dockerd": command_version(["dockerd", "--version"]),
         "containerd": command_version(["containerd", "--version"]),

@@ -8,7 +8,8 @@ together offline from parts the machine already reaches:
   they link, fetched with ``apt-get download`` and unpacked with
   ``dpkg-deb -x`` (no maintainer scripts run);
 * lcfs's runtime dependencies installed by pip at the versions this
-  Python has, so the bundle runs what the tests ran;
+  Python has, so the bundle runs what the tests ran, with pyfuse3 built
+  as ``lcfs.pyfuse3_build`` changes it (a wheel made here);
 * the ``lcfs`` package itself, copied from where it is imported.
 
 Then it is cut down. Documentation, locales, gconv modules, headers,
@@ -38,6 +39,8 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
+
+from . import pyfuse3_build
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,8 @@ def _require_tools() -> None:
         ("strip", "binutils"),
         ("ldconfig", "libc-bin"),
         ("chroot", "coreutils"),
+        ("pkg-config", "pkg-config"),
+        ("cc", "build-essential"),
     ):
         if shutil.which(tool) is None:
             raise BundleError(f"{tool} is not installed: install the {package} package")
@@ -178,20 +183,33 @@ def install_python_packages(rootfs: Path) -> None:
             raise BundleError(
                 f"{name} is not installed here: run pip install -e ."
             ) from None
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-compile",
-            "--root-user-action=ignore",
-            "--target",
-            str(target),
-            *requirements,
+    with tempfile.TemporaryDirectory(prefix="lcfs-bundle-wheel-") as wheel_dir:
+        # pyfuse3 rebuilt so that the plugin, too, may turn on the kernel's
+        # symlink and directory caches.
+        try:
+            wheel = pyfuse3_build.build_wheel(Path(wheel_dir))
+        except (subprocess.CalledProcessError, SystemExit) as error:
+            raise BundleError(
+                f"building pyfuse3 {pyfuse3_build.VERSION} for the bundle failed ({error}); "
+                "it needs libfuse3-dev, pkg-config, a C compiler and the Python headers"
+            ) from None
+        requirements = [
+            str(wheel) if name.startswith("pyfuse3==") else name for name in requirements
         ]
-    )
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--no-compile",
+                "--root-user-action=ignore",
+                "--target",
+                str(target),
+                *requirements,
+            ]
+        )
     shutil.rmtree(target / "bin", ignore_errors=True)
     package_dir = Path(__file__).resolve().parent
     shutil.copytree(
@@ -291,6 +309,8 @@ def compile_and_check(rootfs: Path) -> None:
     )
     check = (
         "import lcfs.cli, lcfs.driver.daemon, pyfuse3, lmdb, aiohttp, trio; "
+        "from lcfs.fuse.operations import KERNEL_CACHES; "
+        "assert KERNEL_CACHES, 'the bundled pyfuse3 lacks the kernel caches'; "
         "print(pyfuse3.__version__)"
     )
     _run(["chroot", str(rootfs), PYTHON, "-I", "-c", check])

@@ -1,131 +1,15 @@
-"""Build and install pyfuse3 with two kernel caches that lcfs asks for.
+"""Rebuild the installed pyfuse3 so that lcfs can turn on the kernel's caches.
 
-pyfuse3 3.5 gives a filesystem no way to set two things the kernel's FUSE
-client offers:
-
-- FUSE_CAP_CACHE_SYMLINKS in the init reply, which lets the kernel keep
-  symlink targets in its page cache instead of sending READLINK on every
-  path walk through a symlink;
-- a directory listing without opendir. When opendir answers ENOSYS the
-  kernel stops sending opendir and releasedir and keeps every listing in
-  its cache (FOPEN_CACHE_DIR, FOPEN_KEEP_CACHE), but its readdir requests
-  then carry file handle 0, and pyfuse3 passes the handler only the file
-  handle, never the directory's inode.
-
-This script downloads the pyfuse3 source release that pip resolves for the
-version in lcfs's requirements, changes those two handlers, and installs
-the result with pip, replacing the installed pyfuse3. The changed handlers
-ask the filesystem object first (``enable_symlink_cache``, and a
-``readdir_node(inode, start_id, token)`` method called for handle 0), so
-any other pyfuse3 filesystem behaves as before. The module gets
-``LCFS_PATCH_LEVEL``, which lcfs checks at mount time. Each edit checks
-that the text it replaces is there, so a different pyfuse3 release fails
-here, by name, instead of building wrong.
-
-Usage: python3 scripts/build_pyfuse3.py [--python PYTHON] [--check]
-(--check only tells, by exit status 0 or 1, whether the build is needed.)
-Needs libfuse3-dev, pkg-config and a C compiler; pip fetches Cython and
-setuptools for the build from the package index.
+The work is done by lcfs.pyfuse3_build, whose docstring says what changes
+and why; this file is the entry point that the set-up scripts run, before
+or after lcfs itself is importable.
 """
 
-from __future__ import annotations
-
-import argparse
-import subprocess
+import runpy
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
-VERSION = "3.5.0"
-
-# (file inside the source tree, text that must be there once, replacement)
-EDITS = [
-    (
-        "Include/fuse_common.pxd",
-        "      FUSE_CAP_HANDLE_KILLPRIV\n",
-        "      FUSE_CAP_HANDLE_KILLPRIV\n      FUSE_CAP_CACHE_SYMLINKS\n",
-    ),
-    (
-        "src/pyfuse3/handlers.pxi",
-        "    # Blocking rather than async, in case we decide to let the\n",
-        "    if (getattr(operations, 'enable_symlink_cache', False) and\n"
-        "        conn.capable & FUSE_CAP_CACHE_SYMLINKS):\n"
-        "        conn.want |= FUSE_CAP_CACHE_SYMLINKS\n\n"
-        "    # Blocking rather than async, in case we decide to let the\n",
-    ),
-    (
-        "src/pyfuse3/handlers.pxi",
-        "    c.off = off\n    c.fh = fi.fh\n    save_retval(fuse_readdirplus_async(c))\n",
-        "    c.off = off\n    c.fh = fi.fh\n    c.ino = ino\n"
-        "    save_retval(fuse_readdirplus_async(c))\n",
-    ),
-    (
-        "src/pyfuse3/handlers.pxi",
-        "        await operations.readdir(c.fh, c.off, token)\n",
-        "        if c.fh == 0 and hasattr(operations, 'readdir_node'):\n"
-        "            await operations.readdir_node(c.ino, c.off, token)\n"
-        "        else:\n"
-        "            await operations.readdir(c.fh, c.off, token)\n",
-    ),
-]
-
-# Raised whenever EDITS change; lcfs.fuse.operations needs this level.
-PATCH_LEVEL = 2
-MARKER = f"\n# Set by lcfs's scripts/build_pyfuse3.py.\nLCFS_PATCH_LEVEL = {PATCH_LEVEL}\n"
-CHECK = (
-    "import sys, pyfuse3; "
-    f"sys.exit(getattr(pyfuse3, 'LCFS_PATCH_LEVEL', 0) < {PATCH_LEVEL})"
-)
-
-
-def run(*command: str, cwd: Path | None = None) -> None:
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True, cwd=cwd)
-
-
-def patch(tree: Path) -> None:
-    for relative, old, new in EDITS:
-        path = tree / relative
-        text = path.read_text()
-        if text.count(old) != 1:
-            raise SystemExit(
-                f"build_pyfuse3.py: {relative} of pyfuse3 {VERSION} does not hold "
-                f"{old.strip()!r} exactly once; this script fits pyfuse3 {VERSION} only"
-            )
-        path.write_text(text.replace(old, new))
-    init = tree / "src/pyfuse3/__init__.pyx"
-    init.write_text(init.read_text() + MARKER)
-    # The release ships the C file Cython made from the unchanged sources.
-    (tree / "src/pyfuse3/__init__.c").unlink(missing_ok=True)
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--python", default=sys.executable,
-                        help="interpreter whose pyfuse3 is replaced (default: this one)")  # fmt: skip
-    parser.add_argument("--check", action="store_true",
-                        help="exit 0 if the installed pyfuse3 is this build, 1 if not")  # fmt: skip
-    args = parser.parse_args()
-    if args.check:
-        return subprocess.run([args.python, "-c", CHECK]).returncode
-    with tempfile.TemporaryDirectory(prefix="lcfs-pyfuse3-") as work:
-        work_dir = Path(work)
-        run(args.python, "-m", "pip", "download", "--quiet", "--no-deps",
-            "--no-binary", "pyfuse3", "--dest", str(work_dir), f"pyfuse3=={VERSION}")  # fmt: skip
-        archives = list(work_dir.glob("pyfuse3-*.tar.gz"))
-        if len(archives) != 1:
-            raise SystemExit(f"build_pyfuse3.py: pip left {archives} in {work_dir}")
-        with tarfile.open(archives[0]) as archive:
-            archive.extractall(work_dir, filter="data")
-        tree = work_dir / f"pyfuse3-{VERSION}"
-        patch(tree)
-        run(args.python, "-m", "pip", "install", "--quiet", "--no-deps",
-            "--force-reinstall", str(tree))  # fmt: skip
-    run(args.python, "-c", CHECK)
-    print(f"pyfuse3 {VERSION} with kernel symlink and directory caching installed")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    module = Path(__file__).resolve().parent.parent / "lcfs" / "pyfuse3_build.py"
+    sys.argv[0] = str(module)
+    runpy.run_path(str(module), run_name="__main__")

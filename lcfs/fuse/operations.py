@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import pyfuse3
 import trio
 
+from lcfs.pyfuse3_build import PATCH_LEVEL
 from lcfs.store import ROOT_INO, errors
 
 from .handler import fuse_handler
@@ -61,7 +62,7 @@ WRITABLE_TIMEOUT = 1.0
 
 # Whether this pyfuse3 lets lcfs turn on the kernel's symlink and directory
 # caches; only a build by scripts/build_pyfuse3.py does.
-KERNEL_CACHES = getattr(pyfuse3, "LCFS_PATCH_LEVEL", 0) >= 2
+KERNEL_CACHES = getattr(pyfuse3, "LCFS_PATCH_LEVEL", 0) >= PATCH_LEVEL
 
 # Listings kept between the readdir requests of one directory read when
 # there are no directory handles (KERNEL_CACHES).

@@ -6,11 +6,13 @@ client offers:
 - FUSE_CAP_CACHE_SYMLINKS in the init reply, which lets the kernel keep
   symlink targets in its page cache instead of sending READLINK on every
   path walk through a symlink;
-- a directory listing without opendir. When opendir answers ENOSYS the
-  kernel stops sending opendir and releasedir and keeps every listing in
-  its cache (FOPEN_CACHE_DIR, FOPEN_KEEP_CACHE), but its readdir requests
+- a directory listing without opendir. When opendir answers ENOSYS, a
+  kernel that offers FUSE_CAP_NO_OPENDIR_SUPPORT (Linux 5.1 and later)
+  stops sending opendir and releasedir and keeps every listing in its
+  cache (FOPEN_CACHE_DIR, FOPEN_KEEP_CACHE), but its readdir requests
   then carry file handle 0, and pyfuse3 passes the handler only the file
-  handle, never the directory's inode.
+  handle, never the directory's inode. The init handler tells the
+  filesystem whether the kernel offers it (``kernel_skips_opendir``).
 
 This script downloads the pyfuse3 source release that pip resolves for the
 version in lcfs's requirements, changes those two handlers, and installs
@@ -48,14 +50,18 @@ EDITS = [
     (
         "Include/fuse_common.pxd",
         "      FUSE_CAP_HANDLE_KILLPRIV\n",
-        "      FUSE_CAP_HANDLE_KILLPRIV\n      FUSE_CAP_CACHE_SYMLINKS\n",
+        "      FUSE_CAP_HANDLE_KILLPRIV\n      FUSE_CAP_CACHE_SYMLINKS\n"
+        "      FUSE_CAP_NO_OPENDIR_SUPPORT\n",
     ),
     (
         "src/pyfuse3/handlers.pxi",
         "    # Blocking rather than async, in case we decide to let the\n",
         "    if (getattr(operations, 'enable_symlink_cache', False) and\n"
         "        conn.capable & FUSE_CAP_CACHE_SYMLINKS):\n"
-        "        conn.want |= FUSE_CAP_CACHE_SYMLINKS\n\n"
+        "        conn.want |= FUSE_CAP_CACHE_SYMLINKS\n"
+        "    if (hasattr(operations, 'readdir_node') and\n"
+        "        conn.capable & FUSE_CAP_NO_OPENDIR_SUPPORT):\n"
+        "        operations.kernel_skips_opendir = True\n\n"
         "    # Blocking rather than async, in case we decide to let the\n",
     ),
     (
@@ -75,7 +81,7 @@ EDITS = [
 ]
 
 # Raised whenever EDITS change; lcfs turns the caches on only at this level.
-PATCH_LEVEL = 2
+PATCH_LEVEL = 3
 MARKER = f"\n# Set by lcfs's pyfuse3 build.\nLCFS_PATCH_LEVEL = {PATCH_LEVEL}\n"
 CHECK = (
     "import sys, pyfuse3; "

@@ -118,6 +118,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     # KERNEL_CACHES); stock pyfuse3 ignores it. A symlink's target never
     # changes: a new target is a new inode.
     enable_symlink_cache = True
+    # Set by the init handler of that pyfuse3 when the kernel can read
+    # directories without opendir (Linux 5.1 and later).
+    kernel_skips_opendir = False
 
     def __init__(self, store, initialized: threading.Event | None = None,
                  settings: FuseSettings | None = None,
@@ -441,7 +444,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
 
     @fuse_handler()
     async def opendir(self, inode, ctx):
-        if KERNEL_CACHES:
+        if KERNEL_CACHES and self.kernel_skips_opendir:
             # The kernel then sends no more opendir or releasedir, keeps
             # each listing, and reads directories with readdir_node.
             raise pyfuse3.FUSEError(errno.ENOSYS)

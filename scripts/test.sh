@@ -19,7 +19,7 @@ fi
 # build containerd's own snapshotter test suite offline from Debian's Go
 # sources (GOPATH mode, no module proxy).
 "$repo/scripts/apt-install.sh" \
-    fuse3 libfuse3-dev pkg-config build-essential \
+    fuse3 libfuse3-dev pkg-config build-essential python3-dev python3-pip \
     docker.io busybox-static debootstrap \
     containerd runc golang-go golang-github-containerd-containerd-dev
 # Debian's own python3 is marked externally managed; the tests need lcfs

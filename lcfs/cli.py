@@ -310,6 +310,13 @@ def _add_fuse_options(parser: argparse.ArgumentParser) -> None:
         help="drop a file's pages from the kernel's page cache when its last "
         "descriptor is closed (default %(default)s)",
     )
+    parser.add_argument(
+        "--read-ahead-kb",
+        type=int,
+        default=defaults.read_ahead_kb,
+        help="the kernel's read-ahead on the mount in KiB, which also sets the "
+        "size of its read requests; 0 keeps the kernel's 128 (default %(default)s)",
+    )
 
 
 def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
@@ -344,7 +351,9 @@ def _run_daemon(args: argparse.Namespace) -> int:
         docker_root=args.docker_root,
         grace=args.grace,
         fuse=FuseSettings(
-            direct_io=args.direct_io, invalidate_on_close=args.invalidate_on_close
+            direct_io=args.direct_io,
+            invalidate_on_close=args.invalidate_on_close,
+            read_ahead_kb=args.read_ahead_kb,
         ),
     )
     if args.stop_timeout is not None:

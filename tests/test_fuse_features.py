@@ -692,6 +692,31 @@ READ_TWICE_SCRIPT = """
     """
 
 
+@pytest.mark.parametrize("read_ahead_kb, most_reads", [(1024, 20), (0, None)])
+def test_read_ahead_sets_read_request_size(lcfs_image, read_ahead_kb, most_reads):
+    with Store.open(lcfs_image) as store:
+        layer = store.create_layer("base").number
+        big = store.mknod(layer, ROOT_INO, b"big", stat.S_IFREG | 0o644)
+        store.write(layer, big.ino, 0, os.urandom(16 << 20))
+        store.commit()
+    settings = FuseSettings(read_ahead_kb=read_ahead_kb)
+    with mount_store(lcfs_image, settings) as mounted:
+        device = find_mount(mounted.path)
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb") as f:
+            kernel_read_ahead = int(f.read())
+        drop_kernel_caches()
+        before = mounted.server.stats.snapshot()
+        run_python("import sys; open(sys.argv[1], 'rb').read()", mounted.at("base", "big"))
+        reads = delta(before, mounted.server.stats.snapshot(), "read")
+    if most_reads is None:
+        # The kernel's own read-ahead of 128 KiB: one request per 128 KiB.
+        assert kernel_read_ahead == 128
+        assert reads >= 16 * 8
+    else:
+        assert kernel_read_ahead == read_ahead_kb
+        assert reads <= most_reads
+
+
 @pytest.mark.parametrize("invalidate", [True, False])
 def test_invalidate_on_close(lcfs_image, invalidate):
     settings = FuseSettings(invalidate_on_close=invalidate)

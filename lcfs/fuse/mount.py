@@ -248,12 +248,28 @@ class FuseServer:
         except BaseException:
             self.stop()
             raise
+        read_ahead = self._set_read_ahead(device)
         log.info("mounted lcfs at %s (device %s, options %s, direct I/O %s, "
-                 "invalidate on close %s, kernel symlink and directory caches %s)",
-                 mountpoint, device,
+                 "invalidate on close %s, kernel symlink and directory caches %s, "
+                 "read-ahead %s)", mountpoint, device,
                  ",".join(sorted(self.options)), self.settings.direct_io,
                  "on" if self.settings.invalidate_on_close else "off",
-                 "on" if KERNEL_CACHES else "off (stock pyfuse3)")  # fmt: skip
+                 "on" if KERNEL_CACHES else "off (stock pyfuse3)", read_ahead)  # fmt: skip
+
+    def _set_read_ahead(self, device: str) -> str:
+        """Set the kernel's read-ahead of the new mount; return what it is, for the log."""
+        path = f"/sys/class/bdi/{device}/read_ahead_kb"
+        wanted = self.settings.read_ahead_kb
+        try:
+            if wanted:
+                with open(path, "w") as f:
+                    f.write(str(wanted))
+            with open(path) as f:
+                return f"{f.read().strip()} KiB"
+        except OSError as error:
+            log.warning("cannot set the read-ahead of %s to %d KiB in %s: %s",
+                        self.mountpoint, wanted, path, error)  # fmt: skip
+            return "unknown"
 
     def _wait_until_live(self, initialized: threading.Event, timeout: float) -> None:
         deadline = time.monotonic() + timeout

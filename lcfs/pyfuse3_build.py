@@ -1,4 +1,4 @@
-"""Build and install pyfuse3 with two kernel caches that lcfs asks for.
+"""Build and install pyfuse3 with two kernel caches that lcfs requests.
 
 pyfuse3 3.5 gives a filesystem no way to set two things the kernel's FUSE
 client offers:
@@ -6,18 +6,19 @@ client offers:
 - FUSE_CAP_CACHE_SYMLINKS in the init reply, which lets the kernel keep
   symlink targets in its page cache instead of sending READLINK on every
   path walk through a symlink;
-- a directory listing without opendir. When opendir answers ENOSYS, a
-  kernel that offers FUSE_CAP_NO_OPENDIR_SUPPORT (Linux 5.1 and later)
-  stops sending opendir and releasedir and keeps every listing in its
-  cache (FOPEN_CACHE_DIR, FOPEN_KEEP_CACHE), but its readdir requests
-  then carry file handle 0, and pyfuse3 passes the handler only the file
-  handle, never the directory's inode. The init handler tells the
-  filesystem whether the kernel offers it (``kernel_skips_opendir``).
+- a directory listing without opendir. When opendir returns ENOSYS, a
+  kernel that offers FUSE_CAP_NO_OPENDIR_SUPPORT stops sending opendir
+  and releasedir and keeps every listing in its cache (FOPEN_CACHE_DIR,
+  FOPEN_KEEP_CACHE). Other kernels treat that ENOSYS as an error
+  (libfuse's fuse_common.h). The readdir requests then carry file handle
+  0, and pyfuse3 passes the handler only the file handle, never the
+  directory's inode. The init handler sets ``kernel_skips_opendir`` on
+  the filesystem object when the kernel offers the capability.
 
 This script downloads the pyfuse3 source release that pip resolves for the
 version in lcfs's requirements, changes those two handlers, and installs
 the result with pip, replacing the installed pyfuse3. The changed handlers
-ask the filesystem object first (``enable_symlink_cache``, and a
+check the filesystem object first (``enable_symlink_cache``, and a
 ``readdir_node(inode, start_id, token)`` method called for handle 0), so
 any other pyfuse3 filesystem behaves as before. The module gets
 ``LCFS_PATCH_LEVEL``, which lcfs checks at mount time. Each edit checks

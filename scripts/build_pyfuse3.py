@@ -1,8 +1,8 @@
 """Rebuild the installed pyfuse3 so that lcfs can turn on the kernel's caches.
 
-The work is done by lcfs.pyfuse3_build, whose docstring says what changes
-and why; this file is the entry point that the set-up scripts run, before
-or after lcfs itself is importable.
+The work is done by lcfs.pyfuse3_build, whose docstring explains what
+changes and why. This file is the entry point that the set-up scripts run,
+before or after lcfs itself is importable.
 """
 
 import runpy

@@ -244,7 +244,8 @@ def mounted_lcfs(tmp_path_factory):
 
 
 # `docker commit --pause=false`: the container keeps writing while ApplyDiff
-# runs. The new layer must hold what the Diff stream said, not the later write.
+# runs. The new layer must contain what the Diff stream contained, not the
+# later write.
 def test_commit_keeps_what_diff_sent(mounted_lcfs):
     lcfs = mounted_lcfs
     lcfs.call("GraphDriver.Create", {"ID": "image"})

@@ -284,7 +284,7 @@ def test_remove_layer_with_children_rejected(store):
 
 
 @pytest.mark.parametrize("files, one_commit", [(3, True), (40, False)])
-def test_remove_commits_once_for_a_small_layer(store, monkeypatch, files, one_commit):
+def test_small_layer_removed_in_one_commit(store, monkeypatch, files, one_commit):
     # LCFS_PURGE_BATCH is read at import; 40 files take several batches of 10.
     monkeypatch.setattr("lcfs.store.store.PURGE_BATCH", 10)
     free = store.statfs().free_blocks
@@ -295,7 +295,12 @@ def test_remove_commits_once_for_a_small_layer(store, monkeypatch, files, one_co
     store.commit()
     counted = []
     commit = Store.commit
-    monkeypatch.setattr(Store, "commit", lambda self: (counted.append(1), commit(self))[1])
+
+    def counting_commit(self):
+        counted.append(1)
+        commit(self)
+
+    monkeypatch.setattr(Store, "commit", counting_commit)
     store.remove_layer("c")
     # A large layer: the mark, one commit per batch, then the drop.
     assert (len(counted) == 1) == one_commit

@@ -390,7 +390,7 @@ def test_commit_takes_blocks_by_reference(store):
     assert store.read(committed, conf.ino, 0, 20) == b"aaaaaCHANGEDaaaaaaaa"
 
 
-def test_commit_with_changed_bytes_writes_from_first_difference(store):
+def test_commit_diverging_tar_writes_rest(store):
     number, payload = container_with_changes(store)
     diff = bytearray(b"".join(store.diff("ctr")))
     at = diff.index(payload[:64])
@@ -422,7 +422,7 @@ class WritingStream(io.BytesIO):
 
 
 @pytest.mark.parametrize("change", ["overwrite", "truncate", "remove"])
-def test_commit_ignores_source_changes_after_its_header(store, change):
+def test_commit_ignores_later_source_changes(store, change):
     number, payload = container_with_changes(store)
     diff = b"".join(store.diff("ctr"))
     big = store.lookup(number, ROOT_INO, b"big")
@@ -443,7 +443,7 @@ def test_commit_ignores_source_changes_after_its_header(store, change):
     assert store.read(committed, stored.ino, 0, 8 * MiB) == payload
 
 
-def test_commit_after_source_changed_stores_the_tar(store):
+def test_commit_of_changed_source_stores_tar(store):
     number, payload = container_with_changes(store)
     diff = b"".join(store.diff("ctr"))
     big = store.lookup(number, ROOT_INO, b"big")

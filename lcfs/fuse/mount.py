@@ -52,9 +52,9 @@ START_TIMEOUT = 10.0
 # Seconds to wait for the watchdog to exit after the mount is gone.
 WATCHDOG_EXIT_TIMEOUT = 5.0
 
-# Seconds a layer removal waits for the kernel to take the notice that
-# drops the layer's directory entry. The notice waits for requests in
-# flight on the mount root, which finish in milliseconds.
+# Seconds a layer change waits for the kernel to take the notice that
+# drops the layer's entry or the root's listing. An entry notice waits for
+# requests in flight on the mount root, which finish in milliseconds.
 INVALIDATE_WAIT = 5.0
 
 _active_lock = threading.Lock()
@@ -259,16 +259,17 @@ class FuseServer:
     def _set_read_ahead(self, device: str) -> str:
         """Set the kernel's read-ahead of the new mount; return what it is, for the log."""
         path = f"/sys/class/bdi/{device}/read_ahead_kb"
-        wanted = self.settings.read_ahead_kb
+        requested = self.settings.read_ahead_kb
         try:
-            if wanted:
+            if requested:
                 with open(path, "w") as f:
-                    f.write(str(wanted))
+                    f.write(str(requested))
             with open(path) as f:
                 return f"{f.read().strip()} KiB"
         except OSError as error:
-            log.warning("cannot set the read-ahead of %s to %d KiB in %s: %s",
-                        self.mountpoint, wanted, path, error)  # fmt: skip
+            log.warning("setting the read-ahead of %s to %d KiB in %s failed: %s; "
+                        "the kernel's value stays", self.mountpoint, requested, path,
+                        error)  # fmt: skip
             return "unknown"
 
     def _wait_until_live(self, initialized: threading.Event, timeout: float) -> None:
@@ -325,25 +326,28 @@ class FuseServer:
         if invalidator is None or not self.running:
             return
         done = invalidator.invalidate(pyfuse3.ROOT_INODE, os.fsencode(layer_id))
-        self._wait(done, "removal of", layer_id)
+        self._wait(done, f"the entry of removed layer {layer_id}")
 
     def _layers_changed(self) -> None:
-        """Make the kernel list the mount root again; the store calls it.
+        """Make the kernel list the mount root again after a layer is created or dropped.
 
         The kernel keeps the root's listing when pyfuse3 has KERNEL_CACHES.
-        The store calls this under its lock. That is safe because
-        invalidate_inode, unlike invalidate_entry, takes no directory lock
-        in the kernel, so it waits for no FUSE request.
+        The store calls this under its lock.
+        NOTE: that relies on invalidate_inode, unlike invalidate_entry, not
+        waiting for FUSE requests in flight, which the tests bear out but no
+        kernel documentation states; INVALIDATE_WAIT bounds the wait if not.
         """
         invalidator = self._invalidator
         if invalidator is None or not self.running:
             return
-        self._wait(invalidator.invalidate_listing(pyfuse3.ROOT_INODE), "listing of", "all")
+        done = invalidator.invalidate_listing(pyfuse3.ROOT_INODE)
+        self._wait(done, "the listing of the mount root")
 
-    def _wait(self, done: threading.Event, change: str, layer_id: str) -> None:
+    def _wait(self, done: threading.Event, notice: str) -> None:
         if not done.wait(INVALIDATE_WAIT):
-            log.warning("the kernel did not take the %s layer %s at %s within %d s",
-                        change, layer_id, self.mountpoint, INVALIDATE_WAIT)  # fmt: skip
+            log.warning("dropping %s at %s timed out after %d s; the kernel may "
+                        "show it until its cache expires", notice, self.mountpoint,
+                        INVALIDATE_WAIT)  # fmt: skip
 
     def _serve(self) -> None:
         mountpoint = self.mountpoint

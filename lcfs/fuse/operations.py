@@ -118,8 +118,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     # KERNEL_CACHES); stock pyfuse3 ignores it. A symlink's target never
     # changes: a new target is a new inode.
     enable_symlink_cache = True
-    # Set by the init handler of that pyfuse3 when the kernel can read
-    # directories without opendir (Linux 5.1 and later).
+    # Set by the init handler of that pyfuse3 when the kernel offers
+    # FUSE_CAP_NO_OPENDIR_SUPPORT. Without it, ENOSYS from opendir is an error.
     kernel_skips_opendir = False
 
     def __init__(self, store, initialized: threading.Event | None = None,
@@ -235,7 +235,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         # An inode that a writable layer inherits unchanged can change only
         # by a copy-up through this mount. The kernel learns of that from
         # the reply or its own invalidation, so the inode is cached like a
-        # frozen one, and a tree scan in a container asks for no file again.
+        # frozen one, and a repeated tree scan in a container sends no getattr.
         timeout = FROZEN_TIMEOUT if frozen or attr.inherited else WRITABLE_TIMEOUT
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = self.store.node_id(layer, attr.ino)
@@ -358,12 +358,13 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         return entry
 
     def _negative_entry(self, layer: int):
-        """Say that a name is absent, for as long as a present name would be trusted.
+        """Return an entry that marks a name as absent, cached like a present one.
 
-        Inode number 0 lets the kernel keep the answer, where ENOENT would
-        make it ask again on the next walk (a container's PATH search, for
-        example). Names in a layer change only through this mount, whose
-        changes the kernel tracks, or by ApplyDiff before the layer's first use.
+        Inode number 0 lets the kernel cache the absence, whereas after
+        ENOENT it sends a lookup again on the next walk (a container's PATH
+        search, for example). Names in a layer change only through this
+        mount, whose changes the kernel tracks, or by ApplyDiff before the
+        layer's first use.
         """
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = 0

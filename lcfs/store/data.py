@@ -259,7 +259,7 @@ class DataMixin:
         if len(extents) == 1:
             block, phys, count, _ = extents[0]
             if block <= first and block + count >= last:
-                # One extent covers the range: the pread result is the answer.
+                # One extent covers the range, so the pread result is returned as it is.
                 delta = offset - block * BLOCK_SIZE
                 return self._pread(
                     phys + delta // BLOCK_SIZE, end - offset, delta % BLOCK_SIZE

@@ -647,9 +647,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         """Drop the cached ancestry of layer ``number``, whose records went.
 
         The inode and entry caches hold frozen layers only, keyed by layer
-        number. A layer stays frozen once it is and numbers come from a
-        counter, so no other layer's entries change and those of
-        ``number`` are never asked for again; the size limit clears them.
+        number. A layer stays frozen once it is, and numbers come from a
+        counter, so no other layer's entries change. The entries of
+        ``number`` are not looked up again, and the size limit clears them.
         """
         self._ancestors.pop(number, None)
 

@@ -28,6 +28,7 @@ from lcfs_daemon import LcfsDaemon, lcfs_command
 from mounts import unmount_under
 
 from lcfs.fuse import find_mount
+from lcfs.fuse import mount as mount_module
 from lcfs.fuse import watchdog as watchdog_module
 from lcfs.fuse.operations import KERNEL_CACHES
 from lcfs.fuse.settings import DIRECT_IO_NEVER, DIRECT_IO_WRITE_ONLY, FuseSettings
@@ -715,6 +716,29 @@ def test_read_ahead_sets_read_request_size(lcfs_image, read_ahead_kb, most_reads
     else:
         assert kernel_read_ahead == read_ahead_kb
         assert reads <= most_reads
+
+
+@pytest.mark.parametrize("invalidate", [False, True])
+def test_request_loop_and_remount(lcfs_image, invalidate):
+    if not mount_module.PLAIN_LOOP:
+        assert not os.environ.get("CI"), "pyfuse3 was not built by scripts/build_pyfuse3.py"
+        pytest.skip("stock pyfuse3 has only its trio loop")
+    settings = FuseSettings(invalidate_on_close=invalidate)
+    for round_number in range(2):
+        with mount_store(lcfs_image, settings) as mounted:
+            # invalidate-on-close needs the trio loop, whose release handler waits.
+            assert (mounted.server._wake is None) == invalidate
+            path = mounted.at("base", f"file{round_number}")
+            run_python("import sys; open(sys.argv[1], 'w').write('x' * 5000)", path)
+            for earlier in range(round_number + 1):
+                assert os.path.getsize(mounted.at("base", f"file{earlier}")) == 5000
+            # Group commits run between requests on the loop's own thread.
+            deadline = time.monotonic() + 5
+            while mounted.store.dirty and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not mounted.store.dirty
+            thread = mounted.server._thread
+        assert not thread.is_alive()
 
 
 @pytest.mark.parametrize("invalidate", [True, False])

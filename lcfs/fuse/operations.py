@@ -18,8 +18,12 @@ Invariants:
   with ENOTCONN. ``StoreError`` becomes its errno, and anything else is
   logged with its traceback and becomes EIO.
 - Only fsync and fsyncdir commit at once. Other modifying handlers set
-  ``dirty``, and ``run_commits`` commits about once a second (also when a
-  lookup allocated a node id, so that file handles survive a crash).
+  ``dirty``, and the request loop calls ``commit_pending`` about once a
+  second between requests (it commits also when a lookup allocated a node
+  id, so that file handles survive a crash).
+- No handler waits for anything but ``release`` with invalidate-on-close,
+  so the mount serves requests one at a time on a plain loop
+  (``lcfs.fuse.mount``) unless that setting is on.
 - An open file pins its inode in the store, so an unlinked file stays
   readable and writable until its last descriptor is closed.
 - ``_attrs`` keeps the attributes of every node the kernel holds, from the
@@ -151,9 +155,13 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         """Commit the store about once a second while changes are pending."""
         while True:
             await trio.sleep(COMMIT_INTERVAL)
-            # A lookup that allocated a node id changed the store too.
-            if self.dirty or self.store.dirty:
-                self.commit()
+            self.commit_pending()
+
+    def commit_pending(self) -> None:
+        """Commit if a request changed the store since the last commit."""
+        # A lookup that allocated a node id changed the store too.
+        if self.dirty or self.store.dirty:
+            self.commit()
 
     def commit(self) -> None:
         """Commit pending changes, logging a failure; they stay marked for a retry."""

@@ -131,6 +131,37 @@ def test_missing_parent_directories_created(store):
     assert tree[b"/deep/er/file"][2] == b"z"
 
 
+def test_directory_replaced_by_file_then_parent(store):
+    apply(store, "L1", None, make_tar([
+        ("a", DIR, {}), ("a/x", REG, {"data": b"x"}),
+        ("a", REG, {"data": b"file"}), ("a/y", REG, {"data": b"y"}),
+    ]))  # fmt: skip
+    tree = tree_of(store, "L1")
+    assert tree[b"/a"][0] == stat.S_IFDIR
+    assert tree[b"/a/y"][2] == b"y"
+    assert b"/a/x" not in tree
+
+
+def test_apply_after_directory_removed_midway(store):
+    data = make_tar([
+        ("d", DIR, {}), ("d/f1", REG, {"data": b"1"}),
+        ("pad", REG, {"data": b"p" * MiB}), ("d/f2", REG, {"data": b"2"}),
+    ])  # fmt: skip
+    store.create_layer("L1")
+    number = store.get_layer("L1").number
+
+    def remove_directory():
+        directory = store.lookup(number, ROOT_INO, b"d")
+        store.unlink(number, directory.ino, b"f1")
+        store.rmdir(number, ROOT_INO, b"d")
+
+    store.apply_diff("L1", WritingStream(data, data.index(b"p" * 512), remove_directory))
+    tree = tree_of(store, "L1")
+    assert tree[b"/d"][0] == stat.S_IFDIR
+    assert tree[b"/d/f2"][2] == b"2"
+    assert b"/d/f1" not in tree
+
+
 def test_long_and_non_utf8_names(store):
     long_name = "d" * 200 + "/" + "f" * 250
     odd = b"caf\xe9".decode("utf-8", "surrogateescape")

@@ -247,6 +247,7 @@ class NamespaceMixin:
 
     def _remove_entry(self, layer: int, dir_inode: Inode, name: bytes) -> None:
         txn, dbs = self._txn, self.dbs
+        self.entry_removals += 1
         txn.delete(dirent_key(dir_inode.ino, name, layer), db=dbs["dirents"])
         parent = self._layers[layer].parent
         inherited = False

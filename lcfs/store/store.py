@@ -28,6 +28,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lcfs.journal import intents
@@ -194,6 +195,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._ancestors: dict[int, dict[int, int]] = {}
         self._inode_cache: dict[tuple[int, int], tuple[int, bytes]] = {}
         self._entry_cache: dict[tuple[int, int, bytes], tuple[int, int] | None] = {}
+        # The number of directory entries removed in any layer. An apply that
+        # caches directory paths drops the cache when this number changes.
+        self.entry_removals = 0
         self._nodes: dict[int, tuple[int, int]] = {}
         self._node_keys: dict[tuple[int, int], int] = {}
         self._pins: dict[tuple[int, int], int] = {}
@@ -402,6 +406,11 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             self._txn = None
             self._dirty = False
             crash_point("commit.done")
+
+    @write_op
+    def _in_write_op(self, fn: Callable, *args):
+        """Return ``fn(*args)``, run in one nested transaction like any write_op method."""
+        return fn(*args)
 
     @property
     def dirty(self) -> bool:

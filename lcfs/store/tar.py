@@ -293,6 +293,10 @@ class _Applier:
         self.size = 0
         self.entries = 0
         self.dir_times: dict[int, tuple[int, int]] = {}
+        # Directory inode by path, for the parents of later members. It is
+        # dropped whenever an entry is removed anywhere in the store.
+        self.dirs: dict[tuple[bytes, ...], int] = {}
+        self.removals_seen = store.entry_removals
         # Bytes of file content mapped from another layer instead of written.
         self.referenced = 0
         self.commit_interval = float(
@@ -301,23 +305,27 @@ class _Applier:
         self.last_commit = time.monotonic()
 
     def apply(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
-        from .store import write_op
-
         parts = _split(member.name, self.layer.id)
+        in_write_op = self.store._in_write_op
         self.entries += 1
         if parts and parts[-1].startswith(WHITEOUT):
-            write_op(lambda store: self._whiteout(parts))(self.store)
+            in_write_op(self._whiteout, parts)
         elif not parts:
             if member.isdir():
-                write_op(lambda store: self._set_metadata(ROOT_INO, member))(self.store)
+                in_write_op(self._set_metadata, ROOT_INO, member)
+        elif member.isreg() and member.size:
+            ino = in_write_op(self._create, parts, member)
+            self._copy_data(ino, parts, member, archive)
+            in_write_op(self._set_metadata, ino, member)
         else:
-            ino = write_op(lambda store: self._create(parts, member))(self.store)
-            if member.isreg() and member.size:
-                self._copy_data(ino, parts, member, archive)
-            if not member.islnk():
-                write_op(lambda store: self._set_metadata(ino, member))(self.store)
+            in_write_op(self._create_with_metadata, parts, member)
         crash_point("apply.member")
         self._commit_if_due()
+
+    def _create_with_metadata(self, parts: list[bytes], member: tarfile.TarInfo) -> None:
+        ino = self._create(parts, member)
+        if not member.islnk():
+            self._set_metadata(ino, member)
 
     def _commit_if_due(self) -> None:
         if time.monotonic() - self.last_commit >= self.commit_interval:
@@ -327,20 +335,32 @@ class _Applier:
 
     def _parent(self, parts: list[bytes], create: bool) -> int | None:
         """Return the inode of the directory holding ``parts[-1]``, making missing ones if asked."""
-        store, number = self.store, self.number
+        store, number, dirs = self.store, self.number, self.dirs
+        if self.removals_seen != store.entry_removals:
+            dirs.clear()
+            self.removals_seen = store.entry_removals
+        path = tuple(parts[:-1])
+        ino = dirs.get(path)
+        if ino is not None:
+            return ino
         ino = ROOT_INO
-        for part in parts[:-1]:
+        for depth, part in enumerate(path, 1):
+            cached = dirs.get(path[:depth])
+            if cached is not None:
+                ino = cached
+                continue
             dir_inode = store._dir(number, ino)
             found = store._entry(number, dir_inode, part)
             if found is not None and stat.S_ISDIR(store._inode(number, found[0]).mode):
                 ino = found[0]
-                continue
-            if not create:
+            elif not create:
                 return None
-            if found is not None:
-                self._remove(dir_inode, part)
-            # Docker's applier makes missing parent directories with mode 0600.
-            ino = store._create(number, ino, part, stat.S_IFDIR | 0o600, 0, 0).ino
+            else:
+                if found is not None:
+                    self._remove(dir_inode, part)
+                # Docker's applier makes missing parent directories with mode 0600.
+                ino = store._create(number, ino, part, stat.S_IFDIR | 0o600, 0, 0).ino
+            dirs[path[:depth]] = ino
         return ino
 
     def _whiteout(self, parts: list[bytes]) -> None:
@@ -411,9 +431,9 @@ class _Applier:
             self._remove(dir_inode, name)
         uid, gid = member.uid, member.gid
         if member.isdir():
-            return store._create(
-                number, dir_ino, name, stat.S_IFDIR | 0o755, uid, gid
-            ).ino
+            ino = store._create(number, dir_ino, name, stat.S_IFDIR | 0o755, uid, gid).ino
+            self.dirs[tuple(parts)] = ino
+            return ino
         if member.issym():
             target = member.linkname.encode("utf-8", "surrogateescape")
             return store._create(
@@ -454,13 +474,11 @@ class _Applier:
         that differs, the mapping from there on is dropped and the rest is
         written from the stream.
         """
-        from .store import write_op
-
         stream = archive.extractfile(member)
         source = self._reference_source(parts, member)
-        mapped = source is not None and write_op(
-            lambda store: self._map_reference(ino, source, member.size)
-        )(self.store)
+        mapped = source is not None and self.store._in_write_op(
+            self._map_reference, ino, source, member.size
+        )
         offset = 0
         while offset < member.size:
             chunk = stream.read(min(CHUNK, member.size - offset))
@@ -473,9 +491,7 @@ class _Applier:
                     offset += len(chunk)
                     continue
                 mapped = False
-                head = write_op(lambda store: self._unmap_from(ino, offset))(
-                    self.store
-                )
+                head = self.store._in_write_op(self._unmap_from, ino, offset)
                 self._write_chunk(ino, offset - len(head), head + chunk)
             else:
                 self._write_chunk(ino, offset, chunk)
@@ -500,13 +516,9 @@ class _Applier:
         return head
 
     def _write_chunk(self, ino: int, offset: int, chunk: bytes) -> None:
-        from .store import write_op
-
         runs = _nonzero_runs(chunk, bytes(4096))
         if runs:
-            write_op(lambda store: self._write_runs(ino, offset, chunk, runs))(
-                self.store
-            )
+            self.store._in_write_op(self._write_runs, ino, offset, chunk, runs)
 
     def _reference_source(
         self, parts: list[bytes], member: tarfile.TarInfo

@@ -447,9 +447,7 @@ class NamespaceMixin:
         )
 
     def _write(self, fn, *args, **kwargs):
-        from .store import write_op
-
-        return write_op(lambda self, *a, **k: fn(*a, **k))(self, *args, **kwargs)
+        return self._in_write_op(fn, *args, **kwargs)
 
     def link(self, layer: int, ino: int, new_dir_ino: int, new_name: bytes):
         return self._write(self._link, layer, ino, new_dir_ino, new_name)

@@ -408,9 +408,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             crash_point("commit.done")
 
     @write_op
-    def _in_write_op(self, fn: Callable, *args):
-        """Return ``fn(*args)``, run in one nested transaction like any write_op method."""
-        return fn(*args)
+    def _in_write_op(self, fn: Callable, *args, **kwargs):
+        """Return ``fn(*args, **kwargs)``, run in one nested transaction like any write_op method."""
+        return fn(*args, **kwargs)
 
     @property
     def dirty(self) -> bool:

@@ -38,6 +38,7 @@ WAITING = frozenset(
         "sleep",
         "_wait_for_tstate_lock",
         "_worker",
+        "_wait_for_request",
     }
 )
 

@@ -406,7 +406,7 @@ class FuseServer:
         next_commit = time.monotonic() + COMMIT_INTERVAL
         while True:
             wait_ms = max(0.0, next_commit - time.monotonic()) * 1000
-            ready = poller.poll(wait_ms)
+            ready = self._wait_for_request(poller, wait_ms)
             if time.monotonic() >= next_commit:
                 operations.commit_pending()
                 next_commit = time.monotonic() + COMMIT_INTERVAL
@@ -414,6 +414,15 @@ class FuseServer:
                 return
             if ready and not pyfuse3.lcfs_process_one():
                 return  # the kernel ended the session, for example on umount
+
+    @staticmethod
+    def _wait_for_request(poller: select.poll, wait_ms: float) -> list[tuple[int, int]]:
+        """Return the ready descriptors among the FUSE device and the wake pipe.
+
+        A function of its own, so that profiles of the daemon can tell this
+        wait from the loop's work (bench/profiling.py).
+        """
+        return poller.poll(wait_ms)
 
     async def _main_loop(self, operations: LayerOperations) -> None:
         self._trio_token = trio.lowlevel.current_trio_token()

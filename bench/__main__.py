@@ -189,6 +189,9 @@ def run_docker_phases(
         for name, function, _ in chosen:
             for driver, stack in ready.items():
                 log.info("== %s: %s", driver, name)
+                # Write back what the previous phase left dirty, so that its
+                # writeback does not fall into this driver's time.
+                os.sync()
                 _run_step(
                     results,
                     f"{name} on {driver}",

@@ -138,30 +138,29 @@ def run(sizes: Sizes, workdir: Path, recorders: dict[str, Recorder], runs: int) 
             for step, values in steps.items():
                 for value in values:
                     rec.add(f"snapshot_{step}", value)
-            if snapshotter == "lcfs":
-                # Snapshots removed through containerd stay in lcfs until its next
-                # garbage collection, so the imported one is picked by name.
-                committed = [
-                    info
-                    for info in daemon.list("kind==committed")
-                    if info.name.endswith("/" + chain_id)
-                ]
-                if len(committed) != 1:
-                    raise RuntimeError(
-                        f"expected the one imported snapshot in lcfs, "
-                        f"found {[info.name for info in committed]}"
-                    )
-                direct = _cycles(
-                    daemon.client,
-                    "lcfs",
-                    committed[0].name,
-                    sizes.snapshot_cycles,
-                    "bench-direct",
-                )
-                for value in direct["cycle"]:
-                    rec.add("snapshot_cycle_direct", value)
-            containerd.ctr("images", "rm", "--sync", reference)
+            if snapshotter != "lcfs":
+                containerd.ctr("images", "rm", "--sync", reference)
         channel.close()
+        # containerd's garbage collector removes every snapshot of a backend
+        # that it has no record of, the direct cycles' too, so those cycles
+        # run once containerd has stopped. The imported image's snapshot is
+        # still in lcfs and is picked by name.
+        containerd.stop()
+        committed = [
+            info
+            for info in daemon.list("kind==committed")
+            if info.name.endswith("/" + chain_id)
+        ]
+        if len(committed) != 1:
+            raise RuntimeError(
+                f"expected the one imported snapshot in lcfs, "
+                f"found {[info.name for info in committed]}"
+            )
+        direct = _cycles(
+            daemon.client, "lcfs", committed[0].name, sizes.snapshot_cycles, "bench-direct"
+        )
+        for value in direct["cycle"]:
+            recorders["lcfs"].add("snapshot_cycle_direct", value)
     finally:
         containerd.stop()
         daemon.cleanup()

@@ -446,9 +446,6 @@ class NamespaceMixin:
             target,
         )
 
-    def _write(self, fn, *args, **kwargs):
-        return self._in_write_op(fn, *args, **kwargs)
-
     def link(self, layer: int, ino: int, new_dir_ino: int, new_name: bytes):
         return self._write(self._link, layer, ino, new_dir_ino, new_name)
 

@@ -408,8 +408,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             crash_point("commit.done")
 
     @write_op
-    def _in_write_op(self, fn: Callable, *args, **kwargs):
-        """Return ``fn(*args, **kwargs)``, run in one nested transaction like any write_op method."""
+    def _write(self, fn: Callable, *args, **kwargs):
+        """Return ``fn(*args, **kwargs)``, run in one nested transaction as a write_op method is."""
         return fn(*args, **kwargs)
 
     @property

@@ -306,19 +306,19 @@ class _Applier:
 
     def apply(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
         parts = _split(member.name, self.layer.id)
-        in_write_op = self.store._in_write_op
+        write = self.store._write
         self.entries += 1
         if parts and parts[-1].startswith(WHITEOUT):
-            in_write_op(self._whiteout, parts)
+            write(self._whiteout, parts)
         elif not parts:
             if member.isdir():
-                in_write_op(self._set_metadata, ROOT_INO, member)
+                write(self._set_metadata, ROOT_INO, member)
         elif member.isreg() and member.size:
-            ino = in_write_op(self._create, parts, member)
+            ino = write(self._create, parts, member)
             self._copy_data(ino, parts, member, archive)
-            in_write_op(self._set_metadata, ino, member)
+            write(self._set_metadata, ino, member)
         else:
-            in_write_op(self._create_with_metadata, parts, member)
+            write(self._create_with_metadata, parts, member)
         crash_point("apply.member")
         self._commit_if_due()
 
@@ -476,7 +476,7 @@ class _Applier:
         """
         stream = archive.extractfile(member)
         source = self._reference_source(parts, member)
-        mapped = source is not None and self.store._in_write_op(
+        mapped = source is not None and self.store._write(
             self._map_reference, ino, source, member.size
         )
         offset = 0
@@ -491,7 +491,7 @@ class _Applier:
                     offset += len(chunk)
                     continue
                 mapped = False
-                head = self.store._in_write_op(self._unmap_from, ino, offset)
+                head = self.store._write(self._unmap_from, ino, offset)
                 self._write_chunk(ino, offset - len(head), head + chunk)
             else:
                 self._write_chunk(ino, offset, chunk)
@@ -518,7 +518,7 @@ class _Applier:
     def _write_chunk(self, ino: int, offset: int, chunk: bytes) -> None:
         runs = _nonzero_runs(chunk, bytes(4096))
         if runs:
-            self.store._in_write_op(self._write_runs, ino, offset, chunk, runs)
+            self.store._write(self._write_runs, ino, offset, chunk, runs)
 
     def _reference_source(
         self, parts: list[bytes], member: tarfile.TarInfo

@@ -141,10 +141,10 @@ def run(sizes: Sizes, workdir: Path, recorders: dict[str, Recorder], runs: int) 
             if snapshotter != "lcfs":
                 containerd.ctr("images", "rm", "--sync", reference)
         channel.close()
-        # containerd's garbage collector removes every snapshot of a backend
-        # that it has no record of, the direct cycles' too, so those cycles
-        # run once containerd has stopped. The imported image's snapshot is
-        # still in lcfs and is picked by name.
+        # containerd has no record of the direct cycles' snapshots, and its
+        # garbage collector removed one of them between Prepare and Commit,
+        # so those cycles run once containerd has stopped. The imported
+        # image's snapshot is still in lcfs and is picked by name.
         containerd.stop()
         committed = [
             info

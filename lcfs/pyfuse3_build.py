@@ -15,8 +15,8 @@ client offers:
   directory's inode. The init handler sets ``kernel_skips_opendir`` on
   the filesystem object when the kernel offers the capability.
 
-This script downloads the pyfuse3 source release that pip resolves for the
-version in lcfs's requirements, changes those two handlers, and installs
+This script downloads the pyfuse3 source release of ``VERSION``, changes
+those two handlers, adds the request functions below, and installs
 the result with pip, replacing the installed pyfuse3. The changed handlers
 check the filesystem object first (``enable_symlink_cache``, and a
 ``readdir_node(inode, start_id, token)`` method called for handle 0), so
@@ -27,9 +27,11 @@ here, by name, instead of building wrong.
 
 The module also gets ``lcfs_session_fd()`` and ``lcfs_process_one()``.
 The second reads one request from the FUSE device and runs its handler's
-coroutine to the end on the calling thread, without trio. lcfs's handlers
-never wait, so a plain loop around it serves them with about a third less
-CPU per request than pyfuse3's trio loop (``lcfs.fuse.mount``).
+coroutine to the end on the calling thread, without trio, and raises
+RuntimeError if the handler waits. lcfs's handlers do not wait unless
+invalidate-on-close is on, so a plain loop around it serves them with
+about a third less CPU per request than pyfuse3's trio loop
+(``lcfs.fuse.mount``).
 
 Usage: python3 scripts/build_pyfuse3.py [--python PYTHON] [--check]
 (--check only tells, by exit status 0 or 1, whether the build is needed.)
@@ -208,7 +210,8 @@ def main() -> int:
             "--force-reinstall", str(tree))  # fmt: skip
     if not is_current(args.python):
         raise SystemExit("pyfuse3 build: the installed pyfuse3 is not this build")
-    log.info("pyfuse3 %s with kernel symlink and directory caching installed", VERSION)
+    log.info("pyfuse3 %s with kernel symlink and directory caching and the plain "
+             "request loop installed (patch level %d)", VERSION, PATCH_LEVEL)
     return 0
 
 

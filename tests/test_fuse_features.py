@@ -727,7 +727,7 @@ def test_request_loop_and_remount(lcfs_image, invalidate):
     for round_number in range(2):
         with mount_store(lcfs_image, settings) as mounted:
             # invalidate-on-close needs the trio loop, whose release handler waits.
-            assert (mounted.server._wake is None) == invalidate
+            assert mounted.server.request_loop == ("trio" if invalidate else "plain")
             path = mounted.at("base", f"file{round_number}")
             run_python("import sys; open(sys.argv[1], 'w').write('x' * 5000)", path)
             for earlier in range(round_number + 1):

@@ -131,7 +131,7 @@ def test_missing_parent_directories_created(store):
     assert tree[b"/deep/er/file"][2] == b"z"
 
 
-def test_directory_replaced_by_file_then_parent(store):
+def test_directory_replaced_then_made_again(store):
     apply(store, "L1", None, make_tar([
         ("a", DIR, {}), ("a/x", REG, {"data": b"x"}),
         ("a", REG, {"data": b"file"}), ("a/y", REG, {"data": b"y"}),
@@ -142,7 +142,7 @@ def test_directory_replaced_by_file_then_parent(store):
     assert b"/a/x" not in tree
 
 
-def test_apply_after_directory_removed_midway(store):
+def test_directory_removed_during_apply(store):
     data = make_tar([
         ("d", DIR, {}), ("d/f1", REG, {"data": b"1"}),
         ("pad", REG, {"data": b"p" * MiB}), ("d/f2", REG, {"data": b"2"}),

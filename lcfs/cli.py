@@ -317,6 +317,15 @@ def _add_fuse_options(parser: argparse.ArgumentParser) -> None:
         help="the kernel's read-ahead on the mount in KiB, which also sets the "
         "size of its read requests; 0 keeps the kernel's 128 (default %(default)s)",
     )
+    parser.add_argument(
+        "--share-unchanged",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.share_unchanged,
+        help="serve a file that a container or layer has not changed through "
+        "one kernel inode for every layer that holds it, so that its pages "
+        "are cached once; --no-share-unchanged gives each layer its own "
+        "inodes (default %(default)s)",
+    )
 
 
 def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
@@ -354,6 +363,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
             direct_io=args.direct_io,
             invalidate_on_close=args.invalidate_on_close,
             read_ahead_kb=args.read_ahead_kb,
+            share_unchanged=args.share_unchanged,
         ),
     )
     if args.stop_timeout is not None:

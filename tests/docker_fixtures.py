@@ -8,20 +8,14 @@ production.
 """
 
 import pytest
-from dockerd import DockerDaemon, remove_stale_plugin_specs
-from lcfs_daemon import LcfsDaemon
-from mounts import unmount_under
+from dockerd import DockerDaemon
+from lcfs_daemon import LcfsDaemon, running_lcfs
 
 
 @pytest.fixture(scope="module")
 def lcfs(tmp_path_factory):
-    remove_stale_plugin_specs()
-    daemon = LcfsDaemon(tmp_path_factory.mktemp("lcfs"))
-    daemon.start()
-    yield daemon
-    daemon.stop()
-    unmount_under(daemon.workdir)
-    daemon.device.unlink(missing_ok=True)
+    with running_lcfs(LcfsDaemon(tmp_path_factory.mktemp("lcfs"))) as daemon:
+        yield daemon
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ work directory. Calls to the plugin go straight to its unix socket with
 the same headers dockerd sends.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -14,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from dockerd import terminate, unix_http
-from mounts import mounts_under
+from dockerd import remove_stale_plugin_specs, terminate, unix_http
+from mounts import mounts_under, unmount_under
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class LcfsDaemon:
 
     With `mountpoint` None the daemon mounts at the Home that dockerd's Init
     names, as it does in production; otherwise at `mountpoint` from start.
+    `options` are more `lcfs daemon` options, such as FUSE settings.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class LcfsDaemon:
         workdir: str | os.PathLike,
         size: str = "8G",
         mountpoint: str | os.PathLike | None = None,
+        options: tuple[str, ...] = (),
     ):
         self.workdir = Path(workdir)
         self.device = self.workdir / "lcfs.img"
@@ -68,6 +71,7 @@ class LcfsDaemon:
         self.log_path = self.workdir / "lcfs.log"
         self.size = size
         self.mountpoint = Path(mountpoint) if mountpoint else None
+        self.options = tuple(options)
         self.process: subprocess.Popen | None = None
         self.returncode: int | None = None
 
@@ -85,7 +89,7 @@ class LcfsDaemon:
         ]
         if self.mountpoint is not None:
             command += ["--mountpoint", str(self.mountpoint)]
-        return command
+        return command + list(self.options)
 
     def start(self, timeout: float = 60) -> "LcfsDaemon":
         """Start the daemon and wait until it replies to Plugin.Activate.
@@ -179,3 +183,16 @@ class LcfsDaemon:
                 self.process, timeout, f"lcfs daemon in {self.workdir}"
             )
         return self.returncode
+
+
+@contextlib.contextmanager
+def running_lcfs(daemon: LcfsDaemon):
+    """Start ``daemon``; on exit stop it, unmount what it left and delete its image."""
+    remove_stale_plugin_specs()
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        unmount_under(daemon.workdir)
+        daemon.device.unlink(missing_ok=True)

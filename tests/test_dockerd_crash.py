@@ -54,7 +54,7 @@ from pathlib import Path
 
 import pytest
 from dockerd import DockerDaemon, remove_stale_plugin_specs, terminate
-from lcfs_daemon import LcfsDaemon, fsck_command, lcfs_command
+from lcfs_daemon import LcfsDaemon, fsck_command, lcfs_command, running_lcfs
 from mounts import mounts_under, unmount_under
 
 from lcfs.fuse.stats import fetch_stats
@@ -429,13 +429,8 @@ def layered_image_archive(path: Path, busybox_tar: Path, tag: str) -> Path:
 
 @pytest.fixture(scope="module")
 def lcfs(tmp_path_factory):
-    remove_stale_plugin_specs()
-    daemon = CrashLcfsDaemon(tmp_path_factory.mktemp("lcfs"))
-    daemon.start()
-    yield daemon
-    daemon.stop()
-    unmount_under(daemon.workdir)
-    daemon.device.unlink(missing_ok=True)
+    with running_lcfs(CrashLcfsDaemon(tmp_path_factory.mktemp("lcfs"))) as daemon:
+        yield daemon
 
 
 @pytest.fixture(scope="module")

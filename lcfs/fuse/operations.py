@@ -9,10 +9,17 @@ Invariants:
 - Every node id except the mount root comes from the store's persistent node
   table (``store.node_id`` and ``store.node_target``), which maps it to a
   64-bit layer number and a 64-bit inode number. Node ids are never computed
-  from bits of those numbers and never reused, so st_ino is unique across
-  the mount and a file handle from name_to_handle_at(2) stays valid across
-  remounts: the kernel resolves a node it has forgotten by a lookup of "."
-  and, for directories, "..".
+  from bits of those numbers and never reused, so a file handle from
+  name_to_handle_at(2) stays valid across remounts: the kernel resolves a
+  node it has forgotten by a lookup of "." and, for directories, "..".
+- Two names lead to one node (and one st_ino) only when they lead to one
+  record in the store: hard links, and, with ``share_unchanged``, a regular
+  file that layers inherit unchanged from an ancestor, which is then served
+  through the ancestor's node (``_node_layer``) so that its pages are
+  cached once for all of them. A change to such a file through a writable
+  layer is first refused with ESTALE; the kernel then looks the path up
+  again, and that lookup copies the file up into the layer and returns the
+  layer's own node (``_retry_if_shared``).
 - A handler raises only ``pyfuse3.FUSEError``, because any other exception
   ends the pyfuse3 main loop and leaves the mount failing every request
   with ENOTCONN. ``StoreError`` becomes its errno, and anything else is
@@ -78,6 +85,13 @@ RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
 
 PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
 
+EXECUTE_BITS = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
+
+# How long a change refused with ESTALE waits for the lookups of the
+# kernel's retry. The retry follows at once, so this only bounds the memory
+# kept for a thread that gave up.
+UNSHARE_WINDOW = 10.0
+
 
 @dataclass(slots=True)
 class OpenFile:
@@ -141,6 +155,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._listings: dict[int, list] = {}
+        # (thread id, node) of changes refused by _retry_if_shared, with
+        # the monotonic time until which the retry may come.
+        self._unsharing: dict[tuple[int, int], float] = {}
         self._next_handle = 1
         self._mount_time_ns = time.time_ns()
 
@@ -199,6 +216,61 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     def _is_frozen(self, layer: int) -> bool:
         return self.store.layer_by_number(layer).frozen
 
+    def _node_layer(self, layer: int, attr) -> tuple[int, bool]:
+        """Return (layer, frozen) of the node that serves ``attr`` in ``layer``.
+
+        A regular file that the layer inherits unchanged is served through
+        the node of the frozen ancestor that contains its record, so the kernel keeps
+        one inode and one copy of its pages for every layer that reads it. A
+        writable layer keeps its own node for a file with more than one
+        name, which a change through another name would make stale, and for
+        an executable: while one container runs it, the kernel would refuse
+        (ETXTBSY) to open the shared inode for writing in any other.
+        """
+        frozen = self._is_frozen(layer)
+        if (attr.inherited and self.settings.share_unchanged and stat.S_ISREG(attr.mode)
+                and (frozen or (attr.nlink == 1 and not attr.mode & EXECUTE_BITS))):  # fmt: skip
+            return attr.owner, True
+        return layer, frozen
+
+    def _retry_if_shared(self, node: int, layer: int, ino: int, ctx) -> None:
+        """Refuse once with ESTALE a change to a file of a frozen layer.
+
+        The node may serve a file that a writable layer shares
+        (``_node_layer``), and a request names only the node, not the path
+        that led to it. After ESTALE the kernel walks the path again with
+        LOOKUP_REVAL and looks up every name anew. ``_unshared`` lets that
+        lookup copy the file up into the writable layer, so the retried
+        request names the layer's own node. A second change of the same
+        node from the same thread returns here, for the caller to refuse:
+        the path leads through a frozen layer.
+        """
+        if not (self.settings.share_unchanged
+                and stat.S_ISREG(self._current_attr(node, layer, ino).mode)):  # fmt: skip
+            return
+        key = (ctx.pid, node)
+        if self._unsharing.pop(key, None) is not None:
+            return
+        now = time.monotonic()
+        for old in [old for old, until in self._unsharing.items() if until < now]:
+            del self._unsharing[old]
+        self._unsharing[key] = now + UNSHARE_WINDOW
+        raise pyfuse3.FUSEError(errno.ESTALE)
+
+    def _unshared(self, layer: int, attr, ctx):
+        """Return the attributes for a lookup's reply, after a copy-up if one is due.
+
+        The copy-up is due when ``_retry_if_shared`` refused a change of the
+        shared node by the same thread: this lookup is part of its retry.
+        """
+        owner_node = self.store.node_id(attr.owner, attr.ino)
+        if self._is_frozen(layer) or self._unsharing.pop((ctx.pid, owner_node), None) is None:
+            return attr
+        self.dirty = True
+        log.debug("copying up inode %d into layer %d for a change by thread %d "
+                  "(shared node %d)", attr.ino, layer, ctx.pid, owner_node)  # fmt: skip
+        return self.store.own(layer, attr.ino)
+
     def _target(self, node: int) -> tuple[int, int]:
         """Return (layer, ino) of a node that is not the mount root."""
         if node == pyfuse3.ROOT_INODE:
@@ -239,15 +311,15 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         return attr
 
     def _entry(self, layer: int, attr, entry_timeout: float | None = None):
-        frozen = self._is_frozen(layer)
+        node_layer, frozen = self._node_layer(layer, attr)
         # An inode that a writable layer inherits unchanged can change only
         # by a copy-up through this mount. The kernel learns of that from
         # the reply or its own invalidation, so the inode is cached like a
         # frozen one, and a repeated tree scan in a container sends no getattr.
         timeout = FROZEN_TIMEOUT if frozen or attr.inherited else WRITABLE_TIMEOUT
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = self.store.node_id(layer, attr.ino)
-        self._keep_attr(entry.st_ino, layer, attr, frozen)
+        entry.st_ino = self.store.node_id(node_layer, attr.ino)
+        self._keep_attr(entry.st_ino, node_layer, attr, frozen)
         entry.generation = 0
         entry.st_mode = attr.mode
         entry.st_nlink = attr.nlink
@@ -361,6 +433,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
                 raise
             except errors.NotFound:
                 return self._negative_entry(layer)
+            if self._unsharing and attr.inherited:
+                attr = self._unshared(layer, attr, ctx)
             entry = self._entry(layer, attr)
         self._remember(entry.st_ino)
         return entry
@@ -418,6 +492,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     @fuse_handler(modifies=True)
     async def setattr(self, inode, attr, fields, fh, ctx):
         layer, ino = self._target(inode)
+        if self._is_frozen(layer):
+            self._retry_if_shared(inode, layer, ino, ctx)
         changes = {}
         if fields.update_mode:
             changes["mode"] = stat.S_IMODE(attr.st_mode)
@@ -551,6 +627,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
 
     @fuse_handler(modifies=True)
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        layer, ino = self._target(inode)
+        if self._is_frozen(layer):
+            self._retry_if_shared(inode, layer, ino, ctx)
         layer, ino, new_dir_ino = self._same_layer(inode, new_parent_inode)
         attr = self.store.link(layer, ino, new_dir_ino, new_name)
         return self._remembered_entry(layer, attr)
@@ -600,6 +679,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         layer, ino = self._target(inode)
         writes = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         if writes and self._is_frozen(layer):
+            self._retry_if_shared(inode, layer, ino, ctx)
             raise pyfuse3.FUSEError(errno.EROFS)
         # libfuse negotiates atomic O_TRUNC, so the kernel leaves the
         # truncate to this handler.

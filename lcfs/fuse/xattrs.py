@@ -97,6 +97,8 @@ class XattrHandlers:
         # pyfuse3 checks XATTR_CREATE and XATTR_REPLACE itself through
         # getxattr before it calls this handler.
         layer, ino = self._target(inode)
+        if self._is_frozen(layer):
+            self._retry_if_shared(inode, layer, ino, ctx)
         self.stats.record_xattr_store_call("setxattr")
         self.store.setxattr(layer, ino, name, value)
         self._keep_attr(inode, layer, self.store.getattr(layer, ino))
@@ -105,6 +107,7 @@ class XattrHandlers:
     async def removexattr(self, inode, name, ctx):
         layer, ino = self._target(inode)
         if self._is_frozen(layer):
+            self._retry_if_shared(inode, layer, ino, ctx)
             raise pyfuse3.FUSEError(errno.EROFS)
         if not self._current_attr(inode, layer, ino).has_xattrs:
             raise pyfuse3.FUSEError(errno.ENODATA)

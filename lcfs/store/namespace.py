@@ -217,7 +217,9 @@ class NamespaceMixin:
         from .store import Attr
 
         owner, inode = self._resolve(layer, ino)
-        return Attr.of(inode, inherited=owner != layer)
+        if owner == layer:
+            return Attr.of(inode)
+        return Attr.of(inode, inherited=True, owner=owner)
 
     def _entries(self, layer: int, dir_inode: Inode) -> dict[bytes, int]:
         """Return {name: ino} of every live entry of a directory."""
@@ -445,6 +447,20 @@ class NamespaceMixin:
             0,
             target,
         )
+
+    def own(self, layer: int, ino: int):
+        """Copy an inherited inode's record into a writable layer; return its attributes.
+
+        The copy shares the data blocks, as any copy-up does. The layer's
+        changes list the inode from then on, as after a change of its data.
+        """
+        return self._write(self._own_attr, layer, ino)
+
+    def _own_attr(self, layer, ino):
+        from .store import Attr
+
+        self._writable(layer)
+        return Attr.of(self._own(layer, ino))
 
     def link(self, layer: int, ino: int, new_dir_ino: int, new_name: bytes):
         return self._write(self._link, layer, ino, new_dir_ino, new_name)

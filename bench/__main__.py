@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--drivers",
-        default="overlay2,fuse-overlayfs,vfs,lcfs",
+        default="overlay2,fuse-overlayfs,vfs,lcfs,lcfs-shared",
         help="comma-separated storage drivers to compare, in run order "
         "(default %(default)s)",
     )

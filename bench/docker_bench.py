@@ -55,8 +55,8 @@ def _request_counts(stack: DriverStack) -> dict[str, int] | None:
 def _record_requests(
     rec: Recorder, key: str, before: dict | None, after: dict | None
 ) -> None:
-    """Keep the FUSE requests that one measured command sent, for the report."""
-    if before is None or after is None or rec.profiling:
+    """Keep the FUSE requests that one measured command sent on lcfs, for the report."""
+    if before is None or after is None or rec.profiling or rec.driver != "lcfs":
         return
     sent = {
         op: after[op] - before.get(op, 0)

@@ -7,6 +7,9 @@
 - ``lcfs``: an `lcfs daemon` (tests/lcfs_daemon.py) with its own sparse
   image file, registered as a graphdriver plugin; it mounts at the Home
   that dockerd's Init names, as in production.
+- ``lcfs-shared``: the same with `--share-unchanged`, which serves the
+  unchanged files of an image through one kernel inode for all its
+  containers.
 - ``overlay2``: kernel overlayfs, built into dockerd.
 - ``fuse-overlayfs``: dockerd's built-in driver that mounts with Debian's
   fuse-overlayfs binary.
@@ -30,7 +33,10 @@ from mounts import unmount_under
 
 log = logging.getLogger(__name__)
 
-DRIVERS = ("overlay2", "fuse-overlayfs", "vfs", "lcfs")
+DRIVERS = ("overlay2", "fuse-overlayfs", "vfs", "lcfs", "lcfs-shared")
+
+# `lcfs daemon` options of each lcfs variant.
+LCFS_OPTIONS = {"lcfs": (), "lcfs-shared": ("--share-unchanged",)}
 REFERENCE = "overlay2"
 
 # Sparse image file size of the lcfs store; only written blocks use disk.
@@ -54,10 +60,12 @@ class DriverStack:
         """Start the daemons; on failure stop whatever started and re-raise."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
-            if self.driver == "lcfs":
+            if self.driver in LCFS_OPTIONS:
                 remove_stale_plugin_specs()
                 self.lcfs = LcfsDaemon(
-                    self.workdir / "lcfs", size=LCFS_DEVICE_SIZE
+                    self.workdir / "lcfs",
+                    size=LCFS_DEVICE_SIZE,
+                    options=LCFS_OPTIONS[self.driver],
                 ).start()
                 self.dockerd = DockerDaemon(
                     self.workdir / "dockerd", plugin_socket=self.lcfs.socket_path

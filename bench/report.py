@@ -365,6 +365,7 @@ def plot(results: Results, workloads: list[Workload], image_dir: Path) -> None:
         "fuse-overlayfs": "#dd8452",
         "vfs": "#8c8c8c",
         "lcfs": "#55a868",
+        "lcfs-shared": "#8dd3a0",
     }
     timed = [
         w

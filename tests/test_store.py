@@ -1,6 +1,8 @@
 """Store tests on a real LMDB environment, on an image file and on a loop device."""
 
+import ctypes
 import errno
+import mmap
 import os
 import stat
 import subprocess
@@ -158,6 +160,63 @@ def test_read_ranges_across_extents_and_holes(store, offset, size):
     store.setattr(layer, f.ino, size=9 * 4096 + 50)
     expected = first + bytes(3 * 4096) + second + bytes(4096 + 50)
     assert store.read(layer, f.ino, offset, size) == expected[offset : offset + size]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]  # fmt: skip
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+
+
+def cached_pages(path: str, start: int, length: int) -> int:
+    """Count the pages of a file range in the page cache, by mincore(2) of a mapping.
+
+    Unlike a read, a mapping that is never touched reads nothing ahead.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+        if address == ctypes.c_void_p(-1).value:
+            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
+        try:
+            pages = ctypes.create_string_buffer((length + 4095) // 4096)
+            if _libc.mincore(address, length, pages) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
+            return sum(flag & 1 for flag in pages.raw)
+        finally:
+            _libc.munmap(address, length)
+    finally:
+        os.close(fd)
+
+
+def drop_file_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_read_dropping_device_cache(store, image):
+    layer = store.create_layer("f").number
+    f = store.mknod(layer, ROOT_INO, b"f", stat.S_IFREG | 0o644)
+    data = os.urandom(4 * MiB)
+    store.write(layer, f.ino, 0, data)
+    store.commit()
+    region = (store.data_offset, 16 * MiB)
+    drop_file_cache(image)
+    assert cached_pages(image, *region) == 0
+    # Sequential 1 MiB reads, as the kernel sends them for a cold FUSE read.
+    for offset in range(0, len(data), MiB):
+        assert store.read(layer, f.ino, offset, MiB) == data[offset : offset + MiB]
+    assert cached_pages(image, *region) >= 1024
+    drop_file_cache(image)
+    for offset in range(0, len(data), MiB):
+        chunk = store.read(layer, f.ino, offset, MiB, drop_cache=True)
+        assert chunk == data[offset : offset + MiB]
+    assert cached_pages(image, *region) == 0
 
 
 def test_frozen_parent_rejects_writes(store):

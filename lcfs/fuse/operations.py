@@ -99,6 +99,8 @@ class OpenFile:
 
     ``opener`` is the request context of the open. ``caller`` is the
     opener's credentials, read when a privilege check first needs them.
+    ``shared`` marks a file of a frozen layer under ``share_unchanged``,
+    whose pages the kernel caches once for every layer.
     """
 
     node: int
@@ -107,6 +109,7 @@ class OpenFile:
     direct_io: bool
     opener: object
     caller: Caller | None = None
+    shared: bool = False
 
 
 @dataclass(slots=True)
@@ -664,6 +667,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
                      and flags & os.O_ACCMODE == os.O_WRONLY)  # fmt: skip
         self.store.pin(layer, ino)
         open_file = OpenFile(node, layer, ino, direct_io, ctx)
+        open_file.shared = self.settings.share_unchanged and self._is_frozen(layer)
         kept = self._attrs.get(node)
         writes = flags & os.O_ACCMODE != os.O_RDONLY
         if writes and kept is not None and kept[0].mode & PRIVILEGE_BITS:
@@ -703,7 +707,10 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     @fuse_handler()
     async def read(self, fh, off, size):
         open_file = self._files[fh]
-        return self.store.read(open_file.layer, open_file.ino, off, size)
+        # The kernel caches a shared file's pages for every layer, so a
+        # second copy in the device's page cache would only double them.
+        return self.store.read(open_file.layer, open_file.ino, off, size,
+                               drop_cache=open_file.shared)  # fmt: skip
 
     @fuse_handler(modifies=True)
     async def write(self, fh, off, buf):

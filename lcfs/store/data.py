@@ -208,19 +208,35 @@ class DataMixin:
 
     # -- device I/O --------------------------------------------------------------
 
-    def _pread(self, phys: int, length: int, offset_in_block: int = 0) -> bytes:
+    def _pread(self, phys: int, length: int, offset_in_block: int = 0,
+               drop_cache: bool = False) -> bytes:  # fmt: skip
         if (
             phys < 0
             or phys * BLOCK_SIZE + offset_in_block + length
             > self.data_blocks * BLOCK_SIZE
         ):
             raise errors.StoreError(f"read of block {phys} outside the data region")
-        data = os.pread(
-            self.fd, length, self.data_offset + phys * BLOCK_SIZE + offset_in_block
-        )
+        position = self.data_offset + phys * BLOCK_SIZE + offset_in_block
+        if drop_cache:
+            fd = self._uncached_reader()
+            data = os.pread(fd, length, position)
+            os.posix_fadvise(fd, position, length, os.POSIX_FADV_DONTNEED)
+        else:
+            data = os.pread(self.fd, length, position)
         if len(data) < length:
             data += bytes(length - len(data))
         return data
+
+    def _uncached_reader(self) -> int:
+        """Return the descriptor of the device for reads that drop their pages."""
+        if self._uncached_fd is None:
+            fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            # Without read-ahead the kernel caches the range alone, in small
+            # folios. Read-ahead on ext4 caches the range in large folios that
+            # reach past it, which POSIX_FADV_DONTNEED of the range leaves.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            self._uncached_fd = fd
+        return self._uncached_fd
 
     def _pwrite(self, phys: int, data, offset_in_block: int = 0) -> None:
         if (
@@ -238,7 +254,14 @@ class DataMixin:
 
     # -- reading -------------------------------------------------------------------
 
-    def read(self, layer: int, ino: int, offset: int, size: int) -> bytes:
+    def read(self, layer: int, ino: int, offset: int, size: int,
+             drop_cache: bool = False) -> bytes:  # fmt: skip
+        """Read file data; ``drop_cache`` drops the device's cached pages of what was read.
+
+        A reader that keeps the data in a cache of its own, as the kernel
+        does for a FUSE file, sets ``drop_cache`` so that the data is not
+        cached twice, once for the file and once for the device.
+        """
         with self.lock:
             self._ready()
             self._layer(layer)
@@ -250,9 +273,10 @@ class DataMixin:
             end = min(offset + size, inode.size)
             if end <= offset:
                 return b""
-            return self._read_range(inode.ino, owner, offset, end)
+            return self._read_range(inode.ino, owner, offset, end, drop_cache)
 
-    def _read_range(self, ino: int, owner: int, offset: int, end: int) -> bytes:
+    def _read_range(self, ino: int, owner: int, offset: int, end: int,
+                    drop_cache: bool = False) -> bytes:  # fmt: skip
         first = offset // BLOCK_SIZE
         last = (end + BLOCK_SIZE - 1) // BLOCK_SIZE
         extents = self._extents(ino, owner, first, last)
@@ -262,7 +286,7 @@ class DataMixin:
                 # One extent covers the range, so the pread result is returned as it is.
                 delta = offset - block * BLOCK_SIZE
                 return self._pread(
-                    phys + delta // BLOCK_SIZE, end - offset, delta % BLOCK_SIZE
+                    phys + delta // BLOCK_SIZE, end - offset, delta % BLOCK_SIZE, drop_cache
                 )
         out = bytearray(end - offset)
         for block, phys, count, _ in extents:
@@ -272,7 +296,7 @@ class DataMixin:
                 continue
             delta = start - block * BLOCK_SIZE
             chunk = self._pread(
-                phys + delta // BLOCK_SIZE, stop - start, delta % BLOCK_SIZE
+                phys + delta // BLOCK_SIZE, stop - start, delta % BLOCK_SIZE, drop_cache
             )
             out[start - offset : stop - offset] = chunk
         return bytes(out)

@@ -175,6 +175,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     def __init__(self, path: str, fd: int, superblock: dict):
         self.path = path
         self.fd = fd
+        # Opened on the first read that drops its pages (DataMixin.read).
+        self._uncached_fd: int | None = None
         self.superblock = superblock
         self.metadata_size = superblock["metadata_size"]
         self.data_blocks = superblock["data_blocks"]
@@ -375,6 +377,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                     self._group = None
                 self.env.close()
                 os.close(self.fd)
+                if self._uncached_fd is not None:
+                    os.close(self._uncached_fd)
                 self._closed = True
             log.info("closed %s", self.path)
 

@@ -227,6 +227,18 @@ class DataMixin:
             data += bytes(length - len(data))
         return data
 
+    def _read_ahead_uncached(self, extent, end: int, length: int) -> None:
+        """Start reading the ``length`` bytes after file offset ``end`` in its extent.
+
+        The reader that drops its pages has no read-ahead of the kernel's,
+        so this starts the read of what a sequential reader asks for next.
+        """
+        block, phys, count, _ = extent
+        ahead = min(length, (block + count) * BLOCK_SIZE - end)
+        if ahead > 0:
+            position = self.data_offset + phys * BLOCK_SIZE + end - block * BLOCK_SIZE
+            os.posix_fadvise(self._uncached_reader(), position, ahead, os.POSIX_FADV_WILLNEED)
+
     def _uncached_reader(self) -> int:
         """Return the descriptor of the device for reads that drop their pages."""
         if self._uncached_fd is None:
@@ -280,6 +292,8 @@ class DataMixin:
         first = offset // BLOCK_SIZE
         last = (end + BLOCK_SIZE - 1) // BLOCK_SIZE
         extents = self._extents(ino, owner, first, last)
+        if drop_cache and extents:
+            self._read_ahead_uncached(extents[-1], end, end - offset)
         if len(extents) == 1:
             block, phys, count, _ = extents[0]
             if block <= first and block + count >= last:

@@ -178,6 +178,23 @@ def test_unlink_and_rename_stay_in_layer(shared):
     assert os.stat(os.path.join(second, "f2")).st_nlink == 2
 
 
+def test_change_by_descriptor_needs_a_path(shared):
+    write_file(shared.at("base", "f"), DATA)
+    (child,) = freeze_base(shared, "c1")
+    path = os.path.join(child, "f")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(2):
+            with pytest.raises(OSError) as caught:
+                os.fchmod(fd, 0o600)
+            assert caught.value.errno == errno.ESTALE
+        os.chmod(path, 0o640)
+    finally:
+        os.close(fd)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(shared.at("base", "f")).st_mode) == 0o644
+
+
 def test_frozen_layer_still_refuses_changes(shared):
     write_file(shared.at("base", "f"), DATA)
     freeze_base(shared, "c1")

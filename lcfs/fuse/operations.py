@@ -17,7 +17,7 @@ Invariants:
   file that layers inherit unchanged from an ancestor, which is then served
   through the ancestor's node (``_node_layer``) so that its pages are
   cached once for all of them. A change to such a file through a writable
-  layer is first refused with ESTALE; the kernel then looks the path up
+  layer is first rejected with ESTALE. The kernel then looks the path up
   again, and that lookup copies the file up into the layer and returns the
   layer's own node (``_retry_if_shared``).
 - A handler raises only ``pyfuse3.FUSEError``, because any other exception
@@ -87,7 +87,7 @@ PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
 
 EXECUTE_BITS = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
 
-# How long a change refused with ESTALE waits for the lookups of the
+# How long a change rejected with ESTALE waits for the lookups of the
 # kernel's retry. The retry follows at once, so this only bounds the memory
 # kept for a thread that gave up.
 UNSHARE_WINDOW = 10.0
@@ -158,9 +158,10 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._listings: dict[int, list] = {}
-        # (thread id, node) of changes refused by _retry_if_shared, with
-        # the monotonic time until which the retry may come.
-        self._unsharing: dict[tuple[int, int], float] = {}
+        # (thread id, node) of changes rejected by _retry_if_shared: the
+        # monotonic time until which the retry may come, and whether a
+        # lookup of the retry has led to the node again.
+        self._unsharing: dict[tuple[int, int], tuple[float, bool]] = {}
         self._next_handle = 1
         self._mount_time_ns = time.time_ns()
 
@@ -226,9 +227,10 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         the node of the frozen ancestor that contains its record, so the kernel keeps
         one inode and one copy of its pages for every layer that reads it. A
         writable layer keeps its own node for a file with more than one
-        name, which a change through another name would make stale, and for
-        an executable: while one container runs it, the kernel would refuse
-        (ETXTBSY) to open the shared inode for writing in any other.
+        name, because a change through another name would make it stale. It
+        also keeps its own node for an executable: while one container runs
+        it, the kernel rejects (ETXTBSY) opens of the shared inode for
+        writing in any other.
         """
         frozen = self._is_frozen(layer)
         if (attr.inherited and self.settings.share_unchanged and stat.S_ISREG(attr.mode)
@@ -237,41 +239,52 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         return layer, frozen
 
     def _retry_if_shared(self, node: int, layer: int, ino: int, ctx) -> None:
-        """Refuse once with ESTALE a change to a file of a frozen layer.
+        """Raise ESTALE for a change to a file of a frozen layer, unless a retry led here.
 
         The node may serve a file that a writable layer shares
         (``_node_layer``), and a request names only the node, not the path
         that led to it. After ESTALE the kernel walks the path again with
         LOOKUP_REVAL and looks up every name anew. ``_unshared`` lets that
         lookup copy the file up into the writable layer, so the retried
-        request names the layer's own node. A second change of the same
-        node from the same thread returns here, for the caller to refuse:
-        the path leads through a frozen layer.
+        request names the layer's own node. When the retry's lookup led to
+        this node again, the path goes through a frozen layer, and this
+        returns for the caller to reject the change. A change by descriptor
+        has no path to walk again, so it gets ESTALE every time.
         """
         if not (self.settings.share_unchanged
                 and stat.S_ISREG(self._current_attr(node, layer, ino).mode)):  # fmt: skip
             return
         key = (ctx.pid, node)
-        if self._unsharing.pop(key, None) is not None:
+        pending = self._unsharing.pop(key, None)
+        if pending is not None and pending[1]:
             return
         now = time.monotonic()
-        for old in [old for old, until in self._unsharing.items() if until < now]:
+        for old in [old for old, (until, _) in self._unsharing.items() if until < now]:
             del self._unsharing[old]
-        self._unsharing[key] = now + UNSHARE_WINDOW
+        self._unsharing[key] = (now + UNSHARE_WINDOW, False)
         raise pyfuse3.FUSEError(errno.ESTALE)
 
     def _unshared(self, layer: int, attr, ctx):
         """Return the attributes for a lookup's reply, after a copy-up if one is due.
 
-        The copy-up is due when ``_retry_if_shared`` refused a change of the
-        shared node by the same thread: this lookup is part of its retry.
+        The copy-up is due when ``_retry_if_shared`` rejected a change of
+        the shared node by the same thread: this lookup is part of its
+        retry. A lookup that leads to a node of a frozen layer marks the
+        retry as looked up instead.
         """
-        owner_node = self.store.node_id(attr.owner, attr.ino)
-        if self._is_frozen(layer) or self._unsharing.pop((ctx.pid, owner_node), None) is None:
+        node_layer, _ = self._node_layer(layer, attr)
+        node = self.store.node_id(node_layer, attr.ino)
+        key = (ctx.pid, node)
+        pending = self._unsharing.get(key)
+        if pending is None:
             return attr
+        if node_layer == layer or self._is_frozen(layer):
+            self._unsharing[key] = (pending[0], True)
+            return attr
+        del self._unsharing[key]
         self.dirty = True
         log.debug("copying up inode %d into layer %d for a change by thread %d "
-                  "(shared node %d)", attr.ino, layer, ctx.pid, owner_node)  # fmt: skip
+                  "(shared node %d)", attr.ino, layer, ctx.pid, node)  # fmt: skip
         return self.store.own(layer, attr.ino)
 
     def _target(self, node: int) -> tuple[int, int]:
@@ -436,7 +449,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
                 raise
             except errors.NotFound:
                 return self._negative_entry(layer)
-            if self._unsharing and attr.inherited:
+            if self._unsharing:
                 attr = self._unshared(layer, attr, ctx)
             entry = self._entry(layer, attr)
         self._remember(entry.st_ino)

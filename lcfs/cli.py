@@ -231,6 +231,7 @@ def _add_install_commands(commands) -> None:
         help="passed on to 'lcfs daemon --stop-timeout'; systemd waits 30 s "
         "longer before SIGKILL (default %(default)s)",
     )
+    _add_fuse_options(install)
     install.add_argument(
         "--daemon-log-level",
         default="info",
@@ -328,6 +329,39 @@ def _add_fuse_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _fuse_settings(args: argparse.Namespace):
+    from lcfs.fuse.settings import FuseSettings
+
+    return FuseSettings(
+        direct_io=args.direct_io,
+        invalidate_on_close=args.invalidate_on_close,
+        read_ahead_kb=args.read_ahead_kb,
+        share_unchanged=args.share_unchanged,
+    )
+
+
+def _fuse_arguments(settings) -> list[str]:
+    """Return the `lcfs daemon` options that set ``settings``, omitting defaults."""
+    from lcfs.fuse.settings import FuseSettings
+
+    defaults = FuseSettings()
+    arguments = []
+    if settings.direct_io != defaults.direct_io:
+        arguments += ["--direct-io", settings.direct_io]
+    if settings.invalidate_on_close != defaults.invalidate_on_close:
+        arguments.append(
+            "--invalidate-on-close" if settings.invalidate_on_close
+            else "--no-invalidate-on-close"
+        )  # fmt: skip
+    if settings.read_ahead_kb != defaults.read_ahead_kb:
+        arguments += ["--read-ahead-kb", str(settings.read_ahead_kb)]
+    if settings.share_unchanged != defaults.share_unchanged:
+        arguments.append(
+            "--share-unchanged" if settings.share_unchanged else "--no-share-unchanged"
+        )
+    return arguments
+
+
 def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument(
         "--log-level",
@@ -348,7 +382,6 @@ def _setup_logging(level: str) -> None:
 
 def _run_daemon(args: argparse.Namespace) -> int:
     from lcfs.driver.daemon import Daemon, DaemonConfig
-    from lcfs.fuse.settings import FuseSettings
 
     config = DaemonConfig(
         device=args.device,
@@ -359,12 +392,7 @@ def _run_daemon(args: argparse.Namespace) -> int:
         pid_file=args.pid_file,
         docker_root=args.docker_root,
         grace=args.grace,
-        fuse=FuseSettings(
-            direct_io=args.direct_io,
-            invalidate_on_close=args.invalidate_on_close,
-            read_ahead_kb=args.read_ahead_kb,
-            share_unchanged=args.share_unchanged,
-        ),
+        fuse=_fuse_settings(args),
     )
     if args.stop_timeout is not None:
         config.stop_timeout = args.stop_timeout
@@ -434,6 +462,7 @@ def _run_install(args: argparse.Namespace) -> int:
         docker_root=args.docker_root,
         stop_timeout=args.stop_timeout,
         log_level=args.daemon_log_level,
+        extra_args=_fuse_arguments(_fuse_settings(args)),
     )
     try:
         written = install.install(config, root=args.root, force=args.force)

@@ -537,6 +537,20 @@ def test_install_writes_unit_and_spec(tmp_path):
     ]
 
 
+def test_install_passes_fuse_options(tmp_path):
+    result = run_lcfs(
+        "install", "--root", str(tmp_path), "--command", "/opt/lcfs/bin/lcfs",
+        "--share-unchanged", "--read-ahead-kb", "512", "--direct-io", "write-only",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    unit = (tmp_path / "etc/systemd/system/lcfs.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    # The default --direct-io is left out; the others follow the log level.
+    assert exec_start.endswith(
+        "--log-level info --read-ahead-kb 512 --share-unchanged"
+    ), exec_start
+
+
 @pytest.mark.skipif(
     not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed"
 )

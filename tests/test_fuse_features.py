@@ -111,11 +111,7 @@ class FeatureDaemon(LcfsDaemon):
     """`lcfs daemon` on a fixed mount point, with extra command line options."""
 
     def __init__(self, workdir: Path, mountpoint: str, extra_args: list[str]):
-        super().__init__(workdir, size="1G", mountpoint=mountpoint)
-        self.extra_args = extra_args
-
-    def command(self) -> list[str]:
-        return super().command() + self.extra_args
+        super().__init__(workdir, size="1G", mountpoint=mountpoint, options=tuple(extra_args))
 
     def stats(self) -> dict:
         return fetch_stats(str(self.socket_path))

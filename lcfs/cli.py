@@ -55,6 +55,18 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _kib(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"invalid size in KiB {text!r}: use a whole number of 0 or more"
+        )
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="lcfs", description="Copy-on-write store for container image layers."
@@ -313,7 +325,7 @@ def _add_fuse_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--read-ahead-kb",
-        type=int,
+        type=_kib,
         default=defaults.read_ahead_kb,
         help="the kernel's read-ahead on the mount in KiB, which also sets the "
         "size of its read requests; 0 keeps the kernel's 128 (default %(default)s)",

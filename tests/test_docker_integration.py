@@ -591,6 +591,17 @@ def test_uninstall_keeps_edited_file(tmp_path):
     assert not (tmp_path / "etc/systemd/system/lcfs.service").exists()
 
 
+@pytest.mark.parametrize("command", [["daemon"], ["install", "--root"]])
+def test_negative_read_ahead_is_usage_error(tmp_path, command):
+    if command[-1] == "--root":
+        command = [*command, str(tmp_path)]
+    result = run_lcfs(*command, "--read-ahead-kb", "-5")
+    assert result.returncode == 2
+    assert "invalid size in KiB '-5'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "etc").exists()
+
+
 def test_uninstall_refuses_enabled_unit(tmp_path):
     assert run_lcfs("install", "--root", str(tmp_path)).returncode == 0
     wants = tmp_path / "etc/systemd/system/multi-user.target.wants"

@@ -270,10 +270,11 @@ class FuseServer:
             raise
         read_ahead = self._set_read_ahead(device)
         log.info("mounted lcfs at %s (device %s, options %s, direct I/O %s, "
-                 "invalidate on close %s, kernel symlink and directory caches %s, "
-                 "read-ahead %s, request loop %s)", mountpoint, device,
-                 ",".join(sorted(self.options)), self.settings.direct_io,
+                 "invalidate on close %s, share unchanged %s, kernel symlink and "
+                 "directory caches %s, read-ahead %s, request loop %s)", mountpoint,
+                 device, ",".join(sorted(self.options)), self.settings.direct_io,
                  "on" if self.settings.invalidate_on_close else "off",
+                 "on" if self.settings.share_unchanged else "off",
                  "on" if KERNEL_CACHES else "off (stock pyfuse3)", read_ahead,
                  self.request_loop)  # fmt: skip
 

@@ -19,6 +19,8 @@ import pytest
 from fuse_fixtures import fuse_available, lcfs_image, mount_store  # noqa: F401
 
 from lcfs.fuse.settings import FuseSettings
+from lcfs.store import Store
+from tools import fsck
 
 pytestmark = pytest.mark.skipif(not fuse_available(), reason="needs root and /dev/fuse")
 
@@ -273,13 +275,30 @@ def test_layers_deeper_down_share_with_the_holder(shared):
 
 def test_sharing_survives_a_remount(shared):
     write_file(shared.at("base", "f"), DATA)
+    write_file(shared.at("base", "g"), DATA)
     (child,) = freeze_base(shared, "c1")
     with open(os.path.join(child, "f"), "ab") as f:
         f.write(b"x")
+    os.chmod(os.path.join(child, "g"), 0o600)
     shared.reopen()
     assert read_file(shared.at("c1", "f")) == DATA + b"x"
     assert read_file(shared.at("base", "f")) == DATA
     assert os.stat(shared.at("c1", "f")).st_ino != os.stat(shared.at("base", "f")).st_ino
+    assert stat.S_IMODE(os.stat(shared.at("c1", "g")).st_mode) == 0o600
+
+
+def test_copy_ups_pass_fsck(shared):
+    write_file(shared.at("base", "f"), DATA)
+    write_file(shared.at("base", "g"), DATA)
+    (child,) = freeze_base(shared, "c1")
+    with open(os.path.join(child, "f"), "ab") as f:
+        f.write(b"x")
+    os.chmod(os.path.join(child, "g"), 0o600)
+    os.link(os.path.join(child, "g"), os.path.join(child, "h"))
+    shared.server.stop()
+    shared.store.close()
+    assert fsck.main([shared.image, "--no-progress", "--log-level", "WARNING"]) == 0
+    shared.store = Store.open(shared.image)
 
 
 def test_early_reader_keeps_shared_copy(shared):

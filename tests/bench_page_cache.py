@@ -1,9 +1,9 @@
 """Measure the kernel page cache that many readers of one file leave behind.
 
 READERS processes each read the same FILE_MIB file through their own child
-layer of one lcfs mount, once with ``--invalidate-on-close`` and once
-without it, and then through their own kernel overlayfs mount of one lower
-directory. For each setup the script reports:
+layer of one lcfs mount, with the default settings, with
+``--invalidate-on-close`` and with ``--share-unchanged``, and then through
+their own kernel overlayfs mount of one lower directory. For each setup the script reports:
 
 - the growth of ``Cached`` in /proc/meminfo once the readers have closed
   the file;
@@ -136,20 +136,10 @@ def measure(paths: list[str], backing: Path, daemon: LcfsDaemon | None) -> dict:
     }
 
 
-class BenchDaemon(LcfsDaemon):
-    def __init__(self, workdir: Path, mountpoint: Path, extra: list[str]):
-        super().__init__(workdir, mountpoint=mountpoint)
-        self.extra = extra
-
-    def command(self) -> list[str]:
-        return super().command() + self.extra
-
-
-def run_lcfs(workdir: Path, readers: int, invalidate: bool) -> dict:
+def run_lcfs(workdir: Path, readers: int, options: list[str]) -> dict:
     mountpoint = workdir / "mnt"
     mountpoint.mkdir(exist_ok=True)
-    flag = "--invalidate-on-close" if invalidate else "--no-invalidate-on-close"
-    daemon = BenchDaemon(workdir, mountpoint, [flag])
+    daemon = LcfsDaemon(workdir, mountpoint=mountpoint, options=tuple(options))
     daemon.start()
     try:
         paths = [str(mountpoint / f"reader{index}" / "file") for index in range(readers)]
@@ -197,8 +187,9 @@ def main() -> int:
     results = {}
     try:
         build_image(workdir / "lcfs.img", args.readers, data)
-        results["lcfs, --no-invalidate-on-close"] = run_lcfs(workdir, args.readers, False)
-        results["lcfs, --invalidate-on-close"] = run_lcfs(workdir, args.readers, True)
+        for options in ([], ["--invalidate-on-close"], ["--share-unchanged"]):
+            name = " ".join(["lcfs", *options]) if options else "lcfs, defaults"
+            results[name] = run_lcfs(workdir, args.readers, options)
         results["overlayfs"] = run_overlay(workdir, args.readers, data)
     finally:
         remove_tree(workdir)

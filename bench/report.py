@@ -164,7 +164,7 @@ def driver_section(
     parts += ["", _machine(results), ""]
     parts.append(
         "Each driver ran under its own Debian dockerd 20.10 with its own data root, exec root "
-        "and socket in its own network namespace: overlay2 (kernel overlayfs), fuse-overlayfs "
+        "and socket in its own network namespace. The drivers: overlay2 (kernel overlayfs), fuse-overlayfs "
         "(dockerd's built-in driver with Debian's fuse-overlayfs), vfs, lcfs (`lcfs "
         "daemon` as a graphdriver plugin, on a sparse image file on the same file system) "
         "and lcfs-shared (the same daemon with `--share-unchanged`). The targets apply to "

@@ -57,7 +57,7 @@ def test_change_script_diff_and_base(docker, minbase):
 
 
 def test_writes_stay_in_their_container(docker, minbase):
-    # Two containers of one image change the same file; each reads its own.
+    # Two containers of one image change the same file, and each reads its own copy.
     names = ["lcfs-share-a", "lcfs-share-b"]
     for name in names:
         docker.docker("run", "--pull", "never", "--network", "none", "--detach",

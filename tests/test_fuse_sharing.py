@@ -1,8 +1,9 @@
 """Sharing of unchanged files between layers (``--share-unchanged``).
 
 With the setting on, a regular file that a layer inherits unchanged is
-served through the node of the frozen layer that contains its record, so every layer
-that reads it shares one kernel inode and one copy of its pages. A change
+served through the node of the frozen layer that contains its record.
+Every layer that reads it then shares one kernel inode and one copy of its
+pages. A change
 through a writable layer copies the file up into that layer first. These
 tests run on a real mount and check both sides: what is shared, and that
 every kind of change still lands in the writable layer alone.
@@ -60,7 +61,7 @@ def reads_sent(mounted) -> int:
     return mounted.server.stats.snapshot().get("read", {}).get("requests", 0)
 
 
-def test_unchanged_file_is_one_inode_in_every_layer(shared):
+def test_unchanged_file_one_inode(shared):
     write_file(shared.at("base", "f"), DATA)
     first, second = freeze_base(shared, "c1", "c2")
     base_ino = os.stat(shared.at("base", "f")).st_ino
@@ -72,7 +73,7 @@ def test_unchanged_file_is_one_inode_in_every_layer(shared):
     assert os.stat(first).st_ino != os.stat(second).st_ino
 
 
-def test_pages_read_through_one_layer_serve_the_others(shared):
+def test_pages_shared_across_layers(shared):
     write_file(shared.at("base", "f"), DATA)
     first, second = freeze_base(shared, "c1", "c2")
     assert read_file(os.path.join(first, "f")) == DATA
@@ -82,7 +83,7 @@ def test_pages_read_through_one_layer_serve_the_others(shared):
     assert reads_sent(shared) == before
 
 
-def test_pages_are_per_layer_without_the_setting(lcfs_image):
+def test_pages_per_layer_by_default(lcfs_image):
     with mount_store(lcfs_image) as mounted:
         write_file(mounted.at("base", "f"), DATA)
         first, second = freeze_base(mounted, "c1", "c2")
@@ -95,7 +96,7 @@ def test_pages_are_per_layer_without_the_setting(lcfs_image):
         assert reads_sent(mounted) > before
 
 
-def test_write_copies_up_into_the_writing_layer_only(shared):
+def test_write_copies_up_one_layer(shared):
     write_file(shared.at("base", "f"), DATA)
     first, second = freeze_base(shared, "c1", "c2")
     shared_ino = os.stat(os.path.join(first, "f")).st_ino
@@ -197,7 +198,7 @@ def test_change_by_descriptor_needs_a_path(shared):
     assert stat.S_IMODE(os.stat(shared.at("base", "f")).st_mode) == 0o644
 
 
-def test_frozen_layer_still_refuses_changes(shared):
+def test_frozen_layer_rejects_changes(shared):
     write_file(shared.at("base", "f"), DATA)
     freeze_base(shared, "c1")
     path = shared.at("base", "f")
@@ -217,7 +218,7 @@ def test_frozen_layer_still_refuses_changes(shared):
     assert read_file(path) == DATA
 
 
-def test_changes_from_many_threads_each_copy_up(shared):
+def test_threads_each_copy_up(shared):
     names = [f"f{index}" for index in range(8)]
     for name in names:
         write_file(shared.at("base", name), DATA)
@@ -245,7 +246,7 @@ def test_changes_from_many_threads_each_copy_up(shared):
         assert read_file(shared.at("base", name)) == DATA
 
 
-def test_executables_and_linked_files_keep_their_own_node(shared):
+def test_executables_and_links_stay_private(shared):
     write_file(shared.at("base", "tool"), b"#!/bin/sh\necho hi\n", 0o755)
     write_file(shared.at("base", "a"), DATA)
     os.link(shared.at("base", "a"), shared.at("base", "b"))
@@ -259,7 +260,7 @@ def test_executables_and_linked_files_keep_their_own_node(shared):
     ).st_ino
 
 
-def test_layers_deeper_down_share_with_the_holder(shared):
+def test_deep_layers_share_owner_node(shared):
     write_file(shared.at("base", "f"), DATA)
     shared.store.create_layer("middle", "base")
     shared.store.create_layer("top", "middle")
@@ -273,13 +274,19 @@ def test_layers_deeper_down_share_with_the_holder(shared):
     assert read_file(shared.at("middle", "f")) == DATA
 
 
-def test_sharing_survives_a_remount(shared):
-    write_file(shared.at("base", "f"), DATA)
-    write_file(shared.at("base", "g"), DATA)
-    (child,) = freeze_base(shared, "c1")
+def change_two_shared_files(mounted) -> str:
+    """Append to ``f`` and chmod ``g`` through layer ``c1``; return c1's path."""
+    write_file(mounted.at("base", "f"), DATA)
+    write_file(mounted.at("base", "g"), DATA)
+    (child,) = freeze_base(mounted, "c1")
     with open(os.path.join(child, "f"), "ab") as f:
         f.write(b"x")
     os.chmod(os.path.join(child, "g"), 0o600)
+    return child
+
+
+def test_sharing_survives_a_remount(shared):
+    change_two_shared_files(shared)
     shared.reopen()
     assert read_file(shared.at("c1", "f")) == DATA + b"x"
     assert read_file(shared.at("base", "f")) == DATA
@@ -288,12 +295,7 @@ def test_sharing_survives_a_remount(shared):
 
 
 def test_copy_ups_pass_fsck(shared):
-    write_file(shared.at("base", "f"), DATA)
-    write_file(shared.at("base", "g"), DATA)
-    (child,) = freeze_base(shared, "c1")
-    with open(os.path.join(child, "f"), "ab") as f:
-        f.write(b"x")
-    os.chmod(os.path.join(child, "g"), 0o600)
+    child = change_two_shared_files(shared)
     os.link(os.path.join(child, "g"), os.path.join(child, "h"))
     shared.server.stop()
     shared.store.close()

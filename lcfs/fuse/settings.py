@@ -29,13 +29,14 @@ class FuseSettings:
     ``read_ahead_kb`` is the kernel's read-ahead for the mount, which also
     caps the size of its READ requests; 0 keeps the kernel's default.
     ``share_unchanged`` serves a regular file that a layer inherits unchanged
-    through the node of the ancestor that contains its record, so that every layer and
-    container reading it shares one kernel inode and one copy in the page
-    cache. The first change through a writable layer copies the file up
-    and gives it a node of its own. It is off by default because the
-    sharing shows: a descriptor opened read-only before that copy-up keeps
-    reading the shared copy, st_ino changes at the copy-up, and flock(2)
-    locks and inotify events of a shared file reach every layer.
+    through the node of the ancestor that contains its record. Every layer
+    and container reading it then shares one kernel inode and one copy in
+    the page cache. The first change through a writable layer copies the
+    file up and gives it a node of its own. The setting is off by default
+    because sharing is visible. A descriptor opened read-only before that
+    copy-up keeps reading the shared copy, st_ino changes at the copy-up,
+    and flock(2) locks and inotify events of a shared file reach every
+    layer.
     """
 
     direct_io: str = DIRECT_IO_WRITE_ONLY

@@ -230,8 +230,8 @@ class DataMixin:
     def _read_ahead_uncached(self, extent, end: int, length: int) -> None:
         """Start reading the ``length`` bytes after file offset ``end`` in its extent.
 
-        The reader that drops its pages has no read-ahead of the kernel's,
-        so this starts the read of what a sequential reader asks for next.
+        Reads that drop their pages get no read-ahead from the kernel, so
+        this starts reading what a sequential reader requests next.
         """
         block, phys, count, _ = extent
         ahead = min(length, (block + count) * BLOCK_SIZE - end)
@@ -268,11 +268,11 @@ class DataMixin:
 
     def read(self, layer: int, ino: int, offset: int, size: int,
              drop_cache: bool = False) -> bytes:  # fmt: skip
-        """Read file data; ``drop_cache`` drops the device's cached pages of what was read.
+        """Return up to ``size`` bytes of a file from ``offset``.
 
-        A reader that keeps the data in a cache of its own, as the kernel
-        does for a FUSE file, sets ``drop_cache`` so that the data is not
-        cached twice, once for the file and once for the device.
+        ``drop_cache`` drops the device's cached pages of what was read. A
+        reader that keeps the data in a cache of its own, as the kernel does
+        for a FUSE file, sets it so that the data is not cached twice.
         """
         with self.lock:
             self._ready()

@@ -437,6 +437,31 @@ def test_commit_diverging_tar_writes_rest(store):
     assert store.read(committed, big.ino, 0, 8 * MiB) == bytes(expected)
 
 
+@pytest.mark.parametrize("differs", [False, True], ids=["same", "differing"])
+def test_commit_of_small_file(store, differs):
+    """A file of at most one chunk is created, mapped or written in one operation."""
+    apply(store, "img", None, make_tar([("small", REG, {"data": b"img"})]))
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    content = os.urandom(64 * 1024)
+    store.write(number, store.lookup(number, ROOT_INO, b"small").ino, 0, content)
+    diff = bytearray(b"".join(store.diff("ctr")))
+    if differs:
+        diff[diff.index(content[:64]) + 40_000] ^= 0xFF
+    free = store.statfs().free_blocks
+    apply(store, "committed", "img", bytes(diff))
+    new_blocks = free - store.statfs().free_blocks
+    assert new_blocks == (16 if differs else 0)
+    committed = store.get_layer("committed").number
+    small = store.lookup(committed, ROOT_INO, b"small")
+    expected = bytearray(content)
+    if differs:
+        expected[40_000] ^= 0xFF
+    assert store.read(committed, small.ino, 0, len(content) + 1) == bytes(expected)
+    store.remove_layer("ctr")
+    assert store.read(committed, small.ino, 0, len(content)) == bytes(expected)
+
+
 class WritingStream(io.BytesIO):
     """A tar stream that runs ``action`` once, after ``after`` bytes were read."""
 

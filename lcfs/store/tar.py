@@ -27,7 +27,7 @@ from decimal import Decimal
 from lcfs.journal import intents
 from lcfs.journal.crash import crash_point
 
-from . import errors
+from . import errors, tarstream
 from .data import BORROWED, SHARED
 from .diff import OPAQUE, WHITEOUT, DiffPlan
 from .format import (
@@ -117,12 +117,9 @@ class TarMixin:
                 self._end_apply(layer)
                 self.commit()
             return 0
-        fileobj = _Prefixed(first, fileobj)
         try:
-            with tarfile.open(fileobj=fileobj, mode="r|", errors="surrogateescape",
-                              tarinfo=_StrictTarInfo) as archive:  # fmt: skip
-                for member in archive:
-                    applier.apply(member, archive)
+            for member, data in tarstream.members(fileobj, first):
+                applier.apply(member, data)
         except errors.BadArchive as exc:
             self._roll_back_apply(layer)
             if str(exc).startswith(f"layer {layer_id}:"):
@@ -248,43 +245,6 @@ class TarMixin:
             yield bytes(tarfile.BLOCKSIZE - remainder)
 
 
-class _Prefixed:
-    """A read-only stream that returns ``head`` before the rest of ``stream``."""
-
-    def __init__(self, head: bytes, stream):
-        self.head = head
-        self.stream = stream
-
-    def read(self, size: int = -1) -> bytes:
-        if not self.head:
-            return self.stream.read(size)
-        if size is None or size < 0:
-            data, self.head = self.head + self.stream.read(), b""
-            return data
-        data, self.head = self.head[:size], self.head[size:]
-        if len(data) < size:
-            data += self.stream.read(size - len(data))
-        return data
-
-
-class _StrictTarInfo(tarfile.TarInfo):
-    """A TarInfo whose parsing rejects a corrupt header after the first one.
-
-    tarfile stops quietly at an invalid header anywhere but the start of the
-    archive; Docker's applier reports it, and so does this one. An archive
-    that simply ends, with or without its zero blocks, is complete.
-    """
-
-    @classmethod
-    def frombuf(cls, buf, encoding, errors_):
-        try:
-            return super().frombuf(buf, encoding, errors_)
-        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):
-            raise
-        except tarfile.HeaderError as exc:
-            raise errors.BadArchive(f"corrupt tar header: {exc}") from None
-
-
 class _Applier:
     def __init__(self, store, layer):
         self.store = store
@@ -304,7 +264,7 @@ class _Applier:
         )
         self.last_commit = time.monotonic()
 
-    def apply(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+    def apply(self, member: tarfile.TarInfo, data) -> None:
         parts = _split(member.name, self.layer.id)
         write = self.store._write
         self.entries += 1
@@ -313,9 +273,15 @@ class _Applier:
         elif not parts:
             if member.isdir():
                 write(self._set_metadata, ROOT_INO, member)
+        elif member.isreg() and 0 < member.size <= CHUNK:
+            # The content is read before the store lock is taken, because the
+            # stream may wait for the network.
+            content = self._read_content(member, data)
+            write(self._create_small_file, parts, member, content)
+            self.size += member.size
         elif member.isreg() and member.size:
             ino = write(self._create, parts, member)
-            self._copy_data(ino, parts, member, archive)
+            self._copy_data(ino, parts, member, data)
             write(self._set_metadata, ino, member)
         else:
             write(self._create_with_metadata, parts, member)
@@ -326,6 +292,37 @@ class _Applier:
         ino = self._create(parts, member)
         if not member.islnk():
             self._set_metadata(ino, member)
+
+    def _read_content(self, member: tarfile.TarInfo, data) -> bytes:
+        content = data.read(member.size)
+        while len(content) < member.size:
+            more = data.read(member.size - len(content))
+            if not more:
+                raise errors.BadArchive(
+                    f"layer {self.layer.id}: tar ends inside {member.name!r}"
+                )
+            content += more
+        return content
+
+    def _create_small_file(self, parts: list[bytes], member: tarfile.TarInfo,
+                           content: bytes) -> None:  # fmt: skip
+        """Create a regular file with all its content in one store operation.
+
+        Like ``_copy_data``, it maps the blocks of the same file in the last
+        diffed layer when they contain exactly ``content``.
+        """
+        ino = self._create(parts, member)
+        source = self._reference_source(parts, member)
+        mapped = source is not None and self._map_reference(ino, source, member.size)
+        if mapped and self.store.read(self.number, ino, 0, member.size) == content:
+            self.referenced += member.size
+        else:
+            if mapped:
+                self._unmap_from(ino, 0)
+            runs = _nonzero_runs(content, bytes(4096))
+            if runs:
+                self._write_runs(ino, 0, content, runs)
+        self._set_metadata(ino, member)
 
     def _commit_if_due(self) -> None:
         if time.monotonic() - self.last_commit >= self.commit_interval:
@@ -463,7 +460,7 @@ class _Applier:
         return store._create(number, dir_ino, name, fmt | 0o644, uid, gid, rdev).ino
 
     def _copy_data(self, ino: int, parts: list[bytes], member: tarfile.TarInfo,
-                   archive: tarfile.TarFile) -> None:  # fmt: skip
+                   stream) -> None:  # fmt: skip
         """Store a regular file's content, by reference when the source layer holds it.
 
         When the layer whose Diff was produced last has a regular file of the
@@ -474,7 +471,6 @@ class _Applier:
         that differs, the mapping from there on is dropped and the rest is
         written from the stream.
         """
-        stream = archive.extractfile(member)
         source = self._reference_source(parts, member)
         mapped = source is not None and self.store._write(
             self._map_reference, ino, source, member.size

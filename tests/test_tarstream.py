@@ -1,0 +1,194 @@
+"""The streaming tar reader against tarfile, member by member, on every dialect."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+
+import pytest
+
+from lcfs.store import errors, tarstream
+
+ATTRIBUTES = ("name", "type", "mode", "uid", "gid", "size", "mtime", "linkname",
+              "devmajor", "devminor", "pax_headers")  # fmt: skip
+
+
+def read_all(members) -> list[tuple[dict, bytes]]:
+    found = []
+    for member, data in members:
+        content = b""
+        if member.isreg():
+            while chunk := data.read(7000):
+                content += chunk
+        found.append(({name: getattr(member, name) for name in ATTRIBUTES}, content))
+    return found
+
+
+def with_tarfile(raw: bytes) -> list[tuple[dict, bytes]]:
+    with tarfile.open(
+        fileobj=io.BytesIO(raw), mode="r|", errors="surrogateescape"
+    ) as archive:
+        return read_all(
+            (member, archive.extractfile(member) if member.isreg() else None)
+            for member in archive
+        )
+
+
+def with_tarstream(raw: bytes, head: int = 0) -> list[tuple[dict, bytes]]:
+    stream = io.BufferedReader(io.BytesIO(raw[head:]), buffer_size=1000)
+    return read_all(tarstream.members(stream, raw[:head]))
+
+
+def entry(name, kind=tarfile.REGTYPE, data=b"", **fields) -> tuple:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = len(data)
+    info.mtime = fields.pop("mtime", 1_700_000_000)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, data
+
+
+def archive(entries, fmt, **options) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt, errors="surrogateescape",
+                      **options) as tar:  # fmt: skip
+        for info, data in entries:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return out.getvalue()
+
+
+LONG = "deep/" * 30 + "name-longer-than-a-hundred-bytes.txt"
+ENTRIES = [
+    entry("etc", tarfile.DIRTYPE, mode=0o755),
+    entry("etc/hosts", data=b"127.0.0.1 localhost\n", mode=0o644, uid=0, gid=0),
+    entry("etc/empty", mode=0o600, uid=1000, gid=1000),
+    entry("bin/sh", tarfile.SYMTYPE, linkname="busybox", mode=0o777),
+    entry("bin/busybox", data=os.urandom(70_000), mode=0o4755),
+    entry("bin/ls", tarfile.LNKTYPE, linkname="bin/busybox"),
+    entry("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666),
+    entry("dev/loop0", tarfile.BLKTYPE, devmajor=7, devminor=0, mode=0o660),
+    entry("run/fifo", tarfile.FIFOTYPE, mode=0o644),
+    entry(LONG, data=b"long name\n"),
+    entry("link-with-long-target", tarfile.SYMTYPE, linkname=LONG),
+    entry("caf\u00e9/\u65e5\u672c", data=b"utf-8 name\n"),
+    entry("raw-\udce9-name", data=b"not utf-8\n"),
+    entry("big-ids", data=b"x", uid=3_000_000, gid=4_000_000),
+    entry("dir-with-slash/", tarfile.DIRTYPE),
+    entry("zero-block-file", data=bytes(8192) + b"tail"),
+]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT],
+                         ids=["gnu", "pax"])  # fmt: skip
+def test_members_match_tarfile(fmt):
+    raw = archive(ENTRIES, fmt)
+    expected = with_tarfile(raw)
+    assert len(expected) == len(ENTRIES)
+    assert with_tarstream(raw) == expected
+    assert with_tarstream(raw, head=512) == expected
+
+
+def test_ustar_prefix_field():
+    name = "a" * 90 + "/" + "b" * 90
+    raw = archive([entry(name, data=b"split name")], tarfile.USTAR_FORMAT)
+    assert raw[345:350] == b"aaaaa"
+    assert with_tarstream(raw) == with_tarfile(raw)
+    assert with_tarstream(raw)[0][0]["name"] == name
+
+
+def test_pax_records_override_header_fields():
+    info, data = entry("short", data=b"abc")
+    info.pax_headers = {
+        "path": "from/pax/" + "p" * 120,
+        "mtime": "1700000000.123456789",
+        "SCHILY.xattr.security.capability": "\x01\x00\x00\x02",
+        "SCHILY.xattr.user.note": "caf\u00e9",
+    }
+    raw = archive([(info, data)], tarfile.PAX_FORMAT)
+    found = with_tarstream(raw)
+    assert found == with_tarfile(raw)
+    assert found[0][0]["name"] == "from/pax/" + "p" * 120
+    assert found[0][0]["pax_headers"]["mtime"] == "1700000000.123456789"
+
+
+def test_global_pax_header_reaches_later_members():
+    raw = archive(ENTRIES[:3], tarfile.PAX_FORMAT,
+                  pax_headers={"comment": "global", "uid": "77"})  # fmt: skip
+    found = with_tarstream(raw)
+    assert found == with_tarfile(raw)
+    assert [fields["uid"] for fields, _ in found] == [77, 77, 77]
+
+
+def test_v7_directory_and_no_end_blocks():
+    raw = archive([entry("old/", tarfile.AREGTYPE), entry("old/f", data=b"v7")],
+                  tarfile.GNU_FORMAT)  # fmt: skip
+    without_end = raw[: 512 * 4]
+    assert with_tarstream(without_end) == with_tarfile(without_end)
+    assert with_tarstream(without_end)[0][0]["type"] == tarfile.DIRTYPE
+
+
+def test_unread_content_is_skipped():
+    raw = archive(ENTRIES, tarfile.PAX_FORMAT)
+    names = [member.name for member, _ in tarstream.members(io.BytesIO(raw))]
+    assert names == [fields["name"] for fields, _ in with_tarfile(raw)]
+
+
+DAMAGE = {
+    "checksum": "bad checksum",
+    "number": "invalid number field",
+    "truncated header": "truncated header",
+    "extended header at the end": "tar ends after an extended header",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_corrupt_headers_are_named(damage):
+    raw = bytearray(archive(ENTRIES[:2], tarfile.PAX_FORMAT))
+    second = 512  # the directory has no content, so the file's header follows
+    if damage == "checksum":
+        raw[second] ^= 0x55
+    elif damage == "number":
+        raw[second + 124 : second + 136] = b"not octal!!\0"
+        raw[second + 148 : second + 156] = b"%06o\0 " % _checksum(
+            raw[second : second + 512]
+        )
+    elif damage == "truncated header":
+        raw = raw[: second + 100]
+    else:
+        # A name longer than 100 bytes needs a PAX header before its member.
+        extended = archive([entry("p" * 150, data=b"")], tarfile.PAX_FORMAT)
+        assert extended[156:157] == tarfile.XHDTYPE
+        raw = raw[:second] + extended[:1024]
+    with pytest.raises(errors.BadArchive) as info:
+        read_all(tarstream.members(io.BytesIO(bytes(raw))))
+    assert DAMAGE[damage] in str(info.value)
+
+
+def _checksum(header: bytes) -> int:
+    return sum(header[:148]) + 256 + sum(header[156:])
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+@pytest.mark.parametrize("fmt", ["gnu", "pax"])
+def test_sparse_members_go_through_tarfile(tmp_path, fmt):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "before").write_bytes(b"plain file before the sparse one")
+    with open(tree / "sparse", "wb") as f:
+        f.write(b"head")
+        f.seek(4 << 20)
+        f.write(b"tail")
+    (tree / "after").write_bytes(b"plain file after it")
+    out = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", f"--format={fmt}", "-cf", str(out), "-C", str(tree),
+                    "before", "sparse", "after"], check=True)  # fmt: skip
+    raw = out.read_bytes()
+    found = with_tarstream(raw)
+    assert [fields["name"] for fields, _ in found] == ["before", "sparse", "after"]
+    contents = {fields["name"]: content for fields, content in found}
+    assert contents["sparse"] == b"head" + bytes((4 << 20) - 4) + b"tail"
+    assert contents["after"] == b"plain file after it"

@@ -2,8 +2,14 @@
 
 from . import errors
 from .format import BLOCK_SIZE, ROOT_INO
-from .namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
-from .store import Attr, StatFs, Store
+from .namespace import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    Attr,
+)
+from .store import StatFs, Store
 
 __all__ = [
     "BLOCK_SIZE",

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import stat
 import time
+from dataclasses import dataclass
 
 from lcfs.journal import intents
 
 from . import errors
 from .format import (
+    BLOCK_SIZE,
     DIRENT,
     FLAG_XATTRS,
     ROOT_INO,
@@ -58,6 +60,32 @@ def check_name(name: bytes) -> None:
         raise errors.NameTooLong(
             f"file name {name[:40]!r}... is longer than {NAME_MAX} bytes"
         )
+
+
+@dataclass(slots=True, frozen=True)
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    has_xattrs: bool
+    # The record belongs to an ancestor: the layer has not changed the inode.
+    inherited: bool = False
+    # The number of the ancestor whose record it is, when ``inherited``.
+    owner: int = 0
+
+    @classmethod
+    def of(cls, inode: Inode, inherited: bool = False, owner: int = 0) -> Attr:
+        return cls(inode.ino, inode.mode, inode.nlink, inode.uid, inode.gid, inode.rdev,
+                   inode.size, inode.blocks * (BLOCK_SIZE // 512), inode.atime_ns,
+                   inode.mtime_ns, inode.ctime_ns, inode.has_xattrs, inherited, owner)  # fmt: skip
 
 
 class NamespaceMixin:
@@ -214,8 +242,6 @@ class NamespaceMixin:
 
     def _attr(self, layer: int, ino: int):
         """Return the attributes of ``ino`` in ``layer``, marked if inherited."""
-        from .store import Attr
-
         owner, inode = self._resolve(layer, ino)
         if owner == layer:
             return Attr.of(inode)
@@ -314,8 +340,6 @@ class NamespaceMixin:
     # -- reading ---------------------------------------------------------------
 
     def getattr(self, layer: int, ino: int):
-        from .store import Attr
-
         with self.lock:
             self._ready()
             self._layer(layer)
@@ -329,8 +353,6 @@ class NamespaceMixin:
 
     def lookup_parent(self, layer: int, dir_ino: int):
         """Return the attributes of a directory's parent; the root is its own parent."""
-        from .store import Attr
-
         with self.lock:
             self._ready()
             self._layer(layer)
@@ -362,8 +384,6 @@ class NamespaceMixin:
 
     def _create(self, layer: int, dir_ino: int, name: bytes, mode: int, uid: int, gid: int,
                 rdev: int = 0, target: bytes = b""):  # fmt: skip
-        from .store import Attr
-
         check_name(name)
         self._writable(layer)
         dir_inode = self._dir(layer, dir_ino)
@@ -457,8 +477,6 @@ class NamespaceMixin:
         return self._write(self._own_attr, layer, ino)
 
     def _own_attr(self, layer, ino):
-        from .store import Attr
-
         self._writable(layer)
         return Attr.of(self._own(layer, ino))
 
@@ -466,8 +484,6 @@ class NamespaceMixin:
         return self._write(self._link, layer, ino, new_dir_ino, new_name)
 
     def _link(self, layer, ino, new_dir_ino, new_name):
-        from .store import Attr
-
         check_name(new_name)
         self._writable(layer)
         inode = self._inode(layer, ino)
@@ -678,8 +694,6 @@ class NamespaceMixin:
         )
 
     def _setattr(self, layer, ino, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns):
-        from .store import Attr
-
         self._writable(layer)
         current = self._inode(layer, ino)
         if size is not None:

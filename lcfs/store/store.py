@@ -72,32 +72,6 @@ class StatFs:
     free_files: int
 
 
-@dataclass(slots=True, frozen=True)
-class Attr:
-    ino: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    blocks: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    has_xattrs: bool
-    # The record belongs to an ancestor: the layer has not changed the inode.
-    inherited: bool = False
-    # The number of the ancestor whose record it is, when ``inherited``.
-    owner: int = 0
-
-    @classmethod
-    def of(cls, inode: Inode, inherited: bool = False, owner: int = 0) -> Attr:
-        return cls(inode.ino, inode.mode, inode.nlink, inode.uid, inode.gid, inode.rdev,
-                   inode.size, inode.blocks * (BLOCK_SIZE // 512), inode.atime_ns,
-                   inode.mtime_ns, inode.ctime_ns, inode.has_xattrs, inherited, owner)  # fmt: skip
-
-
 def write_op(fn):
     """Run a modifying method in a nested transaction that is aborted if it raises."""
 

@@ -78,10 +78,6 @@ class WorkerThreads:
             return sorted(thread.name for thread in self._threads)
 
 
-def _joined(chunks: list[bytes]) -> bytes:
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 def _wait_threadsafe(future, abandoned: threading.Event):
     """Return the result of a future scheduled on the loop, unless abandoned is set.
 
@@ -124,10 +120,10 @@ async def iterate_in_thread(
                     pending.append(chunk)
                     size += len(chunk)
                     if size >= JOINED_CHUNK_SIZE:
-                        if not put(_joined(pending)):
+                        if not put(b"".join(pending)):
                             return
                         pending, size = [], 0
-                if pending and not put(_joined(pending)):
+                if pending and not put(b"".join(pending)):
                     return
             finally:
                 close = getattr(iterator, "close", None)

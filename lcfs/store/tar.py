@@ -309,16 +309,19 @@ class _Applier:
         """Create a regular file with all its content in one store operation.
 
         Like ``_copy_data``, it maps the blocks of the same file in the last
-        diffed layer when they contain exactly ``content``.
+        diffed layer when they contain exactly ``content``. The store lock
+        is held throughout, so the source cannot change between the
+        comparison and the mapping.
         """
         ino = self._create(parts, member)
         source = self._reference_source(parts, member)
-        mapped = source is not None and self._map_reference(ino, source, member.size)
-        if mapped and self.store.read(self.number, ino, 0, member.size) == content:
+        if (
+            source is not None
+            and self.store.read(*source, 0, member.size) == content
+            and self._map_reference(ino, source, member.size)
+        ):
             self.referenced += member.size
         else:
-            if mapped:
-                self._unmap_from(ino, 0)
             runs = _nonzero_runs(content, bytes(4096))
             if runs:
                 self._write_runs(ino, 0, content, runs)

@@ -26,8 +26,8 @@ BLOCK = tarfile.BLOCKSIZE
 _ZERO_BLOCK = bytes(BLOCK)
 _PAX_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
-# Types that have no content blocks whatever their size field says, as
-# tarfile reads them. Regular files and unknown types have content.
+# Types that tarfile reads without content blocks, ignoring their size
+# field. Regular files and unknown types have content.
 _NO_DATA = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE,
             tarfile.CHRTYPE, tarfile.BLKTYPE)  # fmt: skip
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
@@ -60,7 +60,7 @@ class Member:
 
 
 class _Sparse(Exception):
-    """A GNU sparse member starts here; its header blocks were already read."""
+    """A GNU sparse member starts here. Its header blocks were already read."""
 
 
 def members(stream: BinaryIO, head: bytes = b"") -> Iterator[tuple[object, BinaryIO]]:
@@ -68,10 +68,10 @@ def members(stream: BinaryIO, head: bytes = b"") -> Iterator[tuple[object, Binar
 
     ``head`` contains bytes already read from the front of the stream.
     For a regular file, ``data.read(n)`` returns up to ``n`` bytes of its
-    content and b"" at its end; content left unread is skipped before the
-    next member.
-    A corrupt header raises ``BadArchive``; a stream that ends where a
-    header would start ends the archive, with or without its zero blocks.
+    content, and b"" at its end. Content left unread is skipped before the
+    next member. A corrupt header raises ``BadArchive``. A stream that ends
+    where a header would start ends the archive, with or without its zero
+    blocks.
     """
     reader = _Reader(stream, head)
     while True:
@@ -94,31 +94,22 @@ def _tarfile_members(stream) -> Iterator[tuple[object, BinaryIO]]:
 
 class _Reader:
     def __init__(self, stream: BinaryIO, head: bytes):
-        self._stream = stream
-        self._head = head
+        self._stream = _Prefixed(head, stream) if head else stream
         # Unread content and padding of the member last returned.
         self._left = 0
         self._padding = 0
         self._globals: dict[str, str] = {}
         # Raw blocks of the global headers and of the header chain being
-        # read, which tarfile gets again when a sparse member turns up.
+        # read, which tarfile reads again when a sparse member turns up.
         self._global_raw: list[bytes] = []
         self._chain_raw: list[bytes] = []
 
     # -- bytes ----------------------------------------------------------
 
-    def _read_raw(self, size: int) -> bytes:
-        if self._head:
-            data, self._head = self._head[:size], self._head[size:]
-            if len(data) < size:
-                data += self._stream.read(size - len(data))
-            return data
-        return self._stream.read(size)
-
     def _read_exact(self, size: int) -> bytes:
-        data = self._read_raw(size)
+        data = self._stream.read(size)
         while len(data) < size:
-            more = self._read_raw(size - len(data))
+            more = self._stream.read(size - len(data))
             if not more:
                 break
             data += more
@@ -130,7 +121,7 @@ class _Reader:
             size = self._left
         if size <= 0:
             return b""
-        data = self._read_raw(size)
+        data = self._stream.read(size)
         self._left -= len(data)
         return data
 
@@ -138,15 +129,14 @@ class _Reader:
         left = self._left + self._padding
         self._left = self._padding = 0
         while left > 0:
-            skipped = len(self._read_raw(min(left, _SKIP_CHUNK)))
+            skipped = len(self._stream.read(min(left, _SKIP_CHUNK)))
             if not skipped:
                 return
             left -= skipped
 
     def replay(self):
         """Return a stream of the raw header blocks of this chain, then the rest."""
-        return _Prefixed(b"".join(self._global_raw + self._chain_raw) + self._head,
-                         self._stream)  # fmt: skip
+        return _Prefixed(b"".join(self._global_raw + self._chain_raw), self._stream)
 
     # -- headers --------------------------------------------------------
 
@@ -172,15 +162,15 @@ class _Reader:
             size = _number(block[124:136])
             if kind in _PAX_TYPES or kind in (tarfile.GNUTYPE_LONGNAME,
                                               tarfile.GNUTYPE_LONGLINK):  # fmt: skip
-                payload = self._read_exact(_blocks(size))
-                if len(payload) < _blocks(size):
+                padded = self._read_exact(_blocks(size))
+                if len(padded) < _blocks(size):
                     raise errors.BadArchive("tar ends inside an extended header")
-                payload = payload[:size]
+                payload = padded[:size]
                 if kind == tarfile.XGLTYPE:
                     self._globals = _pax_records(payload, self._globals)
-                    self._global_raw += [block, _pad(payload)]
+                    self._global_raw += [block, padded]
                     continue
-                self._chain_raw += [block, _pad(payload)]
+                self._chain_raw += [block, padded]
                 if kind == tarfile.GNUTYPE_LONGNAME:
                     long_name = _text(payload)
                 elif kind == tarfile.GNUTYPE_LONGLINK:
@@ -212,7 +202,7 @@ class _Reader:
 def _member(block: bytes, kind: bytes, size: int, headers: dict) -> Member:
     member = Member()
     name = _text(block[0:100])
-    # The ustar prefix field; GNU headers use those bytes for other fields.
+    # The ustar prefix field. GNU headers use these bytes for other fields.
     if block[257:263] == b"ustar\x00" and block[345] != 0:
         name = _text(block[345:500]) + "/" + name
     # Old V7 tars mark a directory as a regular file whose name ends in "/".
@@ -264,8 +254,8 @@ def _pax_records(payload: bytes, inherited: dict[str, str]) -> dict[str, str]:
         length = int(match.group(1))
         if length == 0:
             raise errors.BadArchive("corrupt tar header: invalid PAX record")
-        # Values are UTF-8, or raw bytes with hdrcharset=BINARY; surrogate
-        # escapes keep raw bytes as they were either way.
+        # Values are UTF-8, or raw bytes with hdrcharset=BINARY. Surrogate
+        # escapes keep raw bytes as they were, so one decoding serves both.
         value = payload[match.end(2) + 1 : match.start(1) + length - 1]
         records[_decode(match.group(2))] = _decode(value)
         pos += length
@@ -294,7 +284,9 @@ def _number(field: bytes) -> int:
     try:
         return int(text or b"0", 8)
     except ValueError:
-        raise errors.BadArchive("corrupt tar header: invalid number field") from None
+        raise errors.BadArchive(
+            f"corrupt tar header: invalid number field {bytes(text)!r}"
+        ) from None
 
 
 def _check_sum(block: bytes) -> None:
@@ -305,15 +297,13 @@ def _check_sum(block: bytes) -> None:
     # Some old tars summed the bytes as signed chars.
     high = sum(1 for byte in block[:148] + block[156:] if byte >= 128)
     if stored != unsigned - 256 * high:
-        raise errors.BadArchive("corrupt tar header: bad checksum")
+        raise errors.BadArchive(
+            f"corrupt tar header: bad checksum {stored} (computed {unsigned})"
+        )
 
 
 def _blocks(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
-
-
-def _pad(payload: bytes) -> bytes:
-    return payload + bytes(-len(payload) % BLOCK)
 
 
 class _Prefixed:

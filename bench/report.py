@@ -229,7 +229,7 @@ def driver_section(
     parts.append(
         "Measured on an `lcfs daemon` with a fixed mount point, without Docker: the layer chain "
         "is built with the plugin's Create and ApplyDiff calls and read through the mount by a "
-        "host process; every cold read uses files that no earlier read touched. The chain's "
+        "host process. Every cold read uses files that no earlier read touched. The chain's "
         "figures are medians of twice as many runs as the others, because its cold reads go "
         "to the disk and vary more. The daemon "
         "start is timed from exec to the first reply to Plugin.Activate, on stores built with "

@@ -33,6 +33,14 @@ invalidate-on-close is on, so a plain loop around it serves them with
 about a third less CPU per request than pyfuse3's trio loop
 (``lcfs.fuse.mount``).
 
+Last, ``lcfs_want_init_flags(flags)`` puts a read and a write function of
+its own between libfuse and the FUSE device (``fuse_session_custom_io``).
+They add the given flags to libfuse's reply to the kernel's INIT request
+when the kernel offered them, because libfuse 3.14 sends only the flags it
+knows. lcfs asks for FUSE_HANDLE_KILLPRIV_V2 this way; without it the
+kernel sends a getattr before every chown. ``lcfs_init_flags()`` returns
+the flags the kernel offered and the flags of the reply.
+
 Usage: python3 scripts/build_pyfuse3.py [--python PYTHON] [--check]
 (--check only tells, by exit status 0 or 1, whether the build is needed.)
 ``lcfs plugin-bundle`` calls ``build_wheel`` for the plugin's own pyfuse3.
@@ -131,10 +139,86 @@ def lcfs_process_one():
             coroutine.close()
             raise RuntimeError('a pyfuse3 handler waited inside lcfs_process_one')
     return True
+
+
+from posix.uio cimport iovec, writev
+from libc.stdint cimport int32_t, uint64_t
+from libc.string cimport memset
+
+cdef extern from "<fuse_lowlevel.h>" nogil:
+    struct fuse_custom_io:
+        ssize_t (*writev)(int fd, iovec *iov, int count, void *userdata)
+        ssize_t (*read)(int fd, void *buf, size_t buf_len, void *userdata)
+    int fuse_session_custom_io(fuse_session *se, const fuse_custom_io *io, int fd)
+
+cdef enum:
+    _LCFS_OPCODE_INIT = 26
+    # fuse_in_header is 40 bytes; the flags of fuse_init_in are its 4th word.
+    _LCFS_INIT_IN_FLAGS = 40 + 12
+
+cdef fuse_custom_io _lcfs_io
+cdef uint32_t _lcfs_wanted_flags = 0
+cdef uint32_t _lcfs_offered_flags = 0
+cdef uint32_t _lcfs_reply_flags = 0
+cdef uint64_t _lcfs_init_unique = 0
+cdef bint _lcfs_init_pending = False
+
+
+cdef ssize_t _lcfs_read(int fd, void *buf, size_t size, void *userdata) noexcept nogil:
+    global _lcfs_init_unique, _lcfs_offered_flags, _lcfs_init_pending
+    cdef ssize_t res = unistd.read(fd, buf, size)
+    cdef char *data = <char*> buf
+    if (res >= _LCFS_INIT_IN_FLAGS + 4
+            and (<uint32_t*> (data + 4))[0] == _LCFS_OPCODE_INIT):
+        _lcfs_init_unique = (<uint64_t*> (data + 8))[0]
+        _lcfs_offered_flags = (<uint32_t*> (data + _LCFS_INIT_IN_FLAGS))[0]
+        _lcfs_init_pending = True
+    return res
+
+
+cdef ssize_t _lcfs_writev(int fd, iovec *iov, int count, void *userdata) noexcept nogil:
+    global _lcfs_init_pending, _lcfs_reply_flags
+    cdef char *header
+    cdef uint32_t *init_out
+    if _lcfs_init_pending and count >= 2 and iov[0].iov_len >= 16:
+        header = <char*> iov[0].iov_base
+        if (<uint64_t*> (header + 8))[0] == _lcfs_init_unique:
+            _lcfs_init_pending = False
+            if (<int32_t*> (header + 4))[0] == 0 and iov[1].iov_len >= 16:
+                # fuse_init_out: major, minor, max_readahead, flags.
+                init_out = <uint32_t*> iov[1].iov_base
+                init_out[3] |= _lcfs_wanted_flags & _lcfs_offered_flags
+                _lcfs_reply_flags = init_out[3]
+    return writev(fd, iov, count)
+
+
+def lcfs_want_init_flags(uint32_t flags):
+    """Ask the kernel for protocol flags that libfuse leaves out of its init reply.
+
+    ``flags`` are bits of the kernel's fuse_init_out.flags. Each is added
+    to the reply when the kernel offered it. Call this after init() and
+    before the first request is read. ``lcfs_init_flags`` tells the result.
+    """
+    global _lcfs_wanted_flags
+    cdef int res
+    if session == NULL:
+        raise RuntimeError('lcfs_want_init_flags needs a mounted session')
+    _lcfs_wanted_flags = flags
+    memset(&_lcfs_io, 0, sizeof(_lcfs_io))
+    _lcfs_io.read = _lcfs_read
+    _lcfs_io.writev = _lcfs_writev
+    res = fuse_session_custom_io(session, &_lcfs_io, session_fd)
+    if res != 0:
+        raise OSError(-res, 'fuse_session_custom_io failed with ' + strerror(-res))
+
+
+def lcfs_init_flags():
+    """Return the kernel's offered init flags and the flags of the reply sent."""
+    return _lcfs_offered_flags, _lcfs_reply_flags
 '''
 
 # Raised whenever EDITS or LOOP_SOURCE change; lcfs uses them only at this level.
-PATCH_LEVEL = 4
+PATCH_LEVEL = 5
 MARKER = f"\n# Set by lcfs's pyfuse3 build.\nLCFS_PATCH_LEVEL = {PATCH_LEVEL}\n"
 CHECK = (
     "import sys, pyfuse3; "

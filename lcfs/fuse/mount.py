@@ -68,6 +68,14 @@ INVALIDATE_WAIT = 5.0
 # Whether pyfuse3 can process one request outside its trio loop.
 PLAIN_LOOP = hasattr(pyfuse3, "lcfs_process_one")
 
+# The init flag (of the kernel's protocol) that leaves clearing setuid and
+# setgid on write, truncate and chown to the filesystem, which
+# LayerOperations does (lcfs.fuse.privileges). Without it the kernel sends
+# a getattr before every chown. libfuse 3.14 cannot ask for it, so the
+# rebuilt pyfuse3 adds it to libfuse's init reply.
+FUSE_HANDLE_KILLPRIV_V2 = 1 << 28
+KILLPRIV_HOOK = hasattr(pyfuse3, "lcfs_want_init_flags")
+
 _active_lock = threading.Lock()
 _active_server: FuseServer | None = None
 
@@ -90,6 +98,8 @@ def find_mount(mountpoint: str, fstype: str = FSTYPE) -> str | None:
 def _init_session(operations, mountpoint: str, options: frozenset[str]) -> None:
     try:
         pyfuse3.init(operations, mountpoint, set(options))
+        if KILLPRIV_HOOK:
+            pyfuse3.lcfs_want_init_flags(FUSE_HANDLE_KILLPRIV_V2)
     except RuntimeError as exc:
         # pyfuse3 leaves a created session behind when only the mount failed.
         if "fuse_session_mount" in str(exc):
@@ -271,12 +281,20 @@ class FuseServer:
         read_ahead = self._set_read_ahead(device)
         log.info("mounted lcfs at %s (device %s, options %s, direct I/O %s, "
                  "invalidate on close %s, share unchanged %s, kernel symlink and "
-                 "directory caches %s, read-ahead %s, request loop %s)", mountpoint,
+                 "directory caches %s, read-ahead %s, request loop %s, setuid "
+                 "clearing by %s)", mountpoint,
                  device, ",".join(sorted(self.options)), self.settings.direct_io,
                  "on" if self.settings.invalidate_on_close else "off",
                  "on" if self.settings.share_unchanged else "off",
                  "on" if KERNEL_CACHES else "off (stock pyfuse3)", read_ahead,
-                 self.request_loop)  # fmt: skip
+                 self.request_loop, self.privilege_clearing)  # fmt: skip
+
+    @property
+    def privilege_clearing(self) -> str:
+        """Who clears setuid and setgid on chown: "lcfs" or "the kernel"."""
+        if KILLPRIV_HOOK and pyfuse3.lcfs_init_flags()[1] & FUSE_HANDLE_KILLPRIV_V2:
+            return "lcfs"
+        return "the kernel"
 
     def _set_read_ahead(self, device: str) -> str:
         """Set the kernel's read-ahead of the new mount; return what it is, for the log."""

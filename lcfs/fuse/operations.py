@@ -58,7 +58,12 @@ from lcfs.pyfuse3_build import PATCH_LEVEL
 from lcfs.store import ROOT_INO, errors
 
 from .handler import fuse_handler
-from .privileges import Caller, caller_from_context, mode_after_data_change
+from .privileges import (
+    Caller,
+    caller_from_context,
+    mode_after_data_change,
+    mode_after_owner_change,
+)
 from .settings import DIRECT_IO_WRITE_ONLY, FuseSettings
 from .stats import RequestStats
 from .xattrs import CAPABILITY_XATTR, XattrHandlers
@@ -401,22 +406,20 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             log.warning("unpin of inode %d in layer %d (node %d) failed: %s",
                         open_file.ino, open_file.layer, open_file.node, exc)
 
-    def _drop_privileges(self, node: int, layer: int, ino: int, caller,
-                         capability: bool = True) -> None:  # fmt: skip
+    def _drop_privileges(self, node: int, layer: int, ino: int, caller) -> None:
         """Drop setuid, setgid and file capabilities as a data change must.
 
-        The kernel does this itself before buffered writes and truncates,
-        except that FUSE (Linux 6.x) drops setgid only from files that their
-        group may execute. It does nothing before direct I/O writes or for
-        the truncate of an open with O_TRUNC, which libfuse makes atomic.
+        The mount leaves setuid and setgid to lcfs (FUSE_HANDLE_KILLPRIV_V2).
+        Without that, the kernel drops them before buffered writes and
+        truncates, but setgid only from files that their group may
+        execute. It drops neither before direct I/O writes or for the
+        truncate of an open with O_TRUNC, which libfuse makes atomic.
         ``caller`` is called for the writer's credentials only when the file
-        has a setuid or setgid bit. ``capability`` False leaves
-        security.capability to the kernel. See ``lcfs.fuse.privileges``.
+        has a setuid or setgid bit. See ``lcfs.fuse.privileges``.
         """
         attr = self._current_attr(node, layer, ino)
         drops_mode = stat.S_ISREG(attr.mode) and attr.mode & PRIVILEGE_BITS
-        drops_capability = (capability and attr.has_xattrs
-                            and self.store.xattr_name_seen(CAPABILITY_XATTR))  # fmt: skip
+        drops_capability = attr.has_xattrs and self.store.xattr_name_seen(CAPABILITY_XATTR)
         if drops_mode:
             mode = mode_after_data_change(attr.mode, attr.gid, caller())
             if mode != attr.mode:
@@ -527,12 +530,19 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             changes["mtime_ns"] = attr.st_mtime_ns
         if fields.update_ctime:
             changes["ctime_ns"] = attr.st_ctime_ns
+        if fields.update_uid or fields.update_gid:
+            before = self._current_attr(inode, layer, ino)
+            mode = changes.get("mode", stat.S_IMODE(before.mode)) | stat.S_IFMT(before.mode)
+            if mode & PRIVILEGE_BITS:
+                kept = mode_after_owner_change(mode, before.gid,
+                                               lambda: caller_from_context(ctx))  # fmt: skip
+                if kept != mode:
+                    changes["mode"] = stat.S_IMODE(kept)
         entry = self._entry(layer, self.store.setattr(layer, ino, **changes))
         if fields.update_size:
-            # FUSE lets the kernel drop setgid only from group-executable
-            # files, so a truncate drops it from the others here.
-            self._drop_privileges(inode, layer, ino, lambda: caller_from_context(ctx),
-                                  capability=False)  # fmt: skip
+            # The kernel leaves setuid and setgid to lcfs, or drops setgid
+            # only from group-executable files, so a truncate drops them here.
+            self._drop_privileges(inode, layer, ino, lambda: caller_from_context(ctx))
             entry = self._entry(layer, self._current_attr(inode, layer, ino))
         return entry
 
@@ -729,10 +739,12 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     async def write(self, fh, off, buf):
         open_file = self._files[fh]
         # NOTE: pyfuse3 passes no request context to write, so the opener's
-        # credentials stand in for the writer's.
+        # credentials stand in for the writer's. The kernel removes
+        # security.capability before a buffered write, but with
+        # FUSE_HANDLE_KILLPRIV_V2 it looks for one only until it has found
+        # a file without, so the handler removes it too.
         self._drop_privileges(open_file.node, open_file.layer, open_file.ino,
-                              lambda: self._opener_credentials(open_file),
-                              capability=open_file.direct_io)  # fmt: skip
+                              lambda: self._opener_credentials(open_file))  # fmt: skip
         return self.store.write(open_file.layer, open_file.ino, off, buf)
 
     @staticmethod

@@ -1,10 +1,13 @@
-"""Which privilege bits a data change by a caller removes, as the kernel decides it.
+"""Which privilege bits a data or owner change by a caller removes, as Linux decides it.
 
-The kernel clears setuid, setgid and the security.capability xattr before a
-buffered write or a truncate (``file_remove_privs``), but not before a
-direct I/O write to a FUSE file, and pyfuse3 3.5 passes no kill flag to the
-write handler. The frontend then applies the same rule itself. Linux 6.x
-(``setattr_should_drop_suidgid``) drops, on a regular file:
+The mount asks the kernel for FUSE_HANDLE_KILLPRIV_V2, which leaves
+clearing setuid and setgid on write, truncate and chown to the
+filesystem; without it the kernel sends a getattr before every chown. The
+kernel still removes security.capability before a buffered write, a
+truncate or a chown, but not before a direct I/O write, and pyfuse3 3.5
+passes the handlers no kill flag. The frontend then applies the rules of
+Linux 6.x itself. A data change (``setattr_should_drop_suidgid``) drops,
+on a regular file:
 
 - setuid always, unless the caller has CAP_FSETID;
 - setgid when the group may execute the file, or when the caller is
@@ -12,15 +15,17 @@ write handler. The frontend then applies the same rule itself. Linux 6.x
   caller has CAP_FSETID;
 - security.capability on every data change, by any caller.
 
-The caller's capabilities and groups come from /proc/PID/status of the
-process that opened the file. FUSE reports that pid in the pid namespace
-of the mounting process, which is the daemon's.
-"""
+An owner change drops them as ``mode_after_owner_change`` says.
 
+The caller's capabilities and groups come from /proc/PID/status of the
+process that opened the file, or that sent the request. FUSE reports that
+pid in the pid namespace of the mounting process, which is the daemon's.
+"""
 from __future__ import annotations
 
 import logging
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -73,4 +78,26 @@ def mode_after_data_change(mode: int, file_gid: int, caller: Caller) -> int:
         mode &= ~stat.S_ISUID
     if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not caller.in_group(file_gid)):
         mode &= ~stat.S_ISGID
+    return mode
+
+
+def mode_after_owner_change(mode: int, file_gid: int, caller: Callable[[], Caller]) -> int:
+    """Return ``mode`` without the setuid and setgid bits that chown(2) drops.
+
+    On anything but a directory, Linux (``chown_common``) drops setuid
+    for every caller, root included. It drops setgid when the group may
+    execute the file, or when the caller is neither in the file's group
+    (``file_gid``, the group before the change) nor has CAP_FSETID.
+    ``caller`` is called for the credentials only in that last case.
+    """
+    if stat.S_ISDIR(mode):
+        return mode
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_ISGID:
+        if mode & stat.S_IXGRP:
+            mode &= ~stat.S_ISGID
+        else:
+            chowner = caller()
+            if not (chowner.fsetid or chowner.in_group(file_gid)):
+                mode &= ~stat.S_ISGID
     return mode

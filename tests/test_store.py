@@ -367,6 +367,30 @@ def test_small_layer_removed_in_one_commit(store, monkeypatch, files, one_commit
     assert store.statfs().free_blocks == free
 
 
+def test_commit_syncs_data_only_after_data_writes(store, monkeypatch):
+    synced = []
+    fdatasync = os.fdatasync
+
+    def counting_fdatasync(fd):
+        synced.append(fd)
+        fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting_fdatasync)
+    layer = store.create_layer("c").number
+    f = store.mknod(layer, ROOT_INO, b"f", stat.S_IFREG | 0o644)
+    store.write(layer, f.ino, 0, b"x" * 5000)
+    store.commit()
+    assert synced == [store.fd]
+    store.setattr(layer, f.ino, mode=0o600)
+    child = store.create_layer("d", "c").number
+    store.commit()
+    assert synced == [store.fd]
+    store.write(child, f.ino, 0, b"y")
+    store.commit()
+    assert synced == [store.fd, store.fd]
+    assert store.read(child, f.ino, 0, 2) == b"yx"
+
+
 def test_node_ids_persist_and_never_repeat(image):
     with Store.open(image) as s:
         layer = s.create_layer("base").number

@@ -259,6 +259,7 @@ class DataMixin:
             raise errors.StoreError(f"write of block {phys} outside the data region")
         view = memoryview(data)
         position = self.data_offset + phys * BLOCK_SIZE + offset_in_block
+        self._data_unsynced = True
         while view:
             written = os.pwrite(self.fd, view, position)
             view = view[written:]

@@ -161,6 +161,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._txn = None
         self._nested = None
         self._undo: list = []
+        # Whether data blocks were written since the last fdatasync of the
+        # device (DataMixin._pwrite sets it).
+        self._data_unsynced = True
         # Called after a layer is created or dropped; the FUSE mount sets it.
         self.layers_changed = None
         self._dirty = False
@@ -379,7 +382,11 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             if self.readonly:
                 raise errors.ReadOnly(f"store {self.path} is open read-only")
             self.alloc.flush(self._group)
-            os.fdatasync(self.fd)
+            # A commit that follows no data write (a layer created, removed
+            # or renamed, a chmod) has no data to make durable first.
+            if self._data_unsynced:
+                self._data_unsynced = False
+                os.fdatasync(self.fd)
             crash_point("commit.data_synced")
             self._group.commit()
             self._group = None

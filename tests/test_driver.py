@@ -448,6 +448,22 @@ def test_init_remounts_hidden_home(home_daemon, tmp_path, docker_root_bind):
 # -- layers ----------------------------------------------------------------
 
 
+def test_put_makes_writes_durable(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    client.ok("GraphDriver.CreateReadWrite", {"ID": "c", "Parent": "base"})
+    client.ok("GraphDriver.Put", {"ID": "c"})  # nothing written yet
+    directory = Path(client.ok("GraphDriver.Get", {"ID": "c"})["Dir"])
+    (directory / "kept").write_bytes(b"written before Put\n")
+    client.ok("GraphDriver.Put", {"ID": "c"})
+    client.ok("GraphDriver.Put", {"ID": "c"})  # nothing new since
+    # SIGKILL well within the mount's own one-second commit interval.
+    daemon.kill()
+    daemon.start()
+    directory = Path(client.ok("GraphDriver.Get", {"ID": "c"})["Dir"])
+    assert (directory / "kept").read_bytes() == b"written before Put\n"
+
+
 def test_layer_lifecycle(daemon):
     client = daemon.client
     client.ok("GraphDriver.Create", {"ID": "base"})

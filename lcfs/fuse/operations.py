@@ -741,8 +741,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         # NOTE: pyfuse3 passes no request context to write, so the opener's
         # credentials stand in for the writer's. The kernel removes
         # security.capability before a buffered write, but with
-        # FUSE_HANDLE_KILLPRIV_V2 it looks for one only until it has found
-        # a file without, so the handler removes it too.
+        # FUSE_HANDLE_KILLPRIV_V2 it stops looking on a file once it has
+        # found none there, so the handler removes it too.
         self._drop_privileges(open_file.node, open_file.layer, open_file.ino,
                               lambda: self._opener_credentials(open_file))  # fmt: skip
         return self.store.write(open_file.layer, open_file.ino, off, buf)

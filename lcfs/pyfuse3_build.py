@@ -37,9 +37,9 @@ Last, ``lcfs_want_init_flags(flags)`` puts a read and a write function of
 its own between libfuse and the FUSE device (``fuse_session_custom_io``).
 They add the given flags to libfuse's reply to the kernel's INIT request
 when the kernel offered them, because libfuse 3.14 sends only the flags it
-knows. lcfs asks for FUSE_HANDLE_KILLPRIV_V2 this way; without it the
-kernel sends a getattr before every chown. ``lcfs_init_flags()`` returns
-the flags the kernel offered and the flags of the reply.
+defines. lcfs requests FUSE_HANDLE_KILLPRIV_V2 this way, because without
+it the kernel sends a getattr before every chown. ``lcfs_init_flags()``
+returns the flags the kernel offered and the flags of the reply.
 
 Usage: python3 scripts/build_pyfuse3.py [--python PYTHON] [--check]
 (--check only tells, by exit status 0 or 1, whether the build is needed.)
@@ -153,11 +153,11 @@ cdef extern from "<fuse_lowlevel.h>" nogil:
 
 cdef enum:
     _LCFS_OPCODE_INIT = 26
-    # fuse_in_header is 40 bytes; the flags of fuse_init_in are its 4th word.
+    # fuse_in_header is 40 bytes, and the flags of fuse_init_in are its 4th word.
     _LCFS_INIT_IN_FLAGS = 40 + 12
 
 cdef fuse_custom_io _lcfs_io
-cdef uint32_t _lcfs_wanted_flags = 0
+cdef uint32_t _lcfs_extra_flags = 0
 cdef uint32_t _lcfs_offered_flags = 0
 cdef uint32_t _lcfs_reply_flags = 0
 cdef uint64_t _lcfs_init_unique = 0
@@ -187,23 +187,23 @@ cdef ssize_t _lcfs_writev(int fd, iovec *iov, int count, void *userdata) noexcep
             if (<int32_t*> (header + 4))[0] == 0 and iov[1].iov_len >= 16:
                 # fuse_init_out: major, minor, max_readahead, flags.
                 init_out = <uint32_t*> iov[1].iov_base
-                init_out[3] |= _lcfs_wanted_flags & _lcfs_offered_flags
+                init_out[3] |= _lcfs_extra_flags & _lcfs_offered_flags
                 _lcfs_reply_flags = init_out[3]
     return writev(fd, iov, count)
 
 
 def lcfs_want_init_flags(uint32_t flags):
-    """Ask the kernel for protocol flags that libfuse leaves out of its init reply.
+    """Request protocol flags that libfuse leaves out of its init reply.
 
     ``flags`` are bits of the kernel's fuse_init_out.flags. Each is added
     to the reply when the kernel offered it. Call this after init() and
-    before the first request is read. ``lcfs_init_flags`` tells the result.
+    before the first request is read. ``lcfs_init_flags`` returns the outcome.
     """
-    global _lcfs_wanted_flags
+    global _lcfs_extra_flags
     cdef int res
     if session == NULL:
         raise RuntimeError('lcfs_want_init_flags needs a mounted session')
-    _lcfs_wanted_flags = flags
+    _lcfs_extra_flags = flags
     memset(&_lcfs_io, 0, sizeof(_lcfs_io))
     _lcfs_io.read = _lcfs_read
     _lcfs_io.writev = _lcfs_writev

@@ -278,9 +278,9 @@ def test_buffered_writes_answered_from_memory(lcfs_image):
         after = stats.snapshot()
     # A cached write that crosses a page boundary may go out as two requests.
     assert delta(before, after, "write") >= 1000
-    # The kernel looks for security.capability before the first write of a
-    # file only, because with FUSE_HANDLE_KILLPRIV_V2 it marks a file
-    # without one as such; before each write otherwise.
+    # With FUSE_HANDLE_KILLPRIV_V2 the kernel marks a file without
+    # security.capability, so it looks for one before the first write only.
+    # Without the flag it looks before every write.
     checks = after["getxattr"]["names"]["security.capability"]
     if mount_module.KILLPRIV_HOOK:
         assert 2 <= checks <= 10

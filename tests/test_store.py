@@ -367,7 +367,7 @@ def test_small_layer_removed_in_one_commit(store, monkeypatch, files, one_commit
     assert store.statfs().free_blocks == free
 
 
-def test_commit_syncs_data_only_after_data_writes(store, monkeypatch):
+def test_commit_skips_sync_without_data(store, monkeypatch):
     synced = []
     fdatasync = os.fdatasync
 

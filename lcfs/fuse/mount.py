@@ -98,8 +98,6 @@ def find_mount(mountpoint: str, fstype: str = FSTYPE) -> str | None:
 def _init_session(operations, mountpoint: str, options: frozenset[str]) -> None:
     try:
         pyfuse3.init(operations, mountpoint, set(options))
-        if KILLPRIV_HOOK:
-            pyfuse3.lcfs_want_init_flags(FUSE_HANDLE_KILLPRIV_V2)
     except RuntimeError as exc:
         # pyfuse3 leaves a created session behind when only the mount failed.
         if "fuse_session_mount" in str(exc):
@@ -108,6 +106,14 @@ def _init_session(operations, mountpoint: str, options: frozenset[str]) -> None:
             f"mount of lcfs at {mountpoint} failed ({exc}); libfuse wrote the "
             "reason to standard error"
         ) from exc
+    if KILLPRIV_HOOK:
+        try:
+            pyfuse3.lcfs_want_init_flags(FUSE_HANDLE_KILLPRIV_V2)
+        except OSError as exc:
+            # The daemon clears setuid itself either way, so the mount
+            # works, only with a getattr before every chown.
+            log.warning("request of FUSE_HANDLE_KILLPRIV_V2 for %s failed: %s",
+                        mountpoint, exc)  # fmt: skip
 
 
 class _EntryInvalidator:

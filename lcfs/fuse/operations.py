@@ -531,13 +531,15 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         if fields.update_ctime:
             changes["ctime_ns"] = attr.st_ctime_ns
         if fields.update_uid or fields.update_gid:
+            # A chown drops setuid and setgid here, not in the kernel
+            # (FUSE_HANDLE_KILLPRIV_V2).
             before = self._current_attr(inode, layer, ino)
             mode = changes.get("mode", stat.S_IMODE(before.mode)) | stat.S_IFMT(before.mode)
             if mode & PRIVILEGE_BITS:
-                kept = mode_after_owner_change(mode, before.gid,
-                                               lambda: caller_from_context(ctx))  # fmt: skip
-                if kept != mode:
-                    changes["mode"] = stat.S_IMODE(kept)
+                cleared = mode_after_owner_change(mode, before.gid,
+                                                  lambda: caller_from_context(ctx))  # fmt: skip
+                if cleared != mode:
+                    changes["mode"] = stat.S_IMODE(cleared)
         entry = self._entry(layer, self.store.setattr(layer, ino, **changes))
         if fields.update_size:
             # The kernel leaves setuid and setgid to lcfs, or drops setgid

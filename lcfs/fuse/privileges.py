@@ -1,11 +1,12 @@
 """Which privilege bits a data or owner change by a caller removes, as Linux decides it.
 
-The mount asks the kernel for FUSE_HANDLE_KILLPRIV_V2, which leaves
+The mount requests FUSE_HANDLE_KILLPRIV_V2 from the kernel, which leaves
 clearing setuid and setgid on write, truncate and chown to the
-filesystem; without it the kernel sends a getattr before every chown. The
-kernel still removes security.capability before a buffered write, a
-truncate or a chown, but not before a direct I/O write, and pyfuse3 3.5
-passes the handlers no kill flag. The frontend then applies the rules of
+filesystem. Without it the kernel sends a getattr before every chown. The
+kernel still removes security.capability before a truncate or a chown,
+and before a buffered write until it has found a file without one, but
+not before a direct I/O write. pyfuse3 3.5 passes the handlers no kill
+flag. The frontend then applies the rules of
 Linux 6.x itself. A data change (``setattr_should_drop_suidgid``) drops,
 on a regular file:
 
@@ -15,7 +16,7 @@ on a regular file:
   caller has CAP_FSETID;
 - security.capability on every data change, by any caller.
 
-An owner change drops them as ``mode_after_owner_change`` says.
+An owner change drops them by the rules in ``mode_after_owner_change``.
 
 The caller's capabilities and groups come from /proc/PID/status of the
 process that opened the file, or that sent the request. FUSE reports that

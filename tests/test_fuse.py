@@ -396,6 +396,20 @@ def test_fsync_commits_at_once(mounted):
         os.close(fd)
 
 
+def test_lookups_leave_nothing_for_put(mounted):
+    # The node ids a walk allocates are committed by the group commit, but
+    # do not count as changes that a Put must make durable.
+    write_file(mounted.at("base", "file"), b"data")
+    mounted.store.create_layer("walked", "base")
+    mounted.store.commit()
+    assert os.stat(mounted.at("walked", "file")).st_size == 4
+    assert not mounted.store.dirty
+    deadline = time.monotonic() + 5
+    while mounted.store.uncommitted and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not mounted.store.uncommitted
+
+
 def test_group_commit_runs_in_background(mounted):
     write_file(mounted.at("base", "file"), b"data")
     deadline = time.monotonic() + 5

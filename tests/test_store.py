@@ -405,6 +405,23 @@ def test_node_ids_persist_and_never_repeat(image):
         assert s.node_id(layer2, ROOT_INO) not in (node, root_node)
 
 
+def test_node_ids_leave_the_store_clean(image):
+    # A Put syncs the device only while the store is dirty. A lookup that
+    # allocates a node id must not make it dirty.
+    with Store.open(image) as s:
+        layer = s.create_layer("base").number
+        s.commit()
+        node = s.node_id(layer, ROOT_INO)
+        assert not s.dirty
+        assert s.uncommitted
+        s.commit()
+        assert not s.uncommitted
+        s.mknod(layer, ROOT_INO, b"f", stat.S_IFREG | 0o644)
+        assert s.dirty and s.uncommitted
+    with Store.open(image) as s:
+        assert s.node_target(node) == (layer, ROOT_INO)
+
+
 def test_device_locked_while_open(image):
     with Store.open(image):
         with pytest.raises(errors.DeviceBusy) as info:

@@ -185,8 +185,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
 
     def commit_pending(self) -> None:
         """Commit if a request changed the store since the last commit."""
-        # A lookup that allocated a node id changed the store too.
-        if self.dirty or self.store.dirty:
+        # A lookup that allocated a node id left records to commit too.
+        if self.dirty or self.store.uncommitted:
             self.commit()
 
     def commit(self) -> None:
@@ -217,7 +217,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._open_counts.clear()
         self._attrs.clear()
         self.lookup_counts.clear()
-        if self.dirty or self.store.dirty:
+        if self.dirty or self.store.uncommitted:
             self.commit()
 
     # -- helpers --------------------------------------------------------------

@@ -74,7 +74,20 @@ class StatFs:
 
 def write_op(fn):
     """Run a modifying method in a nested transaction that is aborted if it raises."""
+    return _nested_write(fn, changes_files=True)
 
+
+def bookkeeping_op(fn):
+    """Run a method like ``write_op`` for records outside the layers' contents.
+
+    Such a record (a node id allocated by a lookup) is committed with the
+    next group but does not make the store ``dirty``, so a Put does not
+    sync the device for it.
+    """
+    return _nested_write(fn, changes_files=False)
+
+
+def _nested_write(fn, changes_files: bool):
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         with self.lock:
@@ -97,7 +110,9 @@ def write_op(fn):
                 raise
             else:
                 nested.commit()
-                self._dirty = True
+                self._uncommitted = True
+                if changes_files:
+                    self._dirty = True
                 return result
             finally:
                 self._txn = group
@@ -167,6 +182,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         # Called after a layer is created or dropped; the FUSE mount sets it.
         self.layers_changed = None
         self._dirty = False
+        self._uncommitted = False
         with self.env.begin(write=True) as txn:
             self.dbs = open_databases(self.env, txn)
         self.alloc = Allocator(self.dbs["free"], self.data_blocks)
@@ -392,6 +408,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             self._group = None
             self._txn = None
             self._dirty = False
+            self._uncommitted = False
             crash_point("commit.done")
 
     @write_op
@@ -401,7 +418,13 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
 
     @property
     def dirty(self) -> bool:
+        """Whether a change to the layers' contents awaits a commit."""
         return self._dirty
+
+    @property
+    def uncommitted(self) -> bool:
+        """Whether any record awaits a commit, node ids included."""
+        return self._uncommitted
 
     # -- settings --------------------------------------------------------------
 
@@ -719,7 +742,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 return node
             return self._allocate_node(layer, ino)
 
-    @write_op
+    @bookkeeping_op
     def _allocate_node(self, layer: int, ino: int) -> int:
         key = (layer, ino)
         packed = U64X2.pack(layer, ino)

@@ -13,6 +13,7 @@ mount point if it is still mounted, touching nothing else.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import io
 import json
@@ -27,6 +28,12 @@ import time
 from pathlib import Path
 
 import pytest
+
+from lcfs.driver.mounts import MountManager
+from lcfs.driver.server import GraphDriverPlugin
+from lcfs.store import Store, errors
+from lcfs.store import store as store_module
+from lcfs.store.format import ROOT_INO
 
 REPO = Path(__file__).resolve().parents[1]
 ACCEPT = {"Accept": "application/vnd.docker.plugins.v1.2+json"}
@@ -581,6 +588,46 @@ def test_remove_layer_with_children(daemon):
     client.ok("GraphDriver.Remove", {"ID": "child"})
     client.ok("GraphDriver.Remove", {"ID": "base"})
     assert client.status_pairs()["Layers"] == "0"
+
+
+@pytest.mark.parametrize("purge_batch", [5000, 1])
+def test_concurrent_removes_share_commit(tmp_path, monkeypatch, purge_batch):
+    # With a purge batch of 1 record, each layer (two records) takes the
+    # path of a large layer: marked, purged in commits, then dropped.
+    monkeypatch.setattr(store_module, "PURGE_BATCH", purge_batch)
+    image = str(tmp_path / "store.img")
+    Store.mkfs(image, size=256 << 20)
+    with Store.open(image) as store:
+        names = [f"layer{index}" for index in range(8)]
+        for name in names:
+            number = store.create_layer(name).number
+            store.mknod(number, ROOT_INO, b"file", stat.S_IFREG | 0o644)
+        store.commit()
+        plugin = GraphDriverPlugin(store, image, MountManager(store, None))
+        commits = []
+        commit = store.commit
+
+        def counting_commit():
+            commits.append(len(store.list_layers()))
+            commit()
+
+        monkeypatch.setattr(store, "commit", counting_commit)
+
+        async def remove_all():
+            calls = [plugin.remove({"ID": name}) for name in [*names, "missing"]]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = asyncio.run(remove_all())
+        # One commit drops all eight layers. A large layer's marks and
+        # purge batches commit on their own before it.
+        assert commits[-1] == 0
+        if purge_batch > 1:
+            assert commits == [0]
+    assert results[:-1] == [{}] * len(names)
+    assert isinstance(results[-1], errors.LayerNotFound)
+    assert "missing" in str(results[-1])
+    with Store.open(image) as store:
+        assert store.list_layers() == []
 
 
 def test_malformed_requests(daemon):

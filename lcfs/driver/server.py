@@ -106,6 +106,10 @@ class GraphDriverPlugin:
         self.device = device
         self.mounts = mounts
         self.workers = streams.WorkerThreads()
+        # Remove calls waiting for the next batch, and the task that runs
+        # the batches (see remove).
+        self._removals: list[tuple[str, asyncio.Future]] = []
+        self._removing: asyncio.Task | None = None
 
     def make_app(self) -> web.Application:
         """Return the aiohttp application that routes every plugin call."""
@@ -293,17 +297,55 @@ class GraphDriverPlugin:
             # dockerd 20.10 retries a call with what is left of its body, so a
             # Remove cut off by a daemon restart arrives empty.
             raise RequestError("invalid Remove request: the layer ID is missing")
-        await self._run(self._remove_layer, layer_id)
+        # `docker rm` of many containers sends their Removes at once. Those
+        # that arrive while a batch runs form the next batch, which shares
+        # one durable commit instead of syncing the device for each layer.
+        removed = asyncio.get_running_loop().create_future()
+        self._removals.append((layer_id, removed))
+        if self._removing is None or self._removing.done():
+            self._removing = asyncio.create_task(self._run_removals())
+        await removed
         log.debug("removed layer %s", layer_id)
         return {}
 
-    def _remove_layer(self, layer_id: str) -> None:
-        if self.store.was_recovered(layer_id):
-            log.info("layer %s was already removed by crash recovery", layer_id)
-            return
-        self.store.remove_layer(layer_id)
-        self.store.commit()
-        self.mounts.notify_layer_removed(layer_id)
+    async def _run_removals(self) -> None:
+        while self._removals:
+            batch, self._removals = self._removals, []
+            try:
+                outcomes = await self._run(self._remove_layers, [lid for lid, _ in batch])
+            except Exception as error:
+                # A failure outside a single layer's removal, such as the
+                # shared commit, fails every call of the batch.
+                outcomes = [error] * len(batch)
+            for (_, removed), outcome in zip(batch, outcomes):
+                if removed.done():
+                    continue
+                if outcome is None:
+                    removed.set_result(None)
+                else:
+                    removed.set_exception(outcome)
+
+    def _remove_layers(self, layer_ids: list[str]) -> list[Exception | None]:
+        """Remove layers with one commit; return each one's error or None."""
+        outcomes: list[Exception | None] = []
+        removed = []
+        for layer_id in layer_ids:
+            try:
+                if self.store.was_recovered(layer_id):
+                    log.info("layer %s was already removed by crash recovery", layer_id)
+                else:
+                    self.store.remove_layer(layer_id, commit=False)
+                    removed.append(layer_id)
+                outcomes.append(None)
+            except Exception as error:
+                outcomes.append(error)
+        if removed:
+            self.store.commit()
+            if len(removed) > 1:
+                log.debug("committed the removal of %d layers at once", len(removed))
+        for layer_id in removed:
+            self.mounts.notify_layer_removed(layer_id)
+        return outcomes
 
     async def get(self, args: dict) -> dict:
         layer_id = _string_field(args, "ID")

@@ -544,14 +544,15 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         )
         self._ancestors.pop(layer.number, None)
 
-    def remove_layer(self, layer_id: str) -> None:
+    def remove_layer(self, layer_id: str, commit: bool = True) -> None:
         """Remove a layer and return all of its space; atomic through the journal.
 
         A layer whose change log fits in one batch goes in one transaction.
         A larger one is marked first, and the store lock is released between
         the batches that free its records, so other layers stay usable
         during a long removal. The layer counts as gone from the moment it
-        is marked.
+        is marked. With ``commit`` false the last step stays in the open
+        group, and the caller commits it, together with other removals.
         """
         with self.lock:
             layer = self.get_layer(layer_id)
@@ -563,7 +564,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 )
             if self._changes_below(layer.number, PURGE_BATCH):
                 self._remove_at_once(layer)
-                self.commit()
+                if commit:
+                    self.commit()
                 log.info("removed layer %s (number %d) in one transaction",
                          layer_id, layer.number)  # fmt: skip
                 return
@@ -574,7 +576,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         crash_point("remove.dropping")
         with self.lock:
             self._drop_layer(layer)
-            self.commit()
+            if commit:
+                self.commit()
         log.info("removed layer %s (number %d)", layer_id, layer.number)
 
     def _changes_below(self, number: int, limit: int) -> bool:

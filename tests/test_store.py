@@ -417,7 +417,8 @@ def test_node_ids_leave_the_store_clean(image):
         s.commit()
         assert not s.uncommitted
         s.mknod(layer, ROOT_INO, b"f", stat.S_IFREG | 0o644)
-        assert s.dirty and s.uncommitted
+        assert s.dirty
+        assert s.uncommitted
     with Store.open(image) as s:
         assert s.node_target(node) == (layer, ROOT_INO)
 

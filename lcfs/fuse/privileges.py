@@ -22,6 +22,7 @@ The caller's capabilities and groups come from /proc/PID/status of the
 process that opened the file, or that sent the request. FUSE reports that
 pid in the pid namespace of the mounting process, which is the daemon's.
 """
+
 from __future__ import annotations
 
 import logging

@@ -418,12 +418,12 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
 
     @property
     def dirty(self) -> bool:
-        """Whether a change to the layers' contents awaits a commit."""
+        """True while a change to the layers' contents awaits a commit."""
         return self._dirty
 
     @property
     def uncommitted(self) -> bool:
-        """Whether any record awaits a commit, node ids included."""
+        """True while any record awaits a commit, node ids included."""
         return self._uncommitted
 
     # -- settings --------------------------------------------------------------

@@ -28,6 +28,7 @@ from .common import (
     cache_dir,
     command_version,
     load_average,
+    spread_subdirectories,
     wait_for_quiet_machine,
 )
 
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         + shlex.join(argv if argv is not None else sys.argv[1:]),
     )
     workdir = Path(tempfile.mkdtemp(prefix="lcfs-bench-"))
+    results.meta["spread_data_roots"] = spread_subdirectories(workdir)
     try:
         run(args, results, sizes, workdir)
     finally:

@@ -19,7 +19,15 @@ from pathlib import Path
 from lcfs.fuse.stats import fetch_stats
 
 from . import artifacts
-from .common import MIB, dd_seconds, drop_caches, meminfo_kib, process_status_kib
+from .common import (
+    MIB,
+    dd_seconds,
+    drop_caches,
+    machine_cpu_seconds,
+    meminfo_kib,
+    process_cpu_seconds,
+    process_status_kib,
+)
 from .config import Sizes
 from .drivers import DriverStack
 from .results import Recorder
@@ -166,8 +174,16 @@ class DockerPhases:
 
     def containers(self, stack: DriverStack, rec: Recorder, runs: int) -> None:
         count = self.sizes.containers
+        # CPU time used during each round: by every process on the machine,
+        # by dockerd and by the lcfs daemon. A round keeps both CPUs of the
+        # benchmark machine busy, so CPU spent anywhere lengthens it.
+        processes = {"containers_cpu_dockerd": stack.dockerd.process.pid}
+        if stack.daemon_pid is not None:
+            processes["containers_cpu_lcfs"] = stack.daemon_pid
         for run in range(runs):
             names = [f"bench-c{run}-{index}" for index in range(count)]
+            machine_before = machine_cpu_seconds()
+            before = {key: process_cpu_seconds(pid) for key, pid in processes.items()}
             with rec.timed("containers"):
                 with rec.timed("containers_create"):
                     for name in names:
@@ -184,6 +200,9 @@ class DockerPhases:
                     stack.docker("start", *names)
                 with rec.timed("containers_remove"):
                     stack.docker("rm", "--force", *names)
+            rec.add("containers_cpu", machine_cpu_seconds() - machine_before)
+            for key, pid in processes.items():
+                rec.add(key, process_cpu_seconds(pid) - before[key])
 
     def first_write(self, stack: DriverStack, rec: Recorder, runs: int) -> None:
         _load(stack, self.big)

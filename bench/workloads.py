@@ -55,6 +55,11 @@ def catalogue(sizes: Sizes) -> list[Workload]:
             "containers_remove", f"  of which `docker rm` of {sizes.containers}", "s"
         ),
         Workload(
+            "containers_cpu", "  CPU time used on the machine during the round", "s"
+        ),
+        Workload("containers_cpu_dockerd", "  of which by dockerd", "s"),
+        Workload("containers_cpu_lcfs", "  of which by the lcfs daemon", "s"),
+        Workload(
             "write_1byte",
             f"first write of 1 byte into a {big} file from the image",
             "s",

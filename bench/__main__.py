@@ -11,6 +11,7 @@ writes the same files under .cache/bench/quick/ and leaves docs/ alone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import os
@@ -27,6 +28,7 @@ from .common import (
     REPO_ROOT,
     cache_dir,
     command_version,
+    journaled_ext4,
     load_average,
     spread_subdirectories,
     wait_for_quiet_machine,
@@ -98,6 +100,14 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="page to write (default docs/benchmarks.md, "
         "or .cache/bench/quick/benchmarks.md with --quick)",
+    )
+    parser.add_argument(
+        "--ext4-image",
+        metavar="SIZE",
+        help="put every driver's data root on a new ext4 file system with a "
+        "journal, made on a sparse image file of this size (64G, say) in the "
+        "work directory and mounted through a loop device; by default the data "
+        "roots are on the file system of the temporary directory",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -359,9 +369,19 @@ def main(argv: list[str] | None = None) -> int:
         + shlex.join(argv if argv is not None else sys.argv[1:]),
     )
     workdir = Path(tempfile.mkdtemp(prefix="lcfs-bench-"))
-    results.meta["spread_data_roots"] = spread_subdirectories(workdir)
     try:
-        run(args, results, sizes, workdir)
+        with contextlib.ExitStack() as data_fs:
+            data_dir = workdir
+            if args.ext4_image:
+                data_dir = data_fs.enter_context(
+                    journaled_ext4(workdir, args.ext4_image)
+                )
+                results.meta["backing_fs"] = (
+                    f"ext4 with a journal on a loop device ({args.ext4_image} image file "
+                    f"on {results.meta['backing_fs']})"
+                )
+            results.meta["spread_data_roots"] = spread_subdirectories(data_dir)
+            run(args, results, sizes, data_dir)
     finally:
         results.meta["load"] = f"{load_start} / {load_average()}"
         results.save(results_path)

@@ -9,6 +9,7 @@ same daemons, in the same isolation, as the end-to-end tests.
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import logging
 import os
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -103,7 +105,7 @@ def spread_subdirectories(directory: Path) -> bool:
     the top-directory flag (``chattr +T``). Without a journal, ext4 also
     skips every inode of the group freed in the last 60 seconds, or 360 if
     its inode table block is not yet written back (``recently_deleted`` in
-    fs/ext4/ialloc.c), a scan that grows with the number of such inodes.
+    fs/ext4/ialloc.c). That scan grows with the number of such inodes.
     With the flag, the drivers' data roots land in different groups, so one
     driver does not pay for the files another deleted. Returns False where
     the file system has no such flag.
@@ -120,6 +122,50 @@ def spread_subdirectories(directory: Path) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+@contextlib.contextmanager
+def journaled_ext4(directory: Path, size: str) -> Iterator[Path]:
+    """Mount a new ext4 file system with a journal under ``directory`` and yield its path.
+
+    The file system is made on a sparse image file of ``size``, in any form
+    that truncate(1) accepts. It is mounted through a loop device with
+    direct I/O, so that the page cache of the file system below does not
+    keep a second copy of its data. On leaving, everything mounted under it is
+    unmounted, then the file system itself, and the loop device and the
+    image file are removed.
+    """
+    from mounts import unmount_under
+
+    image = directory / "data-fs.img"
+    mountpoint = directory / "fs"
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+        loop = subprocess.run(
+            ["losetup", "--find", "--show", "--direct-io=on", str(image)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        try:
+            mountpoint.mkdir()
+            subprocess.run(["mount", loop, str(mountpoint)], check=True)
+            log.info(
+                "data roots on ext4 with a journal at %s (%s, %s)",
+                mountpoint,
+                loop,
+                size,
+            )
+            try:
+                yield mountpoint
+            finally:
+                unmount_under(mountpoint)
+                subprocess.run(["umount", str(mountpoint)], check=False)
+        finally:
+            subprocess.run(["losetup", "--detach", loop], check=False)
+    finally:
+        image.unlink(missing_ok=True)
 
 
 def load_average() -> str:

@@ -106,8 +106,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="put every driver's data root on a new ext4 file system with a "
         "journal, made on a sparse image file of this size (64G, say) in the "
-        "work directory and mounted through a loop device; by default the data "
-        "roots are on the file system of the temporary directory",
+        "work directory and mounted through a loop device. The daemons' logs "
+        "are removed with it. By default the data roots are on the file system "
+        "of the temporary directory",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]

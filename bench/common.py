@@ -117,7 +117,12 @@ def spread_subdirectories(directory: Path) -> bool:
         flags[0] |= _FS_TOPDIR_FL
         fcntl.ioctl(fd, _FS_IOC_SETFLAGS, flags, True)
     except OSError as error:
-        log.info("cannot set the top-directory flag on %s: %s", directory, error)
+        log.info(
+            "setting the top-directory flag on %s failed (%s), so the data roots "
+            "may share ext4 block groups",
+            directory,
+            error,
+        )
         return False
     finally:
         os.close(fd)
@@ -131,9 +136,9 @@ def journaled_ext4(directory: Path, size: str) -> Iterator[Path]:
     The file system is made on a sparse image file of ``size``, in any form
     that truncate(1) accepts. It is mounted through a loop device with
     direct I/O, so that the page cache of the file system below does not
-    keep a second copy of its data. On leaving, everything mounted under it is
-    unmounted, then the file system itself, and the loop device and the
-    image file are removed.
+    keep a second copy of its data. On leaving, everything mounted at or
+    under it is unmounted, and the loop device and the image file are
+    removed, with the daemons' logs that were written there.
     """
     from mounts import unmount_under
 
@@ -161,7 +166,6 @@ def journaled_ext4(directory: Path, size: str) -> Iterator[Path]:
                 yield mountpoint
             finally:
                 unmount_under(mountpoint)
-                subprocess.run(["umount", str(mountpoint)], check=False)
         finally:
             subprocess.run(["losetup", "--detach", loop], check=False)
     finally:

@@ -174,9 +174,8 @@ class DockerPhases:
 
     def containers(self, stack: DriverStack, rec: Recorder, runs: int) -> None:
         count = self.sizes.containers
-        # CPU time used during each round: by every process on the machine,
-        # by dockerd and by the lcfs daemon. A round keeps both CPUs of the
-        # benchmark machine busy, so CPU spent anywhere lengthens it.
+        # CPU time used during each round by the whole machine, by dockerd and
+        # by the lcfs daemon. A round keeps both CPUs busy most of the time.
         processes = {"containers_cpu_dockerd": stack.dockerd.process.pid}
         if stack.daemon_pid is not None:
             processes["containers_cpu_lcfs"] = stack.daemon_pid

@@ -107,8 +107,12 @@ def _parser() -> argparse.ArgumentParser:
         help="put every driver's data root on a new ext4 file system with a "
         "journal, made on a sparse image file of this size (64G, say) in the "
         "work directory and mounted through a loop device. The daemons' logs "
-        "are removed with it. By default the data roots are on the file system "
-        "of the temporary directory",
+        "are removed with it. Results go to "
+        "bench/results/driver-comparison-ext4.json and the page section "
+        "'Driver comparison on ext4 with a journal', and the page then also "
+        "compares lcfs's figures with the last run without this option. By "
+        "default the data roots are on the file system of the temporary "
+        "directory",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -329,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from .config import FULL, QUICK
-    from .report import write_page
+    from .report import JOURNALED_EXT4, is_journaled, write_page
     from .results import Results
     from .workloads import catalogue
 
@@ -340,14 +344,35 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick
         else REPO_ROOT / "docs" / "benchmarks.md"
     )
+    saved = REPO_ROOT / "bench" / "results"
     results_path = (
-        quick_dir / "results.json"
+        quick_dir / ("results-ext4.json" if args.ext4_image else "results.json")
         if args.quick
-        else REPO_ROOT / "bench" / "results" / "driver-comparison.json"
+        else saved
+        / (
+            "driver-comparison-ext4.json"
+            if args.ext4_image
+            else "driver-comparison.json"
+        )
     )
+
+    def companion_of(results: Results) -> Results | None:
+        # The last full run on the other kind of file system, for the page's
+        # table of both.
+        if args.quick:
+            return None
+        other = saved / (
+            "driver-comparison.json"
+            if is_journaled(results)
+            else "driver-comparison-ext4.json"
+        )
+        return Results.load(other) if other.exists() else None
+
     if args.report_only:
         results = Results.load(args.report_only)
-        write_page(page, results, catalogue(sizes), read_findings())
+        write_page(
+            page, results, catalogue(sizes), read_findings(), companion_of(results)
+        )
         print_summary(results, catalogue(sizes))
         return 0
     if os.geteuid() != 0:
@@ -377,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                 data_dir = data_fs.enter_context(
                     journaled_ext4(workdir, args.ext4_image)
                 )
+                results.meta["data_fs"] = JOURNALED_EXT4
                 results.meta["backing_fs"] = (
                     f"ext4 with a journal on a loop device ({args.ext4_image} image file "
                     f"on {results.meta['backing_fs']})"
@@ -394,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             remove_tree(workdir)
-    write_page(page, results, catalogue(sizes), read_findings())
+    write_page(page, results, catalogue(sizes), read_findings(), companion_of(results))
     print(f"results: {results_path}\npage: {page}")
     print_summary(results, catalogue(sizes))
     return 0

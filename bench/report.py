@@ -19,8 +19,14 @@ log = logging.getLogger(__name__)
 
 SECTIONS = {
     "driver-comparison": "Driver comparison",
+    "driver-comparison-ext4": "Driver comparison on ext4 with a journal",
+    "file-systems": "lcfs on both file systems",
     "containerd-snapshotter": "containerd snapshotter",
 }
+
+# results.meta["data_fs"] of a run with --ext4-image: its data roots were on
+# a new ext4 with a journal rather than on the work directory's file system.
+JOURNALED_EXT4 = "journaled-ext4"
 PAGE_TITLE = "# Benchmarks\n"
 
 
@@ -140,13 +146,19 @@ def _machine(results: Results) -> str:
     return _table(rows)
 
 
+def is_journaled(results: Results) -> bool:
+    """Return whether the run put the data roots on ext4 with a journal (--ext4-image)."""
+    return results.meta.get("data_fs") == JOURNALED_EXT4
+
+
 def driver_section(
     results: Results, workloads: list[Workload], image_prefix: str, findings: str = ""
 ) -> str:
-    """Return the markdown of the "Driver comparison" section.
+    """Return the markdown of the "Driver comparison" section or of its ext4 counterpart.
 
     ``findings`` is markdown written by hand (bench/findings.md) that explains
-    the misses; it is copied in under its own heading.
+    the misses; it is copied in under its own heading. ``image_prefix`` is
+    the start of the plots' paths, relative to the page.
     """
     meta = results.meta
     docker = [w for w in workloads if w.section == "docker"]
@@ -154,7 +166,8 @@ def driver_section(
     drivers = [
         d for d in DRIVERS if any(d in results.samples.get(w.key, {}) for w in docker)
     ]
-    parts = [f"## {SECTIONS['driver-comparison']}", ""]
+    name = "driver-comparison-ext4" if is_journaled(results) else "driver-comparison"
+    parts = [f"## {SECTIONS[name]}", ""]
     parts.append(
         f"Run on {meta.get('date', '?')} with `{meta.get('command', 'python -m bench')}`"
         f" ({meta.get('mode', 'full')} mode: each figure is the median of "
@@ -167,7 +180,9 @@ def driver_section(
         "and socket in its own network namespace. The drivers: overlay2 (kernel overlayfs), fuse-overlayfs "
         "(dockerd's built-in driver with Debian's fuse-overlayfs), vfs, lcfs (`lcfs "
         "daemon` as a graphdriver plugin, on a sparse image file on the same file system) "
-        "and lcfs-shared (the same daemon with `--share-unchanged`). The targets apply to "
+        "and lcfs-shared (the same daemon with `--share-unchanged`). "
+        + _data_roots(results)
+        + " The targets apply to "
         "lcfs with its defaults. The dockerds ran side by side, but only one worked at a "
         "time. Each phase ran all its runs on one driver after the other, in the order of the "
         "table's columns, before the next phase started. The machine's load at any moment "
@@ -293,6 +308,61 @@ def driver_section(
     return "\n".join(parts)
 
 
+def _data_roots(results: Results) -> str:
+    if is_journaled(results):
+        return (
+            "Every data root and lcfs's image file were on a new ext4 file system with "
+            "a journal (default mkfs.ext4 options), made for the run on a sparse image "
+            "file and mounted through a loop device with direct I/O."
+        )
+    return (
+        "Every data root and lcfs's image file were on the file system of the work "
+        "directory, given in the table below."
+    )
+
+
+def file_systems_section(
+    plain: Results, journaled: Results, workloads: list[Workload]
+) -> str:
+    """Return the markdown that puts lcfs's target figures from both runs side by side."""
+    parts = [f"## {SECTIONS['file-systems']}", ""]
+    parts.append(
+        "The same targets, measured in two full runs: one with the data roots on the "
+        f"work directory's file system ({plain.meta.get('backing_fs', '?')}, run on "
+        f"{plain.meta.get('date', '?')}), and one with `--ext4-image` on a new ext4 "
+        f"with a journal (run on {journaled.meta.get('date', '?')}). Ratios compare "
+        "drivers within one run. Each run's own section below has every figure."
+    )
+    parts.append("")
+    rows = [
+        ["workload", "target", "work directory's file system", "ext4 with a journal"]
+    ]
+    for workload in workloads:
+        if workload.target is None:
+            continue
+        if workload.key not in plain.samples and workload.key not in journaled.samples:
+            continue
+        cells = []
+        for results in (plain, journaled):
+            outcome = results.check(workload)
+            if outcome.met is None:
+                cells.append("–")
+            else:
+                cells.append(f"{_target_value(outcome)}: {_verdict(outcome)}")
+        rows.append([workload.title.strip(), workload.target.text, *cells])
+    parts.append(_table(rows))
+    for results in (plain, journaled):
+        checked = outcomes(results, workloads)
+        met = sum(1 for outcome in checked if outcome.met)
+        where = (
+            "ext4 with a journal"
+            if is_journaled(results)
+            else "the work directory's file system"
+        )
+        parts += ["", f"On {where}: {met} of {len(checked)} targets met."]
+    return "\n".join(parts)
+
+
 def containerd_section(results: Results, workloads: list[Workload]) -> str:
     """Return the markdown of the "containerd snapshotter" section."""
     meta = results.meta
@@ -338,16 +408,52 @@ def containerd_section(results: Results, workloads: list[Workload]) -> str:
 
 
 def write_page(
-    page_path: Path, results: Results, workloads: list[Workload], findings: str = ""
+    page_path: Path,
+    results: Results,
+    workloads: list[Workload],
+    findings: str = "",
+    companion: Results | None = None,
 ) -> None:
-    """Regenerate both sections in ``page_path`` and the plots in its img/ directory."""
+    """Regenerate the run's sections in ``page_path`` and its plots in the img/ directory.
+
+    A run with its data roots on ext4 with a journal fills the section
+    "Driver comparison on ext4 with a journal" and plots named ext4-*.png,
+    and any other run the "Driver comparison" section. ``companion`` is the
+    last run of the other kind. When given, the page also gets the table of
+    both runs' target figures.
+    """
     image_dir = page_path.parent / "img"
-    plot(results, workloads, image_dir)
+    journaled = is_journaled(results)
+    prefix = "ext4-" if journaled else ""
+    plot(results, workloads, image_dir, prefix)
     page = page_path.read_text() if page_path.exists() else PAGE_TITLE
-    page = replace_section(
-        page, "driver-comparison", driver_section(results, workloads, "img/", findings)
-    )
-    if any(w.key in results.samples for w in workloads if w.section == "containerd"):
+    if companion is not None and is_journaled(companion) != journaled:
+        plain, other = (companion, results) if journaled else (results, companion)
+        page = _place_section(page, "file-systems", before="driver-comparison")
+        page = replace_section(
+            page,
+            "file-systems",
+            file_systems_section(
+                plain, other, [w for w in workloads if w.section != "containerd"]
+            ),
+        )
+    if journaled:
+        # Findings explain the misses of the main run, so they appear once.
+        page = _place_section(page, "driver-comparison-ext4", after="driver-comparison")
+        page = replace_section(
+            page,
+            "driver-comparison-ext4",
+            driver_section(results, workloads, f"img/{prefix}"),
+        )
+    else:
+        page = replace_section(
+            page,
+            "driver-comparison",
+            driver_section(results, workloads, "img/", findings),
+        )
+    if not journaled and any(
+        w.key in results.samples for w in workloads if w.section == "containerd"
+    ):
         page = replace_section(
             page, "containerd-snapshotter", containerd_section(results, workloads)
         )
@@ -356,8 +462,32 @@ def write_page(
     log.info("wrote %s", page_path)
 
 
-def plot(results: Results, workloads: list[Workload], image_dir: Path) -> None:
-    """Write the PNG plots of the driver comparison into ``image_dir``."""
+def _place_section(
+    page: str, name: str, before: str | None = None, after: str | None = None
+) -> str:
+    """Return ``page`` with empty markers for a new section ``name`` next to another section.
+
+    The markers go before the start of section ``before`` or after the end
+    of section ``after``. A page that already has the section, or lacks the
+    other one, comes back unchanged, and replace_section then appends.
+    """
+    start, end = markers(name)
+    if start in page:
+        return page
+    empty = f"{start}\n{end}"
+    if before is not None and markers(before)[0] in page:
+        at = page.index(markers(before)[0])
+        return page[:at] + empty + "\n\n" + page[at:]
+    if after is not None and markers(after)[1] in page:
+        at = page.index(markers(after)[1]) + len(markers(after)[1])
+        return page[:at] + "\n\n" + empty + page[at:]
+    return page
+
+
+def plot(
+    results: Results, workloads: list[Workload], image_dir: Path, prefix: str = ""
+) -> None:
+    """Write the PNG plots of the driver comparison into ``image_dir``, names starting with ``prefix``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,7 +532,7 @@ def plot(results: Results, workloads: list[Workload], image_dir: Path) -> None:
     axes.set_xlabel("time relative to overlay2 (log scale; below 1 is faster)")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(image_dir / "driver-times.png", dpi=100)
+    figure.savefig(image_dir / f"{prefix}driver-times.png", dpi=100)
     plt.close(figure)
 
     figure, axes = plt.subplots(figsize=(7, 3.5))
@@ -425,7 +555,7 @@ def plot(results: Results, workloads: list[Workload], image_dir: Path) -> None:
     axes.set_ylabel("MiB/s")
     axes.set_title("sequential read in a container (dd, 1 MiB blocks)", fontsize=9)
     figure.tight_layout()
-    figure.savefig(image_dir / "driver-read.png", dpi=100)
+    figure.savefig(image_dir / f"{prefix}driver-read.png", dpi=100)
     plt.close(figure)
 
     figure, axes = plt.subplots(figsize=(6, 3.2))
@@ -437,5 +567,5 @@ def plot(results: Results, workloads: list[Workload], image_dir: Path) -> None:
     axes.set_title(title, fontsize=9)
     axes.set_ylabel("growth of Cached (MiB)")
     figure.tight_layout()
-    figure.savefig(image_dir / "driver-page-cache.png", dpi=100)
+    figure.savefig(image_dir / f"{prefix}driver-page-cache.png", dpi=100)
     plt.close(figure)

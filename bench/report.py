@@ -190,15 +190,15 @@ def driver_section(
         "driver's share of a phase, `sync` wrote back what earlier work had left dirty. "
         "Images come from `docker import` and `docker load` of trees built "
         "on the machine (Debian bookworm minbase from debootstrap, busybox-static, generated "
-        "layers). Times are wall-clock times of the docker client command, except: the 1-byte "
-        "write is open+pwrite+close by a host process through /proc/PID/root of a running "
-        "container (the container's own root mount, without `docker exec`'s start-up cost); "
-        "reads are GNU dd's own timing inside the container; tar and find are timed by bash's "
-        "`time` inside the container. Cold reads follow `echo 3 > /proc/sys/vm/drop_caches`. "
+        "layers). Times are wall-clock times of the docker client command, with three "
+        "exceptions. The 1-byte write is open+pwrite+close by a host process through "
+        "/proc/PID/root of a running container, which is the container's own root mount "
+        "without `docker exec`'s start-up cost. Reads are GNU dd's own timing inside the "
+        "container. tar and find are timed by bash's `time` inside the container. Cold reads follow `echo 3 > /proc/sys/vm/drop_caches`. "
         "The page cache figure is the growth of Cached in /proc/meminfo, a machine-wide "
         "figure, from after drop_caches to after every container has read the file once. "
         "GNU tar does not read file contents when the archive is /dev/null, so "
-        "`tar cf /dev/null` measures metadata; the `| cat` variant reads every file."
+        "`tar cf /dev/null` measures metadata, and the `| cat` variant reads every file."
     )
     if results.notes:
         parts += [""] + [f"- {note}" for note in results.notes]
@@ -328,7 +328,7 @@ def file_systems_section(
     parts = [f"## {SECTIONS['file-systems']}", ""]
     parts.append(
         "The same targets, measured in two full runs: one with the data roots on the "
-        f"work directory's file system ({plain.meta.get('backing_fs', '?')}, run on "
+        f"work directory's file system ({' '.join(str(plain.meta.get('backing_fs', '?')).split())}, run on "
         f"{plain.meta.get('date', '?')}), and one with `--ext4-image` on a new ext4 "
         f"with a journal (run on {journaled.meta.get('date', '?')}). Ratios compare "
         "drivers within one run. Each run's own section below has every figure."

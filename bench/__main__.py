@@ -313,6 +313,12 @@ def read_findings() -> str:
     return path.read_text() if path.exists() else ""
 
 
+def saved_results(journaled: bool) -> Path:
+    """Return the file of a full run's results, on journaled ext4 (--ext4-image) or not."""
+    name = "driver-comparison-ext4.json" if journaled else "driver-comparison.json"
+    return REPO_ROOT / "bench" / "results" / name
+
+
 def print_summary(results, workloads) -> None:
     from .report import _target_value, _verdict, outcomes
 
@@ -344,28 +350,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.quick
         else REPO_ROOT / "docs" / "benchmarks.md"
     )
-    saved = REPO_ROOT / "bench" / "results"
-    results_path = (
-        quick_dir / ("results-ext4.json" if args.ext4_image else "results.json")
-        if args.quick
-        else saved
-        / (
-            "driver-comparison-ext4.json"
-            if args.ext4_image
-            else "driver-comparison.json"
-        )
-    )
+    suffix = "-ext4" if args.ext4_image else ""
+    if args.quick:
+        results_path = quick_dir / f"results{suffix}.json"
+    else:
+        results_path = saved_results(journaled=bool(args.ext4_image))
 
     def companion_of(results: Results) -> Results | None:
         # The last full run on the other kind of file system, for the page's
         # table of both.
         if args.quick:
             return None
-        other = saved / (
-            "driver-comparison.json"
-            if is_journaled(results)
-            else "driver-comparison-ext4.json"
-        )
+        other = saved_results(journaled=not is_journaled(results))
         return Results.load(other) if other.exists() else None
 
     if args.report_only:

@@ -194,7 +194,8 @@ def driver_section(
         "exceptions. The 1-byte write is open+pwrite+close by a host process through "
         "/proc/PID/root of a running container, which is the container's own root mount "
         "without `docker exec`'s start-up cost. Reads are GNU dd's own timing inside the "
-        "container. tar and find are timed by bash's `time` inside the container. Cold reads follow `echo 3 > /proc/sys/vm/drop_caches`. "
+        "container. tar and find are timed by bash's `time` inside the container. "
+        "Cold reads follow `echo 3 > /proc/sys/vm/drop_caches`. "
         "The page cache figure is the growth of Cached in /proc/meminfo, a machine-wide "
         "figure, from after drop_caches to after every container has read the file once. "
         "GNU tar does not read file contents when the archive is /dev/null, so "
@@ -326,9 +327,11 @@ def file_systems_section(
 ) -> str:
     """Return the markdown that puts lcfs's target figures from both runs side by side."""
     parts = [f"## {SECTIONS['file-systems']}", ""]
+    # The device column of df comes with a run of spaces.
+    backing_fs = " ".join(str(plain.meta.get("backing_fs", "?")).split())
     parts.append(
         "The same targets, measured in two full runs: one with the data roots on the "
-        f"work directory's file system ({' '.join(str(plain.meta.get('backing_fs', '?')).split())}, run on "
+        f"work directory's file system ({backing_fs}, run on "
         f"{plain.meta.get('date', '?')}), and one with `--ext4-image` on a new ext4 "
         f"with a journal (run on {journaled.meta.get('date', '?')}). Ratios compare "
         "drivers within one run. Each run's own section below has every figure."
@@ -476,18 +479,18 @@ def _place_section(
         return page
     empty = f"{start}\n{end}"
     if before is not None and markers(before)[0] in page:
-        at = page.index(markers(before)[0])
-        return page[:at] + empty + "\n\n" + page[at:]
+        position = page.index(markers(before)[0])
+        return page[:position] + empty + "\n\n" + page[position:]
     if after is not None and markers(after)[1] in page:
-        at = page.index(markers(after)[1]) + len(markers(after)[1])
-        return page[:at] + "\n\n" + empty + page[at:]
+        position = page.index(markers(after)[1]) + len(markers(after)[1])
+        return page[:position] + "\n\n" + empty + page[position:]
     return page
 
 
 def plot(
     results: Results, workloads: list[Workload], image_dir: Path, prefix: str = ""
 ) -> None:
-    """Write the PNG plots of the driver comparison into ``image_dir``, names starting with ``prefix``."""
+    """Write the driver comparison's PNG plots into ``image_dir``, each name starting with ``prefix``."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -71,7 +71,7 @@ def test_journaled_run_adds_its_own_section(page):
     assert "on a new ext4 file system with a journal" in text[ext4:]
 
 
-def test_both_runs_table_rows(page):
+def test_file_systems_table_rows(page):
     plain = run_results(1.0, journaled=False)
     journaled = run_results(3.2, journaled=True)
     text = report.file_systems_section(plain, journaled, WORKLOADS)

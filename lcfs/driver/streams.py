@@ -210,6 +210,7 @@ class _ChunkReader(io.RawIOBase):
         return count
 
     def _take(self):
+        """Return the next chunk, ``_END`` or an error, waiting until one is queued."""
         with self._ready:
             while not self._chunks and self._abandon_error is None:
                 self._ready.wait()

@@ -36,7 +36,7 @@ from lcfs_daemon import (
     fsck_command,
     lcfs_command,
 )
-from mounts import mount_table, unmount_under
+from mounts import mount_table, remove_tree, unmount_under
 
 # Fixtures lcfs, initial_status, docker and vfs_docker, one set per module.
 pytest_plugins = ["docker_fixtures"]
@@ -785,6 +785,10 @@ def test_managed_plugin_serves_dockerd(plugin_bundle, managed_docker, busybox_ta
         ).stdout))  # fmt: skip
     finally:
         code = stop_keeping_data(docker)
+        # The fixture stops the first dockerd, which shares the data root
+        # but not this one's exec root under /tmp.
+        unmount_under(docker.exec_root)
+        remove_tree(docker.exec_root)
     assert info == driver
     assert result.stdout.startswith("root:x:0:")
     # The FUSE mount appears on the host where dockerd maps the plugin's

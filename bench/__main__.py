@@ -6,6 +6,12 @@ the measurements on lcfs alone, then containerd with both snapshotters. A full r
 comparison" and "containerd snapshotter" sections of docs/benchmarks.md,
 the plots under docs/img/ and the samples to bench/results/; a quick run
 writes the same files under .cache/bench/quick/ and leaves docs/ alone.
+
+A run of some phases only, or of other drivers, is a rerun. The workloads
+it measured take its figures in the saved results, and the rest keep
+theirs (``Results.merge_rerun``). Every run also writes its own samples to
+.cache/bench/last-run.json. The saved results and the page change only
+when a run finishes, so an interrupted run loses nothing saved before.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ PHASE_NAMES = (
     "page_cache",
 )
 EXTRA_NAMES = ("chain", "start", "containerd")
+DEFAULT_DRIVERS = "overlay2,fuse-overlayfs,vfs,lcfs,lcfs-shared"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,15 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--drivers",
-        default="overlay2,fuse-overlayfs,vfs,lcfs,lcfs-shared",
+        default=DEFAULT_DRIVERS,
         help="comma-separated storage drivers to compare, in run order "
-        "(default %(default)s)",
+        "(default %(default)s); with fewer, the run is a rerun (see --only)",
     )
     parser.add_argument(
         "--only",
         default=",".join(PHASE_NAMES + EXTRA_NAMES),
         help="comma-separated phases to run (default: all): "
-        f"{', '.join(PHASE_NAMES + EXTRA_NAMES)}",
+        f"{', '.join(PHASE_NAMES + EXTRA_NAMES)}. A run of fewer phases is a "
+        "rerun: the workloads it measures replace theirs in the saved results "
+        "of the last full run on this machine, and the page says which",
     )
     parser.add_argument(
         "--no-profile",
@@ -307,6 +316,13 @@ def run(args: argparse.Namespace, results, sizes, workdir: Path) -> None:
         )
 
 
+def is_rerun(args: argparse.Namespace) -> bool:
+    """Tell whether the run leaves out phases or drivers of a full run."""
+    return set(args.only.split(",")) != set(PHASE_NAMES + EXTRA_NAMES) or set(
+        args.drivers.split(",")
+    ) != set(DEFAULT_DRIVERS.split(","))
+
+
 def read_findings() -> str:
     """Return bench/findings.md, the hand-written explanation of the misses, if present."""
     path = REPO_ROOT / "bench" / "findings.md"
@@ -340,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from .config import FULL, QUICK
     from .report import JOURNALED_EXT4, is_journaled, write_page
-    from .results import Results
+    from .results import Results, machine_differences
     from .workloads import catalogue
 
     sizes = QUICK if args.quick else FULL
@@ -378,11 +394,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    info = machine_info()
+    saved = None
+    if not args.quick and is_rerun(args) and results_path.exists():
+        saved = Results.load(results_path)
+        differences = machine_differences(saved.meta, info)
+        if differences:
+            print(
+                f"python -m bench: {results_path} contains a run from another machine "
+                f"({'; '.join(differences)}), so this run's figures cannot join it; "
+                "run every phase with the default drivers to replace it",
+                file=sys.stderr,
+            )
+            return 2
     results = Results()
     load_start = load_average()
     if not args.quick:
         load_start = wait_for_quiet_machine(args.max_load, args.max_wait)
-    results.meta.update(machine_info())
+    results.meta.update(info)
     results.meta.update(
         mode="quick" if args.quick else "full",
         runs=sizes.runs,
@@ -407,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             run(args, results, sizes, data_dir)
     finally:
         results.meta["load"] = f"{load_start} / {load_average()}"
-        results.save(results_path)
+        this_run = cache_dir() / f"last-run{suffix}.json"
+        results.save(this_run)
+        log.info("wrote this run's samples to %s", this_run)
         from mounts import remove_tree
 
         if results.notes:
@@ -416,6 +447,15 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             remove_tree(workdir)
+    if saved is not None:
+        measured = saved.merge_rerun(results)
+        log.info(
+            "%s keeps its other figures and takes this run's for %s",
+            results_path,
+            ", ".join(measured) or "nothing",
+        )
+        results = saved
+    results.save(results_path)
     write_page(page, results, catalogue(sizes), read_findings(), companion_of(results))
     print(f"results: {results_path}\npage: {page}")
     print_summary(results, catalogue(sizes))

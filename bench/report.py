@@ -146,6 +146,32 @@ def _machine(results: Results) -> str:
     return _table(rows)
 
 
+def _quoted_list(names: list[str]) -> str:
+    quoted = [f'"{name}"' for name in names]
+    if len(quoted) == 1:
+        return quoted[0]
+    return ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def reruns_text(results: Results, workloads: list[Workload]) -> str:
+    """Return sentences naming the workloads whose figures come from later reruns.
+
+    Only workloads in ``workloads`` count, so that each section names its own.
+    """
+    titles = {w.key: w.title.strip() for w in workloads}
+    sentences = []
+    for rerun in results.meta.get("reruns") or []:
+        names = [titles[key] for key in rerun.get("workloads", []) if key in titles]
+        if names:
+            sentences.append(
+                f"The rows {_quoted_list(names)} come from a later run on "
+                f"{rerun.get('date', '?')} with `{rerun.get('command', '?')}` "
+                f"(load average at start / end {rerun.get('load', '?')}); every "
+                "figure in them is from that run."
+            )
+    return " ".join(sentences)
+
+
 def is_journaled(results: Results) -> bool:
     """Return whether the run put the data roots on ext4 with a journal (--ext4-image)."""
     return results.meta.get("data_fs") == JOURNALED_EXT4
@@ -174,6 +200,9 @@ def driver_section(
         f"{meta.get('runs', '?')} run(s), with the spread min – max in brackets, and ×N is "
         "the ratio to overlay2's median from the same run)."
     )
+    reruns = reruns_text(results, docker + micro)
+    if reruns:
+        parts += ["", reruns]
     parts += ["", _machine(results), ""]
     parts.append(
         "Each driver ran under its own Debian dockerd 20.10 with its own data root, exec root "
@@ -386,6 +415,9 @@ def containerd_section(results: Results, workloads: list[Workload]) -> str:
         "snapshotter's own removal follows at containerd's garbage collection in the "
         "background. The last row calls the lcfs daemon's socket directly, Remove included."
     )
+    reruns = reruns_text(results, section)
+    if reruns:
+        parts += ["", reruns]
     parts.append("")
     rows = [["measurement", "overlayfs", "lcfs", "lcfs/overlayfs"]]
     for workload in section:

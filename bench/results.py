@@ -55,6 +55,20 @@ class Outcome:
     met: bool | None
 
 
+# Facts of the run's meta that must agree before a rerun's figures may join
+# a saved run's, because figures from different machines do not compare.
+MACHINE_KEYS = ("nproc", "memory", "kernel")
+
+
+def machine_differences(saved: dict, current: dict) -> list[str]:
+    """Return how the machine of ``saved`` differs from ``current``, one fact per item."""
+    return [
+        f"{key} {saved.get(key, '?')} there, {current.get(key, '?')} here"
+        for key in MACHINE_KEYS
+        if saved.get(key) != current.get(key)
+    ]
+
+
 @dataclass
 class Results:
     """Samples by workload key and driver, and what the report needs besides."""
@@ -84,6 +98,39 @@ class Results:
             return Outcome(workload, None, None)
         met = value <= target.limit if target.at_most else value >= target.limit
         return Outcome(workload, value, met)
+
+    def merge_rerun(self, rerun: Results) -> list[str]:
+        """Take the figures of the workloads that ``rerun`` measured; return their keys.
+
+        Each such workload gets all of its samples, for every driver, from
+        the rerun, so that a ratio still compares drivers measured in one
+        run. Its profile and FUSE request counts come from the rerun too,
+        or are dropped when the rerun has none. Every other figure stays,
+        and ``meta["reruns"]`` records the rerun's date, command and
+        workloads for the page.
+        """
+        measured = sorted(rerun.samples)
+        requests = self.meta.setdefault("fuse_requests", {})
+        rerun_requests = rerun.meta.get("fuse_requests") or {}
+        for key in measured:
+            self.samples[key] = rerun.samples[key]
+            self.profiles.pop(key, None)
+            requests.pop(key, None)
+            if key in rerun.profiles:
+                self.profiles[key] = rerun.profiles[key]
+            if key in rerun_requests:
+                requests[key] = rerun_requests[key]
+        date = rerun.meta.get("date", "?")
+        self.notes += [f"In the run of {date}: {note}" for note in rerun.notes]
+        self.meta.setdefault("reruns", []).append(
+            {
+                "date": date,
+                "command": rerun.meta.get("command", "?"),
+                "load": rerun.meta.get("load", "?"),
+                "workloads": measured,
+            }
+        )
+        return measured
 
     def save(self, path: Path) -> None:
         data = {

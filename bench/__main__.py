@@ -186,6 +186,23 @@ def _run_step(results, step: str, function, *args) -> bool:
         return False
 
 
+def _schedule(name: str, drivers: list, runs: int, round_robin: frozenset[str]):
+    """Yield (driver, stack, runs, label) for each step of one phase, in order.
+
+    A phase in ``round_robin`` runs once per step, in rounds over all
+    drivers, and each round starts one driver further on. Any other phase
+    runs all its runs in one step per driver.
+    """
+    if name not in round_robin:
+        for driver, stack in drivers:
+            yield driver, stack, runs, ""
+        return
+    for round_index in range(runs):
+        start = round_index % len(drivers) if drivers else 0
+        for driver, stack in drivers[start:] + drivers[:start]:
+            yield driver, stack, 1, f" (run {round_index + 1} of {runs})"
+
+
 def run_docker_phases(
     args, results, runs, chosen, docker_phases, workdir, workloads
 ) -> None:
@@ -194,7 +211,9 @@ def run_docker_phases(
     All dockerds run side by side, but only one works at a time. The phases
     form the outer loop, so each phase is measured on every driver within a
     few minutes and a change in the machine's load does not fall on one
-    driver alone.
+    driver alone. The phases in ``DockerPhases.ROUND_ROBIN`` go further and
+    run in rounds of one run on each driver, with the first driver moving
+    one place each round.
     """
     from .drivers import DriverStack
     from .profiling import PySpy
@@ -212,18 +231,20 @@ def run_docker_phases(
                 ):
                     ready[driver] = stack
         for name, function, _ in chosen:
-            for driver, stack in ready.items():
-                log.info("== %s: %s", driver, name)
+            for driver, stack, step_runs, label in _schedule(
+                name, list(ready.items()), runs, docker_phases.ROUND_ROBIN
+            ):
+                log.info("== %s: %s%s", driver, name, label)
                 # Write back what the previous phase left dirty, so that its
                 # writeback does not fall into this driver's time.
                 os.sync()
                 _run_step(
                     results,
-                    f"{name} on {driver}",
+                    f"{name}{label} on {driver}",
                     function,
                     stack,
                     Recorder(results, driver),
-                    runs,
+                    step_runs,
                 )
         # A quick run skips the profiles, which would take it past 5 minutes.
         lcfs = ready.get("lcfs")
@@ -273,6 +294,9 @@ def run(args: argparse.Namespace, results, sizes, workdir: Path) -> None:
 
     docker_phases = DockerPhases(sizes, workdir)
     chosen = [p for p in docker_phases.phases() if p[0] in selected]
+    results.meta["round_robin_phases"] = [
+        name for name, _, _ in chosen if name in docker_phases.ROUND_ROBIN
+    ]
     if chosen:
         run_docker_phases(
             args, results, runs, chosen, docker_phases, workdir, workloads

@@ -146,11 +146,36 @@ def _machine(results: Results) -> str:
     return _table(rows)
 
 
+def _schedule_text(round_robin: list[str]) -> str:
+    """Return the sentences that describe in what order the phases ran on the drivers."""
+    if not round_robin:
+        return (
+            "Each phase ran all its runs on one driver after the other, in the order "
+            "of the table's columns, before the next phase started. The machine's load "
+            "at any moment thus fell on all drivers alike."
+        )
+    return (
+        f"The {_phases(round_robin)} ran in rounds of one run on each "
+        "driver, and each round started one driver further along the table's "
+        "columns, so neither a drift in the machine's state nor the place in the "
+        "order fell on one driver alone. Every other phase, which first loads a "
+        "large image, ran all its runs on one driver after the other, in the order "
+        "of the table's columns, before the next phase started."
+    )
+
+
+def _phases(names: list[str]) -> str:
+    return _plain_list(names) + (" phase" if len(names) == 1 else " phases")
+
+
+def _plain_list(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def _quoted_list(names: list[str]) -> str:
-    quoted = [f'"{name}"' for name in names]
-    if len(quoted) == 1:
-        return quoted[0]
-    return ", ".join(quoted[:-1]) + " and " + quoted[-1]
+    return _plain_list([f'"{name}"' for name in names])
 
 
 def reruns_text(results: Results, workloads: list[Workload]) -> str:
@@ -166,9 +191,15 @@ def reruns_text(results: Results, workloads: list[Workload]) -> str:
             sentences.append(
                 f"The rows {_quoted_list(names)} come from a later run on "
                 f"{rerun.get('date', '?')} with `{rerun.get('command', '?')}` "
-                f"(load average at start / end {rerun.get('load', '?')}); every "
-                "figure in them is from that run."
+                f"(load average at start / end {rerun.get('load', '?')}), and "
+                "every figure in them is from that run."
             )
+            round_robin = rerun.get("round_robin_phases")
+            if round_robin:
+                sentences.append(
+                    f"That run ran its {_phases(round_robin)} in rounds "
+                    "of one run on each driver."
+                )
     return " ".join(sentences)
 
 
@@ -213,9 +244,9 @@ def driver_section(
         + _data_roots(results)
         + " The targets apply to "
         "lcfs with its defaults. The dockerds ran side by side, but only one worked at a "
-        "time. Each phase ran all its runs on one driver after the other, in the order of the "
-        "table's columns, before the next phase started. The machine's load at any moment "
-        "thus fell on all drivers alike. Before each "
+        "time. "
+        + _schedule_text(meta.get("round_robin_phases") or [])
+        + " Before each "
         "driver's share of a phase, `sync` wrote back what earlier work had left dirty. "
         "Images come from `docker import` and `docker load` of trees built "
         "on the machine (Debian bookworm minbase from debootstrap, busybox-static, generated "

@@ -100,7 +100,7 @@ class Results:
         return Outcome(workload, value, met)
 
     def merge_rerun(self, rerun: Results) -> list[str]:
-        """Take the figures of the workloads that ``rerun`` measured; return their keys.
+        """Replace the figures of the workloads that ``rerun`` measured, and return their keys.
 
         Each such workload gets all of its samples, for every driver, from
         the rerun, so that a ratio still compares drivers measured in one
@@ -128,6 +128,7 @@ class Results:
                 "command": rerun.meta.get("command", "?"),
                 "load": rerun.meta.get("load", "?"),
                 "workloads": measured,
+                "round_robin_phases": rerun.meta.get("round_robin_phases", []),
             }
         )
         return measured

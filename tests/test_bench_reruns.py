@@ -39,6 +39,7 @@ def build_rerun() -> Results:
         date="2026-12-05",
         command="python -m bench --only build --drivers overlay2,lcfs",
         load="0.3 / 1.2",
+        round_robin_phases=["build"],
     )
     rerun.notes.append("layer chain failed: device full")
     return rerun
@@ -61,6 +62,7 @@ def test_rerun_replaces_only_the_workloads_it_measured():
             "command": "python -m bench --only build --drivers overlay2,lcfs",
             "load": "0.3 / 1.2",
             "workloads": ["build"],
+            "round_robin_phases": ["build"],
         }
     ]
     assert saved.notes == ["In the run of 2026-12-05: layer chain failed: device full"]
@@ -87,6 +89,9 @@ def test_page_names_the_rows_of_a_rerun(tmp_path, monkeypatch):
         "2026-12-05 with `python -m bench --only build --drivers overlay2,lcfs`"
     ) in text
     assert "load average at start / end 0.3 / 1.2" in text
+    assert "That run ran its build phase in rounds of one run on each driver." in text
+    # The saved run itself has no round-robin phases.
+    assert "Each phase ran all its runs on one driver after the other" in text
     assert report.reruns_text(saved, [IMPORT]) == ""
 
 
@@ -212,3 +217,34 @@ def test_full_run_replaces_the_saved_results(bench_run):
     saved = Results.load(bench_run.saved_path)
     assert set(saved.samples) == {"build"}
     assert "reruns" not in saved.meta
+
+
+def test_schedule_of_round_robin_phase():
+    drivers = [("overlay2", "o"), ("vfs", "v"), ("lcfs", "l")]
+    steps = list(bench_main._schedule("build", drivers, 3, frozenset({"build"})))
+    assert [driver for driver, *_ in steps] == [
+        "overlay2", "vfs", "lcfs",
+        "vfs", "lcfs", "overlay2",
+        "lcfs", "overlay2", "vfs",
+    ]  # fmt: skip
+    assert {runs for _, _, runs, _ in steps} == {1}
+    assert steps[3][3] == " (run 2 of 3)"
+
+
+def test_schedule_of_other_phase():
+    drivers = [("overlay2", "o"), ("lcfs", "l")]
+    steps = list(bench_main._schedule("read", drivers, 3, frozenset({"build"})))
+    assert steps == [("overlay2", "o", 3, ""), ("lcfs", "l", 3, "")]
+
+
+def test_page_describes_round_robin_phases(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "plot", lambda *args: None)
+    results = full_run()
+    results.meta["round_robin_phases"] = ["import", "containers", "build"]
+    page = tmp_path / "benchmarks.md"
+    report.write_page(page, results, [BUILD, IMPORT])
+    text = page.read_text()
+    assert (
+        "The import, containers and build phases ran in rounds of one run on each driver"
+    ) in text
+    assert "Every other phase, which first loads a large image" in text

@@ -183,7 +183,9 @@ def reruns_text(results: Results, workloads: list[Workload]) -> str:
 
     Only workloads in ``workloads`` count, so that each section names its own.
     """
-    titles = {w.key: w.title.strip() for w in workloads}
+    # Indented titles are the parts of the row above them, which the rerun
+    # measured with it.
+    titles = {w.key: w.title for w in workloads if not w.title.startswith(" ")}
     sentences = []
     for rerun in results.meta.get("reruns") or []:
         names = [titles[key] for key in rerun.get("workloads", []) if key in titles]

@@ -99,8 +99,11 @@ def test_rerun_text_lists_several_rows():
     saved = full_run()
     rerun = build_rerun()
     rerun.add("import_minbase", "lcfs", 1.0)
+    rerun.add("import_cpu", "lcfs", 2.0)
     saved.merge_rerun(rerun)
-    assert report.reruns_text(saved, [BUILD, IMPORT]).startswith(
+    # An indented row is part of the row above it and is not named.
+    part = Workload("import_cpu", "  of which CPU", "s")
+    assert report.reruns_text(saved, [BUILD, IMPORT, part]).startswith(
         'The rows "classic `docker build` of 20 steps" and '
         '"`docker import` of the Debian minbase" come from'
     )

@@ -770,6 +770,22 @@ def test_node_missing_reverse_entry(store_image, capsys):
         assert s.node_target(node) == (n["child"], n["new"])
 
 
+@pytest.mark.parametrize("records", ["both", "forward", "reverse"])
+def test_node_of_missing_layer(store_image, capsys, records):
+    path, _, _ = store_image
+    node, target = 50_000, U64X2.pack(42, 7)
+    with damage(path) as (txn, dbs):
+        if records in ("both", "forward"):
+            txn.put(U64.pack(node), target, db=dbs["nodes"])
+        if records in ("both", "reverse"):
+            txn.put(target, U64.pack(node), db=dbs["node_keys"])
+    assert_repairs(store_image, capsys, "node ids and counters",
+                   f"node id {node} of inode 7 names missing layer 42")  # fmt: skip
+    with damage(path) as (txn, dbs):
+        assert txn.get(U64.pack(node), db=dbs["nodes"]) is None
+        assert txn.get(target, db=dbs["node_keys"]) is None
+
+
 def test_inode_record_deleted(store_image, capsys):
     """A lost inode record damages several phases at once; one repair run fixes them all."""
     path, n, _ = store_image

@@ -342,6 +342,19 @@ def test_remove_layer_with_children_rejected(store):
         store.create_layer("x", "nope")
 
 
+def count_commits(monkeypatch) -> list:
+    """Count Store.commit calls from here on, one item per call."""
+    counted = []
+    commit = Store.commit
+
+    def counting_commit(self):
+        counted.append(1)
+        commit(self)
+
+    monkeypatch.setattr(Store, "commit", counting_commit)
+    return counted
+
+
 @pytest.mark.parametrize("files, one_commit", [(3, True), (40, False)])
 def test_small_layer_removed_in_one_commit(store, monkeypatch, files, one_commit):
     # LCFS_PURGE_BATCH is read at import; 40 files take several batches of 10.
@@ -352,19 +365,41 @@ def test_small_layer_removed_in_one_commit(store, monkeypatch, files, one_commit
         f = store.mknod(layer, ROOT_INO, b"f%d" % index, stat.S_IFREG | 0o644)
         store.write(layer, f.ino, 0, b"x" * 5000)
     store.commit()
-    counted = []
-    commit = Store.commit
-
-    def counting_commit(self):
-        counted.append(1)
-        commit(self)
-
-    monkeypatch.setattr(Store, "commit", counting_commit)
+    counted = count_commits(monkeypatch)
     store.remove_layer("c")
     # A large layer: the mark, one commit per batch, then the drop.
     assert (len(counted) == 1) == one_commit
     assert not store.exists("c")
     assert store.statfs().free_blocks == free
+
+
+@pytest.mark.parametrize("batch, one_commit", [(5000, True), (10, False)])
+def test_removed_layer_takes_its_node_ids(store, monkeypatch, batch, one_commit):
+    # 31 node ids and no change record: more than one batch of 10.
+    monkeypatch.setattr("lcfs.store.store.PURGE_BATCH", batch)
+    base = store.create_layer("base").number
+    inos = [
+        store.mknod(base, ROOT_INO, b"f%d" % index, stat.S_IFREG | 0o644).ino
+        for index in range(30)
+    ]
+    child = store.create_layer("child", "base").number
+    base_node = store.node_id(base, inos[0])
+    removed = [store.node_id(child, ino) for ino in [ROOT_INO, *inos]]
+    store.commit()
+    counted = count_commits(monkeypatch)
+    store.remove_layer("child")
+    assert (len(counted) == 1) == one_commit
+    for node in removed:
+        with pytest.raises(errors.NotFound):
+            store.node_target(node)
+    assert store.node_target(base_node) == (base, inos[0])
+    assert not [key for key in store._node_keys if key[0] == child]
+    cursor = store._group_txn().cursor(db=store.dbs["node_keys"])
+    left = [bytes(key) for key in cursor.iternext(values=False)]
+    assert [key for key in left if key[:8] == child.to_bytes(8, "big")] == []
+    # A new layer gets new node ids, never those of the removed one.
+    again = store.create_layer("again", "base").number
+    assert store.node_id(again, inos[0]) > max(removed)
 
 
 def test_commit_skips_sync_without_data(store, monkeypatch):

@@ -559,10 +559,34 @@ class Checker(LayerChecks, BlockChecks):
         for key, message in stale:
             self.problem(message, lambda key=key: self.txn.delete(key, db=self.db("changes")), "delete it")
 
+    def _drop_node(self, node: int, target: bytes) -> None:
+        """Delete the records that map ``node`` and ``target`` to each other, and no others."""
+        packed = U64.pack(node)
+        if self.txn.get(target, db=self.db("node_keys")) == packed:
+            self.txn.delete(target, db=self.db("node_keys"))
+        if self.txn.get(packed, db=self.db("nodes")) == target:
+            self.txn.delete(packed, db=self.db("nodes"))
+
     def check_nodes(self):
         """node ids and counters"""
         forward = {U64.unpack(k)[0]: v for k, v in self.records("nodes")}
         reverse = {k: U64.unpack(v)[0] for k, v in self.records("node_keys")}
+        # Stores written before removals took node ids with the layer keep
+        # them for every layer removed since.
+        layers = self.store._layers
+        orphans = {(node, target) for node, target in forward.items()}
+        orphans |= {(node, target) for target, node in reverse.items()}
+        for node, target in sorted(orphans):
+            layer, ino = U64X2.unpack(target)
+            if layer in layers:
+                continue
+            if forward.get(node) == target:
+                del forward[node]
+            if reverse.get(target) == node:
+                del reverse[target]
+            self.problem(f"node id {node} of inode {ino} names missing layer {layer}",
+                         lambda node=node, target=target: self._drop_node(node, target),
+                         "delete it")  # fmt: skip
         for node, target in sorted(forward.items()):
             if reverse.get(target) != node:
                 self.problem(f"node id {node} has no matching reverse entry",

@@ -562,7 +562,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 raise errors.LayerHasChildren(
                     f"layer {layer_id} has child layers: {names}"
                 )
-            if self._changes_below(layer.number, PURGE_BATCH):
+            if self._records_below(layer.number, PURGE_BATCH):
                 self._remove_at_once(layer)
                 if commit:
                     self.commit()
@@ -580,17 +580,21 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 self.commit()
         log.info("removed layer %s (number %d)", layer_id, layer.number)
 
-    def _changes_below(self, number: int, limit: int) -> bool:
-        """Tell whether layer ``number`` has fewer than ``limit`` change records."""
+    def _records_below(self, number: int, limit: int) -> bool:
+        """Tell whether layer ``number`` has fewer than ``limit`` change and node id records."""
         prefix = U64.pack(number)
-        cursor = self._group_txn().cursor(db=self.dbs["changes"])
-        if not cursor.set_range(prefix):
-            return True
-        for count, key in enumerate(cursor.iternext(values=False)):
-            if key[:8] != prefix:
-                return True
-            if count + 1 >= limit:
-                return False
+        txn = self._group_txn()
+        count = 0
+        for name in ("changes", "node_keys"):
+            cursor = txn.cursor(db=self.dbs[name])
+            if not cursor.set_range(prefix):
+                continue
+            for key in cursor.iternext(values=False):
+                if key[:8] != prefix:
+                    break
+                count += 1
+                if count >= limit:
+                    return False
         return True
 
     @write_op
@@ -623,9 +627,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         prefix = U64.pack(number)
         cursor = txn.cursor(db=dbs["changes"])
         done = 0
-        if not cursor.set_range(prefix):
-            return False
-        while cursor.key()[:8] == prefix and done < PURGE_BATCH:
+        found = cursor.set_range(prefix)
+        while found and cursor.key()[:8] == prefix and done < PURGE_BATCH:
             key = bytes(cursor.key())
             if key[8:9] == b"i":
                 ino = U64.unpack_from(key, 9)[0]
@@ -636,9 +639,36 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             if not cursor.delete():
                 break
             done += 1
+        done += self._drop_node_ids(number, PURGE_BATCH - done)
         for key in [k for k in self._pins if k[0] == number]:
             del self._pins[key]
         return done > 0
+
+    def _drop_node_ids(self, number: int, limit: int) -> int:
+        """Delete up to ``limit`` node ids of layer ``number``; return how many were deleted.
+
+        A lookup gives each inode it finds in a layer a node id, so every
+        container's layer has a few dozen. Nothing uses them once the layer
+        is gone, because layer numbers are never reused.
+        """
+        txn, dbs = self._txn, self.dbs
+        prefix = U64.pack(number)
+        cursor = txn.cursor(db=dbs["node_keys"])
+        done = 0
+        if limit <= 0 or not cursor.set_range(prefix):
+            return 0
+        while cursor.key()[:8] == prefix and done < limit:
+            key = U64X2.unpack(cursor.key())
+            packed_node = bytes(cursor.value())
+            txn.delete(packed_node, db=dbs["nodes"])
+            # The maps only cache the records, so an abort that keeps the
+            # records costs a read of them, not a wrong result.
+            self._node_keys.pop(key, None)
+            self._nodes.pop(U64.unpack(packed_node)[0], None)
+            if not cursor.delete():
+                break
+            done += 1
+        return done
 
     @write_op
     def _drop_layer(self, layer: Layer) -> None:

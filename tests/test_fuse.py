@@ -11,6 +11,7 @@ that would serve the fault can then never run. Such access runs in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -124,6 +125,34 @@ def test_root_lists_layers(mounted):
     assert os.listdir(mounted.path) == ["base"]
     expect_errno(errno.ENOENT, os.stat, mounted.at("second"))
     expect_errno(errno.ENOENT, os.stat, mounted.at("second", "f"))
+
+
+def test_removed_layers_leave_no_node_state(mounted):
+    """Layers that come and go, as containers' do, leave no node state behind."""
+    os.makedirs(mounted.at("base", "etc"))
+    write_file(mounted.at("base", "etc", "passwd"), b"root:x:0:0::/root:/bin/sh\n")
+    mounted.store.create_layer("image", "base")
+    operations = mounted.server.operations
+    for index in range(20):
+        layer = f"container{index}"
+        mounted.store.create_layer(layer, "image")
+        write_file(mounted.at(layer, "etc", "hostname"), b"c\n")
+        for name in ("passwd", "group", "hostname"):
+            with contextlib.suppress(FileNotFoundError):
+                os.stat(mounted.at(layer, "etc", name))
+        mounted.store.remove_layer(layer)
+        mounted.server.notify_layer_removed(layer)
+    remaining = {mounted.store.get_layer(name).number for name in ("base", "image")}
+    # Lookups gave 4 or 5 inodes of each container layer a node id, and
+    # removing the layer deletes them.
+    assert {layer for layer, _ in mounted.store._nodes.values()} <= remaining
+    # The kernel drops a removed layer's entry and later sends FORGET for
+    # its nodes, after which the handlers keep nothing of them either.
+    deadline = time.monotonic() + 10
+    while len(operations.lookup_counts) > 10 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(operations.lookup_counts) <= 10, operations.lookup_counts
+    assert len(operations._attrs) <= 10
 
 
 def test_root_is_read_only(mounted):

@@ -1061,7 +1061,15 @@ def test_large_numbers_and_file_handles(tmp_path):
             run_python("import os, sys; os.unlink(sys.argv[1])", saved_paths[2])
             drop_kernel_caches()
             reopened = open_handles(mountpoint, handles)
+            # Removing a layer deletes its node ids, and with them its handles.
+            daemon.call("GraphDriver.Remove", {"ID": "child"})
+            drop_kernel_caches()
+            after_removal = open_handles(mountpoint, handles)
         assert reopened[saved_paths[2]] == "ESTALE"
         assert reopened[saved_paths[3]] == ["file"]
+        assert after_removal[saved_paths[0]] == "base data"
+        assert after_removal[saved_paths[4]] == ["file"]
+        for path in saved_paths[1:4]:
+            assert after_removal[path] == "ESTALE", path
     finally:
         os.rmdir(mountpoint)

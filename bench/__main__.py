@@ -231,8 +231,12 @@ def run_docker_phases(
                 ):
                     ready[driver] = stack
         for name, function, _ in chosen:
+            round_robin = name in docker_phases.ROUND_ROBIN
             for driver, stack, step_runs, label in _schedule(
-                name, list(ready.items()), runs, docker_phases.ROUND_ROBIN
+                name,
+                list(ready.items()),
+                docker_phases.sizes.rounds if round_robin else runs,
+                docker_phases.ROUND_ROBIN,
             ):
                 log.info("== %s: %s%s", driver, name, label)
                 # Write back what the previous phase left dirty, so that its
@@ -439,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     results.meta.update(
         mode="quick" if args.quick else "full",
         runs=sizes.runs,
+        rounds=sizes.rounds,
         snapshot_cycles=sizes.snapshot_cycles,
         command="python -m bench "
         + shlex.join(argv if argv is not None else sys.argv[1:]),

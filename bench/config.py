@@ -10,6 +10,10 @@ from .common import GIB, MIB
 @dataclass(frozen=True)
 class Sizes:
     runs: int
+    # Runs of the phases that run in rounds over the drivers, whose
+    # workloads take a few seconds and vary by 20% or more from one run
+    # to the next on this kind of machine.
+    rounds: int
     containers: int
     big_file: int
     many_files: int
@@ -29,6 +33,7 @@ class Sizes:
 
 FULL = Sizes(
     runs=3,
+    rounds=5,
     containers=50,
     big_file=GIB,
     many_files=100_000,
@@ -50,6 +55,7 @@ FULL = Sizes(
 # 2 cores. Its figures check that the harness works; they are not results.
 QUICK = Sizes(
     runs=1,
+    rounds=1,
     containers=5,
     big_file=64 * MIB,
     many_files=5_000,

@@ -164,6 +164,15 @@ def _schedule_text(round_robin: list[str]) -> str:
     )
 
 
+def _rounds_text(meta: dict) -> str:
+    """Return the clause giving the run count of the phases that ran in rounds, if it differs."""
+    round_robin = meta.get("round_robin_phases") or []
+    rounds = meta.get("rounds")
+    if not round_robin or rounds is None or rounds == meta.get("runs"):
+        return ""
+    return f", or of {rounds} for the {_phases(round_robin)}"
+
+
 def _phases(names: list[str]) -> str:
     return _plain_list(names) + (" phase" if len(names) == 1 else " phases")
 
@@ -198,9 +207,11 @@ def reruns_text(results: Results, workloads: list[Workload]) -> str:
             )
             round_robin = rerun.get("round_robin_phases")
             if round_robin:
+                rounds = rerun.get("rounds")
                 sentences.append(
-                    f"That run ran its {_phases(round_robin)} in rounds "
-                    "of one run on each driver."
+                    f"That run ran its {_phases(round_robin)} in "
+                    + (f"{rounds} rounds" if rounds else "rounds")
+                    + " of one run on each driver."
                 )
     return " ".join(sentences)
 
@@ -230,8 +241,8 @@ def driver_section(
     parts.append(
         f"Run on {meta.get('date', '?')} with `{meta.get('command', 'python -m bench')}`"
         f" ({meta.get('mode', 'full')} mode: each figure is the median of "
-        f"{meta.get('runs', '?')} run(s), with the spread min – max in brackets, and ×N is "
-        "the ratio to overlay2's median from the same run)."
+        f"{meta.get('runs', '?')} run(s){_rounds_text(meta)}, with the spread min – max "
+        "in brackets, and ×N is the ratio to overlay2's median from the same run)."
     )
     reruns = reruns_text(results, docker + micro)
     if reruns:

@@ -129,6 +129,7 @@ class Results:
                 "load": rerun.meta.get("load", "?"),
                 "workloads": measured,
                 "round_robin_phases": rerun.meta.get("round_robin_phases", []),
+                "rounds": rerun.meta.get("rounds"),
             }
         )
         return measured

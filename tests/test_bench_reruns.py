@@ -40,6 +40,7 @@ def build_rerun() -> Results:
         command="python -m bench --only build --drivers overlay2,lcfs",
         load="0.3 / 1.2",
         round_robin_phases=["build"],
+        rounds=5,
     )
     rerun.notes.append("layer chain failed: device full")
     return rerun
@@ -63,6 +64,7 @@ def test_rerun_replaces_only_the_workloads_it_measured():
             "load": "0.3 / 1.2",
             "workloads": ["build"],
             "round_robin_phases": ["build"],
+            "rounds": 5,
         }
     ]
     assert saved.notes == ["In the run of 2026-12-05: layer chain failed: device full"]
@@ -89,7 +91,7 @@ def test_page_names_the_rows_of_a_rerun(tmp_path, monkeypatch):
         "2026-12-05 with `python -m bench --only build --drivers overlay2,lcfs`"
     ) in text
     assert "load average at start / end 0.3 / 1.2" in text
-    assert "That run ran its build phase in rounds of one run on each driver." in text
+    assert "That run ran its build phase in 5 rounds of one run on each driver." in text
     # The saved run itself has no round-robin phases.
     assert "Each phase ran all its runs on one driver after the other" in text
     assert report.reruns_text(saved, [IMPORT]) == ""
@@ -243,10 +245,16 @@ def test_schedule_of_other_phase():
 def test_page_describes_round_robin_phases(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "plot", lambda *args: None)
     results = full_run()
-    results.meta["round_robin_phases"] = ["import", "containers", "build"]
+    results.meta.update(
+        round_robin_phases=["import", "containers", "build"], runs=3, rounds=5
+    )
     page = tmp_path / "benchmarks.md"
     report.write_page(page, results, [BUILD, IMPORT])
     text = page.read_text()
+    assert (
+        "each figure is the median of 3 run(s), or of 5 for the import, "
+        "containers and build phases, with the spread"
+    ) in text
     assert (
         "The import, containers and build phases ran in rounds of one run on each driver"
     ) in text

@@ -186,14 +186,14 @@ def _run_step(results, step: str, function, *args) -> bool:
         return False
 
 
-def _schedule(name: str, drivers: list, runs: int, round_robin: frozenset[str]):
+def _schedule(drivers: list, runs: int, in_rounds: bool):
     """Yield (driver, stack, runs, label) for each step of one phase, in order.
 
-    A phase in ``round_robin`` runs once per step, in rounds over all
-    drivers, and each round starts one driver further on. Any other phase
-    runs all its runs in one step per driver.
+    With ``in_rounds`` each step is one run, in rounds over all drivers, and
+    each round starts one driver further on. Otherwise each driver's runs
+    form one step.
     """
-    if name not in round_robin:
+    if not in_rounds:
         for driver, stack in drivers:
             yield driver, stack, runs, ""
         return
@@ -231,12 +231,10 @@ def run_docker_phases(
                 ):
                     ready[driver] = stack
         for name, function, _ in chosen:
-            round_robin = name in docker_phases.ROUND_ROBIN
+            in_rounds = name in docker_phases.ROUND_ROBIN
+            phase_runs = docker_phases.sizes.rounds if in_rounds else runs
             for driver, stack, step_runs, label in _schedule(
-                name,
-                list(ready.items()),
-                docker_phases.sizes.rounds if round_robin else runs,
-                docker_phases.ROUND_ROBIN,
+                list(ready.items()), phase_runs, in_rounds
             ):
                 log.info("== %s: %s%s", driver, name, label)
                 # Write back what the previous phase left dirty, so that its
@@ -346,9 +344,9 @@ def run(args: argparse.Namespace, results, sizes, workdir: Path) -> None:
 
 def is_rerun(args: argparse.Namespace) -> bool:
     """Tell whether the run leaves out phases or drivers of a full run."""
-    return set(args.only.split(",")) != set(PHASE_NAMES + EXTRA_NAMES) or set(
-        args.drivers.split(",")
-    ) != set(DEFAULT_DRIVERS.split(","))
+    all_phases = set(args.only.split(",")) == set(PHASE_NAMES + EXTRA_NAMES)
+    all_drivers = set(args.drivers.split(",")) == set(DEFAULT_DRIVERS.split(","))
+    return not (all_phases and all_drivers)
 
 
 def read_findings() -> str:
@@ -422,11 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    info = machine_info()
+    machine = machine_info()
     saved = None
     if not args.quick and is_rerun(args) and results_path.exists():
         saved = Results.load(results_path)
-        differences = machine_differences(saved.meta, info)
+        differences = machine_differences(saved.meta, machine)
         if differences:
             print(
                 f"python -m bench: {results_path} contains a run from another machine "
@@ -439,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = load_average()
     if not args.quick:
         load_start = wait_for_quiet_machine(args.max_load, args.max_wait)
-    results.meta.update(info)
+    results.meta.update(machine)
     results.meta.update(
         mode="quick" if args.quick else "full",
         runs=sizes.runs,

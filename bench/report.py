@@ -146,21 +146,25 @@ def _machine(results: Results) -> str:
     return _table(rows)
 
 
+# How a phase not run in rounds went through the drivers.
+_BACK_TO_BACK = (
+    "ran all its runs on one driver after the other, in the order of the table's "
+    "columns, before the next phase started."
+)
+
+
 def _schedule_text(round_robin: list[str]) -> str:
     """Return the sentences that describe in what order the phases ran on the drivers."""
     if not round_robin:
         return (
-            "Each phase ran all its runs on one driver after the other, in the order "
-            "of the table's columns, before the next phase started. The machine's load "
-            "at any moment thus fell on all drivers alike."
+            f"Each phase {_BACK_TO_BACK} The machine's load at any moment thus fell "
+            "on all drivers alike."
         )
     return (
-        f"The {_phases(round_robin)} ran in rounds of one run on each "
-        "driver, and each round started one driver further along the table's "
-        "columns, so neither a drift in the machine's state nor the place in the "
-        "order fell on one driver alone. Every other phase, which first loads a "
-        "large image, ran all its runs on one driver after the other, in the order "
-        "of the table's columns, before the next phase started."
+        f"The {_phases(round_robin)} ran in rounds of one run on each driver, and "
+        "each round started one driver further along the table's columns, so neither "
+        "a drift in the machine's state nor the place in the order fell on one driver "
+        f"alone. Every other phase, which first loads a large image, {_BACK_TO_BACK}"
     )
 
 

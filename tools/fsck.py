@@ -574,9 +574,8 @@ class Checker(LayerChecks, BlockChecks):
         # Stores written before removals took node ids with the layer keep
         # them for every layer removed since.
         layers = self.store._layers
-        orphans = {(node, target) for node, target in forward.items()}
-        orphans |= {(node, target) for target, node in reverse.items()}
-        for node, target in sorted(orphans):
+        pairs = set(forward.items()) | {(node, target) for target, node in reverse.items()}
+        for node, target in sorted(pairs):
             layer, ino = U64X2.unpack(target)
             if layer in layers:
                 continue

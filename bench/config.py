@@ -10,9 +10,9 @@ from .common import GIB, MIB
 @dataclass(frozen=True)
 class Sizes:
     runs: int
-    # Runs of the phases that run in rounds over the drivers, whose
-    # workloads take a few seconds and vary by 20% or more from one run
-    # to the next on this kind of machine.
+    # Runs of the phases that run in rounds over the drivers. Their
+    # workloads take seconds, so one run moves with the machine's state:
+    # on a 2-CPU VM the build's ratio went from 0.89 to 1.35 between rounds.
     rounds: int
     containers: int
     big_file: int

@@ -146,7 +146,7 @@ def _machine(results: Results) -> str:
     return _table(rows)
 
 
-# How a phase not run in rounds went through the drivers.
+# The order of a phase that did not run in rounds.
 _BACK_TO_BACK = (
     "ran all its runs on one driver after the other, in the order of the table's "
     "columns, before the next phase started."
@@ -161,9 +161,9 @@ def _schedule_text(round_robin: list[str]) -> str:
             "on all drivers alike."
         )
     return (
-        f"The {_phases(round_robin)} ran in rounds of one run on each driver, and "
-        "each round started one driver further along the table's columns, so neither "
-        "a drift in the machine's state nor the place in the order fell on one driver "
+        f"The {_phases(round_robin)} ran in rounds of one run on each driver. Each "
+        "round started one driver further along the table's columns, so neither a "
+        "drift in the machine's state nor the place in the order fell on one driver "
         f"alone. Every other phase, which first loads a large image, {_BACK_TO_BACK}"
     )
 
@@ -187,37 +187,39 @@ def _plain_list(names: list[str]) -> str:
     return ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _quoted_list(names: list[str]) -> str:
-    return _plain_list([f'"{name}"' for name in names])
-
-
 def reruns_text(results: Results, workloads: list[Workload]) -> str:
-    """Return sentences naming the workloads whose figures come from later reruns.
+    """Return markdown naming the workloads whose figures come from later reruns.
 
     Only workloads in ``workloads`` count, so that each section names its own.
     """
     # Indented titles are the parts of the row above them, which the rerun
     # measured with it.
     titles = {w.key: w.title for w in workloads if not w.title.startswith(" ")}
-    sentences = []
+    paragraphs = []
     for rerun in results.meta.get("reruns") or []:
         names = [titles[key] for key in rerun.get("workloads", []) if key in titles]
-        if names:
+        if not names:
+            continue
+        rows = "\n".join(f"- {name}" for name in names)
+        paragraphs.append(
+            f"Every figure in these rows comes from a later run on "
+            f"{rerun.get('date', '?')}:\n\n{rows}"
+        )
+        command = (
+            f"Its command was `{rerun.get('command', '?')}`, and the load average "
+            f"at start / end was {rerun.get('load', '?')}."
+        )
+        sentences = [command]
+        round_robin = rerun.get("round_robin_phases")
+        if round_robin:
+            rounds = rerun.get("rounds")
             sentences.append(
-                f"The rows {_quoted_list(names)} come from a later run on "
-                f"{rerun.get('date', '?')} with `{rerun.get('command', '?')}` "
-                f"(load average at start / end {rerun.get('load', '?')}), and "
-                "every figure in them is from that run."
+                f"That run ran its {_phases(round_robin)} in "
+                + (f"{rounds} rounds" if rounds else "rounds")
+                + " of one run on each driver."
             )
-            round_robin = rerun.get("round_robin_phases")
-            if round_robin:
-                rounds = rerun.get("rounds")
-                sentences.append(
-                    f"That run ran its {_phases(round_robin)} in "
-                    + (f"{rounds} rounds" if rounds else "rounds")
-                    + " of one run on each driver."
-                )
-    return " ".join(sentences)
+        paragraphs.append(" ".join(sentences))
+    return "\n\n".join(paragraphs)
 
 
 def is_journaled(results: Results) -> bool:

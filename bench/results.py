@@ -100,7 +100,7 @@ class Results:
         return Outcome(workload, value, met)
 
     def merge_rerun(self, rerun: Results) -> list[str]:
-        """Replace the figures of the workloads that ``rerun`` measured, and return their keys.
+        """Replace the figures of the workloads that ``rerun`` measured and return their keys.
 
         Each such workload gets all of its samples, for every driver, from
         the rerun, so that a ratio still compares drivers measured in one

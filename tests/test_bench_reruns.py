@@ -1,4 +1,4 @@
-"""Reruns of some benchmark phases: their figures join the saved full run's."""
+"""Reruns of some benchmark phases, whose figures join those of the saved full run."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def build_rerun() -> Results:
     return rerun
 
 
-def test_rerun_replaces_only_the_workloads_it_measured():
+def test_rerun_replaces_measured_workloads():
     saved = full_run()
     measured = saved.merge_rerun(build_rerun())
     assert measured == ["build"]
@@ -78,7 +78,7 @@ def test_rerun_brings_its_own_profile():
     assert saved.profiles["build"] == "new build profile"
 
 
-def test_page_names_the_rows_of_a_rerun(tmp_path, monkeypatch):
+def test_page_names_rerun_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "plot", lambda *args: None)
     saved = full_run()
     saved.merge_rerun(build_rerun())
@@ -87,10 +87,13 @@ def test_page_names_the_rows_of_a_rerun(tmp_path, monkeypatch):
     text = page.read_text()
     assert "Run on 2026-12-01 with `python -m bench`" in text
     assert (
-        'The rows "classic `docker build` of 20 steps" come from a later run on '
-        "2026-12-05 with `python -m bench --only build --drivers overlay2,lcfs`"
+        "Every figure in these rows comes from a later run on 2026-12-05:\n\n"
+        "- classic `docker build` of 20 steps\n"
     ) in text
-    assert "load average at start / end 0.3 / 1.2" in text
+    assert (
+        "Its command was `python -m bench --only build --drivers overlay2,lcfs`"
+    ) in text
+    assert "load average at start / end was 0.3 / 1.2" in text
     assert "That run ran its build phase in 5 rounds of one run on each driver." in text
     # The saved run itself has no round-robin phases.
     assert "Each phase ran all its runs on one driver after the other" in text
@@ -106,8 +109,9 @@ def test_rerun_text_lists_several_rows():
     # An indented row is part of the row above it and is not named.
     part = Workload("import_cpu", "  of which CPU", "s")
     assert report.reruns_text(saved, [BUILD, IMPORT, part]).startswith(
-        'The rows "classic `docker build` of 20 steps" and '
-        '"`docker import` of the Debian minbase" come from'
+        "Every figure in these rows comes from a later run on 2026-12-05:\n\n"
+        "- classic `docker build` of 20 steps\n"
+        "- `docker import` of the Debian minbase\n\n"
     )
 
 
@@ -179,7 +183,7 @@ def _measure_build(results):
     results.add("build", "lcfs", 4.0)
 
 
-def test_rerun_through_main_keeps_the_other_figures(bench_run):
+def test_main_rerun_keeps_other_figures(bench_run):
     full_run().save(bench_run.saved_path)
     assert bench_run("--only", "build", phase=_measure_build) == 0
     saved = Results.load(bench_run.saved_path)
@@ -192,7 +196,7 @@ def test_rerun_through_main_keeps_the_other_figures(bench_run):
     assert set(Results.load(bench_run.last_run).samples) == {"build"}
 
 
-def test_interrupted_run_leaves_saved_results_alone(bench_run):
+def test_interrupted_run_keeps_saved_results(bench_run):
     full_run().save(bench_run.saved_path)
     before = bench_run.saved_path.read_text()
 
@@ -216,7 +220,7 @@ def test_rerun_rejects_other_machine(bench_run, capsys):
     assert bench_run.saved_path.read_text() == before
 
 
-def test_full_run_replaces_the_saved_results(bench_run):
+def test_full_run_replaces_saved_results(bench_run):
     full_run().save(bench_run.saved_path)
     assert bench_run(phase=_measure_build) == 0
     saved = Results.load(bench_run.saved_path)

@@ -374,8 +374,8 @@ def test_small_layer_removed_in_one_commit(store, monkeypatch, files, one_commit
 
 
 @pytest.mark.parametrize("batch, one_commit", [(5000, True), (10, False)])
-def test_removed_layer_takes_its_node_ids(store, monkeypatch, batch, one_commit):
-    # 31 node ids and no change record: more than one batch of 10.
+def test_layer_removal_deletes_node_ids(store, monkeypatch, batch, one_commit):
+    # 31 node ids and no change record take more than one batch of 10.
     monkeypatch.setattr("lcfs.store.store.PURGE_BATCH", batch)
     base = store.create_layer("base").number
     inos = [

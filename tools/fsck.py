@@ -571,8 +571,8 @@ class Checker(LayerChecks, BlockChecks):
         """node ids and counters"""
         forward = {U64.unpack(k)[0]: v for k, v in self.records("nodes")}
         reverse = {k: U64.unpack(v)[0] for k, v in self.records("node_keys")}
-        # Stores written before removals took node ids with the layer keep
-        # them for every layer removed since.
+        # A store written before layer removal deleted node ids still
+        # contains those of every layer removed since.
         layers = self.store._layers
         pairs = set(forward.items()) | {(node, target) for target, node in reverse.items()}
         for node, target in sorted(pairs):

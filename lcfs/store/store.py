@@ -645,7 +645,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         return done > 0
 
     def _drop_node_ids(self, number: int, limit: int) -> int:
-        """Delete up to ``limit`` node ids of layer ``number``; return how many were deleted.
+        """Delete up to ``limit`` node ids of layer ``number`` and return how many were deleted.
 
         A lookup gives each inode it finds in a layer a node id, so every
         container's layer has a few dozen. Nothing uses them once the layer

@@ -107,7 +107,8 @@ class Results:
         run. Its profile and FUSE request counts come from the rerun too,
         or are dropped when the rerun has none. Every other figure stays,
         and ``meta["reruns"]`` records the rerun's date, command and
-        workloads for the page.
+        workloads for the page. An earlier rerun's record loses the
+        workloads measured again, and goes when none is left.
         """
         measured = sorted(rerun.samples)
         requests = self.meta.setdefault("fuse_requests", {})
@@ -122,7 +123,15 @@ class Results:
                 requests[key] = rerun_requests[key]
         date = rerun.meta.get("date", "?")
         self.notes += [f"In the run of {date}: {note}" for note in rerun.notes]
-        self.meta.setdefault("reruns", []).append(
+        reruns = []
+        for earlier in self.meta.get("reruns", []):
+            not_remeasured = [
+                key for key in earlier["workloads"] if key not in rerun.samples
+            ]
+            if not_remeasured:
+                reruns.append({**earlier, "workloads": not_remeasured})
+        self.meta["reruns"] = reruns
+        reruns.append(
             {
                 "date": date,
                 "command": rerun.meta.get("command", "?"),

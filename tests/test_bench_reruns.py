@@ -115,6 +115,32 @@ def test_rerun_text_lists_several_rows():
     )
 
 
+def test_later_rerun_takes_over_rows_of_earlier_rerun():
+    saved = full_run()
+    first = build_rerun()
+    first.add("import_minbase", "overlay2", 1.5)
+    first.add("import_minbase", "lcfs", 1.4)
+    saved.merge_rerun(first)
+    second = build_rerun()
+    second.meta["date"] = "2026-12-06"
+    saved.merge_rerun(second)
+    assert [(r["date"], r["workloads"]) for r in saved.meta["reruns"]] == [
+        ("2026-12-05", ["import_minbase"]),
+        ("2026-12-06", ["build"]),
+    ]
+    # A third rerun of the import leaves nothing of the first.
+    third = Results()
+    third.add("import_minbase", "lcfs", 1.3)
+    third.meta.update(
+        MACHINE, date="2026-12-07", command="python -m bench --only import"
+    )
+    saved.merge_rerun(third)
+    assert [r["date"] for r in saved.meta["reruns"]] == ["2026-12-06", "2026-12-07"]
+    text = report.reruns_text(saved, [BUILD, IMPORT])
+    assert text.count("Every figure in these rows comes from a later run") == 2
+    assert "2026-12-05" not in text
+
+
 def test_saved_results_round_trip_keeps_reruns(tmp_path):
     saved = full_run()
     saved.merge_rerun(build_rerun())

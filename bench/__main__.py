@@ -364,6 +364,13 @@ def saved_results(journaled: bool) -> Path:
 def print_summary(results, workloads) -> None:
     from .report import _target_value, _verdict, outcomes
 
+    if results.meta.get("mode") == "quick":
+        print(
+            "Targets at quick sizes, one run each. This checks that the harness "
+            "works; only a full run's figures decide the targets."
+        )
+    else:
+        print("Targets:")
     for outcome in outcomes(results, workloads):
         print(
             f"{outcome.workload.key:22} {outcome.workload.target.text:28} "

@@ -95,3 +95,19 @@ def test_rewrite_keeps_one_copy_of_each_section(page):
     text = page.read_text()
     for name in ("file-systems", "driver-comparison", "driver-comparison-ext4"):
         assert text.count(report.markers(name)[0]) == 1
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_summary_says_whether_verdicts_count(mode, capsys):
+    from bench.__main__ import print_summary
+
+    results = run_results(import_lcfs=4.0, journaled=False)
+    results.meta["mode"] = mode
+    print_summary(results, WORKLOADS)
+    heading, first_row, *_ = capsys.readouterr().out.splitlines()
+    if mode == "quick":
+        assert "only a full run's figures decide the targets" in heading
+    else:
+        assert heading == "Targets:"
+    assert first_row.startswith("import_minbase")
+    assert "**missed**" in first_row

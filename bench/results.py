@@ -108,7 +108,7 @@ class Results:
         or are dropped when the rerun has none. Every other figure stays,
         and ``meta["reruns"]`` records the rerun's date, command and
         workloads for the page. An earlier rerun's record loses the
-        workloads measured again, and goes when none is left.
+        workloads measured again, and is removed when none is left.
         """
         measured = sorted(rerun.samples)
         requests = self.meta.setdefault("fuse_requests", {})

@@ -115,7 +115,7 @@ def test_rerun_text_lists_several_rows():
     )
 
 
-def test_later_rerun_takes_over_rows_of_earlier_rerun():
+def test_later_rerun_replaces_earlier_rows():
     saved = full_run()
     first = build_rerun()
     first.add("import_minbase", "overlay2", 1.5)

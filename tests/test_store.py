@@ -2,10 +2,12 @@
 
 import ctypes
 import errno
+import io
 import mmap
 import os
 import stat
 import subprocess
+import tarfile
 
 import pytest
 
@@ -471,3 +473,67 @@ def test_mkfs_refuses_existing_store(image):
     Store.mkfs(image, force=True)
     with Store.open(image) as s:
         assert s.list_layers() == []
+
+
+def _fill_metadata(s, layer: int, directory: int) -> tuple[int, errors.NoSpace]:
+    """Create files with long names and large xattrs until the store raises NoSpace."""
+    count = 0
+    while True:
+        name = b"%08d" % count + b"y" * 200
+        try:
+            ino = s.mknod(layer, directory, name, stat.S_IFREG | 0o644).ino
+            s.setxattr(layer, ino, b"user.pad", b"v" * 2000)
+        except errors.NoSpace as error:
+            return count, error
+        count += 1
+        if count % 500 == 0:
+            s.commit()
+
+
+def test_full_metadata_area_keeps_store_usable(store, image):
+    # The image's metadata area is 16 MiB, which a few thousand such files fill.
+    base = store.create_layer("base").number
+    kept = store.mknod(base, ROOT_INO, b"kept", stat.S_IFREG | 0o644).ino
+    store.write(base, kept, 0, b"hello")
+    store.commit()
+    layer = store.create_layer("rw", "base").number
+    directory = store.mkdir(layer, ROOT_INO, b"d", 0o755).ino
+    count, error = _fill_metadata(store, layer, directory)
+    assert count > 1000
+    assert "metadata area" in str(error)
+    assert image in str(error)
+    store.commit()
+    assert store.read(base, kept, 0, 5) == b"hello"
+    store.unlink(layer, directory, b"%08d" % 0 + b"y" * 200)
+    store.commit()
+    store.remove_layer("rw")
+    fresh = store.create_layer("fresh", "base").number
+    store.mknod(fresh, ROOT_INO, b"new", stat.S_IFREG | 0o644)
+    store.commit()
+    assert [name for name, _ in store.readdir(fresh, ROOT_INO)] == [b"kept", b"new"]
+
+
+def _padded_tar(count: int) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for index in range(count):
+            member = tarfile.TarInfo(f"d/{index:08d}" + "y" * 200)
+            member.pax_headers = {"SCHILY.xattr.user.pad": "v" * 3000}
+            archive.addfile(member, io.BytesIO(b""))
+    buffer.seek(0)
+    return buffer
+
+
+def test_apply_diff_filling_metadata_rolls_back(store, image):
+    store.create_layer("base")
+    store.apply_diff("base", _padded_tar(1))
+    layer = store.create_layer("big", "base").number
+    store.commit()
+    with pytest.raises(errors.NoSpace) as info:
+        store.apply_diff("big", _padded_tar(6000))
+    assert str(info.value).startswith("layer big: the metadata area")
+    assert [name for name, _ in store.readdir(layer, ROOT_INO)] == [b"d"]
+    store.remove_layer("big")
+    store.create_layer("after", "base")
+    store.commit()
+    assert [layer.id for layer in store.list_layers()] == ["base", "after"]

@@ -507,7 +507,7 @@ class NamespaceMixin:
     # -- removing ------------------------------------------------------------------
 
     def unlink(self, layer: int, dir_ino: int, name: bytes) -> None:
-        return self._write(self._unlink, layer, dir_ino, name)
+        return self._free(self._unlink, layer, dir_ino, name)
 
     def _unlink(self, layer, dir_ino, name):
         self._writable(layer)
@@ -539,7 +539,7 @@ class NamespaceMixin:
         self._undo.append(lambda: self._orphans.pop((layer, ino), None))
 
     def rmdir(self, layer: int, dir_ino: int, name: bytes) -> None:
-        return self._write(self._rmdir, layer, dir_ino, name)
+        return self._free(self._rmdir, layer, dir_ino, name)
 
     def _rmdir(self, layer, dir_ino, name):
         self._writable(layer)
@@ -788,7 +788,7 @@ class NamespaceMixin:
         self._put_inode(layer, inode)
 
     def removexattr(self, layer: int, ino: int, name: bytes) -> None:
-        return self._write(self._removexattr, layer, ino, name)
+        return self._free(self._removexattr, layer, ino, name)
 
     def _removexattr(self, layer, ino, name):
         self._writable(layer)

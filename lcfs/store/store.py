@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import lmdb
+
 from lcfs.journal import intents
 from lcfs.journal.crash import crash_point
 
@@ -61,6 +63,19 @@ log = logging.getLogger(__name__)
 CACHE_LIMIT = 200_000
 # Records removed per LMDB commit while a layer is purged.
 PURGE_BATCH = int(os.environ.get("LCFS_PURGE_BATCH", "5000"))
+# Pages of the metadata area (LMDB's map) kept free for commits and for
+# operations that free space. LMDB needs free pages to commit, and to
+# delete, since it copies every page it changes. Without them a full map
+# fails the group commit, which loses every change since the last one.
+RESERVE_PAGES = 64
+# Once fewer pages than this may be free, every growing operation first
+# checks that the reserve is there (``Store._check_reserve``).
+LOW_SPACE_PAGES = 1024
+# Growing operations between two estimates of the free pages.
+ESTIMATE_EVERY = 16
+# A value this size takes one overflow page of its own, so each probe put
+# needs a free page but never a run of them.
+_PROBE_VALUE = bytes(2560)
 
 
 @dataclass(slots=True, frozen=True)
@@ -77,23 +92,35 @@ def write_op(fn):
     return _nested_write(fn, changes_files=True)
 
 
+def freeing_op(fn):
+    """Run a method like ``write_op`` that may use the metadata reserve.
+
+    For the steps that free space (removing a layer, rolling back an
+    import, finishing an intent), so they work on a full metadata area.
+    """
+    return _nested_write(fn, changes_files=True, frees=True)
+
+
 def bookkeeping_op(fn):
     """Run a method like ``write_op`` for records outside the layers' contents.
 
     Such a record (a node id allocated by a lookup) is committed with the
     next group but does not make the store ``dirty``, so a Put does not
-    sync the device for it.
+    sync the device for it. It may use the metadata reserve, so that
+    lookups keep working on a full metadata area.
     """
-    return _nested_write(fn, changes_files=False)
+    return _nested_write(fn, changes_files=False, frees=True)
 
 
-def _nested_write(fn, changes_files: bool):
+def _nested_write(fn, changes_files: bool, frees: bool = False):
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         with self.lock:
             if self._nested is not None:
                 return fn(self, *args, **kwargs)
             group = self._group_txn()
+            if not frees:
+                self._guard_reserve(group)
             nested = self.env.begin(write=True, parent=group)
             self._txn = self._nested = nested
             free_before = self.alloc.free_blocks
@@ -101,15 +128,19 @@ def _nested_write(fn, changes_files: bool):
             undo_mark = len(self._undo)
             try:
                 result = fn(self, *args, **kwargs)
-            except BaseException:
+                nested.commit()
+            except BaseException as exc:
+                # LMDB has already ended a nested transaction whose commit failed.
                 nested.abort()
                 self.alloc.free_blocks = free_before
                 del self.alloc.pending[pending_mark:]
                 while len(self._undo) > undo_mark:
                     self._undo.pop()()
+                if isinstance(exc, lmdb.MapFullError):
+                    self._reserve_low = True
+                    raise self._metadata_full() from None
                 raise
             else:
-                nested.commit()
                 self._uncommitted = True
                 if changes_files:
                     self._dirty = True
@@ -204,6 +235,18 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         # The layer whose Diff finished last: ApplyDiff maps its blocks when the tar matches.
         self._last_diff: int | None = None
         self._closed = False
+        # Free pages of the metadata area: an estimate made at the last
+        # commit, the pages live then, and the growing operations since.
+        self._free_pages = 0
+        self._live_pages = 0
+        self._growing_ops = 0
+        # Set when fewer than LOW_SPACE_PAGES pages may be free, so that
+        # every growing operation checks the reserve first.
+        self._reserve_low = False
+        # The reason a group commit failed. The changes it carried are lost
+        # and the in-memory state no longer matches the device, so every
+        # later operation fails until the store is opened again.
+        self._failure: str | None = None
 
     # -- opening and closing -------------------------------------------------
 
@@ -384,6 +427,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     def _group_txn(self):
         if self._closed:
             raise errors.StoreError(f"store {self.path} is closed")
+        if self._failure is not None:
+            raise errors.StoreError(self._failure)
         if self._group is None:
             self._group = self.env.begin(write=True)
         return self._group
@@ -397,23 +442,106 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 return
             if self.readonly:
                 raise errors.ReadOnly(f"store {self.path} is open read-only")
-            self.alloc.flush(self._group)
+            try:
+                self.alloc.flush(self._group)
+            except lmdb.Error as exc:
+                self._fail_commit(exc)
             # A commit that follows no data write (a layer created, removed
             # or renamed, a chmod) has no data to make durable first.
             if self._data_unsynced:
                 self._data_unsynced = False
                 os.fdatasync(self.fd)
             crash_point("commit.data_synced")
-            self._group.commit()
+            try:
+                self._group.commit()
+            except lmdb.Error as exc:
+                self._fail_commit(exc)
             self._group = None
             self._txn = None
             self._dirty = False
             self._uncommitted = False
+            self._estimate_free_pages()
             crash_point("commit.done")
+
+    def _fail_commit(self, exc: lmdb.Error) -> None:
+        """End the group transaction after a failed commit, and fail from then on."""
+        self._group.abort()
+        self._group = None
+        self._txn = None
+        self._dirty = False
+        self._uncommitted = False
+        self._failure = (
+            f"commit of {self.path} failed ({exc}); the changes since the last "
+            "commit are lost, so restart the daemon to open the store again"
+        )
+        log.critical("%s", self._failure)
+        raise errors.StoreError(self._failure) from None
+
+    def _count_live_pages(self, txn) -> int:
+        """Return the pages of every database as ``txn`` sees them, LMDB's own included."""
+        pages = 0
+        for stats in [txn.stat()] + [txn.stat(db) for db in self.dbs.values()]:
+            pages += stats["branch_pages"] + stats["leaf_pages"] + stats["overflow_pages"]
+        # Two meta pages, and about one page of LMDB's free list per 500 free pages.
+        return pages + 2
+
+    def _estimate_free_pages(self) -> None:
+        """Estimate the free pages of the metadata area after a commit."""
+        with self.env.begin() as txn:
+            live = self._count_live_pages(txn)
+        total = self.metadata_size // BLOCK_SIZE
+        self._live_pages = live
+        self._free_pages = (total - live) - (total - live) // 500
+        self._growing_ops = 0
+        self._reserve_low = self._free_pages < LOW_SPACE_PAGES
+
+    def _guard_reserve(self, group) -> None:
+        """Raise NoSpace when a growing operation could eat into the reserve.
+
+        Between commits, the estimate counts what the open group used: the
+        growth of the live pages, again as much for the copies LMDB keeps
+        of the pages it changed, and two pages per operation.
+        """
+        if not self._reserve_low:
+            self._growing_ops += 1
+            if self._growing_ops % ESTIMATE_EVERY:
+                return
+            growth = max(0, self._count_live_pages(group) - self._live_pages)
+            used = 2 * growth + 2 * self._growing_ops
+            if self._free_pages - used >= LOW_SPACE_PAGES:
+                return
+            self._reserve_low = True
+        self._check_reserve(group)
+
+    def _check_reserve(self, group) -> None:
+        """Raise NoSpace unless RESERVE_PAGES pages of the metadata area are free.
+
+        Puts that take one page each, in a nested transaction that is then
+        aborted, find out whether LMDB can still allocate the pages.
+        """
+        probe = self.env.begin(write=True, parent=group)
+        try:
+            for number in range(RESERVE_PAGES):
+                probe.put(b"reserve-probe:%d" % number, _PROBE_VALUE, db=self.dbs["meta"])
+        except lmdb.MapFullError:
+            raise self._metadata_full() from None
+        finally:
+            probe.abort()
+
+    def _metadata_full(self) -> errors.NoSpace:
+        return errors.NoSpace(
+            f"the metadata area of {self.path} ({self.metadata_size} bytes) is full; "
+            "remove layers, images or files to free space"
+        )
 
     @write_op
     def _write(self, fn: Callable, *args, **kwargs):
         """Return ``fn(*args, **kwargs)``, run in one nested transaction as a write_op method is."""
+        return fn(*args, **kwargs)
+
+    @freeing_op
+    def _free(self, fn: Callable, *args, **kwargs):
+        """Return ``fn(*args, **kwargs)``, run as a freeing_op method is."""
         return fn(*args, **kwargs)
 
     @property
@@ -563,12 +691,19 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                     f"layer {layer_id} has child layers: {names}"
                 )
             if self._records_below(layer.number, PURGE_BATCH):
-                self._remove_at_once(layer)
-                if commit:
-                    self.commit()
-                log.info("removed layer %s (number %d) in one transaction",
-                         layer_id, layer.number)  # fmt: skip
-                return
+                try:
+                    self._remove_at_once(layer)
+                except errors.NoSpace:
+                    # A full metadata area has too few free pages for LMDB to
+                    # copy every page this changes; the batches below adapt.
+                    log.warning("removing layer %s in small batches: the metadata area "
+                                "of %s is full", layer_id, self.path)  # fmt: skip
+                else:
+                    if commit:
+                        self.commit()
+                    log.info("removed layer %s (number %d) in one transaction",
+                             layer_id, layer.number)  # fmt: skip
+                    return
             self._mark_removing(layer)
             self.commit()
         crash_point("remove.marked")
@@ -597,12 +732,12 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                     return False
         return True
 
-    @write_op
+    @freeing_op
     def _remove_at_once(self, layer: Layer) -> None:
         self._purge_batch(layer.number)
         self._drop_layer(layer)
 
-    @write_op
+    @freeing_op
     def _mark_removing(self, layer: Layer, record_intent: bool = True) -> None:
         if record_intent:
             intents.begin(self._txn, self.dbs["intents"], self.dbs["meta"], "remove",
@@ -612,23 +747,37 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._txn.put(U64.pack(layer.number), layer.pack(), db=self.dbs["layers"])
 
     def _purge(self, number: int) -> None:
-        """Delete every record layer ``number`` owns, in batches of commits."""
+        """Delete every record layer ``number`` owns, in batches of commits.
+
+        A batch that finds too few free pages in the metadata area is
+        retried at a quarter of its size. Each commit makes the pages that
+        the batch freed usable again, so the batches grow back.
+        """
+        limit = PURGE_BATCH
         while True:
             with self.lock:
-                if not self._purge_batch(number):
+                try:
+                    more = self._purge_batch(number, limit)
+                except errors.NoSpace:
+                    if limit == 1:
+                        raise
+                    limit = max(1, limit // 4)
+                    continue
+                if not more:
                     break
                 self.commit()
+                limit = min(PURGE_BATCH, limit * 2)
             crash_point("remove.batch")
         self._forget_cached(number)
 
-    @write_op
-    def _purge_batch(self, number: int) -> bool:
+    @freeing_op
+    def _purge_batch(self, number: int, limit: int = PURGE_BATCH) -> bool:
         txn, dbs = self._txn, self.dbs
         prefix = U64.pack(number)
         cursor = txn.cursor(db=dbs["changes"])
         done = 0
         found = cursor.set_range(prefix)
-        while found and cursor.key()[:8] == prefix and done < PURGE_BATCH:
+        while found and cursor.key()[:8] == prefix and done < limit:
             key = bytes(cursor.key())
             if key[8:9] == b"i":
                 ino = U64.unpack_from(key, 9)[0]
@@ -639,7 +788,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             if not cursor.delete():
                 break
             done += 1
-        done += self._drop_node_ids(number, PURGE_BATCH - done)
+        done += self._drop_node_ids(number, limit - done)
         for key in [k for k in self._pins if k[0] == number]:
             del self._pins[key]
         return done > 0
@@ -670,7 +819,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             done += 1
         return done
 
-    @write_op
+    @freeing_op
     def _drop_layer(self, layer: Layer) -> None:
         txn, dbs = self._txn, self.dbs
         txn.delete(U64.pack(layer.number), db=dbs["layers"])
@@ -761,7 +910,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         """
         return layer_id not in self._ids and layer_id in self._recovered_ids()
 
-    @write_op
+    @freeing_op
     def _finish_intent(self, number: int) -> None:
         intents.finish(self._txn, self.dbs["intents"], number)
 
@@ -826,7 +975,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             if key in self._orphans:
                 self._reap_orphan(layer, ino)
 
-    @write_op
+    @freeing_op
     def _reap_orphan(self, layer: int, ino: int) -> None:
         number = self._orphans.pop((layer, ino))
         self._undo.append(lambda: self._orphans.__setitem__((layer, ino), number))

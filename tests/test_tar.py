@@ -564,3 +564,115 @@ def test_missing_parents_made_like_docker(store):
     number = store.get_layer("img").number
     np_dir = store.lookup(number, ROOT_INO, b"np")
     assert stat.S_IMODE(np_dir.mode) == 0o600
+
+
+def one_entry_tar(
+    name="f", kind=REG, fmt=tarfile.PAX_FORMAT, data=b"", **fields
+) -> bytes:
+    """Build a tar of one member. ``fields`` sets TarInfo attributes such as uid."""
+    member = tarfile.TarInfo(name)
+    member.type = kind
+    member.size = len(data)
+    member.mtime = 1_700_000_000
+    for key, value in fields.items():
+        setattr(member, key, value)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=fmt) as archive:
+        archive.addfile(member, io.BytesIO(data) if data else None)
+    return buffer.getvalue()
+
+
+def with_header_bytes(raw: bytes, start: int, value: bytes) -> bytes:
+    """Return ``raw`` with the first header's bytes from ``start`` replaced and its checksum fixed."""
+    patched = bytearray(raw)
+    patched[start : start + len(value)] = value
+    checksum = sum(patched[:148]) + 256 + sum(patched[156:512])
+    patched[148:156] = b"%06o\0 " % checksum
+    return bytes(patched)
+
+
+GNU, CHR = tarfile.GNU_FORMAT, tarfile.CHRTYPE
+TIMES = "-9223372036.854775808 to 9223372036.854775807 seconds"
+# Case: (tar, expected text naming the field and its value, expected range).
+BAD_NUMBERS = {
+    "base-256 size -1": (
+        lambda: with_header_bytes(one_entry_tar(data=b"x"), 124, b"\xff" * 12),
+        "member 'f': size -1 ",
+        "0 to 9223372036854775807",
+    ),
+    "pax mtime 1e400": (
+        lambda: one_entry_tar(pax_headers={"mtime": "1e400"}),
+        "member 'f': mtime 1e400 ",
+        TIMES,
+    ),
+    "pax mtime 1e22": (
+        lambda: one_entry_tar(pax_headers={"mtime": "99999999999999999999999"}),
+        "member 'f': mtime 99999999999999999999999 ",
+        TIMES,
+    ),
+    "pax atime nan": (
+        lambda: one_entry_tar(pax_headers={"atime": "nan"}),
+        "member 'f': atime nan ",
+        TIMES,
+    ),
+    "gnu uid 2**40": (
+        lambda: one_entry_tar(fmt=GNU, uid=2**40),
+        "member 'f': uid 1099511627776 ",
+        "0 to 4294967295",
+    ),
+    "gnu gid 2**40": (
+        lambda: one_entry_tar(fmt=GNU, gid=2**40),
+        "member 'f': gid 1099511627776 ",
+        "0 to 4294967295",
+    ),
+    "pax uid 2**70": (
+        lambda: one_entry_tar(uid=2**70),
+        f"member 'f': uid {2**70} ",
+        "0 to 4294967295",
+    ),
+    "gnu devmajor 2**40": (
+        lambda: one_entry_tar("c", CHR, fmt=GNU, devmajor=2**40),
+        "member 'c': devmajor 1099511627776 ",
+        "0 to 4095",
+    ),
+    "gnu devminor 2**20": (
+        lambda: one_entry_tar("c", CHR, fmt=GNU, devminor=2**20),
+        "member 'c': devminor 1048576 ",
+        "0 to 1048575",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NUMBERS))
+def test_bad_number_field_rejected(store, case):
+    build, field, allowed = BAD_NUMBERS[case]
+    store.create_layer("L")
+    with pytest.raises(errors.BadArchive) as info:
+        store.apply_diff("L", io.BytesIO(build()))
+    message = str(info.value)
+    assert message.startswith("layer L: invalid layer tar: ")
+    assert field in message
+    assert f"is outside the range {allowed}" in message
+    assert store.changes("L") == []
+
+
+def test_number_field_limits_accepted(store):
+    times = {"mtime": "-9223372036.854775808", "atime": "9223372036.854775807"}
+    raw = one_entry_tar(
+        "c",
+        CHR,
+        uid=2**32 - 1,
+        gid=2**32 - 1,
+        devmajor=4095,
+        devminor=2**20 - 1,
+        pax_headers=times,
+    )
+    apply(store, "L", None, raw)
+    number = store.get_layer("L").number
+    attr = store.lookup(number, ROOT_INO, b"c")
+    assert attr.uid == 2**32 - 1
+    assert attr.gid == 2**32 - 1
+    assert attr.rdev == os.makedev(4095, 2**20 - 1)
+    assert attr.mtime_ns == -(2**63)
+    assert attr.atime_ns == 2**63 - 1
+

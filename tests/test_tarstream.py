@@ -192,3 +192,41 @@ def test_sparse_members_go_through_tarfile(tmp_path, fmt):
     contents = {fields["name"]: content for fields, content in found}
     assert contents["sparse"] == b"head" + bytes((4 << 20) - 4) + b"tail"
     assert contents["after"] == b"plain file after it"
+
+
+@pytest.mark.parametrize("size", [-1, (1 << 20) + 1], ids=["negative", "over 1 MiB"])
+def test_extended_header_size_checked(size):
+    info, data = entry("f")
+    info.pax_headers = {"comment": "x"}
+    raw = bytearray(archive([(info, data)], tarfile.PAX_FORMAT))
+    assert raw[156:157] == tarfile.XHDTYPE
+    # GNU base-256: a leading 0x80 marks a positive number, 0xff a negative one.
+    if size < 0:
+        raw[124:136] = size.to_bytes(12, "big", signed=True)
+    else:
+        raw[124:136] = b"\x80" + size.to_bytes(11, "big")
+    raw[148:156] = b"%06o\0 " % _checksum(raw[:512])
+    with pytest.raises(errors.BadArchive) as info:
+        read_all(tarstream.members(io.BytesIO(bytes(raw))))
+    expected = f"extended header size {size} is out of range 0 to 1048576"
+    assert expected in str(info.value)
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar")
+def test_numbers_checked_after_sparse_member(tmp_path):
+    sparse = tmp_path / "sparse"
+    with open(sparse, "wb") as f:
+        f.seek(1 << 20)
+        f.write(b"tail")
+    out = tmp_path / "sparse.tar"
+    command = ["tar", "--sparse", "--format=pax", "-cf", str(out), "-C", str(tmp_path)]
+    subprocess.run([*command, "sparse"], check=True)
+    first = out.read_bytes().rstrip(b"\0")
+    first += bytes(-len(first) % 512)
+    raw = first + archive([entry("big-uid", uid=2**70)], tarfile.PAX_FORMAT)
+    found = []
+    with pytest.raises(errors.BadArchive) as info:
+        for member, _ in tarstream.members(io.BytesIO(raw)):
+            found.append(member.name)
+    assert found == ["sparse"]
+    assert f"member 'big-uid': uid {2**70} is outside the range" in str(info.value)

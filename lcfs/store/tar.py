@@ -22,7 +22,6 @@ import os
 import stat
 import tarfile
 import time
-from decimal import Decimal
 
 from lcfs.journal import intents
 from lcfs.journal.crash import crash_point
@@ -69,16 +68,6 @@ def _split(name: str, layer_id: str) -> list[bytes]:
             f"layer {layer_id}: member name {name!r} leaves the layer"
         )
     return parts
-
-
-def _pax_time_ns(member: tarfile.TarInfo, key: str, fallback: float) -> int:
-    value = member.pax_headers.get(key)
-    if value is not None:
-        try:
-            return int(Decimal(value) * 1_000_000_000)
-        except ArithmeticError:
-            pass
-    return int(Decimal(str(fallback)) * 1_000_000_000)
 
 
 def _xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
@@ -597,8 +586,8 @@ class _Applier:
         if stat.S_ISLNK(inode.mode):
             inode.mode = stat.S_IFLNK | 0o777
         inode.uid, inode.gid = member.uid, member.gid
-        inode.mtime_ns = _pax_time_ns(member, "mtime", member.mtime)
-        inode.atime_ns = _pax_time_ns(member, "atime", member.mtime)
+        inode.mtime_ns = tarstream.time_ns(member, "mtime")
+        inode.atime_ns = tarstream.time_ns(member, "atime")
         inode.ctime_ns = time.time_ns()
         store._put_inode(number, inode)
         for name, value in _xattrs(member).items():

@@ -11,6 +11,8 @@ sparse maps.
 
 Members are ``Member`` objects with the attributes of ``tarfile.TarInfo``
 that the applier uses, so both readers' members go through the same code.
+Both readers reject a member with a number field outside the range that the
+store's inode record and the kernel accept (``check_numbers``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import re
 import tarfile
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import BinaryIO
 
 from . import errors
@@ -32,6 +35,20 @@ _NO_DATA = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE,
             tarfile.CHRTYPE, tarfile.BLKTYPE)  # fmt: skip
 _PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 _SKIP_CHUNK = 1 << 20
+# The largest PAX header or GNU long name or link. Go's archive/tar, which
+# Docker uses, rejects larger ones (maxSpecialFileSize in its common.go).
+MAX_EXTENDED_HEADER = 1 << 20
+
+# Ranges of the number fields of a member. The inode record (lcfs.store.format)
+# keeps uid and gid as u32 and times as signed 64-bit nanoseconds since 1970.
+# Linux file offsets are signed 64-bit. Linux's dev_t has 12 bits of major
+# and 20 bits of minor number, and FUSE sends rdev to the kernel as a u32.
+MAX_ID = 2**32 - 1
+MAX_SIZE = 2**63 - 1
+MIN_TIME = Decimal(-(2**63)) / 1_000_000_000
+MAX_TIME = Decimal(2**63 - 1) / 1_000_000_000
+MAX_MAJOR = 2**12 - 1
+MAX_MINOR = 2**20 - 1
 
 
 class Member:
@@ -81,6 +98,7 @@ def members(stream: BinaryIO, head: bytes = b"") -> Iterator[tuple[object, Binar
             break
         if member is None:
             return
+        check_numbers(member)
         yield member, reader
     yield from _tarfile_members(reader.replay())
 
@@ -89,7 +107,60 @@ def _tarfile_members(stream) -> Iterator[tuple[object, BinaryIO]]:
     with tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape",
                       tarinfo=_StrictTarInfo) as archive:  # fmt: skip
         for member in archive:
+            check_numbers(member)
             yield member, archive.extractfile(member) if member.isreg() else None
+
+
+def check_numbers(member) -> None:
+    """Raise ``BadArchive`` if a number field of ``member`` is outside its range."""
+    _check_range(member, "uid", member.uid, 0, MAX_ID, " (2**32-1)")
+    _check_range(member, "gid", member.gid, 0, MAX_ID, " (2**32-1)")
+    _check_range(member, "size", member.size, 0, MAX_SIZE, " (2**63-1)")
+    if member.ischr() or member.isblk():
+        _check_range(member, "devmajor", member.devmajor, 0, MAX_MAJOR)
+        _check_range(member, "devminor", member.devminor, 0, MAX_MINOR)
+    time_ns(member, "mtime")
+    time_ns(member, "atime")
+
+
+def time_ns(member, key: str) -> int:
+    """Return the ``mtime`` or ``atime`` of a member in nanoseconds since 1970.
+
+    A PAX record keeps its full precision. A record that is not a number,
+    and a missing ``atime``, fall back to the header's mtime, as tarfile
+    does. A time that the inode record cannot store raises ``BadArchive``.
+    """
+    text = member.pax_headers.get(key)
+    seconds = None
+    if text is not None:
+        try:
+            seconds = Decimal(text)
+        except ArithmeticError:
+            pass
+    if seconds is None:
+        text = str(member.mtime)
+        seconds = Decimal(text)
+    # Ordering comparisons raise for NaN, so finiteness is checked first.
+    if not (seconds.is_finite() and MIN_TIME <= seconds <= MAX_TIME):
+        allowed = (
+            f"{MIN_TIME} to {MAX_TIME} seconds since 1970 (the years 1677 to 2262)"
+        )
+        raise _out_of_range(member, key, text, allowed)
+    return int(seconds * 1_000_000_000)
+
+
+def _check_range(
+    member, field: str, value: int, low: int, high: int, note: str = ""
+) -> None:
+    if not low <= value <= high:
+        raise _out_of_range(member, field, value, f"{low} to {high}{note}")
+
+
+def _out_of_range(member, field: str, value, allowed: str) -> errors.BadArchive:
+    return errors.BadArchive(
+        f"invalid layer tar: member {member.name!r}: {field} {value} is outside the"
+        f" range {allowed}. Rebuild the tar with a value in that range"
+    )
 
 
 class _Reader:
@@ -162,6 +233,11 @@ class _Reader:
             size = _number(block[124:136])
             if kind in _PAX_TYPES or kind in (tarfile.GNUTYPE_LONGNAME,
                                               tarfile.GNUTYPE_LONGLINK):  # fmt: skip
+                if not 0 <= size <= MAX_EXTENDED_HEADER:
+                    raise errors.BadArchive(
+                        f"corrupt tar header: extended header size {size} is out of"
+                        f" range 0 to {MAX_EXTENDED_HEADER}"
+                    )
                 padded = self._read_exact(_blocks(size))
                 if len(padded) < _blocks(size):
                     raise errors.BadArchive("tar ends inside an extended header")

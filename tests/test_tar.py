@@ -676,3 +676,24 @@ def test_number_field_limits_accepted(store):
     assert attr.mtime_ns == -(2**63)
     assert attr.atime_ns == 2**63 - 1
 
+
+def test_hard_link_leaving_layer_named(store):
+    raw = one_entry_tar("h", LNK, linkname="../../etc/passwd")
+    store.create_layer("L")
+    with pytest.raises(errors.BadArchive) as info:
+        store.apply_diff("L", io.BytesIO(raw))
+    assert str(info.value) == (
+        "layer L: member 'h': hard link target '../../etc/passwd' leaves the layer"
+    )
+
+
+def test_hard_link_to_directory_named(store):
+    raw = make_tar([("d", DIR, {}), ("h", LNK, {"linkname": "d"})])
+    store.create_layer("L")
+    with pytest.raises(errors.BadArchive) as info:
+        store.apply_diff("L", io.BytesIO(raw))
+    assert str(info.value) == (
+        "layer L: member 'h': hard link target 'd' is a directory,"
+        " which cannot be hard-linked"
+    )
+    assert store.changes("L") == []

@@ -55,18 +55,21 @@ _TYPE_MODES = {
 }
 
 
-def _split(name: str, layer_id: str) -> list[bytes]:
-    """Return the components of a member name, rejecting names that leave the layer."""
+def _split(name: str, layer_id: str, link_of: str | None = None) -> list[bytes]:
+    """Return the components of a member name, rejecting names that leave the layer.
+
+    ``link_of`` is the name of the hard link whose target ``name`` is.
+    """
+    if link_of is None:
+        subject = f"member name {name!r}"
+    else:
+        subject = f"member {link_of!r}: hard link target {name!r}"
     raw = name.encode("utf-8", "surrogateescape")
     if raw.startswith(b"/"):
-        raise errors.BadArchive(
-            f"layer {layer_id}: absolute member name {name!r} in tar"
-        )
+        raise errors.BadArchive(f"layer {layer_id}: {subject} is absolute")
     parts = [p for p in raw.split(b"/") if p and p != b"."]
     if b".." in parts:
-        raise errors.BadArchive(
-            f"layer {layer_id}: member name {name!r} leaves the layer"
-        )
+        raise errors.BadArchive(f"layer {layer_id}: {subject} leaves the layer")
     return parts
 
 
@@ -429,7 +432,7 @@ class _Applier:
                 number, dir_ino, name, stat.S_IFLNK | 0o777, uid, gid, 0, target
             ).ino
         if member.islnk():
-            link_parts = _split(member.linkname, self.layer.id)
+            link_parts = _split(member.linkname, self.layer.id, link_of=member.name)
             source_dir = self._parent(link_parts, create=False) if link_parts else None
             source = None
             if source_dir is not None:
@@ -439,6 +442,11 @@ class _Applier:
             if source is None:
                 raise errors.BadArchive(
                     f"layer {self.layer.id}: hard link {member.name!r} points to missing {member.linkname!r}"
+                )
+            if store._inode(number, source[0]).is_dir:
+                raise errors.BadArchive(
+                    f"layer {self.layer.id}: member {member.name!r}: hard link target"
+                    f" {member.linkname!r} is a directory, which cannot be hard-linked"
                 )
             return store._link(number, source[0], dir_ino, name).ino
         fmt = _TYPE_MODES.get(member.type)

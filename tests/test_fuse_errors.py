@@ -1,0 +1,130 @@
+"""Logging of failed FUSE requests: device errors are logged and rate-limited."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import time
+
+import pytest
+from fuse_fixtures import fuse_available, mount_store
+
+from lcfs.fuse import handler
+from lcfs.store import Store, errors
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(
+        not fuse_available(), reason="FUSE mounts need root and /dev/fuse"
+    ),
+]
+
+# The smallest metadata region mkfs accepts, and 1 MiB (256 blocks) of data.
+SMALL_IMAGE = (16 << 20) + (1 << 20)
+CHUNK = 64 << 10
+
+
+@pytest.fixture
+def small(tmp_path):
+    image = str(tmp_path / "small.img")
+    Store.mkfs(image, size=SMALL_IMAGE)
+    with mount_store(image) as handle:
+        yield handle
+
+
+@pytest.fixture
+def handler_log(monkeypatch, caplog):
+    """Return the records of lcfs.fuse.handler, with fresh rate limits of 60 s."""
+    monkeypatch.setattr(handler, "_device_log_limits", {})
+    monkeypatch.setattr(handler, "DEVICE_LOG_INTERVAL", 60.0)
+    caplog.set_level(logging.WARNING, logger=handler.log.name)
+    return lambda: [r for r in caplog.records if r.name == handler.log.name]
+
+
+def fill(fd: int) -> None:
+    """Write to ``fd`` until the device is full and a write fails with ENOSPC."""
+    with pytest.raises(OSError) as info:
+        for _ in range(SMALL_IMAGE // CHUNK):
+            os.write(fd, b"x" * CHUNK)
+    assert info.value.errno == errno.ENOSPC
+
+
+def fail_writes(fd: int, count: int) -> None:
+    for _ in range(count):
+        with pytest.raises(OSError) as info:
+            os.write(fd, b"y" * CHUNK)
+        assert info.value.errno == errno.ENOSPC
+
+
+def test_enospc_logged_with_node(small, handler_log):
+    fd = os.open(small.at("base", "big"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fill(fd)
+    finally:
+        os.close(fd)
+    records = handler_log()
+    assert len(records) == 1
+    assert records[0].levelno == logging.WARNING
+    message = records[0].getMessage()
+    assert re.search(r"^FUSE write on node \d+ \(inode \d+ of layer base\)", message)
+    assert "failed with ENOSPC: no space left" in message
+    assert "docker system prune" in message
+
+
+def test_enospc_log_rate_limited(small, handler_log, monkeypatch):
+    monkeypatch.setattr(handler, "DEVICE_LOG_INTERVAL", 1.0)
+    fd = os.open(small.at("base", "big"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fill(fd)
+        fail_writes(fd, 5)
+        assert len(handler_log()) == 1
+        time.sleep(1.1)
+        fail_writes(fd, 1)
+    finally:
+        os.close(fd)
+    records = handler_log()
+    assert len(records) == 2
+    assert (
+        "(5 more ENOSPC failures since the last such message" in records[1].getMessage()
+    )
+
+
+def test_store_eio_logged_as_error(small, handler_log, monkeypatch):
+    with open(small.at("base", "file"), "wb") as f:
+        f.write(b"data")
+
+    def broken_read(*args, **kwargs):
+        raise errors.StoreError("read of block 99 outside the data region")
+
+    monkeypatch.setattr(small.store, "read", broken_read)
+    fd = os.open(small.at("base", "file"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        with pytest.raises(OSError) as info:
+            os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    assert info.value.errno == errno.EIO
+    records = handler_log()
+    assert len(records) == 1
+    assert records[0].levelno == logging.ERROR
+    assert "block 99 outside the data region" in records[0].getMessage()
+    assert "lcfs-fsck" in records[0].getMessage()
+
+
+def test_expected_errnos_not_logged(small, handler_log):
+    os.mkdir(small.at("base", "dir"))
+    with open(small.at("base", "dir", "file"), "wb") as f:
+        f.write(b"x")
+    cases = [
+        (errno.EEXIST, os.mkdir, small.at("base", "dir")),
+        (errno.ENOTEMPTY, os.rmdir, small.at("base", "dir")),
+        (errno.ENOENT, os.unlink, small.at("base", "missing")),
+        (errno.ENOTDIR, os.listdir, small.at("base", "dir", "file")),
+    ]
+    for expected, func, path in cases:
+        with pytest.raises(OSError) as info:
+            func(path)
+        assert info.value.errno == expected
+    assert handler_log() == []

@@ -308,7 +308,7 @@ def wait_for_apply(lcfs: LcfsDaemon, operation: Background, min_bytes: int) -> b
 
 def new_layer_ids(lcfs: CrashLcfsDaemon, offset: int, call: str) -> list[str]:
     """Return the layer ids of `call` requests logged after `offset`."""
-    pattern = re.compile(rf"{re.escape(call)}(?: for)? layer (\S+)")
+    pattern = re.compile(rf"{re.escape(call)} for layer '([^']+)'")
     return pattern.findall(lcfs.log_since(offset))
 
 

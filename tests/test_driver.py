@@ -34,6 +34,7 @@ from lcfs.driver.server import GraphDriverPlugin
 from lcfs.store import Store, errors
 from lcfs.store import store as store_module
 from lcfs.store.format import ROOT_INO
+from lcfs.store.snapshots import KIND_ACTIVE
 
 REPO = Path(__file__).resolve().parents[1]
 ACCEPT = {"Accept": "application/vnd.docker.plugins.v1.2+json"}
@@ -576,6 +577,104 @@ def test_unknown_id_exists_and_apply_diff(daemon):
     assert UNKNOWN in reply["Err"]
 
 
+@pytest.fixture
+def snapshot_layer(daemon) -> str:
+    """The layer id of an active containerd snapshot, made while the daemon is stopped."""
+    assert daemon.stop() == 0
+    with Store.open(str(daemon.image)) as store:
+        info = store.create_snapshot("key", "", KIND_ACTIVE)
+        store.commit()
+    daemon.start()
+    return info.layer_id
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "GraphDriver.Remove",
+        "GraphDriver.Get",
+        "GraphDriver.Put",
+        "GraphDriver.GetMetadata",
+        "GraphDriver.Changes",
+        "GraphDriver.DiffSize",
+        "GraphDriver.Diff",
+    ],
+)
+def test_snapshot_id_not_found(daemon, snapshot_layer, call):
+    status, _, body = daemon.client.raw(call, {"ID": snapshot_layer})
+    assert status == 500
+    message = json.loads(body)["Err"]
+    assert snapshot_layer in message
+    assert "not found" in message
+
+
+def test_apply_diff_snapshot_id(daemon, snapshot_layer):
+    tar = make_tar(BASE_TAR_ENTRIES)
+    status, reply = daemon.client.apply_diff(snapshot_layer, "", tar)
+    assert status == 500
+    assert snapshot_layer in reply["Err"]
+    assert "not found" in reply["Err"]
+    assert list((daemon.mountpoint / snapshot_layer).iterdir()) == []
+
+
+def test_exists_snapshot_id(daemon, snapshot_layer):
+    reply = daemon.client.ok("GraphDriver.Exists", {"ID": snapshot_layer})
+    assert reply == {"Exists": False}
+
+
+@pytest.mark.parametrize(
+    "call", ["GraphDriver.Create", "GraphDriver.Get", "GraphDriver.Diff"]
+)
+def test_json_body_too_large(daemon, call):
+    args = {"ID": "big", "Padding": "x" * (2 << 20)}
+    status, content_type, body = daemon.client.raw(call, args)
+    assert status == 500
+    assert content_type.startswith("application/vnd.docker.plugins.v1.2+json")
+    message = json.loads(body)["Err"]
+    assert "request body is too large" in message
+    assert str(1 << 20) in message
+    log = daemon.log()
+    assert f"WARNING lcfs.driver.server: {call} failed: {message}" in log
+    assert "Traceback" not in log
+
+
+def test_surrogate_in_string_fields(daemon):
+    client = daemon.client
+    for call in ("GraphDriver.Create", "GraphDriver.Get", "GraphDriver.Remove"):
+        message = client.err(call, {"ID": "a\udcffb"})
+        assert "invalid layer id" in message, call
+    message = client.err("GraphDriver.Create", {"ID": "ok", "Parent": "p\udcff"})
+    assert "invalid parent layer id" in message
+    message = client.err("GraphDriver.Init", {"Home": "/home\udcff"})
+    assert "invalid Home" in message
+    assert client.status_pairs()["Layers"] == "0"
+    assert "Traceback" not in daemon.log()
+
+
+def test_layer_id_escaped_in_log(daemon):
+    client = daemon.client
+    client.err("GraphDriver.Get", {"ID": "a\nforged line"})
+    client.err("GraphDriver.Get", {"ID": "b\x00c"})
+    log = daemon.log()
+    assert "GraphDriver.Get for layer 'a\\nforged line'" in log
+    assert not any(line.startswith("forged line") for line in log.splitlines())
+    assert "\x00" not in log
+
+
+@pytest.mark.parametrize(
+    "call", ["GraphDriver.Get", "GraphDriver.Put", "GraphDriver.Remove"]
+)
+def test_missing_layer_id(daemon, call):
+    message = daemon.client.err(call, {})
+    assert "the layer ID is missing" in message
+
+
+def test_apply_diff_missing_layer_id(daemon):
+    status, reply = daemon.client.apply_diff("", "", make_tar(BASE_TAR_ENTRIES))
+    assert status == 500
+    assert "the layer ID is missing" in reply["Err"]
+
+
 def test_remove_layer_with_children(daemon):
     client = daemon.client
     client.ok("GraphDriver.Create", {"ID": "base"})
@@ -857,7 +956,7 @@ def test_apply_diff_body_cut_off(daemon):
     sock.close()
 
     deadline = time.monotonic() + 10
-    while "ApplyDiff failed for layer cut" not in daemon.log():
+    while "ApplyDiff failed for layer 'cut'" not in daemon.log():
         assert time.monotonic() < deadline, daemon.log()
         time.sleep(0.1)
     _assert_layer_empty(client, "cut", daemon.mountpoint)
@@ -886,7 +985,7 @@ def test_sigterm_during_apply_diff(daemon):
     sock = _start_slow_apply_diff(daemon, "slow")
     try:
         deadline = time.monotonic() + 10
-        while "GraphDriver.ApplyDiff layer slow" not in daemon.log():
+        while "GraphDriver.ApplyDiff for layer 'slow'" not in daemon.log():
             assert time.monotonic() < deadline, daemon.log()
             time.sleep(0.05)
         started = time.monotonic()
@@ -896,7 +995,7 @@ def test_sigterm_during_apply_diff(daemon):
     finally:
         sock.close()
     log = daemon.log()
-    assert "ApplyDiff of layer slow cancelled because the daemon is stopping" in log
+    assert "ApplyDiff of layer 'slow' cancelled because the daemon is stopping" in log
     assert "rolling back the import into layer slow" in log
     assert mount_type(daemon.mountpoint) is None
 

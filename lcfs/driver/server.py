@@ -48,12 +48,31 @@ APPLY_CHUNK_SIZE = 1 << 20
 # under the mount point.
 MAX_ID_BYTES = 255
 
+# Maximum size in bytes of a JSON request body. A plugin call carries a few
+# ids and options, so a larger body is malformed. ApplyDiff streams its tar
+# body, which has no limit.
+MAX_JSON_BODY = 1 << 20
+
+# Calls that act on no layer. Every other call must name one in ID.
+CALLS_WITHOUT_LAYER = frozenset(
+    {
+        "Plugin.Activate",
+        "GraphDriver.Init",
+        "GraphDriver.Status",
+        "GraphDriver.Cleanup",
+        "GraphDriver.Capabilities",
+    }
+)
+CREATE_CALLS = frozenset({"GraphDriver.Create", "GraphDriver.CreateReadWrite"})
+
 
 class RequestError(Exception):
     """A request that is malformed or needs a feature lcfs does not support."""
 
 
 Handler = Callable[[dict], Awaitable[dict]]
+# A route's handler: the request and its arguments, already checked by _serve.
+RouteHandler = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
 
 
 def _error_reply(message: str) -> web.Response:
@@ -67,20 +86,78 @@ def _describe(error: Exception, layer_id: str) -> str:
     return message
 
 
-def _string_field(args: dict, name: str) -> str:
+def _for_layer(layer_id: str) -> str:
+    return f" for layer {layer_id!r}" if layer_id else ""
+
+
+def _printable(text: str) -> str:
+    """Return ``text`` with control characters and lone surrogates escaped.
+
+    An error message may contain a layer id from the request, and escaping
+    keeps an id with a newline or NUL from breaking the log line.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _check_utf8(value: str, label: str) -> None:
+    """Raise RequestError if ``value`` has a lone surrogate, which JSON's \\u escapes allow."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        surrogate = value[error.start : error.end]
+        raise RequestError(
+            f"invalid {label} {value!r}: it contains the lone surrogate "
+            f"{surrogate!r}, which is not valid UTF-8"
+        ) from None
+
+
+def _string_field(args: dict, name: str, label: str = "") -> str:
+    """Return the string field ``name`` of ``args``, or "" if it is missing.
+
+    ``label`` names the value in the error for a string that is not UTF-8.
+    """
     value = args.get(name)
     if value is None:
         return ""
     if not isinstance(value, str):
         raise RequestError(f"invalid request: field {name} must be a string")
+    _check_utf8(value, label or f"field {name}")
     return value
+
+
+def _check_layer_request(name: str, layer_id: str) -> None:
+    """Raise unless the call ``name`` may act on ``layer_id``.
+
+    Layers whose id has the snapshot prefix belong to containerd's
+    snapshotter, so every call but Create and CreateReadWrite reports them as
+    not found, and those two reject the ids as invalid (see validate_layer_id).
+    """
+    if name in CALLS_WITHOUT_LAYER:
+        return
+    if not layer_id:
+        # dockerd 20.10 retries a call with what is left of its body, so a
+        # call cut off by a daemon restart arrives without its ID.
+        call = name.rpartition(".")[2]
+        raise RequestError(f"invalid {call} request: the layer ID is missing")
+    if is_snapshot_layer(layer_id) and name not in CREATE_CALLS:
+        raise errors.LayerNotFound(f"layer {layer_id} not found")
+
+
+def _json_route(handler: Handler) -> RouteHandler:
+    """Wrap a handler that returns a dict into one that replies with it as JSON."""
+
+    async def route(request: web.Request, args: dict) -> web.Response:
+        return web.json_response(await handler(args), content_type=CONTENT_TYPE)
+
+    return route
 
 
 def validate_layer_id(layer_id: str) -> None:
     """Raise RequestError unless ``layer_id`` can name a directory under the mount."""
     if not layer_id:
         raise RequestError("invalid request: the layer ID is missing")
-    encoded = layer_id.encode("utf-8", "surrogateescape")
+    _check_utf8(layer_id, "layer id")
+    encoded = layer_id.encode("utf-8")
     if (
         layer_id in (".", "..")
         or "/" in layer_id
@@ -113,7 +190,7 @@ class GraphDriverPlugin:
 
     def make_app(self) -> web.Application:
         """Return the aiohttp application that routes every plugin call."""
-        app = web.Application(client_max_size=1 << 20)
+        app = web.Application(client_max_size=MAX_JSON_BODY)
         json_calls: dict[str, Handler] = {
             "Plugin.Activate": self.activate,
             "GraphDriver.Init": self.init,
@@ -130,12 +207,13 @@ class GraphDriverPlugin:
             "GraphDriver.DiffSize": self.diff_size,
             "GraphDriver.Capabilities": self.capabilities,
         }
-        for name, handler in json_calls.items():
-            app.router.add_post(
-                f"/{name}", functools.partial(self._serve, name, handler)
-            )
-        app.router.add_post("/GraphDriver.Diff", self.diff)
-        app.router.add_post("/GraphDriver.ApplyDiff", self.apply_diff)
+        routes: dict[str, RouteHandler] = {
+            name: _json_route(handler) for name, handler in json_calls.items()
+        }
+        routes["GraphDriver.Diff"] = self.diff
+        routes["GraphDriver.ApplyDiff"] = self.apply_diff
+        for name, route in routes.items():
+            app.router.add_post(f"/{name}", functools.partial(self._serve, name, route))
         app.router.add_post("/lcfs.Stats", self.fuse_stats)
         app.router.add_route("*", "/{call:.*}", self.unknown_call)
         return app
@@ -161,29 +239,52 @@ class GraphDriverPlugin:
         finally:
             lock.release()
 
-    async def _serve(self, name: str, handler: Handler, request: web.Request):
+    async def _serve(
+        self, name: str, route: RouteHandler, request: web.Request
+    ) -> web.StreamResponse:
+        """Read a call's arguments, check the layer it names, and run its route.
+
+        Every call goes through here, so no layer call reaches the store
+        without a layer id or with the id of a containerd snapshot's layer.
+        """
         layer_id = ""
-        subject = ""
         try:
-            args = await self._read_args(request)
-            layer_id = args.get("ID") if isinstance(args.get("ID"), str) else ""
-            subject = f" for layer {layer_id}" if layer_id else ""
-            log.debug("%s%s", name, subject)
-            if is_snapshot_layer(layer_id) and name != "GraphDriver.Create":
-                raise errors.LayerNotFound(f"layer {layer_id} not found")
-            reply = await handler(args)
+            args = await self._read_args(name, request)
+            layer_id = _string_field(args, "ID", "layer id")
+            log.debug("%s%s", name, _for_layer(layer_id))
+            try:
+                _check_layer_request(name, layer_id)
+            except errors.LayerNotFound:
+                if name != "GraphDriver.Exists":
+                    raise
+                # Exists reports a missing layer in its reply, not as an error.
+                return web.json_response({"Exists": False}, content_type=CONTENT_TYPE)
+            return await route(request, args)
         except (errors.StoreError, RequestError, MountError) as error:
             message = _describe(error, layer_id)
-            log.warning("%s failed%s: %s", name, subject, message)
+            log.warning(
+                "%s failed%s: %s", name, _for_layer(layer_id), _printable(message)
+            )
             return _error_reply(message)
         except Exception as error:
-            log.exception("%s failed%s", name, subject)
+            log.exception("%s failed%s", name, _for_layer(layer_id))
             return _error_reply(f"internal error: {_describe(error, layer_id)}")
-        return web.json_response(reply, content_type=CONTENT_TYPE)
 
     @staticmethod
-    async def _read_args(request: web.Request) -> dict:
-        body = await request.read()
+    async def _read_args(name: str, request: web.Request) -> dict:
+        if name == "GraphDriver.ApplyDiff":
+            # The body is the layer tar, so the arguments are in the query.
+            return {
+                "ID": request.query.get("id"),
+                "Parent": request.query.get("parent"),
+            }
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestError(
+                "invalid request: the request body is too large; the limit is "
+                f"{MAX_JSON_BODY} bytes"
+            ) from None
         if not body.strip():
             return {}
         try:
@@ -200,7 +301,7 @@ class GraphDriverPlugin:
         return {"Implements": ["GraphDriver"]}
 
     async def init(self, args: dict) -> dict:
-        home = _string_field(args, "Home")
+        home = _string_field(args, "Home", "Home")
         if not home or not os.path.isabs(home):
             raise RequestError(f"invalid Home {home!r}: it must be an absolute path")
         opts = args.get("Opts") or []
@@ -275,7 +376,7 @@ class GraphDriverPlugin:
 
     async def create(self, args: dict) -> dict:
         layer_id = _string_field(args, "ID")
-        parent_id = _string_field(args, "Parent") or None
+        parent_id = _string_field(args, "Parent", "parent layer id") or None
         validate_layer_id(layer_id)
         storage_opt = args.get("StorageOpt") or {}
         if storage_opt:
@@ -284,7 +385,7 @@ class GraphDriverPlugin:
                 f"layer {layer_id}: storage options {names} are not supported by lcfs"
             )
         await self._run(self._create_layer, layer_id, parent_id)
-        log.debug("created layer %s with parent %s", layer_id, parent_id or "-")
+        log.debug("created layer %r with parent %r", layer_id, parent_id)
         return {}
 
     def _create_layer(self, layer_id: str, parent_id: str | None) -> None:
@@ -293,10 +394,6 @@ class GraphDriverPlugin:
 
     async def remove(self, args: dict) -> dict:
         layer_id = _string_field(args, "ID")
-        if not layer_id:
-            # dockerd 20.10 retries a call with what is left of its body, so a
-            # Remove cut off by a daemon restart arrives empty.
-            raise RequestError("invalid Remove request: the layer ID is missing")
         # `docker rm` of many containers sends their Removes at once. Those
         # that arrive while a batch runs form the next batch, which shares
         # one durable commit instead of syncing the device for each layer.
@@ -305,7 +402,7 @@ class GraphDriverPlugin:
         if self._removing is None or self._removing.done():
             self._removing = asyncio.create_task(self._run_removals())
         await removed
-        log.debug("removed layer %s", layer_id)
+        log.debug("removed layer %r", layer_id)
         return {}
 
     async def _run_removals(self) -> None:
@@ -333,7 +430,7 @@ class GraphDriverPlugin:
         for layer_id in layer_ids:
             try:
                 if self.store.was_recovered(layer_id):
-                    log.info("layer %s was already removed by crash recovery", layer_id)
+                    log.info("layer %r was already removed by crash recovery", layer_id)
                 else:
                     self.store.remove_layer(layer_id, commit=False)
                     removed.append(layer_id)
@@ -376,7 +473,7 @@ class GraphDriverPlugin:
         try:
             found = await self._run_short(self.store.exists, layer_id)
         except Exception:
-            log.exception("Exists could not look up layer %s", layer_id)
+            log.exception("Exists could not look up layer %r", layer_id)
             found = False
         return {"Exists": bool(found)}
 
@@ -431,19 +528,10 @@ class GraphDriverPlugin:
         self._check_parent(layer_id, parent_id, required=True)
         return self.store.diff_size(layer_id)
 
-    async def diff(self, request: web.Request) -> web.StreamResponse:
+    async def diff(self, request: web.Request, args: dict) -> web.StreamResponse:
         """Stream the layer's changes against its parent as an uncompressed tar."""
-        layer_id = ""
-        try:
-            args = await self._read_args(request)
-            layer_id = _string_field(args, "ID")
-            parent_id = _string_field(args, "Parent")
-            log.debug("GraphDriver.Diff layer %s parent %s", layer_id, parent_id or "-")
-        except RequestError as error:
-            log.warning(
-                "GraphDriver.Diff failed for layer %s: %s", layer_id or "-", error
-            )
-            return _error_reply(_describe(error, layer_id))
+        layer_id = _string_field(args, "ID")
+        parent_id = _string_field(args, "Parent")
 
         def make_iterator():
             self._check_parent(layer_id, parent_id, required=True)
@@ -453,17 +541,9 @@ class GraphDriverPlugin:
             make_iterator, self.workers, f"diff-{layer_id}"
         )
         async with contextlib.aclosing(chunks):
-            try:
-                first = await anext(chunks, b"")
-            except (errors.StoreError, RequestError) as error:
-                message = _describe(error, layer_id)
-                log.warning(
-                    "GraphDriver.Diff failed for layer %s: %s", layer_id, message
-                )
-                return _error_reply(message)
-            except Exception as error:
-                log.exception("GraphDriver.Diff failed for layer %s", layer_id)
-                return _error_reply(f"internal error: {_describe(error, layer_id)}")
+            # An error before the first chunk goes to _serve, which replies
+            # with it. Later ones come after the status line.
+            first = await anext(chunks, b"")
             response = web.StreamResponse(headers={"Content-Type": "application/x-tar"})
             await response.prepare(request)
             sent = len(first)
@@ -474,7 +554,7 @@ class GraphDriverPlugin:
                     sent += len(chunk)
             except asyncio.CancelledError:
                 log.warning(
-                    "GraphDriver.Diff of layer %s cancelled after %d bytes "
+                    "GraphDriver.Diff of layer %r cancelled after %d bytes "
                     "because the daemon is stopping",
                     layer_id,
                     sent,
@@ -484,7 +564,7 @@ class GraphDriverPlugin:
                 # Returning, not raising, keeps aiohttp from logging the lost
                 # connection again with a traceback.
                 log.warning(
-                    "GraphDriver.Diff of layer %s: the client went away after "
+                    "GraphDriver.Diff of layer %r: the client went away after "
                     "%d bytes (%s)",
                     layer_id,
                     sent,
@@ -495,7 +575,7 @@ class GraphDriverPlugin:
                 # The status line is gone already: break the connection so that
                 # dockerd reads a truncated tar instead of a complete one.
                 log.exception(
-                    "GraphDriver.Diff of layer %s failed after %d bytes; aborting",
+                    "GraphDriver.Diff of layer %r failed after %d bytes; aborting",
                     layer_id,
                     sent,
                 )
@@ -503,18 +583,13 @@ class GraphDriverPlugin:
                     request.transport.abort()
                 return response
         await response.write_eof()
-        log.debug("GraphDriver.Diff of layer %s sent %d bytes", layer_id, sent)
+        log.debug("GraphDriver.Diff of layer %r sent %d bytes", layer_id, sent)
         return response
 
-    async def apply_diff(self, request: web.Request) -> web.Response:
+    async def apply_diff(self, request: web.Request, args: dict) -> web.Response:
         """Import the request body, a tar, into a layer as it arrives."""
-        layer_id = request.query.get("id", "")
-        parent_id = request.query.get("parent", "")
-        log.debug(
-            "GraphDriver.ApplyDiff layer %s parent %s",
-            layer_id or "-",
-            parent_id or "-",
-        )
+        layer_id = _string_field(args, "ID")
+        parent_id = _string_field(args, "Parent")
 
         def work(fileobj) -> int:
             self._check_parent(layer_id, parent_id, required=False)
@@ -523,32 +598,30 @@ class GraphDriverPlugin:
             return size
 
         try:
-            if not layer_id:
-                raise RequestError("invalid request: the query parameter id is missing")
             size = await streams.consume_in_thread(
                 request.content.iter_chunked(APPLY_CHUNK_SIZE),
                 work,
                 self.workers,
                 f"apply-{layer_id}",
             )
-        except (errors.StoreError, RequestError, streams.BodyAborted) as error:
+        except streams.BodyAborted as error:
             message = _describe(error, layer_id)
             log.warning(
-                "GraphDriver.ApplyDiff failed for layer %s: %s",
-                layer_id or "-",
-                message,
+                "GraphDriver.ApplyDiff failed for layer %r: %s",
+                layer_id,
+                _printable(message),
             )
             return _error_reply(message)
         except asyncio.CancelledError:
             log.warning(
-                "GraphDriver.ApplyDiff of layer %s cancelled because the daemon "
+                "GraphDriver.ApplyDiff of layer %r cancelled because the daemon "
                 "is stopping; the import is rolled back",
                 layer_id,
             )
             raise
         except ConnectionError as error:
             log.warning(
-                "GraphDriver.ApplyDiff failed for layer %s: the client went away "
+                "GraphDriver.ApplyDiff failed for layer %r: the client went away "
                 "before the end of the tar (%s)",
                 layer_id,
                 error,
@@ -556,10 +629,7 @@ class GraphDriverPlugin:
             # The reply goes nowhere, but returning one keeps aiohttp from
             # logging the lost connection a second time with a traceback.
             return _error_reply(_describe(error, layer_id))
-        except Exception as error:
-            log.exception("GraphDriver.ApplyDiff failed for layer %s", layer_id or "-")
-            return _error_reply(f"internal error: {_describe(error, layer_id)}")
-        log.debug("GraphDriver.ApplyDiff of layer %s applied %d bytes", layer_id, size)
+        log.debug("GraphDriver.ApplyDiff of layer %r applied %d bytes", layer_id, size)
         return web.json_response({"Size": size}, content_type=CONTENT_TYPE)
 
     async def fuse_stats(self, request: web.Request) -> web.Response:

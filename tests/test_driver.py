@@ -34,7 +34,7 @@ from lcfs.driver.server import GraphDriverPlugin
 from lcfs.store import Store, errors
 from lcfs.store import store as store_module
 from lcfs.store.format import ROOT_INO
-from lcfs.store.snapshots import KIND_ACTIVE
+from lcfs.store.snapshots import KIND_ACTIVE, SNAPSHOT_LAYER_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 ACCEPT = {"Accept": "application/vnd.docker.plugins.v1.2+json"}
@@ -622,6 +622,23 @@ def test_exists_snapshot_id(daemon, snapshot_layer):
     assert reply == {"Exists": False}
 
 
+def test_create_on_snapshot_parent(daemon, snapshot_layer):
+    client = daemon.client
+    args = {"ID": "dockerchild", "Parent": snapshot_layer}
+    message = client.err("GraphDriver.Create", args)
+    assert snapshot_layer in message
+    assert repr(SNAPSHOT_LAYER_PREFIX) in message
+    assert "reserved" in message
+    assert client.ok("GraphDriver.Exists", {"ID": "dockerchild"}) == {"Exists": False}
+    # Creating a child would have frozen the snapshot's layer.
+    (daemon.mountpoint / snapshot_layer / "file").write_bytes(b"still writable")
+
+
+def test_create_missing_parent(daemon):
+    message = daemon.client.err("GraphDriver.Create", {"ID": "l2", "Parent": "nope"})
+    assert "parent layer nope of layer l2 not found" in message
+
+
 @pytest.mark.parametrize(
     "call", ["GraphDriver.Create", "GraphDriver.Get", "GraphDriver.Diff"]
 )
@@ -659,6 +676,13 @@ def test_layer_id_escaped_in_log(daemon):
     assert "GraphDriver.Get for layer 'a\\nforged line'" in log
     assert not any(line.startswith("forged line") for line in log.splitlines())
     assert "\x00" not in log
+
+
+def test_storage_opt_not_object(daemon):
+    client = daemon.client
+    message = client.err("GraphDriver.Create", {"ID": "s", "StorageOpt": "abc"})
+    assert "invalid StorageOpt 'abc'" in message
+    assert client.ok("GraphDriver.Exists", {"ID": "s"}) == {"Exists": False}
 
 
 @pytest.mark.parametrize(

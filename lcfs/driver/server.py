@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import os
+import reprlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -378,7 +379,18 @@ class GraphDriverPlugin:
         layer_id = _string_field(args, "ID")
         parent_id = _string_field(args, "Parent", "parent layer id") or None
         validate_layer_id(layer_id)
+        if parent_id and is_snapshot_layer(parent_id):
+            raise RequestError(
+                f"invalid parent layer {parent_id} of layer {layer_id}: the prefix "
+                f"{SNAPSHOT_LAYER_PREFIX!r} is reserved for containerd snapshots, "
+                "so name a layer that dockerd created"
+            )
         storage_opt = args.get("StorageOpt") or {}
+        if not isinstance(storage_opt, dict):
+            raise RequestError(
+                f"invalid StorageOpt {reprlib.repr(storage_opt)} for layer "
+                f"{layer_id}: it must be a JSON object of option names and values"
+            )
         if storage_opt:
             names = ", ".join(sorted(map(str, storage_opt)))
             raise RequestError(
@@ -389,7 +401,14 @@ class GraphDriverPlugin:
         return {}
 
     def _create_layer(self, layer_id: str, parent_id: str | None) -> None:
-        self.store.create_layer(layer_id, parent_id)
+        try:
+            self.store.create_layer(layer_id, parent_id)
+        except errors.LayerNotFound:
+            # The new layer's own id cannot be missing, so the parent is.
+            raise errors.LayerNotFound(
+                f"parent layer {parent_id} of layer {layer_id} not found; "
+                "create the parent layer first"
+            ) from None
         self.store.commit()
 
     async def remove(self, args: dict) -> dict:

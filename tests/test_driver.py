@@ -987,8 +987,8 @@ def test_apply_diff_body_cut_off(daemon):
     assert client.status_pairs()["Data Space Used (bytes)"] == used_before
 
 
-def _start_slow_apply_diff(daemon: DaemonProcess, layer_id: str) -> socket.socket:
-    """Send an ApplyDiff head and one whole tar member, then leave the body open."""
+def _open_apply_diff(daemon: DaemonProcess, layer_id: str) -> socket.socket:
+    """Connect and send the head of an ApplyDiff with a chunked body."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(str(daemon.socket))
     head = (
@@ -996,10 +996,55 @@ def _start_slow_apply_diff(daemon: DaemonProcess, layer_id: str) -> socket.socke
         "Host: localhost\r\nAccept: application/vnd.docker.plugins.v1.2+json\r\n"
         "Transfer-Encoding: chunked\r\n\r\n"
     )
-    part = make_tar([("file", "first", b"1" * 20_000), ("file", "second", b"2")])
-    part = part[: 512 + 20_480]
-    sock.sendall(head.encode() + f"{len(part):x}\r\n".encode() + part + b"\r\n")
+    sock.sendall(head.encode())
     return sock
+
+
+def _send_chunk(sock: socket.socket, data: bytes) -> None:
+    sock.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+
+
+def _start_slow_apply_diff(daemon: DaemonProcess, layer_id: str) -> socket.socket:
+    """Send an ApplyDiff head and one whole tar member, then leave the body open."""
+    sock = _open_apply_diff(daemon, layer_id)
+    part = make_tar([("file", "first", b"1" * 20_000), ("file", "second", b"2")])
+    _send_chunk(sock, part[: 512 + 20_480])
+    return sock
+
+
+def test_remove_during_apply_diff(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "r-rm"})
+    payload = b"x" * (10 << 20)
+    data = make_tar([("file", f"f{index}", payload) for index in range(4)])
+    # After 16 MiB the import has started, because the daemon buffers at most
+    # about 10 MiB ahead of it (streams.MAX_PENDING_CHUNKS chunks of 1 MiB,
+    # plus the reader's and the socket's buffers).
+    started = 16 << 20
+    sock = _open_apply_diff(daemon, "r-rm")
+    try:
+        for offset in range(0, started, 1 << 20):
+            _send_chunk(sock, data[offset : offset + (1 << 20)])
+
+        message = client.err("GraphDriver.Remove", {"ID": "r-rm"})
+        assert "r-rm" in message
+        assert "an import into the layer is running" in message
+        status, reply = client.apply_diff("r-rm", "", make_tar(BASE_TAR_ENTRIES))
+        assert status == 500
+        assert "an import into layer r-rm is already running" in reply["Err"]
+
+        _send_chunk(sock, data[started:])
+        sock.sendall(b"0\r\n\r\n")
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        reply = json.loads(response.read())
+    finally:
+        sock.close()
+    assert response.status == 200, reply
+    assert reply == {"Size": 4 * len(payload)}
+    client.ok("GraphDriver.Remove", {"ID": "r-rm"})
+    assert client.ok("GraphDriver.Exists", {"ID": "r-rm"}) == {"Exists": False}
+    assert "Traceback" not in daemon.log()
 
 
 def test_sigterm_during_apply_diff(daemon):

@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import reprlib
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -65,6 +66,10 @@ CALLS_WITHOUT_LAYER = frozenset(
     }
 )
 CREATE_CALLS = frozenset({"GraphDriver.Create", "GraphDriver.CreateReadWrite"})
+
+# The operations that LayerOperations keeps apart.
+IMPORT = "import"
+REMOVAL = "removal"
 
 
 class RequestError(Exception):
@@ -176,6 +181,48 @@ def validate_layer_id(layer_id: str) -> None:
         )
 
 
+def _conflict_message(layer_id: str, requested: str, running: str) -> str:
+    if running == IMPORT and requested == IMPORT:
+        return (
+            f"an import into layer {layer_id} is already running; wait for that "
+            "ApplyDiff to finish"
+        )
+    if running == IMPORT:
+        return (
+            f"layer {layer_id} cannot be removed while an import into the layer is "
+            "running; retry the Remove after the ApplyDiff finishes"
+        )
+    return f"layer {layer_id} is being removed; apply the tar to a new layer"
+
+
+class LayerOperations:
+    """The imports and removals running on each layer, shared by their threads.
+
+    An ApplyDiff runs on its own thread and a Remove on the executor. The
+    store lets a removal drop a layer under a running import, so each layer
+    takes one of these operations at a time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def running(self, layer_id: str, operation: str) -> Iterator[None]:
+        """Mark the layer as running ``operation`` for the block, or raise errors.Busy."""
+        with self._lock:
+            other = self._running.get(layer_id)
+            if other is None:
+                self._running[layer_id] = operation
+        if other is not None:
+            raise errors.Busy(_conflict_message(layer_id, operation, other))
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._running[layer_id]
+
+
 class GraphDriverPlugin:
     """The graphdriver calls, implemented on one store and one mount manager."""
 
@@ -184,6 +231,7 @@ class GraphDriverPlugin:
         self.device = device
         self.mounts = mounts
         self.workers = streams.WorkerThreads()
+        self.operations = LayerOperations()
         # Remove calls waiting for the next batch, and the task that runs
         # the batches (see remove).
         self._removals: list[tuple[str, asyncio.Future]] = []
@@ -448,11 +496,14 @@ class GraphDriverPlugin:
         removed = []
         for layer_id in layer_ids:
             try:
-                if self.store.was_recovered(layer_id):
-                    log.info("layer %r was already removed by crash recovery", layer_id)
-                else:
-                    self.store.remove_layer(layer_id, commit=False)
-                    removed.append(layer_id)
+                with self.operations.running(layer_id, REMOVAL):
+                    if self.store.was_recovered(layer_id):
+                        log.info(
+                            "layer %r was already removed by crash recovery", layer_id
+                        )
+                    else:
+                        self.store.remove_layer(layer_id, commit=False)
+                        removed.append(layer_id)
                 outcomes.append(None)
             except Exception as error:  # noqa: BLE001 (the caller's reply logs it)
                 outcomes.append(error)
@@ -611,10 +662,11 @@ class GraphDriverPlugin:
         parent_id = _string_field(args, "Parent")
 
         def work(fileobj) -> int:
-            self._check_parent(layer_id, parent_id, required=False)
-            size = self.store.apply_diff(layer_id, fileobj)
-            self.store.commit()
-            return size
+            with self.operations.running(layer_id, IMPORT):
+                self._check_parent(layer_id, parent_id, required=False)
+                size = self.store.apply_diff(layer_id, fileobj)
+                self.store.commit()
+                return size
 
         try:
             size = await streams.consume_in_thread(

@@ -365,6 +365,23 @@ def test_init_home_survives_restart(daemon, tmp_path):
     assert mount_type(home) is None
 
 
+def test_status_metadata_space(daemon):
+    client = daemon.client
+    before = client.status_pairs()
+    total = int(before["Metadata Space Total (bytes)"])
+    used = int(before["Metadata Space Used (bytes)"])
+    assert used > 0
+    assert int(before["Metadata Space Available (bytes)"]) == total - used
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    directory = Path(client.ok("GraphDriver.Get", {"ID": "base"})["Dir"])
+    for index in range(500):
+        (directory / f"file-{index}").write_bytes(b"")
+    client.ok("GraphDriver.Put", {"ID": "base"})
+    after = client.status_pairs()
+    assert int(after["Metadata Space Used (bytes)"]) > used
+    assert int(after["Metadata Space Total (bytes)"]) == total
+
+
 def test_init_rejects_options(daemon, tmp_path):
     home = str(tmp_path / "home")
     message = daemon.client.err(

@@ -67,7 +67,7 @@ CALLS_WITHOUT_LAYER = frozenset(
 )
 CREATE_CALLS = frozenset({"GraphDriver.Create", "GraphDriver.CreateReadWrite"})
 
-# The operations that LayerOperations keeps apart.
+# The calls that LayerCalls keeps apart on one layer.
 IMPORT = "import"
 REMOVAL = "removal"
 
@@ -195,7 +195,7 @@ def _conflict_message(layer_id: str, requested: str, running: str) -> str:
     return f"layer {layer_id} is being removed; apply the tar to a new layer"
 
 
-class LayerOperations:
+class LayerCalls:
     """The imports and removals running on each layer, shared by their threads.
 
     An ApplyDiff runs on its own thread and a Remove on the executor. The
@@ -231,7 +231,7 @@ class GraphDriverPlugin:
         self.device = device
         self.mounts = mounts
         self.workers = streams.WorkerThreads()
-        self.operations = LayerOperations()
+        self.layer_calls = LayerCalls()
         # Remove calls waiting for the next batch, and the task that runs
         # the batches (see remove).
         self._removals: list[tuple[str, asyncio.Future]] = []
@@ -408,6 +408,12 @@ class GraphDriverPlugin:
                 ],
                 ["Data Space Total (bytes)", str(stat.total_blocks * block_size)],
                 ["Data Space Available (bytes)", str(stat.free_blocks * block_size)],
+            ]
+            metadata_used, metadata_total = self.store.metadata_usage()
+            pairs += [
+                ["Metadata Space Used (bytes)", str(metadata_used)],
+                ["Metadata Space Total (bytes)", str(metadata_total)],
+                ["Metadata Space Available (bytes)", str(metadata_total - metadata_used)],
                 ["Inodes Used", str(stat.files - stat.free_files)],
                 ["Layers", str(len(self.store.list_layers()))],
             ]
@@ -496,7 +502,7 @@ class GraphDriverPlugin:
         removed = []
         for layer_id in layer_ids:
             try:
-                with self.operations.running(layer_id, REMOVAL):
+                with self.layer_calls.running(layer_id, REMOVAL):
                     if self.store.was_recovered(layer_id):
                         log.info(
                             "layer %r was already removed by crash recovery", layer_id
@@ -662,7 +668,7 @@ class GraphDriverPlugin:
         parent_id = _string_field(args, "Parent")
 
         def work(fileobj) -> int:
-            with self.operations.running(layer_id, IMPORT):
+            with self.layer_calls.running(layer_id, IMPORT):
                 self._check_parent(layer_id, parent_id, required=False)
                 size = self.store.apply_diff(layer_id, fileobj)
                 self.store.commit()

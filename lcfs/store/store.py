@@ -485,6 +485,11 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         # Two meta pages, and about one page of LMDB's free list per 500 free pages.
         return pages + 2
 
+    @read_op
+    def metadata_usage(self) -> tuple[int, int]:
+        """Return the bytes of the metadata area in use and its size."""
+        return self._count_live_pages(self._txn) * BLOCK_SIZE, self.metadata_size
+
     def _estimate_free_pages(self) -> None:
         """Estimate the free pages of the metadata area after a commit."""
         with self.env.begin() as txn:

@@ -21,6 +21,7 @@ takes its place: it detaches the mount when the serving process dies.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -93,6 +94,29 @@ def find_mount(mountpoint: str, fstype: str = FSTYPE) -> str | None:
                     and fields[separator + 1] == fstype):
                 found = fields[2]  # later lines are mounted on top of earlier ones
     return found
+
+
+def find_live_mount(mountpoint: str) -> str | None:
+    """Return the device number of a served lcfs mount at ``mountpoint``, or None.
+
+    A mount whose server has died (statfs fails with ENOTCONN) is not live,
+    and neither is one that a later mount over the path or a parent hides.
+    """
+    device = find_mount(mountpoint)
+    if device is None:
+        return None
+    try:
+        # statfs always reaches the FUSE server, but stat may return the
+        # kernel's cached attributes after the server is gone.
+        os.statvfs(mountpoint)
+        visible = os.stat(mountpoint).st_dev
+    except OSError as error:
+        if error.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            return None
+        raise
+    if f"{os.major(visible)}:{os.minor(visible)}" != device:
+        return None
+    return device
 
 
 def _init_session(operations, mountpoint: str, options: frozenset[str]) -> None:
@@ -259,6 +283,12 @@ class FuseServer:
                 raise RuntimeError(
                     f"cannot mount lcfs at {mountpoint}: this process already serves "
                     f"the mount at {_active_server.mountpoint}; stop it first"
+                )
+            live = find_live_mount(mountpoint)
+            if live is not None:
+                raise RuntimeError(
+                    f"another lcfs mount (device {live}) is live at {mountpoint}; "
+                    "stop the daemon that serves it, or choose another mount point"
                 )
             initialized = threading.Event()
             operations = LayerOperations(self.store, initialized, self.settings, self.stats)

@@ -7,11 +7,14 @@ stop, because containers keep bind mounts of snapshot directories for as
 long as they run.
 
 Start order: claim the socket path (failing when another live process
-serves it), write the pid file, open the device, mount, then listen. On
-first start the image file is created and formatted, and every open runs
-journal recovery. Stop order on SIGTERM or SIGINT: stop listening and finish
-the requests in flight, wait for their worker threads, unmount, commit,
-close the store, remove the socket and the pid file.
+serves it), open the device, write the pid file, mount, then listen. The pid
+file is written only once the daemon has locked the device, so a start that
+fails on a busy device leaves the running daemon's pid file alone. On first start
+the image file is created and formatted, and every open runs journal
+recovery. Stop order on SIGTERM or SIGINT: stop listening and finish the
+requests in flight, wait for their worker threads, unmount, commit, close
+the store, remove the socket, and remove the pid file if it still contains
+this daemon's pid.
 
 Threads: the event loop (this module and the plugin server) runs on the
 main thread, FUSE runs its own trio thread, and store calls run on an
@@ -35,7 +38,7 @@ from lcfs.fuse.settings import FuseSettings
 from lcfs.store import Store
 
 from .mounts import MountError, MountManager
-from .reconcile import docker_root_from_home, find_orphans
+from .reconcile import _pid_alive, docker_root_from_home, find_orphans
 from .server import GraphDriverPlugin
 
 log = logging.getLogger(__name__)
@@ -157,13 +160,47 @@ def open_store(device: str, size: int | None) -> Store:
     return Store.open(device)
 
 
+def read_pid_file(path: str) -> int | None:
+    """Return the pid that ``path`` contains, or None when it is missing or malformed."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def write_pid_file(path: str) -> None:
-    """Write this process's pid to ``path``, replacing a file left by a dead one."""
+    """Write this process's pid to ``path``, replacing a file left by a dead process.
+
+    Raises DaemonError when the file names another process that is running.
+    """
+    holder = read_pid_file(path)
+    if holder is not None and holder != os.getpid() and _pid_alive(holder):
+        raise DaemonError(
+            f"pid file {path} names running process {holder}; stop that process "
+            "first or pass another --pid-file"
+        )
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "w", encoding="ascii") as f:
         f.write(f"{os.getpid()}\n")
     os.rename(temporary, path)
+
+
+def remove_pid_file(path: str) -> None:
+    """Remove the pid file ``path`` if it still contains this process's pid."""
+    holder = read_pid_file(path)
+    if holder is None:
+        return
+    if holder != os.getpid():
+        log.warning(
+            "not removing pid file %s: it names pid %s, not this daemon's pid %d",
+            path,
+            holder,
+            os.getpid(),
+        )
+        return
+    remove_own_file(path)
 
 
 def remove_own_file(path: str, expected_inode: int | None = None) -> None:
@@ -216,11 +253,12 @@ class Daemon:
             if path:
                 claim_socket_path(path)
         pid_file = config.resolved_pid_file()
-        write_pid_file(pid_file)
-        pid_inode = os.lstat(pid_file).st_ino
+        store = await asyncio.to_thread(open_store, config.device, config.size)
+        pid_written = False
         try:
-            store = await asyncio.to_thread(open_store, config.device, config.size)
             try:
+                write_pid_file(pid_file)
+                pid_written = True
                 await self._serve(store)
             finally:
                 if not self._workers_left:
@@ -234,7 +272,8 @@ class Daemon:
                         config.device,
                     )
         finally:
-            remove_own_file(pid_file, pid_inode)
+            if pid_written:
+                remove_pid_file(pid_file)
         log.info("lcfs daemon stopped (pid %d)", os.getpid())
         return 0
 

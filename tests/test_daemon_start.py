@@ -137,3 +137,28 @@ def test_exit_removes_own_pid_file(workdir):
         pass
     assert a.returncode == 0
     assert not (a.workdir / "lcfs.pid").exists()
+
+
+def test_size_zero_rejected(workdir):
+    device = workdir / "zero.img"
+    result = run_daemon(
+        "--device", str(device), "--size", "0", "--socket", str(workdir / "z.sock"),
+        "--mountpoint", str(workdir / "z.mnt"),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout
+    assert f"{device}: 0 bytes leave no room for data" in result.stdout
+    assert not device.exists()
+
+
+def test_socket_path_too_long(workdir):
+    directory = workdir / ("d" * 120)
+    directory.mkdir()
+    socket_path = directory / "lcfs.sock"
+    result = run_daemon(
+        "--device", str(workdir / "long.img"), "--size", "64M",
+        "--socket", str(socket_path), "--mountpoint", str(workdir / "long.mnt"),
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout
+    assert f"socket path {socket_path} is too long" in result.stdout
+    assert "at most 107 bytes" in result.stdout
+    assert not (workdir / "long.img").exists()

@@ -58,6 +58,10 @@ STORE_THREADS = 16
 # ApplyDiff, say) before it cancels them; a cancelled ApplyDiff rolls back.
 SHUTDOWN_TIMEOUT = 30.0
 
+# Bytes in the path of a unix socket: sun_path has 108, the last for the
+# terminating NUL that Python and Go's net package require.
+SOCKET_PATH_MAX = 107
+
 
 class DaemonError(Exception):
     """A start-up failure that the operator can fix; the message names the fix."""
@@ -93,12 +97,31 @@ class DaemonConfig:
         return DEFAULT_SNAPSHOTTER_MOUNTPOINT
 
 
+def temporary_socket_name(path: str) -> str:
+    """Return the name a socket is bound under before it is renamed to ``path``."""
+    return f"{path}.{os.getpid()}.tmp"
+
+
+def check_socket_path_length(path: str) -> None:
+    """Raise DaemonError when ``path`` or its temporary name is too long to bind."""
+    for name in (path, temporary_socket_name(path)):
+        length = len(os.fsencode(name))
+        if length > SOCKET_PATH_MAX:
+            raise DaemonError(
+                f"socket path {path} is too long: the daemon binds {name} "
+                f"({length} bytes), and a unix socket path may have at most "
+                f"{SOCKET_PATH_MAX} bytes; choose a shorter path"
+            )
+
+
 def claim_socket_path(path: str) -> None:
     """Make ``path`` free for a new listening socket.
 
     A socket file whose server is gone is removed. Raises DaemonError when a
-    live process accepts connections on it, or when the path is not a socket.
+    live process accepts connections on it, when the path is not a socket,
+    or when the path is too long for a unix socket.
     """
+    check_socket_path_length(path)
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:
@@ -131,7 +154,7 @@ def bind_socket(path: str) -> socket.socket:
     place, so no one can connect while its mode is still the umask's.
     """
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
+    temporary = temporary_socket_name(path)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -151,7 +174,7 @@ def bind_socket(path: str) -> socket.socket:
 def open_store(device: str, size: int | None) -> Store:
     """Open the store on ``device``, formatting a new sparse image if it is missing."""
     if not os.path.exists(device):
-        size = size or DEFAULT_SIZE
+        size = DEFAULT_SIZE if size is None else size
         log.info("creating image %s of %d bytes", device, size)
         os.makedirs(os.path.dirname(os.path.abspath(device)), mode=0o700, exist_ok=True)
         Store.mkfs(device, size=size)

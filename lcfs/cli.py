@@ -43,7 +43,8 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _seconds(text: str) -> float:
+def parse_seconds(text: str) -> float:
+    """Parse ``text`` as a number of seconds, 0 or more, for argparse's ``type``."""
     try:
         value = float(text)
     except ValueError:
@@ -119,7 +120,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument(
         "--stop-timeout",
-        type=_seconds,
+        type=parse_seconds,
         metavar="SECONDS",
         help="on SIGTERM or SIGINT, how long to let requests in flight finish "
         "before cancelling them; a cancelled ApplyDiff is rolled back "
@@ -132,7 +133,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument(
         "--grace",
-        type=_seconds,
+        type=parse_seconds,
         metavar="SECONDS",
         default=3600.0,
         help="how old an unreferenced layer must be before it is logged as "
@@ -237,7 +238,7 @@ def _add_install_commands(commands) -> None:
     )
     install.add_argument(
         "--stop-timeout",
-        type=_seconds,
+        type=parse_seconds,
         default=30.0,
         metavar="SECONDS",
         help="passed on to 'lcfs daemon --stop-timeout'; systemd waits 30 s "

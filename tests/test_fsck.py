@@ -10,6 +10,8 @@ run is clean, and the store opens with every file the damage did not touch
 reading back as before.
 """
 
+import ctypes
+import errno
 import hashlib
 import io
 import json
@@ -50,6 +52,9 @@ from lcfs.store.format import (
 from tools import fsck
 
 MiB = 1 << 20
+# fallocate(2) flags from linux/falloc.h.
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
 REPO = Path(__file__).resolve().parent.parent
 
 BIG = bytes(range(256)) * 16 * 20  # 20 blocks
@@ -817,7 +822,9 @@ def test_busy_device_names_holder(store_image, capsys):
         assert holder.stdout.readline() == "open\n"
         before = digest(path)
         assert fsck.main([path, "--no-progress"]) == fsck.EXIT_FAILED
-        assert f"in use by pid {holder.pid}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"in use by pid {holder.pid}" in err
+        assert "stop that process" in err
         assert fsck.main([path, "--repair", "--yes", "--no-progress"]) == fsck.EXIT_FAILED
         assert f"in use by pid {holder.pid}" in capsys.readouterr().err
         assert digest(path) == before
@@ -880,6 +887,91 @@ def test_crash_in_a_phase_exits_8(store_image, caplog, monkeypatch):
     assert failures and failures[-1].exc_info[0] is RuntimeError
     # The repair never finished, so the daemon must not open the store.
     assert read_superblock(path)["needs_fsck"] is True
+
+
+def compact_metadata(path: str) -> None:
+    """Rewrite the store's LMDB without free pages, and punch out the rest of its area.
+
+    Every page a later transaction writes then needs new space on the file system.
+    """
+    metadata_size = read_superblock(path)["metadata_size"]
+    env = open_env(path, metadata_size)
+    compact = path + ".compact"
+    try:
+        env.copy(compact, compact=True)
+    finally:
+        env.close()
+    data = Path(compact).read_bytes()
+    os.unlink(compact)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 0)
+        libc = ctypes.CDLL(None, use_errno=True)
+        punch = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+        length = ctypes.c_long(metadata_size - len(data))
+        if libc.fallocate(fd, punch, ctypes.c_long(len(data)), length) != 0:
+            raise OSError(ctypes.get_errno(), "fallocate failed", path)
+    finally:
+        os.close(fd)
+
+
+def fill_file_system(directory: Path, spare_pages: int) -> None:
+    """Fill the file system of ``directory`` until only ``spare_pages`` 4 KiB pages are free."""
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError as error:
+        assert error.errno == errno.ENOSPC
+    os.ftruncate(fd, os.fstat(fd).st_size - spare_pages * 4096)
+    os.close(fd)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 16 MiB tmpfs mounted for one test, unmounted at teardown."""
+    mountpoint = tmp_path / "tmpfs"
+    mountpoint.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(mountpoint)], check=True
+    )
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_repair_out_of_space_exits_8(small_tmpfs):
+    """A commit that fails for lack of space ends the repair with exit 8, not Python's 1."""
+    path = str(small_tmpfs / "store.img")
+    Store.mkfs(path, size=32 * MiB)
+    with Store.open(path) as s:
+        number = s.create_layer("many").number
+        inos = [
+            s.mknod(number, ROOT_INO, b"f%d" % i, stat.S_IFREG | 0o644).ino
+            for i in range(2000)
+        ]
+    with damage(path) as (txn, dbs):
+        for ino in inos:
+            put_inode(txn, dbs, number, ino, nlink=9)
+    compact_metadata(path)
+    # Opening the store and marking the repair fit in 16 pages, but the repair of 2,000 inodes does not.
+    fill_file_system(small_tmpfs, spare_pages=16)
+    result = subprocess.run([sys.executable, "-m", "tools.fsck", path, "--repair", "--yes", "--no-progress"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert result.returncode == fsck.EXIT_FAILED, result.stderr
+    assert f"lcfs-fsck: failed on {path}" in result.stderr
+    assert "run lcfs-fsck again" in result.stderr
+    assert read_superblock(path)["needs_fsck"] is True
+
+
+def test_grace_negative_rejected(store_image, capsys):
+    with pytest.raises(SystemExit) as exc:
+        fsck.main([store_image[0], "--grace", "-5"])
+    assert exc.value.code == fsck.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "invalid number of seconds '-5'" in err
+    assert "--grace" in err
 
 
 def test_missing_device(tmp_path, capsys):

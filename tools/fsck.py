@@ -35,6 +35,7 @@ import time
 
 import lmdb
 
+from lcfs.cli import parse_seconds
 from lcfs.store import errors
 from lcfs.store.format import (
     BLOCK_SIZE,
@@ -632,8 +633,17 @@ PHASES = (
 )
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser that exits with EXIT_FAILED, not 2, on a bad command line."""
+
+    def error(self, message: str):
+        self.exit(
+            EXIT_FAILED, f"{self.prog}: error: {message} (see {self.prog} --help)\n"
+        )
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="lcfs-fsck",
         description="Check an lcfs store offline and, with --repair, fix what is wrong.",
         epilog=EPILOG,
@@ -643,7 +653,7 @@ def parse_args(argv):
     parser.add_argument("--repair", action="store_true", help="fix the problems found")
     parser.add_argument("--yes", action="store_true", help="repair without asking for confirmation")
     parser.add_argument("--docker-root", help="Docker's data root, to find orphaned layers and stale files")
-    parser.add_argument("--grace", type=float, default=3600.0,
+    parser.add_argument("--grace", type=parse_seconds, default=3600.0, metavar="SECONDS",
                         help="seconds a layer must be old before it counts as an orphan (default 3600)")  # fmt: skip
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show progress bars on long phases (default: when stderr is a terminal)")  # fmt: skip
@@ -656,6 +666,9 @@ def open_store(device: str, repair: bool) -> FsckStore | None:
     """Open the device for checking, or print why it cannot be and return None."""
     try:
         return FsckStore.open(device, recover=False, readonly=not repair, for_fsck=True)
+    except errors.DeviceBusy as exc:
+        print(f"lcfs-fsck: {exc}; stop that process (an lcfs daemon, for example) "
+              "and run lcfs-fsck again", file=sys.stderr)  # fmt: skip
     except errors.StoreError as exc:
         print(f"lcfs-fsck: {exc}", file=sys.stderr)
     except OSError as exc:
@@ -734,6 +747,18 @@ def check_store(store: FsckStore, args, progress: Progress) -> tuple[list[dict],
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except Exception as exc:
+        # Exit 8, not Python's 1, which would claim that everything was repaired.
+        log.exception("lcfs-fsck failed on %s", args.device)
+        print(f"lcfs-fsck: failed on {args.device}: {exc}; the store was not checked to the end, "
+              "so run lcfs-fsck again", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+
+
+def run(args) -> int:
+    """Check the device that ``args`` names, repair it with --repair, and return the exit code."""
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s", stream=sys.stderr)
     progress = Progress(sys.stderr.isatty() if args.progress is None else args.progress)
     if args.repair and not args.yes and not confirm_repair(args.device):

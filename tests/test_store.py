@@ -537,3 +537,36 @@ def test_apply_diff_filling_metadata_rolls_back(store, image):
     store.create_layer("after", "base")
     store.commit()
     assert [layer.id for layer in store.list_layers()] == ["base", "after"]
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A 24 MiB tmpfs, unmounted after the test."""
+    mountpoint = tmp_path / "small"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mountpoint)],
+                   check=True)  # fmt: skip
+    yield mountpoint
+    subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
+
+
+def test_full_host_file_system_raises_nospace(small_file_system):
+    # The image is sparse, so its data blocks come from the 24 MiB tmpfs.
+    path = str(small_file_system / "store.img")
+    Store.mkfs(path, size=64 * MiB)
+    s = Store.open(path)
+    try:
+        layer = s.create_layer("base").number
+        ino = s.mknod(layer, ROOT_INO, b"big", stat.S_IFREG | 0o644).ino
+        s.commit()
+        with pytest.raises(errors.NoSpace) as info:
+            for index in range(40):
+                s.write(layer, ino, index * MiB, b"x" * MiB)
+        assert f"the file system under {path} is full" in str(info.value)
+        assert s.getattr(layer, ino).size < 40 * MiB
+    finally:
+        # Closing commits, which may itself fail on the full tmpfs.
+        try:
+            s.close()
+        except errors.StoreError:
+            pass

@@ -23,9 +23,11 @@ class Allocator:
     saves and restores it around a transaction that is aborted.
     """
 
-    def __init__(self, db, data_blocks: int):
+    def __init__(self, db, data_blocks: int, device: str = "the device"):
         self.db = db
         self.data_blocks = data_blocks
+        # The device's path, for error messages.
+        self.device = device
         self.free_blocks = 0
         self._next = 0
         # Runs freed since the last commit: the committed metadata may still map
@@ -49,7 +51,8 @@ class Allocator:
         """Take ``count`` blocks, as few runs as possible, starting at ``hint`` if it is free."""
         if count > self.free_blocks:
             raise errors.NoSpace(
-                f"no space left on the device: {count} blocks requested, {self.free_blocks} free"
+                f"no space left on {self.device}: {count} blocks requested, "
+                f"{self.free_blocks} free; remove unused images and containers"
             )
         runs: list[tuple[int, int]] = []
         need = count

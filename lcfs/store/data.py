@@ -17,6 +17,7 @@ owned (branch on write). Unmapped blocks are holes and read as zeros.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
@@ -261,7 +262,16 @@ class DataMixin:
         position = self.data_offset + phys * BLOCK_SIZE + offset_in_block
         self._data_unsynced = True
         while view:
-            written = os.pwrite(self.fd, view, position)
+            try:
+                written = os.pwrite(self.fd, view, position)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # A sparse image file gets its blocks from the file system under it.
+                raise errors.NoSpace(
+                    f"the file system under {self.path} is full ({exc.strerror}): "
+                    "free space there or move the image to a larger file system"
+                ) from None
             view = view[written:]
             position += written
 

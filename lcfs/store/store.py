@@ -216,7 +216,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._uncommitted = False
         with self.env.begin(write=True) as txn:
             self.dbs = open_databases(self.env, txn)
-        self.alloc = Allocator(self.dbs["free"], self.data_blocks)
+        self.alloc = Allocator(self.dbs["free"], self.data_blocks, path)
         self._layers: dict[int, Layer] = {}
         self._ids: dict[str, int] = {}
         self._children: dict[int, set[int]] = {}

@@ -253,6 +253,21 @@ def test_bad_tar_rolled_back(image, case):
         assert tree_of(s, "L")[b"/keep"][2] == b"kept" * 3000
 
 
+def test_dotdot_inside_layer_resolved(image):
+    entries = [
+        ("a/", DIR, {}),
+        ("a/./b/", DIR, {}),
+        ("a/./b/../c", REG, {"data": b"in a"}),
+        ("a/b/../../top", LNK, {"linkname": "a/b/../c"}),
+    ]
+    with Store.open(image) as s:
+        apply(s, "L", None, make_tar(entries))
+        tree = tree_of(s, "L")
+    assert tree[b"/a/c"][2] == b"in a"
+    assert tree[b"/top"][2] == b"in a"
+    assert b"/a/b/c" not in tree
+
+
 def test_apply_killed_midway_rolled_back_on_open(image, tmp_path):
     """SIGKILL during an import leaves no half-made layer after the next open."""
     with Store.open(image) as s:

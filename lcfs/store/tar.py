@@ -67,9 +67,16 @@ def _split(name: str, layer_id: str, link_of: str | None = None) -> list[bytes]:
     raw = name.encode("utf-8", "surrogateescape")
     if raw.startswith(b"/"):
         raise errors.BadArchive(f"layer {layer_id}: {subject} is absolute")
-    parts = [p for p in raw.split(b"/") if p and p != b"."]
-    if b".." in parts:
-        raise errors.BadArchive(f"layer {layer_id}: {subject} leaves the layer")
+    # ".." is resolved by name, as Docker's own applier cleans member names,
+    # so only a name that climbs above the layer's root is rejected.
+    parts: list[bytes] = []
+    for part in raw.split(b"/"):
+        if part == b"..":
+            if not parts:
+                raise errors.BadArchive(f"layer {layer_id}: {subject} leaves the layer")
+            parts.pop()
+        elif part and part != b".":
+            parts.append(part)
     return parts
 
 

@@ -10,6 +10,7 @@ xattrs and its extent map (not its data) into the leaf layer.
 
 from __future__ import annotations
 
+import os
 import stat
 import time
 from dataclasses import dataclass
@@ -55,10 +56,11 @@ def _now() -> int:
 
 def check_name(name: bytes) -> None:
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
-        raise errors.Invalid(f"invalid file name {name!r}")
+        raise errors.Invalid(f"invalid file name {os.fsdecode(name)!r}")
     if len(name) > NAME_MAX:
+        shown = os.fsdecode(name[:40])
         raise errors.NameTooLong(
-            f"file name {name[:40]!r}... is longer than {NAME_MAX} bytes"
+            f"file name {shown!r}... ({len(name)} bytes) is longer than {NAME_MAX} bytes"
         )
 
 

@@ -783,6 +783,21 @@ def test_malformed_requests(daemon):
     connection.close()
 
 
+def test_call_with_wrong_method(daemon):
+    connection = _UnixConnection(str(daemon.socket))
+    try:
+        connection.request("GET", "/GraphDriver.Create", headers=ACCEPT)
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    assert response.status == 405
+    assert response.getheader("Allow") == "POST"
+    message = json.loads(body)["Err"]
+    assert "'GraphDriver.Create' must be sent with POST, not GET" in message
+    assert "unknown" not in message
+
+
 # -- tar import and export -------------------------------------------------
 
 

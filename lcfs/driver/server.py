@@ -264,7 +264,12 @@ class GraphDriverPlugin:
         for name, route in routes.items():
             app.router.add_post(f"/{name}", functools.partial(self._serve, name, route))
         app.router.add_post("/lcfs.Stats", self.fuse_stats)
-        app.router.add_route("*", "/{call:.*}", self.unknown_call)
+        # aiohttp gives a request with a known path but another method to
+        # the first route that matches both, which is this one.
+        known_calls = frozenset(routes) | {"lcfs.Stats"}
+        app.router.add_route(
+            "*", "/{call:.*}", functools.partial(self.unknown_call, known_calls)
+        )
         return app
 
     async def _run(self, func: Callable, *args) -> Any:
@@ -713,8 +718,20 @@ class GraphDriverPlugin:
         """Reply with the FUSE request counters (``lcfs stats``), not a Docker call."""
         return web.json_response(self.mounts.stats.snapshot())
 
-    async def unknown_call(self, request: web.Request) -> web.Response:
+    async def unknown_call(
+        self, known_calls: frozenset[str], request: web.Request
+    ) -> web.Response:
         call = request.match_info.get("call", "")
+        if call in known_calls:
+            method = request.method
+            log.warning("plugin call %r sent with %s instead of POST", call, method)
+            message = f"plugin call {call!r} must be sent with POST, not {method}"
+            return web.json_response(
+                {"Err": message},
+                status=405,
+                headers={"Allow": "POST"},
+                content_type=CONTENT_TYPE,
+            )
         log.warning("unknown plugin call %s %r", request.method, call)
         return web.json_response(
             {"Err": f"unknown plugin call {call!r}: lcfs implements GraphDriver"},

@@ -307,6 +307,14 @@ def tar_contents(data: bytes) -> dict[str, bytes]:
     return contents
 
 
+def wait_for_log(daemon: DaemonProcess, text: str, timeout: float = 10.0) -> None:
+    """Wait until the daemon's log contains ``text``."""
+    deadline = time.monotonic() + timeout
+    while text not in daemon.log():
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{daemon.log()}"
+        time.sleep(0.05)
+
+
 def diff_bytes(client: PluginClient, layer_id: str, parent: str | None) -> bytes:
     args = {"ID": layer_id}
     if parent:
@@ -796,6 +804,35 @@ def test_call_with_wrong_method(daemon):
     message = json.loads(body)["Err"]
     assert "'GraphDriver.Create' must be sent with POST, not GET" in message
     assert "unknown" not in message
+
+
+def test_json_body_cut_off(daemon):
+    calls = ["GraphDriver.Create", "GraphDriver.Get", "GraphDriver.Diff"]
+    for call in calls:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(daemon.socket))
+        head = (
+            f"POST /{call} HTTP/1.1\r\nHost: localhost\r\n"
+            "Content-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+        )
+        try:
+            sock.sendall(head.encode())
+            # The interim reply comes once the daemon handles the call, so
+            # the body below breaks off while the daemon reads it.
+            assert sock.recv(4096).startswith(b"HTTP/1.1 100"), call
+            sock.sendall(b'{"ID":"x"')
+        finally:
+            sock.close()
+        wait_for_log(
+            daemon,
+            f"WARNING lcfs.driver.server: {call} failed: the client went away "
+            "before the end of the request",
+        )
+    log = daemon.log()
+    for call in calls:
+        assert log.count(f"{call} failed") == 1, call
+    assert "Traceback" not in log
+    assert " ERROR " not in log
 
 
 # -- tar import and export -------------------------------------------------

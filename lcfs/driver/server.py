@@ -76,6 +76,10 @@ class RequestError(Exception):
     """A request that is malformed or needs a feature lcfs does not support."""
 
 
+class ClientGone(Exception):
+    """The client closed the connection before it sent the whole request body."""
+
+
 Handler = Callable[[dict], Awaitable[dict]]
 # A route's handler: the request and its arguments, already checked by _serve.
 RouteHandler = Callable[[web.Request, dict], Awaitable[web.StreamResponse]]
@@ -314,6 +318,16 @@ class GraphDriverPlugin:
                 # Exists reports a missing layer in its reply, not as an error.
                 return web.json_response({"Exists": False}, content_type=CONTENT_TYPE)
             return await route(request, args)
+        except ClientGone as error:
+            log.warning(
+                "%s failed%s: the client went away before the end of the request (%s)",
+                name,
+                _for_layer(layer_id),
+                error,
+            )
+            # The reply goes nowhere, but returning one keeps aiohttp from
+            # logging the lost connection with a traceback.
+            return _error_reply(f"the client went away: {error}")
         except (errors.StoreError, RequestError, MountError) as error:
             message = _describe(error, layer_id)
             log.warning(
@@ -339,6 +353,8 @@ class GraphDriverPlugin:
                 "invalid request: the request body is too large; the limit is "
                 f"{MAX_JSON_BODY} bytes"
             ) from None
+        except ConnectionError as error:
+            raise ClientGone(str(error) or type(error).__name__) from error
         if not body.strip():
             return {}
         try:

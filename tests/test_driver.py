@@ -14,6 +14,7 @@ mount point if it is still mounted, touching nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import io
 import json
@@ -25,12 +26,20 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lcfs.driver.mounts import MountManager
-from lcfs.driver.server import GraphDriverPlugin
+from lcfs.driver.server import (
+    CHILD_CREATION,
+    IMPORT,
+    READ,
+    REMOVAL,
+    GraphDriverPlugin,
+    LayerCalls,
+)
 from lcfs.store import Store, errors
 from lcfs.store import store as store_module
 from lcfs.store.format import ROOT_INO
@@ -835,6 +844,42 @@ def test_json_body_cut_off(daemon):
     assert " ERROR " not in log
 
 
+@pytest.mark.parametrize(
+    "running, requested, allowed",
+    [
+        (READ, READ, True),
+        (CHILD_CREATION, CHILD_CREATION, True),
+        (READ, CHILD_CREATION, True),
+        (READ, REMOVAL, True),
+        (IMPORT, IMPORT, False),
+        (IMPORT, READ, False),
+        (IMPORT, CHILD_CREATION, False),
+        (IMPORT, REMOVAL, False),
+        (READ, IMPORT, False),
+        (CHILD_CREATION, IMPORT, False),
+        (REMOVAL, IMPORT, False),
+        (REMOVAL, REMOVAL, False),
+    ],
+)
+def test_layer_calls_conflicts(running, requested, allowed):
+    calls = LayerCalls()
+    with calls.running("base", running):
+        with calls.running("other", requested):
+            pass
+        if allowed:
+            with calls.running("base", requested):
+                pass
+        else:
+            with (
+                pytest.raises(errors.Busy, match="base"),
+                calls.running("base", requested),
+            ):
+                pass
+    # The mark ends with its block.
+    with calls.running("base", requested):
+        pass
+
+
 # -- tar import and export -------------------------------------------------
 
 
@@ -1073,6 +1118,15 @@ def _send_chunk(sock: socket.socket, data: bytes) -> None:
     sock.sendall(f"{len(data):x}\r\n".encode() + data + b"\r\n")
 
 
+def _finish_apply_diff(sock: socket.socket, rest: bytes) -> tuple[int, dict]:
+    """Send the rest of a chunked ApplyDiff body; return the reply's status and JSON."""
+    _send_chunk(sock, rest)
+    sock.sendall(b"0\r\n\r\n")
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, json.loads(response.read())
+
+
 def _start_slow_apply_diff(daemon: DaemonProcess, layer_id: str) -> socket.socket:
     """Send an ApplyDiff head and one whole tar member, then leave the body open."""
     sock = _open_apply_diff(daemon, layer_id)
@@ -1102,18 +1156,75 @@ def test_remove_during_apply_diff(daemon):
         assert status == 500
         assert "an import into layer r-rm is already running" in reply["Err"]
 
-        _send_chunk(sock, data[started:])
-        sock.sendall(b"0\r\n\r\n")
-        response = http.client.HTTPResponse(sock)
-        response.begin()
-        reply = json.loads(response.read())
+        status, reply = _finish_apply_diff(sock, data[started:])
     finally:
         sock.close()
-    assert response.status == 200, reply
+    assert status == 200, reply
     assert reply == {"Size": 4 * len(payload)}
     client.ok("GraphDriver.Remove", {"ID": "r-rm"})
     assert client.ok("GraphDriver.Exists", {"ID": "r-rm"}) == {"Exists": False}
     assert "Traceback" not in daemon.log()
+
+
+# The tar that _import_running sends: enough members that the import reads
+# the body in many steps.
+IMPORT_FILES = 500
+IMPORT_PAYLOAD = b"i" * 1000
+
+
+@contextlib.contextmanager
+def _import_running(daemon: DaemonProcess, layer_id: str) -> Iterator[None]:
+    """Run the block while an ApplyDiff imports into ``layer_id``, then finish it.
+
+    The block starts once the daemon has read the first tenth of the tar and
+    the import has started. After the block the rest of the tar goes out,
+    and the ApplyDiff must succeed.
+    """
+    entries = [("file", f"f{index}", IMPORT_PAYLOAD) for index in range(IMPORT_FILES)]
+    data = make_tar(entries)
+    first = len(data) // 10
+    sock = _open_apply_diff(daemon, layer_id)
+    try:
+        _send_chunk(sock, data[:first])
+        wait_for_log(
+            daemon, f"GraphDriver.ApplyDiff of layer {layer_id!r}: import started"
+        )
+        yield
+        status, reply = _finish_apply_diff(sock, data[first:])
+    finally:
+        sock.close()
+    assert status == 200, reply
+    assert reply == {"Size": IMPORT_FILES * len(IMPORT_PAYLOAD)}
+
+
+def test_create_during_import(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "imp"})
+    with _import_running(daemon, "imp"):
+        for call in ("GraphDriver.Create", "GraphDriver.CreateReadWrite"):
+            message = client.err(call, {"ID": "impchild", "Parent": "imp"})
+            assert "impchild" in message, call
+            assert "an import into layer imp is running" in message, call
+            assert "retry after the ApplyDiff finishes" in message, call
+    assert "rolling back the import into layer imp" not in daemon.log()
+    client.ok("GraphDriver.Create", {"ID": "impchild", "Parent": "imp"})
+    assert client.ok("GraphDriver.Exists", {"ID": "impchild"}) == {"Exists": True}
+
+
+def test_diff_during_import(daemon):
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "imp"})
+    with _import_running(daemon, "imp"):
+        for call in ("GraphDriver.Diff", "GraphDriver.Changes", "GraphDriver.DiffSize"):
+            message = client.err(call, {"ID": "imp"})
+            assert "layer imp cannot be read" in message, call
+            assert "an import into the layer is running" in message, call
+            assert "retry after the ApplyDiff finishes" in message, call
+    size = IMPORT_FILES * len(IMPORT_PAYLOAD)
+    assert client.ok("GraphDriver.DiffSize", {"ID": "imp"}) == {"Size": size}
+    changes = client.ok("GraphDriver.Changes", {"ID": "imp"})["Changes"]
+    assert len(changes) == IMPORT_FILES
+    assert len(tar_contents(diff_bytes(client, "imp", None))) == IMPORT_FILES
 
 
 def test_sigterm_during_apply_diff(daemon):

@@ -13,6 +13,7 @@ changes the store commits before it replies, so the reply means durable.
 """
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -67,9 +68,24 @@ CALLS_WITHOUT_LAYER = frozenset(
 )
 CREATE_CALLS = frozenset({"GraphDriver.Create", "GraphDriver.CreateReadWrite"})
 
-# The calls that LayerCalls keeps apart on one layer.
+# The operations that LayerCalls tracks on one layer. A read is a Diff,
+# Changes or DiffSize of the layer, and a child creation is a Create or
+# CreateReadWrite that names the layer as its parent.
 IMPORT = "import"
 REMOVAL = "removal"
+READ = "read"
+CHILD_CREATION = "child creation"
+
+# The operations that each operation cannot run beside on the same layer.
+# An import conflicts with every other operation: a read would return part
+# of the tar, and a new child makes the layer read-only, which fails the
+# import. Reads and child creations run beside each other.
+CONFLICTS = {
+    IMPORT: frozenset({IMPORT, REMOVAL, READ, CHILD_CREATION}),
+    REMOVAL: frozenset({IMPORT, REMOVAL}),
+    READ: frozenset({IMPORT}),
+    CHILD_CREATION: frozenset({IMPORT}),
+}
 
 
 class RequestError(Exception):
@@ -185,46 +201,78 @@ def validate_layer_id(layer_id: str) -> None:
         )
 
 
+_CONFLICT_MESSAGES = {
+    (IMPORT, IMPORT): (
+        "an import into layer {id} is already running; wait for that ApplyDiff "
+        "to finish"
+    ),
+    (REMOVAL, IMPORT): (
+        "layer {id} cannot be removed while an import into the layer is "
+        "running; retry the Remove after the ApplyDiff finishes"
+    ),
+    (READ, IMPORT): (
+        "the changes of layer {id} cannot be read while an import into the "
+        "layer is running; retry after the ApplyDiff finishes"
+    ),
+    (CHILD_CREATION, IMPORT): (
+        "cannot create a child of layer {id} while an import into layer {id} "
+        "is running; retry after the ApplyDiff finishes"
+    ),
+    (IMPORT, REMOVAL): "layer {id} is being removed; apply the tar to a new layer",
+    (REMOVAL, REMOVAL): "layer {id} is already being removed",
+    (IMPORT, READ): (
+        "the changes of layer {id} are being read by a Diff, Changes or "
+        "DiffSize call; retry the ApplyDiff after that call finishes"
+    ),
+    (IMPORT, CHILD_CREATION): (
+        "a child of layer {id} is being created, which makes the layer "
+        "read-only; apply the tar to a new layer"
+    ),
+}
+
+
 def _conflict_message(layer_id: str, requested: str, running: str) -> str:
-    if running == IMPORT and requested == IMPORT:
-        return (
-            f"an import into layer {layer_id} is already running; wait for that "
-            "ApplyDiff to finish"
-        )
-    if running == IMPORT:
-        return (
-            f"layer {layer_id} cannot be removed while an import into the layer is "
-            "running; retry the Remove after the ApplyDiff finishes"
-        )
-    return f"layer {layer_id} is being removed; apply the tar to a new layer"
+    return _CONFLICT_MESSAGES[requested, running].format(id=layer_id)
 
 
 class LayerCalls:
-    """The imports and removals running on each layer, shared by their threads.
+    """The operations running on each layer, shared by the threads that run them.
 
-    An ApplyDiff runs on its own thread and a Remove on the executor. The
-    store lets a removal drop a layer under a running import, so each layer
-    takes one of these operations at a time.
+    An ApplyDiff runs on its own thread, a Diff on another, and Remove,
+    Create, Changes and DiffSize on the executor. The store alone would let
+    a removal drop a layer under a running import, and a read or a new
+    child see an import half done. So an operation starts only when no
+    operation in its CONFLICTS entry runs on the layer. One lock covers the
+    check and the mark, so two conflicting operations cannot both start.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._running: dict[str, str] = {}
+        # The number of calls running each operation, by layer id.
+        self._running: dict[str, collections.Counter[str]] = {}
 
     @contextlib.contextmanager
     def running(self, layer_id: str, operation: str) -> Iterator[None]:
         """Mark the layer as running ``operation`` for the block, or raise errors.Busy."""
         with self._lock:
-            other = self._running.get(layer_id)
-            if other is None:
-                self._running[layer_id] = operation
-        if other is not None:
-            raise errors.Busy(_conflict_message(layer_id, operation, other))
+            counts = self._running.get(layer_id, collections.Counter())
+            conflict = next(
+                (other for other in counts if other in CONFLICTS[operation]), None
+            )
+            if conflict is None:
+                counts[operation] += 1
+                self._running[layer_id] = counts
+        if conflict is not None:
+            raise errors.Busy(_conflict_message(layer_id, operation, conflict))
         try:
             yield
         finally:
             with self._lock:
-                del self._running[layer_id]
+                counts[operation] -= 1
+                if not counts[operation]:
+                    del counts[operation]
+                if not counts:
+                    del self._running[layer_id]
 
 
 class GraphDriverPlugin:
@@ -476,8 +524,13 @@ class GraphDriverPlugin:
         return {}
 
     def _create_layer(self, layer_id: str, parent_id: str | None) -> None:
+        if parent_id is None:
+            marked = contextlib.nullcontext()
+        else:
+            marked = self.layer_calls.running(parent_id, CHILD_CREATION)
         try:
-            self.store.create_layer(layer_id, parent_id)
+            with marked:
+                self.store.create_layer(layer_id, parent_id)
         except errors.LayerNotFound:
             # The new layer's own id cannot be missing, so the parent is.
             raise errors.LayerNotFound(
@@ -612,8 +665,9 @@ class GraphDriverPlugin:
         return {"Changes": [{"Path": path, "Kind": kind} for path, kind in changes]}
 
     def _changes(self, layer_id: str, parent_id: str) -> list[tuple[str, int]]:
-        self._check_parent(layer_id, parent_id, required=True)
-        return self.store.changes(layer_id)
+        with self.layer_calls.running(layer_id, READ):
+            self._check_parent(layer_id, parent_id, required=True)
+            return self.store.changes(layer_id)
 
     async def diff_size(self, args: dict) -> dict:
         layer_id = _string_field(args, "ID")
@@ -622,21 +676,23 @@ class GraphDriverPlugin:
         return {"Size": size}
 
     def _diff_size(self, layer_id: str, parent_id: str) -> int:
-        self._check_parent(layer_id, parent_id, required=True)
-        return self.store.diff_size(layer_id)
+        with self.layer_calls.running(layer_id, READ):
+            self._check_parent(layer_id, parent_id, required=True)
+            return self.store.diff_size(layer_id)
 
     async def diff(self, request: web.Request, args: dict) -> web.StreamResponse:
         """Stream the layer's changes against its parent as an uncompressed tar."""
         layer_id = _string_field(args, "ID")
         parent_id = _string_field(args, "Parent")
 
-        def make_iterator():
-            self._check_parent(layer_id, parent_id, required=True)
-            return self.store.diff(layer_id)
+        def read_diff() -> Iterator[bytes]:
+            # The layer stays marked as read until the stream ends or the
+            # worker closes this generator.
+            with self.layer_calls.running(layer_id, READ):
+                self._check_parent(layer_id, parent_id, required=True)
+                yield from self.store.diff(layer_id)
 
-        chunks = streams.iterate_in_thread(
-            make_iterator, self.workers, f"diff-{layer_id}"
-        )
+        chunks = streams.iterate_in_thread(read_diff, self.workers, f"diff-{layer_id}")
         async with contextlib.aclosing(chunks):
             # An error before the first chunk goes to _serve, which replies
             # with it. Later ones come after the status line.
@@ -690,6 +746,7 @@ class GraphDriverPlugin:
 
         def work(fileobj) -> int:
             with self.layer_calls.running(layer_id, IMPORT):
+                log.debug("GraphDriver.ApplyDiff of layer %r: import started", layer_id)
                 self._check_parent(layer_id, parent_id, required=False)
                 size = self.store.apply_diff(layer_id, fileobj)
                 self.store.commit()

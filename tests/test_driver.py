@@ -32,14 +32,8 @@ from pathlib import Path
 import pytest
 
 from lcfs.driver.mounts import MountManager
-from lcfs.driver.server import (
-    CHILD_CREATION,
-    IMPORT,
-    READ,
-    REMOVAL,
-    GraphDriverPlugin,
-    LayerCalls,
-)
+from lcfs.driver.layer_calls import CHILD_CREATION, IMPORT, READ, REMOVAL, LayerCalls
+from lcfs.driver.server import GraphDriverPlugin
 from lcfs.store import Store, errors
 from lcfs.store import store as store_module
 from lcfs.store.format import ROOT_INO

@@ -17,20 +17,22 @@ import io
 import json
 import os
 import shutil
-import signal
 import stat
+import struct
 import subprocess
 import sys
 import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
+import lmdb
 import pytest
 
 from lcfs.journal import intents
 from lcfs.store import ROOT_INO, Store, errors
 from lcfs.store.data import OWNED, REFS, SHARED
 from lcfs.store.format import (
+    DATABASES,
     DIRENT,
     EXTENT,
     FLAG_XATTRS,
@@ -56,6 +58,13 @@ MiB = 1 << 20
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
 REPO = Path(__file__).resolve().parent.parent
+
+# struct MDB_page of LMDB 0.9 (mdb.c): the flags are a u16 at offset 10.
+PAGE_FLAGS = 10
+P_BRANCH, P_LEAF, P_OVERFLOW = 1, 2, 4
+# md_root, the root page number, is a u64 at offset 40 of struct MDB_db, the
+# record that LMDB's main database keeps for each named database.
+MD_ROOT = 40
 
 BIG = bytes(range(256)) * 16 * 20  # 20 blocks
 # The layers that see child's version of a file unless they change it.
@@ -177,6 +186,26 @@ def damage(path: str):
         env.sync(True)
     finally:
         env.close()
+
+
+def set_root_page_flags(path: str, name: str, flags: int) -> None:
+    """Overwrite the flags of the root page of database ``name``, which must be a leaf page."""
+    env = lmdb.open(
+        path, subdir=False, lock=False, readonly=True, max_dbs=len(DATABASES) + 1
+    )
+    try:
+        with env.begin() as txn:
+            root = struct.unpack_from("<Q", txn.get(name.encode()), MD_ROOT)[0]
+            page_size = env.stat()["psize"]
+    finally:
+        env.close()
+    with open(path, "r+b") as f:
+        f.seek(root * page_size)
+        header = f.read(16)
+        assert struct.unpack_from("<Q", header)[0] == root
+        assert struct.unpack_from("<H", header, PAGE_FLAGS)[0] == P_LEAF
+        f.seek(root * page_size + PAGE_FLAGS)
+        f.write(struct.pack("<H", flags))
 
 
 def digest(path: str) -> str:
@@ -862,19 +891,22 @@ def test_repair_killed_midway(store_image, capsys):
     path, n, _ = store_image
     with damage(path) as (txn, dbs):
         put_inode(txn, dbs, n["base"], n["hosts"], nlink=9)
-    # Commits: opening marks the store dirty, the repair marks it needs_fsck,
-    # then every phase commits. Die right after the superblock phase's commit.
-    env = dict(os.environ, LCFS_CRASH_POINT="commit.done@3")
+    # Commits: opening marks the store dirty, then every phase commits. The
+    # seventh, after the inodes phase, carries the needs_fsck mark with the
+    # fixed link count. Die right after it.
+    env = dict(os.environ, LCFS_CRASH_POINT="commit.done@7")
     result = subprocess.run([sys.executable, "-m", "tools.fsck", path, "--repair", "--yes"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert result.returncode == fsck.EXIT_FAILED, result.stderr
+    assert "was stopped by SIGKILL" in result.stderr
+    assert f"{path} stays marked as mid-repair" in result.stderr
     assert read_superblock(path)["needs_fsck"] is True
     with pytest.raises(errors.FormatError, match="lcfs-fsck --repair"):
         Store.open(path)
     assert_repairs(store_image, capsys, "superblock", "an earlier repair was interrupted")
 
 
-def test_crash_in_a_phase_exits_8(store_image, caplog, monkeypatch):
+def test_crash_in_a_phase_exits_8(store_image, caplog, capsys, monkeypatch):
     path = store_image[0]
 
     def broken_phase(checker):
@@ -884,8 +916,27 @@ def test_crash_in_a_phase_exits_8(store_image, caplog, monkeypatch):
     broken_phase.__doc__ = "node ids and counters"
     assert fsck.main([path, "--repair", "--yes", "--no-progress"]) == fsck.EXIT_FAILED
     failures = [r for r in caplog.records if r.levelname == "ERROR" and r.name == "lcfs.fsck"]
-    assert failures and failures[-1].exc_info[0] is RuntimeError
-    # The repair never finished, so the daemon must not open the store.
+    assert failures
+    # The child process sends the traceback as text.
+    assert "RuntimeError: phase bug" in failures[-1].exc_text
+    assert "this is a bug in lcfs-fsck" in capsys.readouterr().err
+    # Nothing needed a repair, so nothing marked the store.
+    assert read_superblock(path).get("needs_fsck") is None
+
+
+def test_repair_failed_after_fix_stays_marked(store_image, capsys, monkeypatch):
+    path, n, _ = store_image
+    with damage(path) as (txn, dbs):
+        put_inode(txn, dbs, n["base"], n["hosts"], nlink=9)
+
+    def broken_phase(checker):
+        raise RuntimeError("phase bug")
+
+    broken_phase.__doc__ = "node ids and counters"
+    monkeypatch.setattr(fsck.Checker, "check_nodes", broken_phase)
+    assert fsck.main([path, "--repair", "--yes", "--no-progress"]) == fsck.EXIT_FAILED
+    assert f"{path} stays marked as mid-repair" in capsys.readouterr().err
+    # The link count was fixed and committed before the failure.
     assert read_superblock(path)["needs_fsck"] is True
 
 
@@ -955,23 +1006,32 @@ def test_repair_out_of_space_exits_8(small_tmpfs):
         for ino in inos:
             put_inode(txn, dbs, number, ino, nlink=9)
     compact_metadata(path)
-    # Opening the store and marking the repair fit in 16 pages, but the repair of 2,000 inodes does not.
+    # Opening the store fits in 16 pages, but the repair of 2,000 inodes with its mark does not.
     fill_file_system(small_tmpfs, spare_pages=16)
     result = subprocess.run([sys.executable, "-m", "tools.fsck", path, "--repair", "--yes", "--no-progress"],
                             cwd=REPO, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert result.returncode == fsck.EXIT_FAILED, result.stderr
     assert f"lcfs-fsck: failed on {path}" in result.stderr
-    assert "run lcfs-fsck again" in result.stderr
-    assert read_superblock(path)["needs_fsck"] is True
+    assert "fix that and run lcfs-fsck again" in result.stderr
+    # The mark travels in the commit that failed, with the first fixes.
+    assert read_superblock(path).get("needs_fsck") is None
 
 
-def test_grace_negative_rejected(store_image, capsys):
+@pytest.mark.parametrize(
+    "option, value, reason",
+    [
+        ("--grace", "-5", "invalid number of seconds '-5'"),
+        ("--log-level", "bogus", "invalid choice: 'bogus'"),
+    ],
+)
+def test_option_value_rejected(store_image, capsys, option, value, reason):
     with pytest.raises(SystemExit) as exc:
-        fsck.main([store_image[0], "--grace", "-5"])
+        fsck.main([store_image[0], option, value])
     assert exc.value.code == fsck.EXIT_FAILED
     err = capsys.readouterr().err
-    assert "invalid number of seconds '-5'" in err
-    assert "--grace" in err
+    assert reason in err
+    assert option in err
+    assert "Traceback" not in err
 
 
 def test_missing_device(tmp_path, capsys):
@@ -1024,3 +1084,96 @@ def test_help_documents_exit_codes(capsys):
     text = capsys.readouterr().out
     for code, meaning in [(0, "clean"), (1, "repaired"), (4, "left"), (8, "could not run")]:
         assert any(line.split()[:1] == [str(code)] and meaning in line for line in text.splitlines()), code
+
+
+# -- damaged LMDB pages and bad arguments -------------------------------------------------
+
+
+def opens_in_daemon(path: str) -> bool:
+    """Open the store as the daemon does, in a child process, because LMDB may abort it."""
+    code = "import sys; from lcfs.store import Store; Store.open(sys.argv[1]).close()"
+    result = subprocess.run(
+        [sys.executable, "-c", code, path],
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+@pytest.mark.parametrize("mode", [[], ["--repair", "--yes"]])
+def test_lmdb_abort_exits_8(store_image, capsys, mode):
+    path = store_image[0]
+    # node_keys has one record, so as a branch page its root fails LMDB's
+    # assertion that a branch has two keys or more, which aborts the process.
+    set_root_page_flags(path, "node_keys", P_BRANCH)
+    before = digest(path)
+    for _ in range(2):
+        assert fsck.main([path, "--no-progress", *mode]) == fsck.EXIT_FAILED
+        err = capsys.readouterr().err
+        assert f"lcfs-fsck: the LMDB database on {path} appears damaged" in err
+        assert "stopped with SIGABRT" in err
+        assert "mdb_page_search_root" in err
+        assert "lcfs mkfs --force" in err
+        assert read_superblock(path).get("needs_fsck") is None
+    assert digest(path) == before
+    assert opens_in_daemon(path)
+
+
+@pytest.mark.parametrize("mode", [[], ["--repair", "--yes"]])
+def test_lmdb_error_names_cause(store_image, capsys, mode):
+    path = store_image[0]
+    set_root_page_flags(path, "children", P_OVERFLOW)
+    before = digest(path)
+    assert fsck.main([path, "--no-progress", *mode]) == fsck.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert (
+        f"the LMDB database on {path} appears damaged: reading database children failed"
+        in err
+    )
+    assert "MDB_CORRUPTED" in err
+    assert "MDB_BAD_TXN" not in err
+    assert "Traceback" not in err
+    assert "run lcfs-fsck again" not in err
+    assert read_superblock(path).get("needs_fsck") is None
+    assert digest(path) == before
+
+
+def test_lmdb_error_in_phase_names_cause(store_image, capsys, monkeypatch):
+    path = store_image[0]
+
+    def broken_phase(checker):
+        # An aborted transaction makes any later write, as closing the store does, fail too.
+        checker.txn.abort()
+        raise lmdb.CorruptedError(
+            "mdb_cursor_get: MDB_CORRUPTED: Located page was wrong type"
+        )
+
+    broken_phase.__doc__ = "node ids and counters"
+    monkeypatch.setattr(fsck.Checker, "check_nodes", broken_phase)
+    assert fsck.main([path, "--repair", "--yes", "--no-progress"]) == fsck.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert (
+        f"the LMDB database on {path} appears damaged: mdb_cursor_get: MDB_CORRUPTED"
+        in err
+    )
+    assert "closed/deleted/dropped" not in err
+    assert "run lcfs-fsck again" not in err
+    assert read_superblock(path).get("needs_fsck") is None
+
+
+@pytest.mark.parametrize(
+    "kind, problem", [("missing", "does not exist"), ("file", "is not a directory")]
+)
+def test_docker_root_invalid(tmp_path, capsys, kind, problem):
+    root = tmp_path / "docker"
+    if kind == "file":
+        root.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        fsck.main([str(tmp_path / "absent.img"), "--docker-root", str(root)])
+    assert exc.value.code == fsck.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"--docker-root {root} {problem}" in err
+    # The check comes before the device is opened.
+    assert "absent.img" not in err

@@ -18,6 +18,9 @@ def _report(checker, message: str, repair=None, action: str = "") -> None:
         entry["action"] = "no repair available"
         log.warning("%s: %s; %s", checker.phase, message, entry["action"])
     elif checker.repair:
+        # The mark must be on the device before a change outside the store's transactions.
+        checker.begin_repair()
+        checker.store.commit()
         repair()
         entry["repaired"] = True
         entry["action"] = action

@@ -16,9 +16,18 @@ transaction to the file only once about 2^17 pages (512 MiB) are dirty.
 The fixes a check applies dirty far fewer, so the device stays byte for
 byte equal, but a check is not guaranteed read-only past that size.
 
-A repair first marks the superblock ``needs_fsck``, so the daemon will not
-open a device whose repair was interrupted. The mark is cleared when a
-final check, run in a nested transaction that is aborted, finds nothing.
+A repair marks the superblock ``needs_fsck`` in the transaction of its
+first fix, so the mark reaches the device with the first change and the
+daemon will not open a device whose repair was interrupted. The mark is
+cleared when a final check, run in a nested transaction that is aborted,
+finds nothing. Opening the store reads every record first (see
+``FsckStore``), so a damaged LMDB page stops fsck before anything changes.
+The work runs in a child process (see ``tools.fsck_child``), because LMDB
+aborts the process on some damaged pages.
+
+NOTE: a page that reads well but fails LMDB's assertions on write stops a
+repair that may already have committed fixes. The store then stays marked,
+and every later repair stops at the same write.
 
 Exit codes: 0 clean, 1 problems found and all repaired, 4 problems left,
 8 could not run (device busy, unreadable, bad arguments).
@@ -29,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import stat
 import sys
 import time
@@ -52,11 +62,13 @@ from lcfs.store.format import (
     change_inode_key,
     dirent_key,
     inode_key,
+    read_superblock,
     split_dirent_key,
 )
 from tools.fsck_blocks import BlockChecks
+from tools.fsck_child import death_message, run_in_child
 from tools.fsck_layers import LayerChecks
-from tools.fsck_records import FsckStore, key_ok, well_formed
+from tools.fsck_records import FsckStore, damage_advice, key_ok, well_formed
 
 log = logging.getLogger("lcfs.fsck")
 
@@ -73,6 +85,15 @@ EPILOG = """exit codes:
 """
 
 COUNTERS = (b"next_ino", b"next_layer", b"next_node", b"next_intent")
+LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
+# LMDB errors about resources, not about damaged pages.
+RESOURCE_ERRORS = (
+    lmdb.MapFullError,
+    lmdb.TxnFullError,
+    lmdb.DiskError,
+    lmdb.MemoryError,
+    lmdb.ReadonlyError,
+)
 
 
 class Progress:
@@ -126,8 +147,23 @@ class Checker(LayerChecks, BlockChecks):
         self.skip: set[int] = set()
         # Sorted (first block, count) of the owned extents and shared runs the extents phase kept.
         self.owned: list[tuple[int, int]] = []
+        # Whether the group transaction carries the needs_fsck mark of this repair.
+        self.marked = False
 
     # -- bookkeeping ---------------------------------------------------------
+
+    def begin_repair(self) -> None:
+        """Mark the superblock ``needs_fsck`` in the transaction that carries the first fix.
+
+        The mark and the fix reach the device in one commit, so a check that
+        dies before its first fix leaves the store as it was.
+        """
+        if self.marked:
+            return
+        with self.store.lock:
+            self.store._ready()
+            self.store._set_state("dirty", needs_fsck=True)
+        self.marked = True
 
     def problem(self, message: str, fix=None, fix_text: str = "", always: bool = False) -> None:
         """Record a problem; in repair mode apply ``fix`` and log what it changed.
@@ -140,6 +176,7 @@ class Checker(LayerChecks, BlockChecks):
         if fix is not None and (self.repair or always):
             self._walks.clear()
         if self.repair and fix is not None:
+            self.begin_repair()
             try:
                 self.store._write(fix)
             except (errors.StoreError, lmdb.Error) as exc:
@@ -658,8 +695,22 @@ def parse_args(argv):
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show progress bars on long phases (default: when stderr is a terminal)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        help="lowest level of log messages written to stderr (default info)",
+    )
+    args = parser.parse_args(argv)
+    root = args.docker_root
+    if root is not None and not os.path.isdir(root):
+        problem = "is not a directory" if os.path.exists(root) else "does not exist"
+        parser.error(
+            f"--docker-root {root} {problem}: give Docker's data root, "
+            "such as /var/lib/docker"
+        )
+    return args
 
 
 def open_store(device: str, repair: bool) -> FsckStore | None:
@@ -674,8 +725,15 @@ def open_store(device: str, repair: bool) -> FsckStore | None:
     except OSError as exc:
         print(f"lcfs-fsck: cannot open {device}: {exc.strerror}", file=sys.stderr)
     except (ValueError, KeyError, TypeError, lmdb.Error) as exc:
-        print(f"lcfs-fsck: {device}: the superblock or the LMDB environment is unreadable: {exc}",
-              file=sys.stderr)  # fmt: skip
+        cause = first_error(exc)
+        if isinstance(cause, lmdb.Error):
+            print(failure_message(device, cause), file=sys.stderr)
+        else:
+            print(
+                f"lcfs-fsck: {device}: the superblock or the LMDB environment "
+                f"is unreadable: {cause}",
+                file=sys.stderr,
+            )
     return None
 
 
@@ -718,11 +776,6 @@ def confirm_repair(device: str) -> bool:
 def check_store(store: FsckStore, args, progress: Progress) -> tuple[list[dict], int, int]:
     """Run the phases (and, after a repair, a final check); return (problems, found, left)."""
     interrupted = bool(store.superblock.get("needs_fsck"))
-    if args.repair:
-        with store.lock:
-            store._ready()
-            store._set_state("dirty", needs_fsck=True)
-            store.commit()
     checker = Checker(store, args.repair, progress, interrupted)
     checker.docker_root, checker.grace = args.docker_root, args.grace
     checker.run()
@@ -736,7 +789,7 @@ def check_store(store: FsckStore, args, progress: Progress) -> tuple[list[dict],
             entry["action"] = "still there after the repair"
         problems = problems + remaining
         left = len(remaining)
-    if args.repair and left == 0:
+    if args.repair and left == 0 and store.superblock.get("needs_fsck"):
         with store.lock:
             store._ready()
             store.superblock.pop("needs_fsck", None)
@@ -747,22 +800,72 @@ def check_store(store: FsckStore, args, progress: Progress) -> tuple[list[dict],
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except Exception as exc:
-        # Exit 8, not Python's 1, which would claim that everything was repaired.
-        log.exception("lcfs-fsck failed on %s", args.device)
-        print(f"lcfs-fsck: failed on {args.device}: {exc}; the store was not checked to the end, "
-              "so run lcfs-fsck again", file=sys.stderr)  # fmt: skip
-        return EXIT_FAILED
-
-
-def run(args) -> int:
-    """Check the device that ``args`` names, repair it with --repair, and return the exit code."""
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(message)s", stream=sys.stderr)
-    progress = Progress(sys.stderr.isatty() if args.progress is None else args.progress)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    tty = sys.stderr.isatty()
+    progress = Progress(tty if args.progress is None else args.progress)
     if args.repair and not args.yes and not confirm_repair(args.device):
         return EXIT_FAILED
+    result = run_in_child(lambda: run(args, progress), EXIT_FAILED)
+    if result.signal is None:
+        return result.code
+    print(death_message(args.device, result), file=sys.stderr)
+    return EXIT_FAILED
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """Return the first exception of a chain: one raised while handling another is a follow-on."""
+    while True:
+        earlier = exc.__cause__ or (
+            None if exc.__suppress_context__ else exc.__context__
+        )
+        if earlier is None:
+            return exc
+        exc = earlier
+
+
+def failure_message(device: str, exc: BaseException) -> str:
+    """Log a failure of the check and return the one-line message for the user, with the next step."""
+    cause = first_error(exc)
+    if isinstance(cause, lmdb.Error) and not isinstance(cause, RESOURCE_ERRORS):
+        log.debug("lcfs-fsck failed on %s", device, exc_info=cause)
+        return (
+            f"lcfs-fsck: the LMDB database on {device} appears damaged: {cause}. "
+            f"{damage_advice(device)}"
+        )
+    if isinstance(cause, (errors.StoreError, OSError, lmdb.Error)):
+        log.debug("lcfs-fsck failed on %s", device, exc_info=cause)
+        return (
+            f"lcfs-fsck: failed on {device}: {cause}; the store was not checked to "
+            "the end, so fix that and run lcfs-fsck again"
+        )
+    log.error("lcfs-fsck failed on %s", device, exc_info=cause)
+    return (
+        f"lcfs-fsck: failed on {device}: {type(cause).__name__}: {cause}; this is "
+        "a bug in lcfs-fsck, so report it with the traceback above"
+    )
+
+
+def close_after_failure(store: FsckStore) -> None:
+    """Close the store without committing the changes of the phase that failed."""
+    with store.lock:
+        if store._group is not None:
+            store._group.abort()
+            store._group = None
+        store._txn = None
+        # close() commits unless the store is read-only.
+        store.readonly = True
+    try:
+        store.close()
+    except (errors.StoreError, lmdb.Error) as exc:
+        log.debug("closing %s after the failure failed too: %s", store.path, exc)
+
+
+def run(args, progress: Progress) -> int:
+    """Check the device that ``args`` names, repair it with --repair, and return the exit code."""
     store = open_store(args.device, args.repair)
     if store is None:
         return EXIT_FAILED
@@ -770,17 +873,26 @@ def run(args) -> int:
         problems, found, left = check_store(store, args, progress)
         stats = store.statfs()
         layer_count = len(store._layers)
-    except Exception:
+    except BaseException as exc:
+        close_after_failure(store)
+        if not isinstance(exc, Exception):
+            raise
         # Exit 8, not Python's 1, which would claim that everything was repaired.
-        log.exception("lcfs-fsck failed on %s; a repair, if any, stays marked as interrupted", args.device)
+        message = failure_message(args.device, exc)
+        superblock = read_superblock(args.device) if args.repair else None
+        if superblock and superblock.get("needs_fsck"):
+            message += (
+                f"; {args.device} stays marked as mid-repair, "
+                "so the daemon will not open it"
+            )
+        print(message, file=sys.stderr)
         return EXIT_FAILED
-    finally:
-        if store.readonly:
-            with store.lock:
-                if store._group is not None:
-                    store._group.abort()
-                    store._group = None
-        store.close()
+    if store.readonly:
+        with store.lock:
+            if store._group is not None:
+                store._group.abort()
+                store._group = None
+    store.close()
 
     if found == 0:
         code = EXIT_CLEAN

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 
+import lmdb
+
 from lcfs.journal import intents
-from lcfs.store import Store
+from lcfs.store import Store, errors
 from lcfs.store.data import BORROWED, OWNED, REFS, SHARED
-from lcfs.store.format import U64, U64X2, Inode, Layer
+from lcfs.store.format import DATABASES, U64, U64X2, Inode, Layer
 
 # Length of an inode record with an empty name and target; its last two
 # bytes are the name length.
@@ -123,17 +125,33 @@ def well_formed(name: str, key: bytes, value: bytes) -> bool:
     return value_rule is None or value_rule(key, value)
 
 
+def damage_advice(device: str) -> str:
+    """Return what to do about LMDB pages that fsck cannot read."""
+    return (
+        f"lcfs-fsck repairs lcfs records but not LMDB's own pages, so restore "
+        f"{device} from a backup, or format it with 'lcfs mkfs --force {device}' "
+        "and pull the images again"
+    )
+
+
+class DamagedDatabase(errors.StoreError):
+    """An LMDB database of the store cannot be read to the end."""
+
+
 class FsckStore(Store):
     """A store opened for checking.
 
-    Loading skips layer records it cannot decode and tolerates a parent that
-    does not exist, where ``Store._load`` would raise, so that the phases can
-    report and repair them. It otherwise loads what ``Store._load`` loads.
+    Loading first reads every record of every database, so that a damaged
+    LMDB page stops fsck before a repair writes anything. It skips layer
+    records it cannot decode and tolerates a parent that does not exist,
+    where ``Store._load`` would raise, so that the phases can report and
+    repair them. It otherwise loads what ``Store._load`` loads.
     """
 
     def _load(self) -> None:
         with self.lock:
             txn = self._txn = self._group_txn()
+            self._read_every_record(txn)
             for key, value in txn.cursor(db=self.dbs["layers"]):
                 layer = read_layer(bytes(key), bytes(value))
                 if layer is not None:
@@ -152,3 +170,19 @@ class FsckStore(Store):
                 self._set_state("dirty")
         if not self.readonly:
             self.commit()
+
+    def _read_every_record(self, txn) -> None:
+        """Walk every database once; raise DamagedDatabase naming the first that fails."""
+        for name in (None, *DATABASES):
+            try:
+                cursor = txn.cursor(db=self.dbs[name]) if name else txn.cursor()
+                for _ in cursor.iternext(values=False):
+                    pass
+            except lmdb.Error as exc:
+                # The transaction failed, so closing the store must not commit it.
+                self.readonly = True
+                source = f"database {name}" if name else "the list of databases"
+                raise DamagedDatabase(
+                    f"the LMDB database on {self.path} appears damaged: reading {source} "
+                    f"failed: {exc}. {damage_advice(self.path)}"
+                ) from None

@@ -146,7 +146,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "mkfs",
         help="format a device or image file",
         description="Format DEVICE as an empty lcfs store. A missing image "
-        "file is created sparse.",
+        "file is created sparse. Without --force, an existing file or device "
+        "is formatted only if it is empty: size 0, or zeros in its first MiB.",
     )
     mkfs.add_argument("device", metavar="DEVICE", help="image file or block device")
     mkfs.add_argument(
@@ -164,7 +165,8 @@ def _build_parser() -> argparse.ArgumentParser:
     mkfs.add_argument(
         "--force",
         action="store_true",
-        help="format even if DEVICE already contains an lcfs store",
+        help="format even if DEVICE contains an lcfs store or other data, "
+        "which is destroyed",
     )
     _add_log_level(mkfs, "warning")
 

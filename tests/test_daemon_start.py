@@ -1,4 +1,4 @@
-"""Start-up checks of `lcfs daemon` against real daemons, devices and mounts.
+"""Start-up checks of `lcfs daemon` and `lcfs mkfs` against real devices and mounts.
 
 Each test runs a real daemon on a small image file and starts a second
 `lcfs daemon` that must fail, or must start, with the message given.
@@ -6,15 +6,19 @@ Teardown stops every daemon and unmounts what is left under tmp_path.
 """
 
 import errno
+import io
 import os
 import signal
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 from lcfs_daemon import LcfsDaemon, lcfs_command, running_lcfs
 from mounts import mount_table, unmount_under
 from test_fuse_features import watchdog_of
+
+from lcfs.store.format import read_superblock
 
 # Seconds a daemon that must fail at start may take to exit.
 START_TIMEOUT = 60
@@ -162,3 +166,92 @@ def test_socket_path_too_long(workdir):
     assert f"socket path {socket_path} is too long" in result.stdout
     assert "at most 107 bytes" in result.stdout
     assert not (workdir / "long.img").exists()
+
+
+def run_lcfs(*arguments: str) -> subprocess.CompletedProcess:
+    """Run `lcfs` with ``arguments`` and return the result, stderr merged into stdout."""
+    return subprocess.run(
+        [lcfs_command(), *arguments],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+
+
+def write_tar(path: Path) -> bytes:
+    """Write a small tar archive to ``path`` and return its bytes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        member = tarfile.TarInfo("etc/hostname")
+        content = b"keep\n"
+        member.size = len(content)
+        archive.addfile(member, io.BytesIO(content))
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def test_mkfs_refuses_data_file(workdir):
+    path = workdir / "victim.bin"
+    content = write_tar(path)
+    result = run_lcfs("mkfs", str(path))
+    assert result.returncode == 2, result.stdout
+    assert f"{path} contains data and no lcfs store" in result.stdout
+    assert "pass --force to format it, which destroys its contents" in result.stdout
+    assert path.read_bytes() == content
+    forced = run_lcfs("mkfs", "--force", "--size", "64M", str(path))
+    assert forced.returncode == 0, forced.stdout
+    assert read_superblock(str(path))["magic"] == "lcfs"
+
+
+@pytest.mark.parametrize("content", ["size 0", "zeros", "data after 1 MiB"])
+def test_mkfs_formats_empty_file(workdir, content):
+    path = workdir / "empty.img"
+    path.touch()
+    if content != "size 0":
+        os.truncate(path, 64 << 20)
+    if content == "data after 1 MiB":
+        with open(path, "r+b") as f:
+            f.seek(1 << 20)
+            f.write(b"x")
+    result = run_lcfs("mkfs", "--size", "64M", str(path))
+    assert result.returncode == 0, result.stdout
+    assert read_superblock(str(path))["magic"] == "lcfs"
+
+
+@pytest.fixture
+def loop_device(workdir):
+    """A loop device over a 64 MiB file of zeros in workdir, detached at teardown."""
+    backing = workdir / "loop.img"
+    with open(backing, "wb") as f:
+        f.truncate(64 << 20)
+    try:
+        device = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"no loop device available: {error}")
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+def test_mkfs_block_device(loop_device):
+    with open(loop_device, "r+b") as f:
+        f.seek(512 << 10)
+        f.write(b"data")
+    refused = run_lcfs("mkfs", loop_device)
+    assert refused.returncode == 2, refused.stdout
+    assert f"{loop_device} contains data and no lcfs store" in refused.stdout
+    with open(loop_device, "rb") as f:
+        f.seek(512 << 10)
+        assert f.read(4) == b"data"
+    with open(loop_device, "r+b") as f:
+        f.write(bytes(1 << 20))
+    formatted = run_lcfs("mkfs", loop_device)
+    assert formatted.returncode == 0, formatted.stdout
+    assert read_superblock(loop_device)["magic"] == "lcfs"

@@ -45,6 +45,7 @@ cannot be removed while the child exists. Shared extents (see
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -87,6 +88,9 @@ EXTENT = struct.Struct(">QIB")
 DIRENT = struct.Struct(">QB")
 
 MIN_METADATA_SIZE = 16 << 20
+# Bytes at the start of an existing file or device that must all be zero for
+# mkfs to format it without --force.
+EMPTY_CHECK_SIZE = 1 << 20
 MAX_DEFAULT_METADATA_SIZE = 64 << 30
 
 
@@ -291,7 +295,8 @@ def mkfs(path: str, size: int | None = None, metadata_size: int | None = None,
     """Format ``path`` as an empty store and return its superblock.
 
     An image file that does not exist is created sparse with ``size`` bytes.
-    A device that already holds a store is only overwritten with ``force``.
+    Without ``force``, ``check_overwrite`` rejects a device that contains a
+    store or other data.
     """
     created = False
     if not os.path.exists(path):
@@ -299,15 +304,13 @@ def mkfs(path: str, size: int | None = None, metadata_size: int | None = None,
             raise errors.Invalid(f"{path} does not exist; give a size to create it")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         created = True
-    elif not force and read_superblock(path) is not None:
-        raise errors.Exists(
-            f"{path} already holds an lcfs store; pass --force to overwrite it"
-        )
+    else:
+        check_overwrite(path, force)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and size is not None:
-            os.ftruncate(fd, size)
+            _set_file_size(fd, path, size)
         total = device_size(fd)
         if metadata_size is None:
             metadata_size = default_metadata_size(total)
@@ -344,6 +347,47 @@ def mkfs(path: str, size: int | None = None, metadata_size: int | None = None,
         raise
     os.close(fd)
     return superblock
+
+
+def check_overwrite(path: str, force: bool) -> None:
+    """Raise unless the existing ``path`` may be formatted.
+
+    Only a regular file or a block device can be formatted. Without ``force``
+    it must be empty: a file of size 0, or one whose first
+    ``EMPTY_CHECK_SIZE`` bytes are all zero. A store, or any other data,
+    needs ``force``.
+    """
+    mode = os.stat(path).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise errors.Invalid(
+            f"{path} is not a regular file or block device; give the path of an "
+            "image file or a block device"
+        )
+    if force:
+        return
+    if read_superblock(path) is not None:
+        raise errors.Exists(
+            f"{path} already holds an lcfs store; pass --force to overwrite it"
+        )
+    with open(path, "rb") as f:
+        head = f.read(EMPTY_CHECK_SIZE)
+    if head.count(0) != len(head):
+        raise errors.NotEmpty(
+            f"{path} contains data and no lcfs store; check the path, or pass "
+            "--force to format it, which destroys its contents"
+        )
+
+
+def _set_file_size(fd: int, path: str, size: int) -> None:
+    try:
+        os.ftruncate(fd, size)
+    except (OSError, OverflowError) as error:
+        # OverflowError: the size does not fit in off_t at all.
+        reason = getattr(error, "strerror", None) or os.strerror(errno.EFBIG)
+        raise errors.Invalid(
+            f"cannot set the size of image file {path} to {size} bytes: "
+            f"{reason}; give a smaller --size"
+        ) from error
 
 
 def _build_empty_environment(metadata_size: int, superblock: dict) -> bytes:

@@ -168,6 +168,28 @@ def test_socket_path_too_long(workdir):
     assert not (workdir / "long.img").exists()
 
 
+def daemon_options(
+    workdir: Path,
+    name: str,
+    device: Path | None = None,
+    socket: Path | None = None,
+    mountpoint: Path | None = None,
+    pid_file: Path | None = None,
+) -> list[str]:
+    """Return `lcfs daemon` options for a daemon ``name`` with its files in ``workdir``.
+
+    The device defaults to a new 64 MiB image ``name``.img.
+    """
+    options = [
+        "--device", str(device or workdir / f"{name}.img"), "--size", "64M",
+        "--socket", str(socket or workdir / f"{name}.sock"),
+        "--mountpoint", str(mountpoint or workdir / f"{name}.mnt"),
+    ]  # fmt: skip
+    if pid_file is not None:
+        options += ["--pid-file", str(pid_file)]
+    return options
+
+
 def run_lcfs(*arguments: str) -> subprocess.CompletedProcess:
     """Run `lcfs` with ``arguments`` and return the result, stderr merged into stdout."""
     return subprocess.run(
@@ -255,3 +277,20 @@ def test_mkfs_block_device(loop_device):
     formatted = run_lcfs("mkfs", loop_device)
     assert formatted.returncode == 0, formatted.stdout
     assert read_superblock(loop_device)["magic"] == "lcfs"
+
+
+@pytest.mark.parametrize("below", ["l2", "l2/sub"])
+def test_mount_inside_live_mount(workdir, below):
+    with running_lcfs(daemon_a(workdir)) as a:
+        a.call("GraphDriver.Create", {"ID": "l2"})
+        mountpoint = a.mountpoint / below
+        result = run_daemon(*daemon_options(workdir, "e", mountpoint=mountpoint))
+        assert result.returncode == 2, result.stdout
+        assert (
+            f"mount point {mountpoint} is inside the live lcfs mount at {a.mountpoint}"
+            in result.stdout
+        )
+        assert lcfs_mounts_at(mountpoint) == 0
+        assert os.listdir(a.mountpoint / "l2") == []
+        assert not (workdir / "e.img").exists()
+        assert not (workdir / "e.pid").exists()

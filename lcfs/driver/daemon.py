@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from lcfs.fuse.mount import check_mountpoint
 from lcfs.fuse.settings import FuseSettings
 from lcfs.store import Store
 
@@ -276,6 +277,12 @@ class Daemon:
             if path:
                 claim_socket_path(path)
         pid_file = config.resolved_pid_file()
+        mountpoint = config.resolved_mountpoint()
+        if mountpoint:
+            try:
+                check_mountpoint(mountpoint)
+            except RuntimeError as error:
+                raise DaemonError(f"--mountpoint: {error}") from error
         store = await asyncio.to_thread(open_store, config.device, config.size)
         pid_written = False
         try:

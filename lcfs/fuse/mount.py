@@ -81,18 +81,30 @@ _active_lock = threading.Lock()
 _active_server: FuseServer | None = None
 
 
+def _mount_table() -> list[tuple[str, str, str]]:
+    """Return (mount point, filesystem type, device number) of every mount.
+
+    The order is /proc/self/mountinfo's, in which later lines are mounted on
+    top of earlier ones.
+    """
+    table = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            separator = fields.index("-")
+            point = watchdog.unescape_mountinfo(fields[4])
+            table.append((point, fields[separator + 1], fields[2]))
+    return table
+
+
 def find_mount(mountpoint: str, fstype: str = FSTYPE) -> str | None:
     """Return the device number (``major:minor``) of the top mount of ``fstype``
     at ``mountpoint``, or None when there is none."""
     mountpoint = os.path.realpath(mountpoint)
     found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            separator = fields.index("-")
-            if (watchdog.unescape_mountinfo(fields[4]) == mountpoint
-                    and fields[separator + 1] == fstype):
-                found = fields[2]  # later lines are mounted on top of earlier ones
+    for point, point_fstype, device in _mount_table():
+        if point == mountpoint and point_fstype == fstype:
+            found = device
     return found
 
 
@@ -117,6 +129,47 @@ def find_live_mount(mountpoint: str) -> str | None:
     if f"{os.major(visible)}:{os.minor(visible)}" != device:
         return None
     return device
+
+
+def find_live_mount_above(path: str) -> str | None:
+    """Return the mount point of the live lcfs mount that ``path`` lies inside, or None.
+
+    ``path`` lies inside the last mount, in mount order, whose mount point is
+    one of its parent directories, because a later mount on a parent
+    directory hides every earlier one below it. ``find_live_mount`` checks
+    a mount at ``path`` itself.
+    """
+    path = os.path.realpath(path)
+    enclosing = None
+    for point, fstype, _ in _mount_table():
+        if point != path and path.startswith(point.rstrip("/") + "/"):
+            enclosing = (point, fstype)
+    if enclosing is None or enclosing[1] != FSTYPE:
+        return None
+    if find_live_mount(enclosing[0]) is None:
+        return None
+    return enclosing[0]
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """Raise RuntimeError if ``mountpoint`` is on or inside a live lcfs mount.
+
+    A mount there would hide the layers of the daemon that serves it.
+    """
+    mountpoint = os.path.realpath(mountpoint)
+    live = find_live_mount(mountpoint)
+    if live is not None:
+        raise RuntimeError(
+            f"another lcfs mount (device {live}) is live at {mountpoint}; "
+            "stop the daemon that serves it, or choose another mount point"
+        )
+    above = find_live_mount_above(mountpoint)
+    if above is not None:
+        raise RuntimeError(
+            f"mount point {mountpoint} is inside the live lcfs mount at {above}, "
+            "and a mount there would hide its layers; choose a mount point "
+            "outside it"
+        )
 
 
 def _init_session(operations, mountpoint: str, options: frozenset[str]) -> None:
@@ -284,12 +337,7 @@ class FuseServer:
                     f"cannot mount lcfs at {mountpoint}: this process already serves "
                     f"the mount at {_active_server.mountpoint}; stop it first"
                 )
-            live = find_live_mount(mountpoint)
-            if live is not None:
-                raise RuntimeError(
-                    f"another lcfs mount (device {live}) is live at {mountpoint}; "
-                    "stop the daemon that serves it, or choose another mount point"
-                )
+            check_mountpoint(mountpoint)
             initialized = threading.Event()
             operations = LayerOperations(self.store, initialized, self.settings, self.stats)
             _init_session(operations, mountpoint, self.options)

@@ -115,8 +115,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument(
         "--pid-file",
-        help="file to write the daemon's pid to (default: the socket path "
-        "with .pid in place of .sock)",
+        help="file to write the daemon's pid to; an existing file is replaced "
+        "only if it contains just a pid and is not the device (default: the "
+        "socket path with .pid in place of .sock)",
     )
     daemon.add_argument(
         "--stop-timeout",

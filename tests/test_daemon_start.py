@@ -18,6 +18,7 @@ from lcfs_daemon import LcfsDaemon, lcfs_command, running_lcfs
 from mounts import mount_table, unmount_under
 from test_fuse_features import watchdog_of
 
+from lcfs.store import Store
 from lcfs.store.format import read_superblock
 
 # Seconds a daemon that must fail at start may take to exit.
@@ -34,7 +35,11 @@ def workdir(tmp_path):
 
 
 def run_daemon(*options: str) -> subprocess.CompletedProcess:
-    """Run `lcfs daemon` with ``options`` until it exits, or send SIGTERM after START_TIMEOUT s."""
+    """Run `lcfs daemon` with ``options`` until it exits.
+
+    A daemon still running after START_TIMEOUT s gets SIGTERM, and SIGKILL
+    after START_TIMEOUT s more.
+    """
     process = subprocess.Popen(
         [lcfs_command(), "daemon", *options],
         stdin=subprocess.DEVNULL,
@@ -47,7 +52,11 @@ def run_daemon(*options: str) -> subprocess.CompletedProcess:
         output, _ = process.communicate(timeout=START_TIMEOUT)
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=START_TIMEOUT)
+        try:
+            output, _ = process.communicate(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
         output += f"\n[still running after {START_TIMEOUT} s; stopped by the test]"
     return subprocess.CompletedProcess(process.args, process.returncode, output)
 
@@ -215,6 +224,77 @@ def write_tar(path: Path) -> bytes:
     return buffer.getvalue()
 
 
+def make_store(path: Path) -> dict:
+    """Format a 64 MiB image at ``path`` with one layer and return its superblock."""
+    superblock = Store.mkfs(str(path), size=64 << 20)
+    with Store.open(str(path)) as store:
+        store.create_layer("base")
+    return superblock
+
+
+@pytest.mark.parametrize("name", ["same path", "hard link"])
+def test_pid_file_is_device(workdir, name):
+    device = workdir / "pf.img"
+    superblock = make_store(device)
+    pid_file = device if name == "same path" else workdir / "pf.pid"
+    if name == "hard link":
+        os.link(device, pid_file)
+    result = run_daemon(
+        *daemon_options(workdir, "pf", device=device, pid_file=pid_file)
+    )
+    assert result.returncode == 2, result.stdout
+    assert f"--pid-file {pid_file} is the device" in result.stdout
+    assert device.stat().st_size == 64 << 20
+    assert read_superblock(str(device))["uuid"] == superblock["uuid"]
+    with Store.open(str(device)) as store:
+        assert [layer.id for layer in store.list_layers()] == ["base"]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("pid_file", "--pid-file {path} exists and does not contain just a pid"),
+        ("device", "{path} holds no lcfs store"),
+    ],
+)
+def test_data_file_kept(workdir, option, message):
+    path = workdir / "keep.tar"
+    content = write_tar(path)
+    result = run_daemon(*daemon_options(workdir, "keep", **{option: path}))
+    assert result.returncode == 2, result.stdout
+    assert message.format(path=path) in result.stdout
+    assert path.read_bytes() == content
+    assert not (workdir / "keep.img").exists()
+
+
+@pytest.mark.parametrize("kind", ["directory", "FIFO"])
+def test_pid_file_not_regular(workdir, kind):
+    pid_file = workdir / "pf.pid"
+    if kind == "directory":
+        pid_file.mkdir()
+    else:
+        os.mkfifo(pid_file)
+    result = run_daemon(*daemon_options(workdir, "pf", pid_file=pid_file))
+    assert result.returncode == 2, result.stdout
+    assert f"--pid-file {pid_file} is a {kind}, not a regular file" in result.stdout
+    assert "Errno" not in result.stdout
+    assert pid_file.is_dir() == (kind == "directory")
+    assert not (workdir / "pf.img").exists()
+
+
+def test_stale_pid_file_replaced(workdir):
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    a = daemon_a(workdir)
+    pid_file = a.workdir / "lcfs.pid"
+    a.workdir.mkdir()
+    pid_file.write_text(f"{exited.pid}\n")
+    with running_lcfs(a):
+        assert pid_file.read_text() == f"{a.process.pid}\n"
+    assert a.returncode == 0
+    assert not pid_file.exists()
+
+
 def test_mkfs_refuses_data_file(workdir):
     path = workdir / "victim.bin"
     content = write_tar(path)
@@ -294,3 +374,79 @@ def test_mount_inside_live_mount(workdir, below):
         assert os.listdir(a.mountpoint / "l2") == []
         assert not (workdir / "e.img").exists()
         assert not (workdir / "e.pid").exists()
+
+
+def test_device_directory(workdir):
+    device = workdir / "dir.img"
+    device.mkdir()
+    result = run_daemon(*daemon_options(workdir, "dir", device=device))
+    assert result.returncode == 2, result.stdout
+    assert f"--device {device} is a directory" in result.stdout
+    assert "pass --device an image file" in result.stdout
+    assert "Errno" not in result.stdout
+
+
+def test_socket_in_read_only_mount(workdir):
+    mountpoint = workdir / "ro.mnt"
+    socket_path = mountpoint / "ro.sock"
+    result = run_daemon(
+        *daemon_options(workdir, "ro", socket=socket_path, mountpoint=mountpoint)
+    )
+    assert result.returncode == 2, result.stdout
+    assert (
+        f"cannot listen on --socket {socket_path}: Read-only file system"
+        in result.stdout
+    )
+    assert "Errno" not in result.stdout
+    assert lcfs_mounts_at(mountpoint) == 0
+    assert not (workdir / "ro.img").exists()
+
+
+def test_size_too_large(workdir):
+    size = 99999 << 40
+    probe = workdir / "probe.img"
+    with open(probe, "wb") as f:
+        try:
+            f.truncate(size)
+        except OSError:
+            allowed = False
+        else:
+            allowed = True
+    probe.unlink()
+    if allowed:
+        pytest.skip(f"the file system under {workdir} allows files of 99999 TiB")
+    device = workdir / "big.img"
+    options = daemon_options(workdir, "big", device=device)
+    options[options.index("--size") + 1] = "99999T"
+    result = run_daemon(*options)
+    assert result.returncode == 2, result.stdout
+    assert (
+        f"cannot set the size of image file {device} to {size} bytes: File too large"
+        in result.stdout
+    )
+    assert "give a smaller --size" in result.stdout
+    assert not device.exists()
+
+
+def test_mount_failure_removes_new_image(workdir):
+    blocker = workdir / "file"
+    blocker.write_text("not a directory\n")
+    mountpoint = blocker / "mnt"
+    result = run_daemon(*daemon_options(workdir, "mf", mountpoint=mountpoint))
+    assert result.returncode == 2, result.stdout
+    assert f"cannot create mount point {mountpoint}" in result.stdout
+    assert not (workdir / "mf.img").exists()
+    assert not (workdir / "mf.pid").exists()
+
+
+def test_mount_failure_keeps_existing_image(workdir):
+    device = workdir / "mf.img"
+    superblock = make_store(device)
+    mountpoint = workdir / "file" / "mnt"
+    mountpoint.parent.write_text("not a directory\n")
+    result = run_daemon(
+        *daemon_options(workdir, "mf", device=device, mountpoint=mountpoint)
+    )
+    assert result.returncode == 2, result.stdout
+    assert f"cannot create mount point {mountpoint}" in result.stdout
+    assert read_superblock(str(device))["uuid"] == superblock["uuid"]

@@ -7,14 +7,17 @@ stop, because containers keep bind mounts of snapshot directories for as
 long as they run.
 
 Start order: claim the socket path (failing when another live process
-serves it), open the device, write the pid file, mount, then listen. The pid
-file is written only once the daemon has locked the device, so a start that
-fails on a busy device leaves the running daemon's pid file alone. On first start
-the image file is created and formatted, and every open runs journal
-recovery. Stop order on SIGTERM or SIGINT: stop listening and finish the
-requests in flight, wait for their worker threads, unmount, commit, close
-the store, remove the socket, and remove the pid file if it still contains
-this daemon's pid.
+serves it), check the pid file, the device and the mount point, open the
+device, write the pid file, mount, then listen. The pid file is written only
+once the daemon has locked the device, so a start that fails on a busy
+device leaves the running daemon's pid file alone. It replaces only a pid
+file, never the device or a file with other contents. On first start the
+image file is created and formatted, and a start that fails before it
+listens removes that file again. Every open runs journal recovery. Stop
+order on SIGTERM or SIGINT: stop listening and finish the requests in
+flight, wait for their worker threads, unmount, commit, close the store,
+remove the socket, and remove the pid file if it still contains this
+daemon's pid.
 
 Threads: the event loop (this module and the plugin server) runs on the
 main thread, FUSE runs its own trio thread, and store calls run on an
@@ -26,9 +29,11 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import signal
 import socket
 import stat
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -62,6 +67,19 @@ SHUTDOWN_TIMEOUT = 30.0
 # Bytes in the path of a unix socket: sun_path has 108, the last for the
 # terminating NUL that Python and Go's net package require.
 SOCKET_PATH_MAX = 107
+
+# Bytes read from a pid file, more than any pid and a newline need.
+PID_FILE_MAX = 32
+PID_TEXT = re.compile(rb"[0-9]+\n?")
+
+FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
 class DaemonError(Exception):
@@ -152,67 +170,182 @@ def bind_socket(path: str) -> socket.socket:
     """Return a socket listening on ``path`` with mode 0600 from its first moment.
 
     The socket is bound under a temporary name, restricted, then renamed into
-    place, so no one can connect while its mode is still the umask's.
+    place, so no one can connect while its mode is still the umask's. Raises
+    DaemonError naming the path when it cannot be created.
     """
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     temporary = temporary_socket_name(path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(temporary)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(temporary)
-        os.chmod(temporary, 0o600)
-        os.rename(temporary, path)
-        sock.listen(128)
-    except BaseException:
-        sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+        try:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            sock.bind(temporary)
+            os.chmod(temporary, 0o600)
+            os.rename(temporary, path)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+    except OSError as error:
+        raise DaemonError(
+            f"cannot listen on --socket {path}: {error.strerror}; pass --socket "
+            "a path in a writable directory outside the mount point"
+        ) from error
     return sock
 
 
-def open_store(device: str, size: int | None) -> Store:
-    """Open the store on ``device``, formatting a new sparse image if it is missing."""
+def file_kind(mode: int) -> str:
+    """Return the kind of file that ``mode`` describes, with an article."""
+    return FILE_KINDS.get(stat.S_IFMT(mode), "a special file")
+
+
+def check_device(device: str) -> None:
+    """Raise DaemonError unless ``device`` is missing, a regular file or a block device."""
+    try:
+        mode = os.stat(device).st_mode
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise DaemonError(
+            f"--device {device} is {file_kind(mode)}, not an image file or block "
+            "device; pass --device an image file (created if missing) or a "
+            "block device"
+        )
+
+
+def open_store(device: str, size: int | None) -> tuple[Store, int | None]:
+    """Open the store on ``device``, formatting a new sparse image if it is missing.
+
+    Returns the store and the inode number of the image file if this call
+    created it, else None. A created file is removed again if it cannot be
+    opened.
+    """
+    check_device(device)
+    created_inode = None
     if not os.path.exists(device):
         size = DEFAULT_SIZE if size is None else size
         log.info("creating image %s of %d bytes", device, size)
         os.makedirs(os.path.dirname(os.path.abspath(device)), mode=0o700, exist_ok=True)
         Store.mkfs(device, size=size)
+        created_inode = os.stat(device).st_ino
     elif size is not None:
         log.info("ignoring --size: %s exists already", device)
-    return Store.open(device)
+    try:
+        return Store.open(device), created_inode
+    except BaseException:
+        if created_inode is not None:
+            remove_created_image(device, created_inode)
+        raise
+
+
+def remove_created_image(device: str, inode: int) -> None:
+    """Remove the image file that a failed first start created."""
+    log.info("removing image %s: this start created it and then failed", device)
+    remove_own_file(device, inode)
 
 
 def read_pid_file(path: str) -> int | None:
-    """Return the pid that ``path`` contains, or None when it is missing or malformed."""
-    try:
-        with open(path, encoding="ascii") as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
+    """Return the pid that ``path`` contains, or None when it contains anything else.
 
-
-def write_pid_file(path: str) -> None:
-    """Write this process's pid to ``path``, replacing a file left by a dead process.
-
-    Raises DaemonError when the file names another process that is running.
+    A pid file contains decimal digits and an optional newline. A missing
+    file, one that is not a regular file, or one with other contents
+    returns None.
     """
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw = os.read(fd, PID_FILE_MAX + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(raw) > PID_FILE_MAX or not PID_TEXT.fullmatch(raw):
+        return None
+    return int(raw)
+
+
+def check_pid_file(path: str, device: str) -> None:
+    """Raise DaemonError unless ``path`` is missing or a pid file the daemon may replace.
+
+    The daemon replaces only a regular file that contains just a pid and
+    is not the device, so that a mistaken --pid-file destroys no data.
+    """
+    if os.path.realpath(path) == os.path.realpath(device):
+        raise DaemonError(
+            f"--pid-file {path} is the device; pass --pid-file another path"
+        )
+    try:
+        pid_stat = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(pid_stat.st_mode):
+        raise DaemonError(
+            f"--pid-file {path} is {file_kind(pid_stat.st_mode)}, not a regular "
+            "file; pass --pid-file the path of a file"
+        )
+    try:
+        device_stat = os.stat(device)
+    except FileNotFoundError:
+        device_stat = None
+    if device_stat is not None and os.path.samestat(pid_stat, device_stat):
+        raise DaemonError(
+            f"--pid-file {path} is the device {device} under another name; pass "
+            "--pid-file another path"
+        )
+    if read_pid_file(path) is None:
+        raise DaemonError(
+            f"--pid-file {path} exists and does not contain just a pid; check "
+            "the path, and remove the file if it is an old pid file"
+        )
+
+
+def write_pid_file(path: str, device: str) -> int:
+    """Write this process's pid to ``path`` and return the file's inode number.
+
+    A pid file left by a dead process is replaced. Raises DaemonError when
+    ``check_pid_file`` rejects the path, when the file names another process
+    that is running, or when the file cannot be written.
+    """
+    check_pid_file(path, device)
     holder = read_pid_file(path)
     if holder is not None and holder != os.getpid() and _pid_alive(holder):
         raise DaemonError(
             f"pid file {path} names running process {holder}; stop that process "
             "first or pass another --pid-file"
         )
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="ascii") as f:
-        f.write(f"{os.getpid()}\n")
-    os.rename(temporary, path)
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(
+            prefix=f"{os.path.basename(path)}.", suffix=".tmp", dir=directory
+        )
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(f"{os.getpid()}\n")
+            os.chmod(temporary, 0o644)
+            os.rename(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        return os.lstat(path).st_ino
+    except OSError as error:
+        raise DaemonError(
+            f"cannot write --pid-file {path}: {error.strerror}; pass --pid-file "
+            "a path in a writable directory"
+        ) from error
 
 
-def remove_pid_file(path: str) -> None:
-    """Remove the pid file ``path`` if it still contains this process's pid."""
+def remove_pid_file(path: str, inode: int) -> None:
+    """Remove the pid file ``path`` if it is still the file this process wrote."""
     holder = read_pid_file(path)
     if holder is None:
         return
@@ -224,7 +357,7 @@ def remove_pid_file(path: str) -> None:
             os.getpid(),
         )
         return
-    remove_own_file(path)
+    remove_own_file(path, inode)
 
 
 def remove_own_file(path: str, expected_inode: int | None = None) -> None:
@@ -248,6 +381,9 @@ class Daemon:
         self._stop = asyncio.Event()
         self._signal_name = ""
         self._workers_left = False
+        # Set once every socket listens. A start that fails before then
+        # removes an image file it created.
+        self._listening = False
 
     def run(self) -> int:
         """Run until SIGTERM or SIGINT; return the exit code (0 after a clean stop)."""
@@ -277,18 +413,20 @@ class Daemon:
             if path:
                 claim_socket_path(path)
         pid_file = config.resolved_pid_file()
+        check_pid_file(pid_file, config.device)
         mountpoint = config.resolved_mountpoint()
         if mountpoint:
             try:
                 check_mountpoint(mountpoint)
             except RuntimeError as error:
                 raise DaemonError(f"--mountpoint: {error}") from error
-        store = await asyncio.to_thread(open_store, config.device, config.size)
-        pid_written = False
+        store, created_inode = await asyncio.to_thread(
+            open_store, config.device, config.size
+        )
+        pid_inode = None
         try:
             try:
-                write_pid_file(pid_file)
-                pid_written = True
+                pid_inode = write_pid_file(pid_file, config.device)
                 await self._serve(store)
             finally:
                 if not self._workers_left:
@@ -302,8 +440,10 @@ class Daemon:
                         config.device,
                     )
         finally:
-            if pid_written:
-                remove_pid_file(pid_file)
+            if pid_inode is not None:
+                remove_pid_file(pid_file, pid_inode)
+            if created_inode is not None and not self._listening:
+                remove_created_image(config.device, created_inode)
         log.info("lcfs daemon stopped (pid %d)", os.getpid())
         return 0
 
@@ -334,13 +474,21 @@ class Daemon:
 
                 await asyncio.to_thread(store.reconcile_snapshots)
                 snapshotter = SnapshotterServer(store, mounts, config.snapshotter_socket)
-                await snapshotter.start()
+                try:
+                    await snapshotter.start()
+                except OSError as error:
+                    raise DaemonError(
+                        f"cannot listen on --snapshotter-socket "
+                        f"{config.snapshotter_socket}: {error.strerror or error}; "
+                        "pass a path in a writable directory outside the mount point"
+                    ) from error
             if config.socket_path:
                 runner_started = True
                 await runner.setup()
                 sock = bind_socket(config.socket_path)
                 socket_inode = os.lstat(config.socket_path).st_ino
                 await web.SockSite(runner, sock).start()
+            self._listening = True
             await asyncio.to_thread(self._log_orphans, store, plugin.stored_home())
             log.info(
                 "lcfs daemon ready: socket %s, snapshotter socket %s, mount %s",

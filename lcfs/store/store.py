@@ -287,7 +287,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             superblock = read_superblock(path)
             if superblock is None or superblock.get("magic") != "lcfs":
                 raise errors.FormatError(
-                    f"{path} holds no lcfs store; format it with 'lcfs mkfs {path}'"
+                    f"{path} holds no lcfs store; check that it is the right device, "
+                    f"then format it with 'lcfs mkfs {path}' (mkfs asks for --force "
+                    "if it contains data, which formatting destroys)"
                 )
             if superblock["format"] != 1:
                 raise errors.FormatError(

@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from lcfs_daemon import LcfsDaemon, lcfs_command, running_lcfs
+from lcfs_daemon import LcfsDaemon, PluginError, lcfs_command, running_lcfs
 from mounts import mount_table, unmount_under
 from test_fuse_features import watchdog_of
 
@@ -374,6 +374,18 @@ def test_mount_inside_live_mount(workdir, below):
         assert os.listdir(a.mountpoint / "l2") == []
         assert not (workdir / "e.img").exists()
         assert not (workdir / "e.pid").exists()
+
+
+def test_init_home_inside_live_mount(workdir):
+    with running_lcfs(daemon_a(workdir)) as a:
+        a.call("GraphDriver.Create", {"ID": "l2"})
+        home = a.mountpoint / "l2" / "home"
+        with running_lcfs(LcfsDaemon(workdir / "b", size="64M")) as b:
+            with pytest.raises(PluginError) as info:
+                b.call("GraphDriver.Init", {"Home": str(home)})
+        assert f"inside the live lcfs mount at {a.mountpoint}" in str(info.value)
+        assert os.listdir(a.mountpoint / "l2") == []
+        assert lcfs_mounts_at(home) == 0
 
 
 def test_device_directory(workdir):

@@ -21,7 +21,7 @@ import subprocess
 import threading
 from collections.abc import Callable
 
-from lcfs.fuse.mount import FSTYPE, FuseServer, find_mount
+from lcfs.fuse.mount import FSTYPE, FuseServer, check_mountpoint, find_mount
 from lcfs.fuse.settings import FuseSettings
 from lcfs.fuse.stats import RequestStats
 from lcfs.fuse.watchdog import unescape_mountinfo
@@ -187,6 +187,12 @@ class MountManager:
     def _mount(self, path: str) -> None:
         path = os.path.abspath(path)
         detach_stale_mount(path)
+        # Checked before the directory is made, so that a Home inside another
+        # daemon's mount leaves nothing behind in that daemon's layers.
+        try:
+            check_mountpoint(path)
+        except RuntimeError as error:
+            raise MountError(f"cannot mount lcfs at {path}: {error}") from None
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
         except OSError as error:

@@ -346,9 +346,9 @@ def test_mkfs_block_device(loop_device):
     with open(loop_device, "r+b") as f:
         f.seek(512 << 10)
         f.write(b"data")
-    refused = run_lcfs("mkfs", loop_device)
-    assert refused.returncode == 2, refused.stdout
-    assert f"{loop_device} contains data and no lcfs store" in refused.stdout
+    rejected = run_lcfs("mkfs", loop_device)
+    assert rejected.returncode == 2, rejected.stdout
+    assert f"{loop_device} contains data and no lcfs store" in rejected.stdout
     with open(loop_device, "rb") as f:
         f.seek(512 << 10)
         assert f.read(4) == b"data"

@@ -493,8 +493,8 @@ def _fill_metadata(s, layer: int, directory: int) -> tuple[int, errors.NoSpace]:
 def test_full_metadata_area_keeps_store_usable(store, image):
     # The image's metadata area is 16 MiB, which a few thousand such files fill.
     base = store.create_layer("base").number
-    kept = store.mknod(base, ROOT_INO, b"kept", stat.S_IFREG | 0o644).ino
-    store.write(base, kept, 0, b"hello")
+    kept_ino = store.mknod(base, ROOT_INO, b"kept", stat.S_IFREG | 0o644).ino
+    store.write(base, kept_ino, 0, b"hello")
     store.commit()
     layer = store.create_layer("rw", "base").number
     directory = store.mkdir(layer, ROOT_INO, b"d", 0o755).ino
@@ -503,7 +503,7 @@ def test_full_metadata_area_keeps_store_usable(store, image):
     assert "metadata area" in str(error)
     assert image in str(error)
     store.commit()
-    assert store.read(base, kept, 0, 5) == b"hello"
+    assert store.read(base, kept_ino, 0, 5) == b"hello"
     store.unlink(layer, directory, b"%08d" % 0 + b"y" * 200)
     store.commit()
     store.remove_layer("rw")

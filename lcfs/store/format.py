@@ -367,7 +367,7 @@ def check_overwrite(path: str, force: bool) -> None:
         return
     if read_superblock(path) is not None:
         raise errors.Exists(
-            f"{path} already holds an lcfs store; pass --force to overwrite it"
+            f"{path} already contains an lcfs store; pass --force to overwrite it"
         )
     with open(path, "rb") as f:
         head = f.read(EMPTY_CHECK_SIZE)

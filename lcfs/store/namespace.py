@@ -58,9 +58,9 @@ def check_name(name: bytes) -> None:
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
         raise errors.Invalid(f"invalid file name {os.fsdecode(name)!r}")
     if len(name) > NAME_MAX:
-        shown = os.fsdecode(name[:40])
+        prefix = os.fsdecode(name[:40])
         raise errors.NameTooLong(
-            f"file name {shown!r}... ({len(name)} bytes) is longer than {NAME_MAX} bytes"
+            f"file name {prefix!r}... ({len(name)} bytes) is longer than {NAME_MAX} bytes"
         )
 
 

@@ -235,6 +235,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         # The layer whose Diff finished last: ApplyDiff maps its blocks when the tar matches.
         self._last_diff: int | None = None
         self._closed = False
+        self._page_size = self.env.stat()["psize"]
         # Free pages of the metadata area: an estimate made at the last
         # commit, the pages live then, and the growing operations since.
         self._free_pages = 0
@@ -480,24 +481,26 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         raise errors.StoreError(self._failure) from None
 
     def _count_live_pages(self, txn) -> int:
-        """Return the pages of every database as ``txn`` sees them, LMDB's own included."""
+        """Count the pages of every database in ``txn``'s view, the main one included."""
         pages = 0
         for stats in [txn.stat()] + [txn.stat(db) for db in self.dbs.values()]:
             pages += stats["branch_pages"] + stats["leaf_pages"] + stats["overflow_pages"]
-        # Two meta pages, and about one page of LMDB's free list per 500 free pages.
+        # LMDB's two meta pages. The pages of its free list are estimated by
+        # _estimate_free_pages.
         return pages + 2
 
     @read_op
     def metadata_usage(self) -> tuple[int, int]:
         """Return the bytes of the metadata area in use and its size."""
-        return self._count_live_pages(self._txn) * BLOCK_SIZE, self.metadata_size
+        return self._count_live_pages(self._txn) * self._page_size, self.metadata_size
 
     def _estimate_free_pages(self) -> None:
         """Estimate the free pages of the metadata area after a commit."""
         with self.env.begin() as txn:
             live = self._count_live_pages(txn)
-        total = self.metadata_size // BLOCK_SIZE
+        total = self.metadata_size // self._page_size
         self._live_pages = live
+        # An estimate: one page of LMDB's free list holds about 500 8-byte page numbers.
         self._free_pages = (total - live) - (total - live) // 500
         self._growing_ops = 0
         self._reserve_low = self._free_pages < LOW_SPACE_PAGES

@@ -316,9 +316,11 @@ def _add_fuse_options(parser: argparse.ArgumentParser) -> None:
         "--direct-io",
         choices=DIRECT_IO_MODES,
         default=defaults.direct_io,
-        help="which opens bypass the kernel's page cache: write-only for "
-        "descriptors opened O_WRONLY, the only ones that can never be "
-        "memory-mapped; never to cache every open (default %(default)s)",
+        help="which opens bypass the kernel's page cache: never to cache "
+        "every open, which with the other defaults lets the kernel open files "
+        "without asking the daemon; write-only for descriptors opened "
+        "O_WRONLY, the only ones that can never be memory-mapped "
+        "(default %(default)s)",
     )
     parser.add_argument(
         "--invalidate-on-close",

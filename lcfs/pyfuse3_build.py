@@ -41,6 +41,15 @@ defines. lcfs requests FUSE_HANDLE_KILLPRIV_V2 this way, because without
 it the kernel sends a getattr before every chown. ``lcfs_init_flags()``
 returns the flags the kernel offered and the flags of the reply.
 
+The same read function serves a filesystem that answers open and create
+with ENOSYS, after which the kernel opens files without asking and sends
+READ and WRITE with file handle 0. After ``lcfs_serve_without_opens()``
+it puts the request's node id in place of handle 0, and leaves atomic
+O_TRUNC out of the init reply, so that an open with O_TRUNC arrives as a
+SETATTR. pyfuse3 passes the write handler no request context, so
+``lcfs_write_context()`` returns the uid, gid and pid of the last WRITE
+request read.
+
 Usage: python3 scripts/build_pyfuse3.py [--python PYTHON] [--check]
 (--check only tells, by exit status 0 or 1, whether the build is needed.)
 ``lcfs plugin-bundle`` calls ``build_wheel`` for the plugin's own pyfuse3.
@@ -152,12 +161,29 @@ cdef extern from "<fuse_lowlevel.h>" nogil:
     int fuse_session_custom_io(fuse_session *se, const fuse_custom_io *io, int fd)
 
 cdef enum:
+    _LCFS_OPCODE_READ = 15
+    _LCFS_OPCODE_WRITE = 16
     _LCFS_OPCODE_INIT = 26
-    # fuse_in_header is 40 bytes, and the flags of fuse_init_in are its 4th word.
+    # fuse_in_header: len, opcode, unique (u64), nodeid (u64), uid, gid,
+    # pid, then 4 more bytes: 40 in all.
+    _LCFS_IN_NODEID = 16
+    _LCFS_IN_UID = 24
+    _LCFS_IN_GID = 28
+    _LCFS_IN_PID = 32
+    # fuse_read_in and fuse_write_in start with the file handle (u64).
+    _LCFS_IN_FH = 40
+    # The flags of fuse_init_in are its 4th word.
     _LCFS_INIT_IN_FLAGS = 40 + 12
+    # The kernel's FUSE_ATOMIC_O_TRUNC init flag.
+    _LCFS_ATOMIC_O_TRUNC = 1 << 3
 
 cdef fuse_custom_io _lcfs_io
 cdef uint32_t _lcfs_extra_flags = 0
+cdef uint32_t _lcfs_cleared_flags = 0
+cdef bint _lcfs_node_handles = False
+cdef uint32_t _lcfs_write_uid = 0
+cdef uint32_t _lcfs_write_gid = 0
+cdef uint32_t _lcfs_write_pid = 0
 cdef uint32_t _lcfs_offered_flags = 0
 cdef uint32_t _lcfs_reply_flags = 0
 cdef uint64_t _lcfs_init_unique = 0
@@ -166,10 +192,23 @@ cdef bint _lcfs_init_pending = False
 
 cdef ssize_t _lcfs_read(int fd, void *buf, size_t size, void *userdata) noexcept nogil:
     global _lcfs_init_unique, _lcfs_offered_flags, _lcfs_init_pending
+    global _lcfs_write_uid, _lcfs_write_gid, _lcfs_write_pid
     cdef ssize_t res = unistd.read(fd, buf, size)
     cdef char *data = <char*> buf
-    if (res >= _LCFS_INIT_IN_FLAGS + 4
-            and (<uint32_t*> (data + 4))[0] == _LCFS_OPCODE_INIT):
+    cdef uint32_t opcode
+    cdef uint64_t *fh
+    if res < _LCFS_IN_FH + 8:
+        return res
+    opcode = (<uint32_t*> (data + 4))[0]
+    if opcode == _LCFS_OPCODE_READ or opcode == _LCFS_OPCODE_WRITE:
+        fh = <uint64_t*> (data + _LCFS_IN_FH)
+        if _lcfs_node_handles and fh[0] == 0:
+            fh[0] = (<uint64_t*> (data + _LCFS_IN_NODEID))[0]
+        if opcode == _LCFS_OPCODE_WRITE:
+            _lcfs_write_uid = (<uint32_t*> (data + _LCFS_IN_UID))[0]
+            _lcfs_write_gid = (<uint32_t*> (data + _LCFS_IN_GID))[0]
+            _lcfs_write_pid = (<uint32_t*> (data + _LCFS_IN_PID))[0]
+    elif res >= _LCFS_INIT_IN_FLAGS + 4 and opcode == _LCFS_OPCODE_INIT:
         _lcfs_init_unique = (<uint64_t*> (data + 8))[0]
         _lcfs_offered_flags = (<uint32_t*> (data + _LCFS_INIT_IN_FLAGS))[0]
         _lcfs_init_pending = True
@@ -188,6 +227,7 @@ cdef ssize_t _lcfs_writev(int fd, iovec *iov, int count, void *userdata) noexcep
                 # fuse_init_out: major, minor, max_readahead, flags.
                 init_out = <uint32_t*> iov[1].iov_base
                 init_out[3] |= _lcfs_extra_flags & _lcfs_offered_flags
+                init_out[3] &= ~_lcfs_cleared_flags
                 _lcfs_reply_flags = init_out[3]
     return writev(fd, iov, count)
 
@@ -215,10 +255,30 @@ def lcfs_want_init_flags(uint32_t flags):
 def lcfs_init_flags():
     """Return the kernel's offered init flags and the flags of the reply sent."""
     return _lcfs_offered_flags, _lcfs_reply_flags
+
+
+def lcfs_serve_without_opens():
+    """Prepare the session for a filesystem whose open and create return ENOSYS.
+
+    The kernel then opens files without asking and sends READ and WRITE
+    with file handle 0. From now on such a request reaches the handler
+    with the node id as its file handle. The init reply leaves out atomic
+    O_TRUNC, so that the kernel sends a SETATTR for an open with O_TRUNC
+    instead of leaving the truncate to the open it no longer sends. Call
+    this before ``lcfs_want_init_flags``, which puts the request hooks in place.
+    """
+    global _lcfs_node_handles, _lcfs_cleared_flags
+    _lcfs_node_handles = True
+    _lcfs_cleared_flags |= _LCFS_ATOMIC_O_TRUNC
+
+
+def lcfs_write_context():
+    """Return (uid, gid, pid) of the process behind the last WRITE request read."""
+    return _lcfs_write_uid, _lcfs_write_gid, _lcfs_write_pid
 '''
 
 # Raised whenever EDITS or LOOP_SOURCE change; lcfs uses them only at this level.
-PATCH_LEVEL = 5
+PATCH_LEVEL = 6
 MARKER = f"\n# Set by lcfs's pyfuse3 build.\nLCFS_PATCH_LEVEL = {PATCH_LEVEL}\n"
 CHECK = (
     "import sys, pyfuse3; "

@@ -540,7 +540,7 @@ def test_install_writes_unit_and_spec(tmp_path):
 def test_install_passes_fuse_options(tmp_path):
     result = run_lcfs(
         "install", "--root", str(tmp_path), "--command", "/opt/lcfs/bin/lcfs",
-        "--share-unchanged", "--read-ahead-kb", "512", "--direct-io", "write-only",
+        "--share-unchanged", "--read-ahead-kb", "512", "--direct-io", "never",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     unit = (tmp_path / "etc/systemd/system/lcfs.service").read_text()
@@ -549,6 +549,13 @@ def test_install_passes_fuse_options(tmp_path):
     assert exec_start.endswith(
         "--log-level info --read-ahead-kb 512 --share-unchanged"
     ), exec_start
+    result = run_lcfs(
+        "install", "--root", str(tmp_path), "--command", "/opt/lcfs/bin/lcfs",
+        "--direct-io", "write-only", "--force",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    unit = (tmp_path / "etc/systemd/system/lcfs.service").read_text()
+    assert "--direct-io write-only" in unit
 
 
 @pytest.mark.skipif(

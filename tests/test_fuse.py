@@ -26,6 +26,7 @@ import pytest
 from fuse_fixtures import fuse_available, lcfs_image, mounted  # noqa: F401
 
 from lcfs.fuse import FuseServer, find_mount
+from lcfs.store import ROOT_INO
 
 pytestmark = [
     pytest.mark.fuse,
@@ -328,7 +329,30 @@ def test_unlinked_open_file_stays_readable(mounted):
         assert os.pread(fd, 4, len(data)) == b"more"
     finally:
         os.close(fd)
+    # The kernel sends FORGET for the node once the descriptor is gone,
+    # and the daemon frees the file then.
+    deadline = time.monotonic() + 5
+    while (os.statvfs(mounted.path).f_bfree <= free_with_file
+           and time.monotonic() < deadline):  # fmt: skip
+        time.sleep(0.01)
     assert os.statvfs(mounted.path).f_bfree > free_with_file
+    assert not mounted.server.operations._pinned
+
+
+def test_open_with_trunc_empties_cached_file(mounted):
+    path = mounted.at("base", "file")
+    write_file(path, b"0123456789" * 1000)
+    assert read_file(path) == b"0123456789" * 1000  # now in the page cache
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        assert os.fstat(fd).st_size == 0
+        os.write(fd, b"ab")
+    finally:
+        os.close(fd)
+    assert read_file(path) == b"ab"
+    layer = mounted.store.get_layer("base").number
+    ino = mounted.store.lookup(layer, ROOT_INO, b"file").ino
+    assert mounted.store.getattr(layer, ino).size == 2
 
 
 def test_reader_sees_later_write(mounted):
@@ -801,6 +825,19 @@ def test_rename_exchange(mounted):
 # -- frozen layers ----------------------------------------------------------------
 
 
+def open_and_write(path: str, flags: int) -> None:
+    """Open ``path`` with ``flags`` and write to it.
+
+    When the daemon answers no open requests, the kernel opens a file of a
+    frozen layer for writing itself, and the write is what fails.
+    """
+    fd = os.open(path, flags)
+    try:
+        os.write(fd, b"changed")
+    finally:
+        os.close(fd)
+
+
 def test_frozen_layer_rejects_changes(mounted):
     at = mounted.at
     os.mkdir(at("base", "dir"))
@@ -810,8 +847,8 @@ def test_frozen_layer_rejects_changes(mounted):
     cases = [
         (os.mkdir, at("base", "new")),
         (os.open, at("base", "new"), os.O_CREAT | os.O_WRONLY),
-        (os.open, at("base", "file"), os.O_WRONLY),
-        (os.open, at("base", "file"), os.O_RDWR),
+        (open_and_write, at("base", "file"), os.O_WRONLY),
+        (open_and_write, at("base", "file"), os.O_RDWR),
         (os.truncate, at("base", "file"), 0),
         (os.unlink, at("base", "file")),
         (os.rmdir, at("base", "dir")),

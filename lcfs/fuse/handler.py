@@ -135,6 +135,8 @@ def _subject(ops, parameter: str | None, value) -> str:
 
     The result is " on node N (inode I of layer ID)" or shorter, or "".
     """
+    if parameter == "fh" and ops.skip_opens:
+        parameter = "inode"  # the kernel opened the file itself; fh is its node
     if parameter == "fh":
         handle = ops._files.get(value) or ops._dirs.get(value)
         if handle is None or handle.layer is None:

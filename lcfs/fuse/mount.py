@@ -183,14 +183,20 @@ def _init_session(operations, mountpoint: str, options: frozenset[str]) -> None:
             f"mount of lcfs at {mountpoint} failed ({exc}); libfuse wrote the "
             "reason to standard error"
         ) from exc
-    if KILLPRIV_HOOK:
-        try:
-            pyfuse3.lcfs_want_init_flags(FUSE_HANDLE_KILLPRIV_V2)
-        except OSError as exc:
-            # The daemon clears setuid itself either way, so the mount
-            # works, only with a getattr before every chown.
-            log.warning("request of FUSE_HANDLE_KILLPRIV_V2 for %s failed: %s",
-                        mountpoint, exc)  # fmt: skip
+    if not KILLPRIV_HOOK:
+        operations.skip_opens = False
+        return
+    if operations.skip_opens:
+        pyfuse3.lcfs_serve_without_opens()
+    try:
+        pyfuse3.lcfs_want_init_flags(FUSE_HANDLE_KILLPRIV_V2)
+    except OSError as exc:
+        # The daemon clears setuid itself either way, so the mount works,
+        # only with a getattr before every chown, and with open requests,
+        # because the hooks that serve files without them are missing.
+        operations.skip_opens = False
+        log.warning("request of FUSE_HANDLE_KILLPRIV_V2 for %s failed: %s",
+                    mountpoint, exc)  # fmt: skip
 
 
 class _EntryInvalidator:
@@ -366,12 +372,13 @@ class FuseServer:
         log.info("mounted lcfs at %s (device %s, options %s, direct I/O %s, "
                  "invalidate on close %s, share unchanged %s, kernel symlink and "
                  "directory caches %s, read-ahead %s, request loop %s, setuid "
-                 "clearing by %s)", mountpoint,
+                 "clearing by %s, open requests %s)", mountpoint,
                  device, ",".join(sorted(self.options)), self.settings.direct_io,
                  "on" if self.settings.invalidate_on_close else "off",
                  "on" if self.settings.share_unchanged else "off",
                  "on" if KERNEL_CACHES else "off (stock pyfuse3)", read_ahead,
-                 self.request_loop, self.privilege_clearing)  # fmt: skip
+                 self.request_loop, self.privilege_clearing,
+                 "skipped" if operations.skip_opens else "served")  # fmt: skip
 
     @property
     def privilege_clearing(self) -> str:

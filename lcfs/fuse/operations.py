@@ -31,8 +31,17 @@ Invariants:
 - No handler waits for anything but ``release`` with invalidate-on-close,
   so the mount serves requests one at a time on a plain loop
   (``lcfs.fuse.mount``) unless that setting is on.
-- An open file pins its inode in the store, so an unlinked file stays
-  readable and writable until its last descriptor is closed.
+- A regular file of a writable layer stays in the store while the kernel
+  has a reference to its node (``_pinned``), which it has while any
+  descriptor is open. An unlinked file thus stays readable and writable
+  until its last descriptor is closed, with or without open requests.
+- With ``skip_opens``, open and create answer ENOSYS. The kernel then
+  stops sending OPEN, CREATE (it sends MKNOD) and RELEASE for the whole
+  mount, keeps every file's pages (FOPEN_KEEP_CACHE), and the rebuilt
+  pyfuse3 hands read and write the node id as their file handle. That
+  saves two round trips for every file a container opens. It needs no
+  per-descriptor state: no direct I/O, no invalidate-on-close and no
+  shared nodes, which each need an open.
 - ``_attrs`` keeps the attributes of every node the kernel holds, from the
   last reply that carried them. They are trusted for a frozen layer until
   the kernel forgets the node, and for a writable layer for as long as the
@@ -64,7 +73,7 @@ from .privileges import (
     mode_after_data_change,
     mode_after_owner_change,
 )
-from .settings import DIRECT_IO_WRITE_ONLY, FuseSettings
+from .settings import DIRECT_IO_NEVER, DIRECT_IO_WRITE_ONLY, FuseSettings
 from .stats import RequestStats
 from .xattrs import CAPABILITY_XATTR, XattrHandlers
 
@@ -79,6 +88,9 @@ WRITABLE_TIMEOUT = 1.0
 # Whether this pyfuse3 lets lcfs turn on the kernel's symlink and directory
 # caches; only a build by scripts/build_pyfuse3.py does.
 KERNEL_CACHES = getattr(pyfuse3, "LCFS_PATCH_LEVEL", 0) >= PATCH_LEVEL
+
+# Whether this pyfuse3 can serve reads and writes without opens (skip_opens).
+NODE_HANDLES = hasattr(pyfuse3, "lcfs_serve_without_opens")
 
 # Listings kept between the readdir requests of one directory read when
 # there are no directory handles (KERNEL_CACHES).
@@ -115,6 +127,15 @@ class OpenFile:
     opener: object
     caller: Caller | None = None
     shared: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RequestIds:
+    """The ids of the process behind a request, as a pyfuse3 context carries them."""
+
+    uid: int
+    gid: int
+    pid: int
 
 
 @dataclass(slots=True)
@@ -160,6 +181,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self.lookup_counts: dict[int, int] = {}
         self._attrs: dict[int, tuple[object, float]] = {}
         self._open_counts: dict[int, int] = {}
+        # node -> (layer, ino) of the regular files of writable layers that
+        # the kernel has references to, each pinned once in the store.
+        self._pinned: dict[int, tuple[int, int]] = {}
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._listings: dict[int, list] = {}
@@ -169,6 +193,12 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._unsharing: dict[tuple[int, int], tuple[float, bool]] = {}
         self._next_handle = 1
         self._mount_time_ns = time.time_ns()
+        # The mount turns this off when it cannot set up the request hooks
+        # that serving without opens needs.
+        self.skip_opens = (NODE_HANDLES and KERNEL_CACHES
+                           and self.settings.direct_io == DIRECT_IO_NEVER
+                           and not self.settings.invalidate_on_close
+                           and not self.settings.share_unchanged)  # fmt: skip
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -210,7 +240,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         for handle, open_file in list(self._files.items()):
             log.info("unmount: releasing file handle %d of node %d", handle,
                      open_file.node)
-            self._unpin(open_file)
+        for node in list(self._pinned):
+            self._unpin(node)
         self._files.clear()
         self._dirs.clear()
         self._listings.clear()
@@ -307,7 +338,25 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         return layer, ino, other_ino
 
     def _remember(self, node: int) -> None:
-        self.lookup_counts[node] = self.lookup_counts.get(node, 0) + 1
+        count = self.lookup_counts.get(node, 0)
+        self.lookup_counts[node] = count + 1
+        if count == 0:
+            self._pin(node)
+
+    def _pin(self, node: int) -> None:
+        """Pin a regular file of a writable layer until the kernel sends FORGET for its node.
+
+        Call it when the kernel takes its first reference to the node.
+        ``_attrs`` then contains the attributes of the reply.
+        """
+        cached = self._attrs.get(node)
+        if cached is None or not stat.S_ISREG(cached[0].mode):
+            return
+        layer, ino = self.store.node_target(node)
+        if self._is_frozen(layer):
+            return
+        self.store.pin(layer, ino)
+        self._pinned[node] = (layer, ino)
 
     def _remembered_entry(self, layer: int, attr):
         """Return the entry of a node the reply hands to the kernel, counting it."""
@@ -399,12 +448,15 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._next_handle += 1
         return handle
 
-    def _unpin(self, open_file: OpenFile) -> None:
+    def _unpin(self, node: int) -> None:
+        """Unpin the file of a node after FORGET, so that the store frees it if unlinked."""
+        layer, ino = self._pinned.pop(node)
         try:
-            self.store.unpin(open_file.layer, open_file.ino)
-        except errors.StoreError as exc:
-            log.warning("unpin of inode %d in layer %d (node %d) failed: %s",
-                        open_file.ino, open_file.layer, open_file.node, exc)
+            self.store.unpin(layer, ino)
+        except Exception:
+            # forget has no reply to carry an error, and an exception here
+            # would end the request loop.
+            log.exception("unpin of inode %d in layer %d (node %d) failed", ino, layer, node)
 
     def _drop_privileges(self, node: int, layer: int, ino: int, caller) -> None:
         """Drop setuid, setgid and file capabilities as a data change must.
@@ -499,6 +551,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             else:
                 self.lookup_counts.pop(node, None)
                 self._attrs.pop(node, None)
+                if node in self._pinned:
+                    self._unpin(node)
         self.stats.record("forget", time.perf_counter() - started)
 
     @fuse_handler()
@@ -690,7 +744,6 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         # which FUSE refuses (ENODEV) on a direct I/O file.
         direct_io = (self.settings.direct_io == DIRECT_IO_WRITE_ONLY
                      and flags & os.O_ACCMODE == os.O_WRONLY)  # fmt: skip
-        self.store.pin(layer, ino)
         open_file = OpenFile(node, layer, ino, direct_io, ctx)
         open_file.shared = self.settings.share_unchanged and self._is_frozen(layer)
         kept = self._attrs.get(node)
@@ -705,6 +758,10 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
 
     @fuse_handler()
     async def open(self, inode, flags, ctx):
+        if self.skip_opens:
+            # The kernel stops sending OPEN and RELEASE (fc->no_open, Linux
+            # fs/fuse/file.c) and opens this file and every later one itself.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         layer, ino = self._target(inode)
         writes = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         if writes and self._is_frozen(layer):
@@ -721,6 +778,10 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
 
     @fuse_handler(modifies=True)
     async def create(self, parent_inode, name, mode, flags, ctx):
+        if self.skip_opens:
+            # The kernel sends MKNOD from now on, and opens the new file
+            # without an OPEN, so it sends no RELEASE for it either.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         layer, dir_ino = self._target(parent_inode)
         mode, gid = self._new_owner(layer, dir_ino, mode, ctx)
         attr = self.store.mknod(layer, dir_ino, name, mode, 0, ctx.uid, gid)
@@ -731,6 +792,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
 
     @fuse_handler()
     async def read(self, fh, off, size):
+        if self.skip_opens:
+            layer, ino = self._target(fh)
+            return self.store.read(layer, ino, off, size)
         open_file = self._files[fh]
         # The kernel caches a shared file's pages for every layer, so a
         # second copy in the device's page cache would only double them.
@@ -739,6 +803,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
 
     @fuse_handler(modifies=True)
     async def write(self, fh, off, buf):
+        if self.skip_opens:
+            return self._write_node(fh, off, buf)
         open_file = self._files[fh]
         # NOTE: pyfuse3 passes no request context to write, so the opener's
         # credentials stand in for the writer's. The kernel removes
@@ -748,6 +814,19 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._drop_privileges(open_file.node, open_file.layer, open_file.ino,
                               lambda: self._opener_credentials(open_file))  # fmt: skip
         return self.store.write(open_file.layer, open_file.ino, off, buf)
+
+    def _write_node(self, node: int, off: int, buf: bytes) -> int:
+        """Write through a node that the kernel opened without asking (skip_opens)."""
+        layer, ino = self._target(node)
+        if self._is_frozen(layer):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        self._drop_privileges(node, layer, ino, self._writer_credentials)
+        return self.store.write(layer, ino, off, buf)
+
+    @staticmethod
+    def _writer_credentials() -> Caller:
+        uid, gid, pid = pyfuse3.lcfs_write_context()
+        return caller_from_context(RequestIds(uid, gid, pid))
 
     @staticmethod
     def _opener_credentials(open_file: OpenFile) -> Caller:
@@ -772,7 +851,6 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     @fuse_handler()
     async def release(self, fh):
         open_file = self._files.pop(fh)
-        self._unpin(open_file)
         node = open_file.node
         remaining = self._open_counts.get(node, 0) - 1
         if remaining > 0:

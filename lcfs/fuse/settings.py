@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Direct I/O for every open that can never be memory-mapped: a descriptor
-# opened O_WRONLY. Its writes bypass the page cache, and the kernel stops
-# asking for security.capability before each write.
+# opened O_WRONLY. Its writes bypass the page cache. The daemon then replies
+# to every open, because the reply sets direct I/O for each descriptor.
 DIRECT_IO_WRITE_ONLY = "write-only"
-# Every open uses the page cache.
+# Every open uses the page cache. With the other settings at their
+# defaults, the kernel then opens and closes files without asking the
+# daemon (LayerOperations.skip_opens).
 DIRECT_IO_NEVER = "never"
 DIRECT_IO_MODES = (DIRECT_IO_WRITE_ONLY, DIRECT_IO_NEVER)
 
@@ -39,7 +41,7 @@ class FuseSettings:
     layer.
     """
 
-    direct_io: str = DIRECT_IO_WRITE_ONLY
+    direct_io: str = DIRECT_IO_NEVER
     invalidate_on_close: bool = False
     watchdog: bool = True
     read_ahead_kb: int = DEFAULT_READ_AHEAD_KB

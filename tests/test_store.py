@@ -12,6 +12,7 @@ import tarfile
 import pytest
 
 from tools import fsck
+from lcfs.journal import intents
 from lcfs.store import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, Store, errors
 
 MiB = 1 << 20
@@ -320,16 +321,52 @@ def test_truncate_zeroes_tail(store):
     assert store.read(layer, f.ino, 0, 10000) == b"x" * 5000 + bytes(5000)
 
 
-def test_unlinked_open_file_freed_at_unpin(store):
+def unlink_pinned_file(store) -> tuple[int, int, int]:
+    """Write a 64 KiB file in a new layer, pin it and unlink it.
+
+    Returns (layer, ino, free blocks before the write).
+    """
     layer = store.create_layer("base").number
     f = store.mknod(layer, ROOT_INO, b"f", stat.S_IFREG | 0o644)
     free = store.statfs().free_blocks
     store.write(layer, f.ino, 0, b"y" * 65536)
     store.pin(layer, f.ino)
     store.unlink(layer, ROOT_INO, b"f")
-    assert store.read(layer, f.ino, 0, 4) == b"yyyy"
-    store.unpin(layer, f.ino)
+    return layer, f.ino, free
+
+
+def test_unlinked_open_file_freed_at_unpin(store):
+    layer, ino, free = unlink_pinned_file(store)
+    assert store.read(layer, ino, 0, 4) == b"yyyy"
+    store.unpin(layer, ino)
     assert store.statfs().free_blocks == free
+
+
+def pending_intent_kinds(store) -> list[str]:
+    with store.env.begin() as txn:
+        return [intent["kind"] for _, intent in intents.pending(txn, store.dbs["intents"])]
+
+
+def test_orphan_reaped_before_commit_leaves_no_intent(store):
+    layer, ino, _ = unlink_pinned_file(store)
+    store.unpin(layer, ino)
+    store.commit()
+    assert pending_intent_kinds(store) == []
+
+
+def test_orphan_pinned_at_commit_reaped_after_reopen(image):
+    store = Store.open(image)
+    _, _, free = unlink_pinned_file(store)
+    store.commit()
+    assert pending_intent_kinds(store) == ["orphan"]
+    # Closed with the file still pinned, as a crash leaves it.
+    store.close()
+    store = Store.open(image)
+    try:
+        assert pending_intent_kinds(store) == []
+        assert store.statfs().free_blocks == free
+    finally:
+        store.close()
 
 
 def test_remove_layer_with_children_rejected(store):

@@ -15,8 +15,6 @@ import stat
 import time
 from dataclasses import dataclass
 
-from lcfs.journal import intents
-
 from . import errors
 from .format import (
     BLOCK_SIZE,
@@ -535,9 +533,10 @@ class NamespaceMixin:
     def _orphan(self, layer: int, ino: int) -> None:
         if (layer, ino) in self._orphans:
             return
-        number = intents.begin(self._txn, self.dbs["intents"], self.dbs["meta"], "orphan",
-                               layer=layer, ino=ino)  # fmt: skip
-        self._orphans[(layer, ino)] = number
+        # Most orphans are reaped before the next commit, so the intent that
+        # lets recovery reap one after a crash is written by the commit
+        # (``_record_orphans``) only for those still pinned then.
+        self._orphans[(layer, ino)] = None
         self._undo.append(lambda: self._orphans.pop((layer, ino), None))
 
     def rmdir(self, layer: int, dir_ino: int, name: bytes) -> None:

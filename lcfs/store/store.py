@@ -229,7 +229,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._nodes: dict[int, tuple[int, int]] = {}
         self._node_keys: dict[tuple[int, int], int] = {}
         self._pins: dict[tuple[int, int], int] = {}
-        self._orphans: dict[tuple[int, int], int] = {}
+        # (layer, ino) of unlinked files still pinned -> the number of the
+        # intent that records them, or None until a commit writes it.
+        self._orphans: dict[tuple[int, int], int | None] = {}
         self._applying: dict[int, int] = {}
         self._xattr_names: set[bytes] = set()
         # The layer whose Diff finished last: ApplyDiff maps its blocks when the tar matches.
@@ -446,6 +448,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             if self.readonly:
                 raise errors.ReadOnly(f"store {self.path} is open read-only")
             try:
+                self._record_orphans()
                 self.alloc.flush(self._group)
             except lmdb.Error as exc:
                 self._fail_commit(exc)
@@ -465,6 +468,15 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             self._uncommitted = False
             self._estimate_free_pages()
             crash_point("commit.done")
+
+    def _record_orphans(self) -> None:
+        """Write the intent of every orphan that has none into the group transaction."""
+        for (layer, ino), number in self._orphans.items():
+            if number is None:
+                self._orphans[(layer, ino)] = intents.begin(
+                    self._group, self.dbs["intents"], self.dbs["meta"], "orphan",
+                    layer=layer, ino=ino,
+                )  # fmt: skip
 
     def _fail_commit(self, exc: lmdb.Error) -> None:
         """End the group transaction after a failed commit, and fail from then on."""
@@ -989,7 +1001,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     def _reap_orphan(self, layer: int, ino: int) -> None:
         number = self._orphans.pop((layer, ino))
         self._undo.append(lambda: self._orphans.__setitem__((layer, ino), number))
-        intents.finish(self._txn, self.dbs["intents"], number)
+        if number is not None:
+            intents.finish(self._txn, self.dbs["intents"], number)
         if layer in self._layers and self._layers[layer].state == "ready":
             self._destroy_inode(layer, ino)
 

@@ -128,3 +128,26 @@ def test_expected_errnos_not_logged(small, handler_log):
             func(path)
         assert info.value.errno == expected
     assert handler_log() == []
+
+
+def test_write_after_delete_uses_freed_space(small):
+    path = small.at("base", "big")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fill(fd)
+    finally:
+        os.close(fd)
+    os.unlink(path)
+    # statfs counts the file's blocks as free once the kernel's FORGET for
+    # its node has reached the daemon, a moment after the unlink.
+    deadline = time.monotonic() + 5
+    while os.statvfs(small.path).f_bfree < 128 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    # The freed blocks become free at the next commit, about a second away,
+    # so the write only succeeds if the daemon commits when it needs them.
+    fd = os.open(small.at("base", "next"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, b"z" * CHUNK)
+    finally:
+        os.close(fd)
+    assert written == CHUNK

@@ -221,7 +221,7 @@ class _EntryInvalidator:
         return self._put(pyfuse3.invalidate_entry, parent, name)
 
     def invalidate_listing(self, node: int) -> threading.Event:
-        """Queue a notice to drop a directory's cached listing and attributes."""
+        """Queue a notice to drop a node's cached attributes and its listing or pages."""
         return self._put(pyfuse3.invalidate_inode, node, False)
 
     def _put(self, notice, *args) -> threading.Event:
@@ -355,6 +355,7 @@ class FuseServer:
                 self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             self._loop_started.clear()
             self._invalidator = _EntryInvalidator(mountpoint)
+            operations.invalidate_node = self._invalidator.invalidate_listing
             self.store.layers_changed = self._layers_changed
             self._thread = threading.Thread(
                 target=self._serve, name=f"lcfs-fuse {mountpoint}", daemon=True

@@ -193,6 +193,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._unsharing: dict[tuple[int, int], tuple[float, bool]] = {}
         self._next_handle = 1
         self._mount_time_ns = time.time_ns()
+        # Set by the mount: queues a notice that drops a node's cached
+        # pages and attributes, without waiting for the kernel.
+        self.invalidate_node = None
         # The mount turns this off when it cannot set up the request hooks
         # that serving without opens needs.
         self.skip_opens = (NODE_HANDLES and KERNEL_CACHES
@@ -813,14 +816,34 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         # found none there, so the handler removes it too.
         self._drop_privileges(open_file.node, open_file.layer, open_file.ino,
                               lambda: self._opener_credentials(open_file))  # fmt: skip
-        return self.store.write(open_file.layer, open_file.ino, off, buf)
+        return self._store_write(open_file.layer, open_file.ino, off, buf)
 
     def _write_node(self, node: int, off: int, buf: bytes) -> int:
         """Write through a node that the kernel opened without asking (skip_opens)."""
         layer, ino = self._target(node)
         if self._is_frozen(layer):
+            # The kernel opened the file for writing without asking, so a
+            # write through a shared mapping has already changed its cached
+            # pages. They are dropped, so that readers get the stored data.
+            if self.invalidate_node is not None:
+                self.invalidate_node(node)
             raise pyfuse3.FUSEError(errno.EROFS)
         self._drop_privileges(node, layer, ino, self._writer_credentials)
+        return self._store_write(layer, ino, off, buf)
+
+    def _store_write(self, layer: int, ino: int, off: int, buf: bytes) -> int:
+        """Write to the store, and on ENOSPC commit blocks freed since the last commit and write again."""
+        try:
+            return self.store.write(layer, ino, off, buf)
+        except errors.NoSpace:
+            if not self.store.pending_free_blocks:
+                raise
+        # Freed blocks become free only when the commit that frees them is
+        # done, so a write right after a large delete would fail without it.
+        log.info("write of %d bytes to inode %d of layer %d found no space; committing "
+                 "%d freed blocks and trying again", len(buf), ino, layer,
+                 self.store.pending_free_blocks)  # fmt: skip
+        self._commit_now()
         return self.store.write(layer, ino, off, buf)
 
     @staticmethod

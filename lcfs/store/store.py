@@ -572,6 +572,11 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         return self._dirty
 
     @property
+    def pending_free_blocks(self) -> int:
+        """Data blocks freed since the last commit, which become free at the next."""
+        return self.alloc.pending_blocks
+
+    @property
     def uncommitted(self) -> bool:
         """True while any record awaits a commit, node ids included."""
         return self._uncommitted

@@ -47,8 +47,8 @@ READ and WRITE with file handle 0. After ``lcfs_serve_without_opens()``
 it puts the request's node id in place of handle 0, and leaves atomic
 O_TRUNC out of the init reply, so that an open with O_TRUNC arrives as a
 SETATTR. pyfuse3 passes the write handler no request context, so
-``lcfs_write_context()`` returns the uid, gid and pid of the last WRITE
-request read.
+``lcfs_write_context()`` returns the uid, gid, pid and write flags of
+the last WRITE request read.
 
 Usage: python3 scripts/build_pyfuse3.py [--python PYTHON] [--check]
 (--check only tells, by exit status 0 or 1, whether the build is needed.)
@@ -170,8 +170,10 @@ cdef enum:
     _LCFS_IN_UID = 24
     _LCFS_IN_GID = 28
     _LCFS_IN_PID = 32
-    # fuse_read_in and fuse_write_in start with the file handle (u64).
+    # fuse_read_in and fuse_write_in start with the file handle (u64), and
+    # the write_flags of fuse_write_in follow its offset (u64) and size.
     _LCFS_IN_FH = 40
+    _LCFS_WRITE_IN_FLAGS = 40 + 20
     # The flags of fuse_init_in are its 4th word.
     _LCFS_INIT_IN_FLAGS = 40 + 12
     # The kernel's FUSE_ATOMIC_O_TRUNC init flag.
@@ -184,6 +186,7 @@ cdef bint _lcfs_node_handles = False
 cdef uint32_t _lcfs_write_uid = 0
 cdef uint32_t _lcfs_write_gid = 0
 cdef uint32_t _lcfs_write_pid = 0
+cdef uint32_t _lcfs_write_flags = 0
 cdef uint32_t _lcfs_offered_flags = 0
 cdef uint32_t _lcfs_reply_flags = 0
 cdef uint64_t _lcfs_init_unique = 0
@@ -192,7 +195,7 @@ cdef bint _lcfs_init_pending = False
 
 cdef ssize_t _lcfs_read(int fd, void *buf, size_t size, void *userdata) noexcept nogil:
     global _lcfs_init_unique, _lcfs_offered_flags, _lcfs_init_pending
-    global _lcfs_write_uid, _lcfs_write_gid, _lcfs_write_pid
+    global _lcfs_write_uid, _lcfs_write_gid, _lcfs_write_pid, _lcfs_write_flags
     cdef ssize_t res = unistd.read(fd, buf, size)
     cdef char *data = <char*> buf
     cdef uint32_t opcode
@@ -204,7 +207,8 @@ cdef ssize_t _lcfs_read(int fd, void *buf, size_t size, void *userdata) noexcept
         fh = <uint64_t*> (data + _LCFS_IN_FH)
         if _lcfs_node_handles and fh[0] == 0:
             fh[0] = (<uint64_t*> (data + _LCFS_IN_NODEID))[0]
-        if opcode == _LCFS_OPCODE_WRITE:
+        if opcode == _LCFS_OPCODE_WRITE and res >= _LCFS_WRITE_IN_FLAGS + 4:
+            _lcfs_write_flags = (<uint32_t*> (data + _LCFS_WRITE_IN_FLAGS))[0]
             _lcfs_write_uid = (<uint32_t*> (data + _LCFS_IN_UID))[0]
             _lcfs_write_gid = (<uint32_t*> (data + _LCFS_IN_GID))[0]
             _lcfs_write_pid = (<uint32_t*> (data + _LCFS_IN_PID))[0]
@@ -273,12 +277,12 @@ def lcfs_serve_without_opens():
 
 
 def lcfs_write_context():
-    """Return (uid, gid, pid) of the process behind the last WRITE request read."""
-    return _lcfs_write_uid, _lcfs_write_gid, _lcfs_write_pid
+    """Return (uid, gid, pid, write_flags) of the last WRITE request read."""
+    return _lcfs_write_uid, _lcfs_write_gid, _lcfs_write_pid, _lcfs_write_flags
 '''
 
 # Raised whenever EDITS or LOOP_SOURCE change; lcfs uses them only at this level.
-PATCH_LEVEL = 6
+PATCH_LEVEL = 7
 MARKER = f"\n# Set by lcfs's pyfuse3 build.\nLCFS_PATCH_LEVEL = {PATCH_LEVEL}\n"
 CHECK = (
     "import sys, pyfuse3; "

@@ -611,6 +611,8 @@ def test_direct_io_setting_keeps_mmap_working(lcfs_image, direct_io):
 PRIVILEGE_SCRIPT = """
     import itertools, json, os, subprocess, sys
     phase, directory = sys.argv[1], sys.argv[2]
+    MMAP_WRITE = ("import mmap, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+                  "m = mmap.mmap(fd, 4); m[0:1] = bytes([35]); m.flush()")
     CAPABILITY = bytes.fromhex(sys.argv[3])
     KINDS = {
         "wronly": "dd if=/dev/zero of=\\"$1\\" bs=1 count=1 conv=notrunc status=none",
@@ -618,6 +620,10 @@ PRIVILEGE_SCRIPT = """
         "append": "printf x >>\\"$1\\"",
         "trunc": "printf x >\\"$1\\"",
         "ftruncate": "truncate -s 1 \\"$1\\"",
+        # A write through a shared mapping, which Linux writes back without
+        # dropping anything. User 1000 cannot run this test's python under
+        # /root, so Debian's own runs it.
+        "mmap": f"/usr/bin/python3 -c '{MMAP_WRITE}' \\"$1\\"",
     }
     WRITES = tuple(KINDS)
     # Owner changes: root gives a root file to root again, user 1000 (in

@@ -190,6 +190,8 @@ def _init_session(operations, mountpoint: str, options: frozenset[str]) -> None:
         pyfuse3.lcfs_serve_without_opens()
     try:
         pyfuse3.lcfs_want_init_flags(FUSE_HANDLE_KILLPRIV_V2)
+        if PLAIN_LOOP and not operations.settings.invalidate_on_close:
+            operations.write_context = pyfuse3.lcfs_write_context
     except OSError as exc:
         # The daemon clears setuid itself either way, so the mount works,
         # only with a getattr before every chown, and with open requests,

@@ -89,6 +89,9 @@ WRITABLE_TIMEOUT = 1.0
 # caches; only a build by scripts/build_pyfuse3.py does.
 KERNEL_CACHES = getattr(pyfuse3, "LCFS_PATCH_LEVEL", 0) >= PATCH_LEVEL
 
+# The write_flags bit of a WRITE that writes back pages of a shared mapping.
+FUSE_WRITE_CACHE = 1
+
 # Whether this pyfuse3 can serve reads and writes without opens (skip_opens).
 NODE_HANDLES = hasattr(pyfuse3, "lcfs_serve_without_opens")
 
@@ -196,6 +199,10 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         # Set by the mount: queues a notice that drops a node's cached
         # pages and attributes, without waiting for the kernel.
         self.invalidate_node = None
+        # Set by the mount when the request loop runs each handler right after
+        # reading its request: returns (uid, gid, pid, write_flags) of the
+        # WRITE being served.
+        self.write_context = None
         # The mount turns this off when it cannot set up the request hooks
         # that serving without opens needs.
         self.skip_opens = (NODE_HANDLES and KERNEL_CACHES
@@ -814,8 +821,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         # security.capability before a buffered write, but with
         # FUSE_HANDLE_KILLPRIV_V2 it stops looking on a file once it has
         # found none there, so the handler removes it too.
-        self._drop_privileges(open_file.node, open_file.layer, open_file.ino,
-                              lambda: self._opener_credentials(open_file))  # fmt: skip
+        if not self._is_writeback():
+            self._drop_privileges(open_file.node, open_file.layer, open_file.ino,
+                                  lambda: self._opener_credentials(open_file))  # fmt: skip
         return self._store_write(open_file.layer, open_file.ino, off, buf)
 
     def _write_node(self, node: int, off: int, buf: bytes) -> int:
@@ -828,8 +836,17 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             if self.invalidate_node is not None:
                 self.invalidate_node(node)
             raise pyfuse3.FUSEError(errno.EROFS)
-        self._drop_privileges(node, layer, ino, self._writer_credentials)
+        if not self._is_writeback():
+            self._drop_privileges(node, layer, ino, self._writer_credentials)
         return self._store_write(layer, ino, off, buf)
+
+    def _is_writeback(self) -> bool:
+        """Tell whether the WRITE being served writes back pages of a shared mapping.
+
+        Linux drops setuid, setgid and security.capability on write(2) and
+        truncate, but not when a mapping's pages are written back.
+        """
+        return self.write_context is not None and bool(self.write_context()[3] & FUSE_WRITE_CACHE)
 
     def _store_write(self, layer: int, ino: int, off: int, buf: bytes) -> int:
         """Write to the store, and on ENOSPC commit blocks freed since the last commit and write again."""
@@ -846,9 +863,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._commit_now()
         return self.store.write(layer, ino, off, buf)
 
-    @staticmethod
-    def _writer_credentials() -> Caller:
-        uid, gid, pid = pyfuse3.lcfs_write_context()
+    def _writer_credentials(self) -> Caller:
+        uid, gid, pid, _ = self.write_context()
         return caller_from_context(RequestIds(uid, gid, pid))
 
     @staticmethod

@@ -525,7 +525,7 @@ class NamespaceMixin:
         inode.ctime_ns = _now()
         self._put_inode(layer, inode)
         if inode.nlink == 0:
-            if self._pins.get((layer, ino)):
+            if self._pinned(layer, ino):
                 self._orphan(layer, ino)
             else:
                 self._destroy_inode(layer, ino)

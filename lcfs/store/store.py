@@ -228,7 +228,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self.entry_removals = 0
         self._nodes: dict[int, tuple[int, int]] = {}
         self._node_keys: dict[tuple[int, int], int] = {}
-        self._pins: dict[tuple[int, int], int] = {}
+        # layer -> {ino: pin count}: the FUSE mount pins every regular file
+        # whose node the kernel has, so a layer's pins are dropped together.
+        self._pins: dict[int, dict[int, int]] = {}
         # (layer, ino) of unlinked files still pinned -> the number of the
         # intent that records them, or None until a commit writes it.
         self._orphans: dict[tuple[int, int], int | None] = {}
@@ -816,8 +818,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 break
             done += 1
         done += self._drop_node_ids(number, limit - done)
-        for key in [k for k in self._pins if k[0] == number]:
-            del self._pins[key]
+        self._pins.pop(number, None)
         return done > 0
 
     def _drop_node_ids(self, number: int, limit: int) -> int:
@@ -988,19 +989,24 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
 
     @read_op
     def pin(self, layer: int, ino: int) -> None:
-        key = (layer, ino)
-        self._pins[key] = self._pins.get(key, 0) + 1
+        pins = self._pins.setdefault(layer, {})
+        pins[ino] = pins.get(ino, 0) + 1
 
     def unpin(self, layer: int, ino: int) -> None:
         with self.lock:
-            key = (layer, ino)
-            count = self._pins.get(key, 0) - 1
+            pins = self._pins.get(layer, {})
+            count = pins.get(ino, 0) - 1
             if count > 0:
-                self._pins[key] = count
+                pins[ino] = count
                 return
-            self._pins.pop(key, None)
-            if key in self._orphans:
+            pins.pop(ino, None)
+            if not pins:
+                self._pins.pop(layer, None)
+            if (layer, ino) in self._orphans:
                 self._reap_orphan(layer, ino)
+
+    def _pinned(self, layer: int, ino: int) -> bool:
+        return ino in self._pins.get(layer, ())
 
     @freeing_op
     def _reap_orphan(self, layer: int, ino: int) -> None:

@@ -41,8 +41,8 @@ defines. lcfs requests FUSE_HANDLE_KILLPRIV_V2 this way, because without
 it the kernel sends a getattr before every chown. ``lcfs_init_flags()``
 returns the flags the kernel offered and the flags of the reply.
 
-The same read function serves a filesystem that answers open and create
-with ENOSYS, after which the kernel opens files without asking and sends
+The same read function serves a filesystem whose open and create return
+ENOSYS, after which the kernel opens files without asking and sends
 READ and WRITE with file handle 0. After ``lcfs_serve_without_opens()``
 it puts the request's node id in place of handle 0, and leaves atomic
 O_TRUNC out of the init reply, so that an open with O_TRUNC arrives as a

@@ -836,8 +836,8 @@ def test_rename_exchange(mounted):
 def open_and_write(path: str, flags: int) -> None:
     """Open ``path`` with ``flags`` and write to it.
 
-    When the daemon answers no open requests, the kernel opens a file of a
-    frozen layer for writing itself, and the write is what fails.
+    When open requests return ENOSYS, the kernel opens a file of a frozen
+    layer for writing itself, and the write is what fails.
     """
     fd = os.open(path, flags)
     try:

@@ -165,8 +165,8 @@ def test_stats_served_by_daemon(tmp_path):
         assert as_json[operation]["requests"] >= 1, operation
         assert as_json[operation]["seconds"] >= 0, operation
     assert as_json["write"]["requests"] == 1
-    # The daemon answered the first create and the first open with ENOSYS.
-    # From then on the kernel sent MKNOD and opened and closed files itself.
+    # The first create and the first open returned ENOSYS. From then on
+    # the kernel sent MKNOD and opened and closed files itself.
     assert as_json["create"]["requests"] == 1
     assert as_json["open"]["requests"] == 1
     assert "release" not in as_json
@@ -216,11 +216,11 @@ def test_writes_send_at_most_one_getxattr(ten_thousand_files):
         path,
     )
     after = daemon.stats()
-    # A cached write that ends on a page the kernel does not hold whole
-    # goes out as two requests, so 24 of the 1,000 writes take two.
+    # A cached write that crosses into a page the kernel does not hold
+    # whole went out as two requests here: 24 of the 1,000 writes cross one.
     assert 1000 <= delta(before, after, "write") <= 1030
     # The kernel looks for security.capability before the first cached
-    # write, and no more once lcfs has said the file has none.
+    # write, and no more once the getxattr has found none.
     assert delta(before, after, "getxattr") <= 1
     assert os.path.getsize(path) == 100_000
 

@@ -324,7 +324,7 @@ def test_truncate_zeroes_tail(store):
 def unlink_pinned_file(store) -> tuple[int, int, int]:
     """Write a 64 KiB file in a new layer, pin it and unlink it.
 
-    Returns (layer, ino, free blocks before the write).
+    Return (layer, ino, free blocks before the write).
     """
     layer = store.create_layer("base").number
     f = store.mknod(layer, ROOT_INO, b"f", stat.S_IFREG | 0o644)
@@ -354,7 +354,7 @@ def test_orphan_reaped_before_commit_leaves_no_intent(store):
     assert pending_intent_kinds(store) == []
 
 
-def test_orphan_pinned_at_commit_reaped_after_reopen(image):
+def test_pinned_orphan_reaped_after_reopen(image):
     store = Store.open(image)
     _, _, free = unlink_pinned_file(store)
     store.commit()

@@ -222,7 +222,7 @@ class _EntryInvalidator:
         """Queue a notice to drop an entry; the event is set once it has been sent."""
         return self._put(pyfuse3.invalidate_entry, parent, name)
 
-    def invalidate_listing(self, node: int) -> threading.Event:
+    def invalidate_inode(self, node: int) -> threading.Event:
         """Queue a notice to drop a node's cached attributes and its listing or pages."""
         return self._put(pyfuse3.invalidate_inode, node, False)
 
@@ -357,7 +357,7 @@ class FuseServer:
                 self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             self._loop_started.clear()
             self._invalidator = _EntryInvalidator(mountpoint)
-            operations.invalidate_node = self._invalidator.invalidate_listing
+            operations.invalidate_node = self._invalidator.invalidate_inode
             self.store.layers_changed = self._layers_changed
             self._thread = threading.Thread(
                 target=self._serve, name=f"lcfs-fuse {mountpoint}", daemon=True
@@ -481,7 +481,7 @@ class FuseServer:
         invalidator = self._invalidator
         if invalidator is None or not self.running:
             return
-        done = invalidator.invalidate_listing(pyfuse3.ROOT_INODE)
+        done = invalidator.invalidate_inode(pyfuse3.ROOT_INODE)
         self._wait(done, "the listing of the mount root")
 
     def _wait(self, done: threading.Event, notice: str) -> None:

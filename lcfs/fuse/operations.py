@@ -35,7 +35,7 @@ Invariants:
   has a reference to its node (``_pinned``), which it has while any
   descriptor is open. An unlinked file thus stays readable and writable
   until its last descriptor is closed, with or without open requests.
-- With ``skip_opens``, open and create answer ENOSYS. The kernel then
+- With ``skip_opens``, open and create return ENOSYS. The kernel then
   stops sending OPEN, CREATE (it sends MKNOD) and RELEASE for the whole
   mount, keeps every file's pages (FOPEN_KEEP_CACHE), and the rebuilt
   pyfuse3 hands read and write the node id as their file handle. That

@@ -228,8 +228,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self.entry_removals = 0
         self._nodes: dict[int, tuple[int, int]] = {}
         self._node_keys: dict[tuple[int, int], int] = {}
-        # layer -> {ino: pin count}: the FUSE mount pins every regular file
-        # whose node the kernel has, so a layer's pins are dropped together.
+        # layer -> {ino: pin count}. The FUSE mount pins every regular file
+        # whose node the kernel references, so a layer's pins go together.
         self._pins: dict[int, dict[int, int]] = {}
         # (layer, ino) of unlinked files still pinned -> the number of the
         # intent that records them, or None until a commit writes it.

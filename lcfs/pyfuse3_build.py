@@ -50,6 +50,13 @@ SETATTR. pyfuse3 passes the write handler no request context, so
 ``lcfs_write_context()`` returns the uid, gid, pid and write flags of
 the last WRITE request read.
 
+pyfuse3 3.5 has no handlers for FALLOCATE and LSEEK, so libfuse replies
+to them with ENOSYS and the kernel stops sending them. The build adds both
+to libfuse's operation table. They call the filesystem's
+``fallocate(inode, mode, offset, length, ctx)`` and ``lseek(inode, offset,
+whence)``, and reply ENOSYS as before when the filesystem has no such
+method.
+
 Usage: python3 scripts/build_pyfuse3.py [--python PYTHON] [--check]
 (--check only tells, by exit status 0 or 1, whether the build is needed.)
 ``lcfs plugin-bundle`` calls ``build_wheel`` for the plugin's own pyfuse3.
@@ -103,6 +110,28 @@ EDITS = [
         "            await operations.readdir_node(c.ino, c.off, token)\n"
         "        else:\n"
         "            await operations.readdir(c.fh, c.off, token)\n",
+    ),
+    (
+        "Include/fuse_lowlevel.pxd",
+        "        void (*poll) (fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi,\n"
+        "                      fuse_pollhandle *ph) except *\n",
+        "        void (*poll) (fuse_req_t req, fuse_ino_t ino, fuse_file_info *fi,\n"
+        "                      fuse_pollhandle *ph) except *\n"
+        "        void (*lseek) (fuse_req_t req, fuse_ino_t ino, off_t off, int whence,\n"
+        "                       fuse_file_info *fi) except *\n",
+    ),
+    (
+        "Include/fuse_lowlevel.pxd",
+        "    int fuse_reply_write(fuse_req_t req, size_t count)\n",
+        "    int fuse_reply_write(fuse_req_t req, size_t count)\n"
+        "    int fuse_reply_lseek(fuse_req_t req, off_t off)\n",
+    ),
+    (
+        "src/pyfuse3/internal.pxi",
+        "    fuse_ops.poll = fuse_poll\n",
+        "    fuse_ops.poll = fuse_poll\n"
+        "    fuse_ops.fallocate = _lcfs_fallocate\n"
+        "    fuse_ops.lseek = _lcfs_lseek\n",
     ),
 ]
 
@@ -279,10 +308,62 @@ def lcfs_serve_without_opens():
 def lcfs_write_context():
     """Return (uid, gid, pid, write_flags) of the last WRITE request read."""
     return _lcfs_write_uid, _lcfs_write_gid, _lcfs_write_pid, _lcfs_write_flags
+
+
+cdef void _lcfs_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset,
+                          off_t length, fuse_file_info *fi):
+    cdef _Container c = _Container()
+    c.req = req
+    c.ino = ino
+    c.flags = mode
+    c.off = offset
+    c.size = <size_t> length
+    save_retval(_lcfs_fallocate_async(c))
+
+async def _lcfs_fallocate_async(_Container c):
+    cdef int ret
+    if not hasattr(operations, 'fallocate'):
+        # As without a handler: the kernel stops sending FALLOCATE.
+        ret = fuse_reply_err(c.req, errno.ENOSYS)
+    else:
+        try:
+            await operations.fallocate(c.ino, c.flags, c.off, c.size,
+                                       get_request_context(c.req))
+        except FUSEError as e:
+            ret = fuse_reply_err(c.req, e.errno)
+        else:
+            ret = fuse_reply_err(c.req, 0)
+    if ret != 0:
+        log.error('fuse_fallocate(): fuse_reply_* failed with %s', strerror(-ret))
+
+
+cdef void _lcfs_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
+                      fuse_file_info *fi):
+    cdef _Container c = _Container()
+    c.req = req
+    c.ino = ino
+    c.off = off
+    c.flags = whence
+    save_retval(_lcfs_lseek_async(c))
+
+async def _lcfs_lseek_async(_Container c):
+    cdef int ret
+    cdef off_t found
+    if not hasattr(operations, 'lseek'):
+        ret = fuse_reply_err(c.req, errno.ENOSYS)
+    else:
+        try:
+            found = await operations.lseek(c.ino, c.off, c.flags)
+        except FUSEError as e:
+            ret = fuse_reply_err(c.req, e.errno)
+        else:
+            ret = fuse_reply_lseek(c.req, found)
+    if ret != 0:
+        log.error('fuse_lseek(): fuse_reply_* failed with %s', strerror(-ret))
 '''
 
 # Raised whenever EDITS or LOOP_SOURCE change; lcfs uses them only at this level.
-PATCH_LEVEL = 7
+PATCH_LEVEL = 8
 MARKER = f"\n# Set by lcfs's pyfuse3 build.\nLCFS_PATCH_LEVEL = {PATCH_LEVEL}\n"
 CHECK = (
     "import sys, pyfuse3; "

@@ -50,12 +50,14 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 # A version 2 file capability (struct vfs_cap_data) granting CAP_NET_RAW.
 CAPABILITY_VALUE = (0x02000000).to_bytes(4, "little") + (1 << 13).to_bytes(4, "little") + bytes(12)
 CAPABILITY_HEX = CAPABILITY_VALUE.hex()
-# Names of the requests pyfuse3 3.5 passes on, plus init.
+# Names of the requests pyfuse3 3.5 passes on, plus init, and lseek and
+# fallocate, which the rebuilt pyfuse3 adds.
 FUSE_OPERATIONS = {
     "init", "lookup", "forget", "getattr", "setattr", "readlink", "mknod", "mkdir",
     "unlink", "rmdir", "symlink", "rename", "link", "open", "read", "write", "flush",
     "release", "fsync", "opendir", "readdir", "releasedir", "fsyncdir", "statfs",
-    "setxattr", "getxattr", "listxattr", "removexattr", "access", "create",
+    "setxattr", "getxattr", "listxattr", "removexattr", "access", "create", "lseek",
+    "fallocate",
 }  # fmt: skip
 
 
@@ -624,6 +626,8 @@ PRIVILEGE_SCRIPT = """
         # dropping anything. User 1000 cannot run this test's python under
         # /root, so Debian's own runs it.
         "mmap": f"/usr/bin/python3 -c '{MMAP_WRITE}' \\"$1\\"",
+        # A hole punched into the first byte (util-linux fallocate).
+        "punch": "fallocate --punch-hole --offset 0 --length 1 \\"$1\\"",
     }
     WRITES = tuple(KINDS)
     # Owner changes: root gives a root file to root again, user 1000 (in

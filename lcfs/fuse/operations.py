@@ -89,6 +89,10 @@ WRITABLE_TIMEOUT = 1.0
 # caches; only a build by scripts/build_pyfuse3.py does.
 KERNEL_CACHES = getattr(pyfuse3, "LCFS_PATCH_LEVEL", 0) >= PATCH_LEVEL
 
+# fallocate(2) mode that punches a hole: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+# (linux/falloc.h), the only combination the kernel allows for punching.
+PUNCH_HOLE_MODE = 0x02 | 0x01
+
 # The write_flags bit of a WRITE that writes back pages of a shared mapping.
 FUSE_WRITE_CACHE = 1
 
@@ -468,8 +472,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             # would end the request loop.
             log.exception("unpin of inode %d in layer %d (node %d) failed", ino, layer, node)
 
-    def _drop_privileges(self, node: int, layer: int, ino: int, caller) -> None:
-        """Drop setuid, setgid and file capabilities as a data change must.
+    def _drop_privileges(self, node: int, layer: int, ino: int, caller) -> bool:
+        """Drop setuid, setgid and file capabilities as a data change must; True if any went.
 
         The mount leaves setuid and setgid to lcfs (FUSE_HANDLE_KILLPRIV_V2).
         Without that, the kernel drops them before buffered writes and
@@ -482,17 +486,22 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         attr = self._current_attr(node, layer, ino)
         drops_mode = stat.S_ISREG(attr.mode) and attr.mode & PRIVILEGE_BITS
         drops_capability = attr.has_xattrs and self.store.xattr_name_seen(CAPABILITY_XATTR)
+        dropped = False
         if drops_mode:
             mode = mode_after_data_change(attr.mode, attr.gid, caller())
             if mode != attr.mode:
                 attr = self.store.setattr(layer, ino, mode=stat.S_IMODE(mode))
                 self._keep_attr(node, layer, attr)
+                dropped = True
         if drops_capability:
             try:
                 self.store.removexattr(layer, ino, CAPABILITY_XATTR)
             except errors.NoData:
                 pass
+            else:
+                dropped = True
             self._keep_attr(node, layer, self.store.getattr(layer, ino))
+        return dropped
 
     # -- names ----------------------------------------------------------------
 
@@ -839,6 +848,39 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         if not self._is_writeback():
             self._drop_privileges(node, layer, ino, self._writer_credentials)
         return self._store_write(layer, ino, off, buf)
+
+    @fuse_handler(modifies=True)
+    async def fallocate(self, node, mode, offset, length, ctx):
+        """Punch a hole (FALLOC_FL_PUNCH_HOLE with FALLOC_FL_KEEP_SIZE); other modes fail.
+
+        Blocks are allocated when data is written, so the modes that
+        reserve space or zero a range get EOPNOTSUPP, after which glibc's
+        posix_fallocate writes zeros itself. A punch drops setuid, setgid
+        and file capabilities as a write does, as on ext4 and tmpfs.
+        """
+        if mode != PUNCH_HOLE_MODE:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        layer, ino = self._target(node)
+        if self._is_frozen(layer):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if self._drop_privileges(node, layer, ino, lambda: caller_from_context(ctx)):
+            # After a FALLOCATE the kernel drops its cached times and size
+            # but keeps the mode, because it leaves setuid to the daemon.
+            # Dropping only attributes touches no page, so it cannot wait
+            # for a request that this thread must serve.
+            try:
+                pyfuse3.invalidate_inode(node, attr_only=True)
+            except FileNotFoundError:
+                pass  # the kernel has forgotten the node
+        self.store.punch_hole(layer, ino, offset, length)
+
+    @fuse_handler()
+    async def lseek(self, node, offset, whence):
+        """Find data or a hole from the file's extent map (SEEK_DATA, SEEK_HOLE)."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        layer, ino = self._target(node)
+        return self.store.seek(layer, ino, offset, hole=whence == os.SEEK_HOLE)
 
     def _is_writeback(self) -> bool:
         """Tell whether the WRITE being served writes back pages of a shared mapping.

@@ -286,17 +286,22 @@ class DataMixin:
         for a FUSE file, sets it so that the data is not cached twice.
         """
         with self.lock:
-            self._ready()
-            self._layer(layer)
-            owner, inode = self._resolve(layer, ino)
-            if inode.is_dir:
-                raise errors.IsDir(f"inode {ino} is a directory")
+            owner, inode = self._resolve_readable(layer, ino)
             if offset < 0 or size < 0:
                 raise errors.Invalid(f"invalid read range {offset}+{size}")
             end = min(offset + size, inode.size)
             if end <= offset:
                 return b""
             return self._read_range(inode.ino, owner, offset, end, drop_cache)
+
+    def _resolve_readable(self, layer: int, ino: int):
+        """Return (owner layer, record) of a file whose data is read; call it holding the lock."""
+        self._ready()
+        self._layer(layer)
+        owner, inode = self._resolve(layer, ino)
+        if inode.is_dir:
+            raise errors.IsDir(f"inode {ino} is a directory")
+        return owner, inode
 
     def _read_range(self, ino: int, owner: int, offset: int, end: int,
                     drop_cache: bool = False) -> bytes:  # fmt: skip
@@ -326,6 +331,37 @@ class DataMixin:
             out[start - offset : stop - offset] = chunk
         return bytes(out)
 
+    def seek(self, layer: int, ino: int, offset: int, hole: bool) -> int:
+        """Return the first offset at or after ``offset`` that starts data, or a hole if ``hole``.
+
+        Holes are the file blocks that no extent maps, and the end of the
+        file counts as a hole, as lseek(2) specifies for SEEK_DATA and
+        SEEK_HOLE. Raises PastData when ``offset`` is at or past the end,
+        or when no data follows it.
+        """
+        with self.lock:
+            owner, inode = self._resolve_readable(layer, ino)
+            if offset < 0:
+                raise errors.Invalid(f"invalid seek offset {offset}")
+            if offset >= inode.size:
+                raise errors.PastData(
+                    f"offset {offset} is at or past the end of inode {ino} ({inode.size} bytes)"
+                )
+            first = offset // BLOCK_SIZE
+            last = (inode.size + BLOCK_SIZE - 1) // BLOCK_SIZE
+            block = first
+            for start, _, count, _ in self._extents(inode.ino, owner, first, last):
+                if start > block:
+                    if hole:
+                        break  # blocks [block, start) are a hole
+                    return max(offset, start * BLOCK_SIZE)
+                if not hole:
+                    return offset  # the block at ``offset`` is mapped
+                block = max(block, start + count)
+            if not hole:
+                raise errors.PastData(f"inode {ino} has no data after offset {offset}")
+            return min(max(offset, block * BLOCK_SIZE), inode.size)
+
     # -- writing ---------------------------------------------------------------------
 
     def write(self, layer: int, ino: int, offset: int, data) -> int:
@@ -335,11 +371,7 @@ class DataMixin:
         self._writable(layer)
         if offset < 0:
             raise errors.Invalid(f"invalid write offset {offset}")
-        current = self._inode(layer, ino)
-        if not current.is_reg:
-            if current.is_dir:
-                raise errors.IsDir(f"inode {ino} is a directory")
-            raise errors.Invalid(f"inode {ino} is not a regular file")
+        current = self._regular_file(layer, ino)
         if not data:
             return 0
         inode = self._own(layer, ino)
@@ -351,6 +383,15 @@ class DataMixin:
             inode.mtime_ns = inode.ctime_ns = now
         self._put_inode(layer, inode)
         return len(data)
+
+    def _regular_file(self, layer: int, ino: int):
+        """Return the record of ``ino``, which must be a regular file to take data."""
+        current = self._inode(layer, ino)
+        if not current.is_reg:
+            if current.is_dir:
+                raise errors.IsDir(f"inode {ino} is a directory")
+            raise errors.Invalid(f"inode {ino} is not a regular file")
+        return current
 
     @staticmethod
     def _now_ns() -> int:
@@ -424,6 +465,51 @@ class DataMixin:
             for i in range(count):
                 mapping[first + done + i] = (phys + i, 1)
             done += count
+
+    def punch_hole(self, layer: int, ino: int, offset: int, length: int) -> None:
+        """Deallocate bytes [offset, offset+length) of a file, which then read as zeros.
+
+        The size stays. Whole blocks in the range lose their mapping, and the
+        parts of the first and last block in it that are mapped are zeroed.
+        """
+        self._write(self._punch_hole, layer, ino, offset, length)
+
+    def _punch_hole(self, layer: int, ino: int, offset: int, length: int) -> None:
+        self._writable(layer)
+        if offset < 0 or length <= 0:
+            raise errors.Invalid(f"invalid hole range {offset}+{length}")
+        current = self._regular_file(layer, ino)
+        end = min(offset + length, current.size)
+        if end <= offset:
+            return
+
+        inode = self._own(layer, ino)
+        # Bytes past the end of the file read as zeros whatever the block
+        # holds, so a range that goes past the end frees the last block
+        # whole, as ext4 does.
+        whole_first = (offset + BLOCK_SIZE - 1) // BLOCK_SIZE
+        if offset + length > inode.size:
+            whole_end = (end + BLOCK_SIZE - 1) // BLOCK_SIZE
+        else:
+            whole_end = end // BLOCK_SIZE
+
+        if whole_first < whole_end:
+            self._unmap(inode, layer, whole_first, whole_end)
+            edges = [(offset, whole_first * BLOCK_SIZE), (whole_end * BLOCK_SIZE, end)]
+        else:
+            edges = [(offset, end)]
+        # The partial blocks at the edges are zeroed where they are mapped.
+        for start, stop in edges:
+            while start < stop:
+                block = start // BLOCK_SIZE
+                piece_end = min(stop, (block + 1) * BLOCK_SIZE)
+                if self._extents(inode.ino, layer, block, block + 1):
+                    zeros = memoryview(bytes(piece_end - start))
+                    self._store_bytes(inode, layer, start, zeros)
+                start = piece_end
+
+        inode.mtime_ns = inode.ctime_ns = self._now_ns()
+        self._put_inode(layer, inode)
 
     def _truncate(self, layer: int, inode, size: int) -> None:
         """Change the file size, dropping blocks past the end and zeroing the tail block."""

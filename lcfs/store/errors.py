@@ -55,6 +55,12 @@ class Invalid(StoreError):
     errno = _errno.EINVAL
 
 
+class PastData(StoreError):
+    """No data (SEEK_DATA) or no hole (SEEK_HOLE) at or after the offset: the offset is past the end."""
+
+    errno = _errno.ENXIO
+
+
 class Busy(StoreError):
     errno = _errno.EBUSY
 

@@ -120,9 +120,19 @@ def without_blocks(record: dict) -> dict:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("direct_io", [DIRECT_IO_NEVER, DIRECT_IO_WRITE_ONLY])
-def test_holes_match_tmpfs(lcfs_image, tmpfs_holes, direct_io):
-    with mount_store(lcfs_image, FuseSettings(direct_io=direct_io)) as mounted:
+# The kernel opens files itself with the first, the daemon serves opens
+# with the others, and the last serves requests on pyfuse3's trio loop.
+SETTINGS = {
+    "never": FuseSettings(direct_io=DIRECT_IO_NEVER),
+    "write-only": FuseSettings(direct_io=DIRECT_IO_WRITE_ONLY),
+    "share-unchanged": FuseSettings(share_unchanged=True),
+    "invalidate-on-close": FuseSettings(invalidate_on_close=True),
+}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_holes_match_tmpfs(lcfs_image, tmpfs_holes, setting):
+    with mount_store(lcfs_image, SETTINGS[setting]) as mounted:
         found = run_script(HOLES_SCRIPT, mounted.at("base", "sparse"))
     assert without_blocks(found) == without_blocks(tmpfs_holes)
     # Both count 4 KiB blocks, so each punch freed the same blocks.
@@ -157,9 +167,11 @@ def make_sparse_parent(mounted) -> None:
     store.commit()
 
 
-def test_seek_in_inherited_file(mounted):
-    make_sparse_parent(mounted)
-    found = run_script(SEEK_SCRIPT, mounted.at("child", "sparse"))
+@pytest.mark.parametrize("setting", ["never", "share-unchanged"])
+def test_seek_in_inherited_file(lcfs_image, setting):
+    with mount_store(lcfs_image, SETTINGS[setting]) as mounted:
+        make_sparse_parent(mounted)
+        found = run_script(SEEK_SCRIPT, mounted.at("child", "sparse"))
     assert found == [4096, 3 * 4096, 3 * 4096 + 100]
 
 

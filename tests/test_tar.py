@@ -712,3 +712,100 @@ def test_hard_link_to_directory_named(store):
         " which cannot be hard-linked"
     )
     assert store.changes("L") == []
+
+
+def hard_linked_image(store) -> tuple[int, int]:
+    """Make layer ``img`` with d/a and its hard link d/b, and a container layer on it.
+
+    Returns the container layer's number and the inode number of d.
+    """
+    apply(store, "img", None, make_tar([
+        ("d", DIR, {}), ("d/a", REG, {"data": b"one\n"}), ("d/b", LNK, {"linkname": "d/a"}),
+    ]))  # fmt: skip
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    return number, store.lookup(number, ROOT_INO, b"d").ino
+
+
+# Changes to the file behind d/b. Each test makes one before or after it
+# removes d/a, the name that the inode records.
+LINK_CHANGES = {
+    "append": lambda store, number, ino: store.write(number, ino, 4, b"more\n"),
+    "chmod": lambda store, number, ino: store.setattr(number, ino, mode=0o600),
+    "chown": lambda store, number, ino: store.setattr(number, ino, uid=9, gid=9),
+    "utimes": lambda store, number, ino: store.setattr(number, ino, mtime_ns=978_307_200 * 10**9),
+}
+
+
+@pytest.mark.parametrize("first", ["change", "unlink"])
+@pytest.mark.parametrize("change", LINK_CHANGES)
+def test_commit_keeps_change_through_remaining_link(store, change, first):
+    number, d = hard_linked_image(store)
+    ino = store.lookup(number, d, b"b").ino
+    if first == "change":
+        LINK_CHANGES[change](store, number, ino)
+        store.unlink(number, d, b"a")
+    else:
+        store.unlink(number, d, b"a")
+        LINK_CHANGES[change](store, number, ino)
+    expected = store.getattr(number, ino)
+    changes = dict(store.changes("ctr"))
+    assert changes == {"/d": 0, "/d/a": 2, "/d/b": 0}
+    apply(store, "committed", "img", b"".join(store.diff("ctr")))
+    committed = store.get_layer("committed").number
+    committed_d = store.lookup(committed, ROOT_INO, b"d")
+    kept = store.lookup(committed, committed_d.ino, b"b")
+    with pytest.raises(errors.NotFound):
+        store.lookup(committed, committed_d.ino, b"a")
+    assert store.read(committed, kept.ino, 0, 100) == store.read(number, ino, 0, 100)
+    assert (kept.mode, kept.uid, kept.gid, kept.mtime_ns // 10**9) == (
+        expected.mode, expected.uid, expected.gid, expected.mtime_ns // 10**9,
+    )  # fmt: skip
+
+
+def test_unlinking_first_link_leaves_other_unchanged(store):
+    number, d = hard_linked_image(store)
+    store.unlink(number, d, b"a")
+    # Only the link count and ctime of d/b changed, which a file
+    # comparison does not see, so overlay2 lists no change for it either.
+    assert dict(store.changes("ctr")) == {"/d": 0, "/d/a": 2}
+
+
+def test_changes_list_entries_of_replaced_directory(store):
+    apply(store, "img", None, make_tar([
+        ("o", DIR, {}), ("o/x", DIR, {}), ("o/x/y", REG, {"data": b"y"}),
+        ("o/x/z", DIR, {}), ("o/x/z/deep", REG, {"data": b"deep"}),
+    ]))  # fmt: skip
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    o = store.lookup(number, ROOT_INO, b"o").ino
+    x = store.lookup(number, o, b"x").ino
+    z = store.lookup(number, x, b"z").ino
+    store.unlink(number, z, b"deep")
+    store.rmdir(number, x, b"z")
+    store.unlink(number, x, b"y")
+    store.rmdir(number, o, b"x")
+    new_x = store.mkdir(number, o, b"x", 0o755).ino
+    store.mknod(number, new_x, b"w", stat.S_IFREG | 0o644)
+    store.mknod(number, new_x, b"y", stat.S_IFREG | 0o644)
+    # As Docker's tree comparison: the old entries that are gone are
+    # deleted, one level deep, and a new entry with an old name is modified.
+    assert dict(store.changes("ctr")) == {
+        "/o": 0, "/o/x": 0, "/o/x/w": 1, "/o/x/y": 0, "/o/x/z": 2,
+    }  # fmt: skip
+    names = [m.name for m in tarfile.open(fileobj=io.BytesIO(b"".join(store.diff("ctr"))))]
+    assert "o/x/.wh..wh..opq" in names
+
+
+def test_changes_list_entries_of_directory_moved_away(store):
+    apply(store, "img", None, make_tar([
+        ("o", DIR, {}), ("o/x", DIR, {}), ("o/x/y", REG, {"data": b"y"}),
+    ]))  # fmt: skip
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    store.rename(number, ROOT_INO, b"o", ROOT_INO, b"o2")
+    new_o = store.mkdir(number, ROOT_INO, b"o", 0o755).ino
+    store.mknod(number, new_o, b"new", stat.S_IFREG | 0o644)
+    assert dict(store.changes("ctr")) == {
+        "/o": 0, "/o/new": 1, "/o/x": 2, "/o2": 1, "/o2/x": 1, "/o2/x/y": 1,
+    }  # fmt: skip

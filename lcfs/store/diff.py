@@ -33,6 +33,9 @@ class DiffPlan:
         store._ready()
         # path -> (kind, ino or None for a whiteout)
         self.items: dict[bytes, tuple[int, int | None]] = {}
+        # Changed inodes whose recorded name is gone, which another hard
+        # link may still reach.
+        self._unnamed: set[int] = set()
         self._collect()
 
     def _path(self, ino: int) -> bytes | None:
@@ -132,6 +135,9 @@ class DiffPlan:
             if key[8:9] == b"i":
                 ino = U64.unpack_from(key, 9)[0]
                 path = self._path(ino)
+                if path is None:
+                    self._unnamed.add(ino)
+                    continue
                 if path and not self._unchanged(path, ino):
                     self._add(path, ino)
                     inode = store._inode(number, ino)
@@ -153,11 +159,13 @@ class DiffPlan:
             self._add(path, now[0])
             inode = store._inode(number, now[0])
             if inode.is_dir and before != now[0]:
+                replaced = None
                 if before is not None and store._inode(self.parent, before).is_dir:
                     self.items[path + b"/" + OPAQUE] = (CHANGE_DELETE, None)
-                subtrees.append((path, inode))
-        for path, inode in subtrees:
-            self._add_subtree(path, inode)
+                    replaced = before
+                subtrees.append((path, inode, replaced))
+        for path, inode, replaced in subtrees:
+            self._add_subtree(path, inode, replaced)
         self._add_other_links()
         self._add_ancestors()
 
@@ -185,9 +193,11 @@ class DiffPlan:
     def _add_other_links(self) -> None:
         """Add every other name of a changed file that has several hard links.
 
-        NOTE: finding those names walks the layer's whole tree, because the
-        store keeps no index from an inode to its names; it runs only when a
-        changed file has more than one link.
+        An inode records one name, so a changed file whose recorded name was
+        removed is found here by its other links. NOTE: finding those names
+        walks the layer's whole tree, because the store keeps no index from
+        an inode to its names. The walk runs only when a changed file has
+        more than one link or lost its recorded name.
         """
         store, number = self.store, self.number
         wanted = set()
@@ -196,7 +206,15 @@ class DiffPlan:
                 inode = store._inode(number, ino)
                 if inode.is_reg and inode.nlink > 1:
                     wanted.add(ino)
-        if not wanted:
+        unnamed = set()
+        for ino in self._unnamed:
+            try:
+                inode = store._inode(number, ino)
+            except errors.NotFound:
+                continue
+            if inode.nlink and not inode.is_dir:
+                unnamed.add(ino)
+        if not wanted and not unnamed:
             return
         stack = [(b"", ROOT_INO)]
         while stack:
@@ -207,32 +225,70 @@ class DiffPlan:
                 path = prefix + b"/" + name
                 if ino in wanted:
                     self._add(path, ino)
+                elif ino in unnamed:
+                    if not self._unchanged(path, ino):
+                        self._add(path, ino)
                 elif store._inode(number, ino).is_dir:
                     stack.append((path, ino))
 
-    def _add_subtree(self, path: bytes, dir_inode: Inode) -> None:
+    def _add_subtree(self, path: bytes, dir_inode: Inode, replaced: int | None = None) -> None:
+        """Add everything under a directory that is new at ``path``.
+
+        ``replaced`` is the parent layer's directory that was at ``path``,
+        if any. An entry of the same name in it makes a child a
+        modification, as Docker's own tree comparison reports it.
+        """
         store, number = self.store, self.number
+        old_dir = store._inode(self.parent, replaced) if replaced is not None else None
         for name, ino in store._entries(number, dir_inode).items():
             child = path + b"/" + name
             if child in self.items:
                 continue
-            self.items[child] = (CHANGE_ADD, ino)
+            old = store._entry(self.parent, old_dir, name) if old_dir is not None else None
+            self.items[child] = (CHANGE_ADD if old is None else CHANGE_MODIFY, ino)
             inode = store._inode(number, ino)
             if inode.is_dir:
-                self._add_subtree(child, inode)
+                old_child = old[0] if old is not None else None
+                if old_child is not None and not store._inode(self.parent, old_child).is_dir:
+                    old_child = None
+                self._add_subtree(child, inode, old_child)
 
     @staticmethod
     def _order(path: bytes):
         return path.split(b"/")
 
     def changes(self) -> list[tuple[bytes, int]]:
-        result = []
-        for path in sorted(self.items, key=self._order):
-            kind, _ = self.items[path]
+        """Return (path, kind) of every change, as Docker's Changes call lists them.
+
+        Where the tar has an opaque whiteout, the entries of the replaced
+        directory that the new one lacks are listed as deleted, one level
+        deep, as Docker's own tree comparison lists them.
+        """
+        found = {}
+        for path, (kind, _) in self.items.items():
             if path.endswith(b"/" + OPAQUE):
-                continue
-            result.append((path, kind))
-        return result
+                found.update(self._replaced_entries(path[: -len(OPAQUE) - 1]))
+            else:
+                found[path] = kind
+        return sorted(found.items(), key=lambda item: self._order(item[0]))
+
+    def _replaced_entries(self, path: bytes) -> dict[bytes, int]:
+        """Return {path: CHANGE_DELETE} for what the parent layer had in the replaced directory ``path``."""
+        store, number = self.store, self.number
+        old_ino = self._parent_entry(path)
+        new_ino = self.items.get(path, (None, None))[1]
+        if old_ino is None or new_ino is None:
+            return {}
+        old_dir = store._inode(self.parent, old_ino)
+        new_dir = store._inode(number, new_ino)
+        if not old_dir.is_dir or not new_dir.is_dir:
+            return {}
+        new_names = store._entries(number, new_dir)
+        return {
+            path + b"/" + name: CHANGE_DELETE
+            for name in store._entries(self.parent, old_dir)
+            if name not in new_names
+        }
 
     def size(self) -> int:
         total = 0

@@ -615,6 +615,29 @@ def test_mkdir_and_rmdir(mounted):
     expect_errno(errno.ENOENT, os.stat, mounted.at("base", "dir"))
 
 
+@pytest.mark.parametrize("origin", ["own", "inherited"])
+def test_removed_directory_still_stats(mounted, origin):
+    # A process may hold a removed directory open or as its working
+    # directory. On Linux file systems fstat of it shows no links.
+    layer = "base"
+    os.mkdir(mounted.at("base", "gone"))
+    if origin == "inherited":
+        make_child(mounted)
+        layer = "child"
+    path = mounted.at(layer, "gone")
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(path)
+        st = os.fstat(fd)
+        assert stat.S_ISDIR(st.st_mode)
+        assert st.st_nlink == 0
+        # glibc takes the kernel's ENOENT for a removed directory as its end.
+        assert os.listdir(fd) == []
+    finally:
+        os.close(fd)
+    expect_errno(errno.ENOENT, os.stat, path)
+
+
 def test_readdir_large_directory(mounted):
     directory = mounted.at("base", "big")
     os.mkdir(directory)

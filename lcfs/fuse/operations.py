@@ -51,6 +51,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import math
@@ -579,7 +580,24 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE:
             return self._root_entry()
         layer, ino = self._target(inode)
-        return self._entry(layer, self.store.getattr(layer, ino))
+        try:
+            attr = self.store.getattr(layer, ino)
+        except errors.NotFound:
+            attr = self._removed_directory(inode)
+        return self._entry(layer, attr)
+
+    def _removed_directory(self, node: int):
+        """Return the attributes of a removed directory that the kernel still holds, with no links.
+
+        A process may keep a removed directory as its working directory or
+        open, and fstat(2) of it works on Linux file systems. The store
+        deletes a directory's records at rmdir, so its last attributes
+        come from memory. Raises NotFound for anything else.
+        """
+        kept = self._attrs.get(node)
+        if kept is None or not stat.S_ISDIR(kept[0].mode) or node not in self.lookup_counts:
+            raise errors.NotFound(f"node {node} was removed")
+        return dataclasses.replace(kept[0], nlink=0)
 
     @fuse_handler(modifies=True)
     async def setattr(self, inode, attr, fields, fh, ctx):

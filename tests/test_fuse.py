@@ -638,6 +638,22 @@ def test_removed_directory_still_stats(mounted, origin):
     expect_errno(errno.ENOENT, os.stat, path)
 
 
+def test_listings_start_with_dot_entries(mounted):
+    os.mkdir(mounted.at("base", "dir"))
+    write_file(mounted.at("base", "dir", "f"), b"")
+    for parts, parent in [((), None), (("base",), ()), (("base", "dir"), ("base",))]:
+        path = mounted.at(*parts)
+        listed = subprocess.run(["ls", "-a1i", "-U", path], capture_output=True, text=True,
+                                check=True).stdout.split()  # fmt: skip
+        numbers, names = listed[0::2], listed[1::2]
+        assert names[:2] == [".", ".."], path
+        assert int(numbers[0]) == os.stat(path).st_ino, path
+        # ls takes the number of the mount root's ".." from outside the mount.
+        if parent is not None:
+            assert int(numbers[1]) == os.stat(mounted.at(*parent)).st_ino, path
+    assert sorted(os.listdir(mounted.at("base", "dir"))) == ["f"]
+
+
 def test_readdir_large_directory(mounted):
     directory = mounted.at("base", "big")
     os.mkdir(directory)

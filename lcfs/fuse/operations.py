@@ -146,6 +146,10 @@ class RequestIds:
     pid: int
 
 
+# The item of the "." and ".." entries of a listing.
+_DOT = object()
+
+
 @dataclass(slots=True)
 class OpenDir:
     """A directory handle with the listing taken at the last read from offset 0.
@@ -668,7 +672,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         opened = self._dirs[fh]
         if start_id == 0 or opened.listing is None:
             opened.listing = self._listing(opened.layer, opened.ino)
-        self._reply_entries(opened.layer, opened.listing, start_id, token)
+        self._reply_entries(opened.node, opened.layer, opened.listing, start_id, token)
 
     @fuse_handler(operation="readdir")
     async def readdir_node(self, node, start_id, token):
@@ -685,21 +689,30 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         listing = self._listings.pop(node, None)
         if start_id == 0 or listing is None:
             listing = self._listing(layer, ino)
-        if not self._reply_entries(layer, listing, start_id, token):
+        if not self._reply_entries(node, layer, listing, start_id, token):
             self._listings[node] = listing
             while len(self._listings) > LISTINGS_KEPT:
                 del self._listings[next(iter(self._listings))]
 
     def _listing(self, layer: int | None, ino: int) -> list:
+        """Return the (name, item) entries of a directory, "." and ".." first, as Linux lists them."""
+        dots = [(b".", _DOT), (b"..", _DOT)]
         if layer is None:
             layers = sorted(self.store.list_layers(), key=lambda layer: layer.id)
-            return [(os.fsencode(layer.id), layer) for layer in layers]
-        return self.store.readdir(layer, ino)
+            return dots + [(os.fsencode(layer.id), layer) for layer in layers]
+        return dots + self.store.readdir(layer, ino)
 
-    def _reply_entries(self, layer: int | None, listing: list, start_id: int, token) -> bool:
+    def _reply_entries(self, node: int, layer: int | None, listing: list, start_id: int,
+                       token) -> bool:  # fmt: skip
         """Give the kernel entries from ``start_id`` on; True if it took the last one."""
         for index in range(start_id, len(listing)):
             name, item = listing[index]
+            if item is _DOT:
+                # The kernel takes no reference to "." or ".." of a listing.
+                entry = self._node_entry(node) if name == b"." else self._parent_entry(node)
+                if not pyfuse3.readdir_reply(token, name, entry, index + 1):
+                    return False
+                continue
             if layer is None:
                 try:
                     entry = self._layer_entry(item)

@@ -607,3 +607,46 @@ def test_full_host_file_system_raises_nospace(small_file_system):
             s.close()
         except errors.StoreError:
             pass
+
+
+def data_bytes_on_host(image: str, store) -> int:
+    """Return how many bytes of the image file's data region the host file system has allocated."""
+    total = 0
+    with open(image, "rb") as f:
+        fd = f.fileno()
+        size = os.fstat(fd).st_size
+        offset = store.data_offset
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            total += end - start
+            offset = end
+    return total
+
+
+def test_freed_blocks_given_back_to_host(store, image):
+    layer = store.create_layer("base").number
+    payload = os.urandom(8 * MiB)
+    big = store.mknod(layer, ROOT_INO, b"big", stat.S_IFREG | 0o644)
+    store.write(layer, big.ino, 0, payload)
+    keep = store.mknod(layer, ROOT_INO, b"keep", stat.S_IFREG | 0o644)
+    store.write(layer, keep.ino, 0, b"k" * MiB)
+    store.commit()
+    before = data_bytes_on_host(image, store)
+    assert before >= 9 * MiB
+    store.unlink(layer, ROOT_INO, b"big")
+    # Until the commit the blocks stay: the last committed state maps them.
+    assert data_bytes_on_host(image, store) == before
+    store.commit()
+    assert data_bytes_on_host(image, store) <= before - 8 * MiB
+    # The punched blocks are allocated again and hold new data.
+    again = store.mknod(layer, ROOT_INO, b"again", stat.S_IFREG | 0o644)
+    store.write(layer, again.ino, 0, payload)
+    store.commit()
+    assert store.read(layer, again.ino, 0, len(payload)) == payload
+    assert store.read(layer, keep.ino, 0, MiB) == b"k" * MiB

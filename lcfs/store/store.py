@@ -20,6 +20,7 @@ Invariants every change keeps:
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import functools
 import json
@@ -186,6 +187,20 @@ def lock_holder(path: str) -> int | None:
     return None
 
 
+# fallocate(2) mode that deallocates a range of a file and keeps its size:
+# FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (linux/falloc.h).
+_PUNCH_HOLE_MODE = 0x02 | 0x01
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate ``length`` bytes at ``offset`` of a file; raise OSError on failure."""
+    if _libc.fallocate(fd, _PUNCH_HOLE_MODE, offset, length) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
+
+
 class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     """An open store. Create one with ``Store.open``; see the module docstring."""
 
@@ -210,6 +225,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         # Whether data blocks were written since the last fdatasync of the
         # device (DataMixin._pwrite sets it).
         self._data_unsynced = True
+        # Whether commits give freed blocks back to the file system under an
+        # image file (_give_back); a block device keeps them.
+        self._punch_holes = stat.S_ISREG(os.fstat(fd).st_mode)
         # Called after a layer is created or dropped; the FUSE mount sets it.
         self.layers_changed = None
         self._dirty = False
@@ -449,6 +467,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 return
             if self.readonly:
                 raise errors.ReadOnly(f"store {self.path} is open read-only")
+            freed = list(self.alloc.pending)
             try:
                 self._record_orphans()
                 self.alloc.flush(self._group)
@@ -469,7 +488,34 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             self._dirty = False
             self._uncommitted = False
             self._estimate_free_pages()
+            self._give_back(freed)
             crash_point("commit.done")
+
+    def _give_back(self, runs: list[tuple[int, int]]) -> None:
+        """Punch the data blocks that a commit freed out of an image file, so the host gets the space.
+
+        Only after the commit is durable may the blocks go: before it, a
+        crash would bring back records that map them. No allocation can
+        take them in between, because the caller holds the store lock.
+        Block devices keep their blocks.
+        """
+        if not runs or not self._punch_holes:
+            return
+        merged: list[list[int]] = []
+        for start, count in sorted(runs):
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1][1] += count
+            else:
+                merged.append([start, count])
+        for start, count in merged:
+            try:
+                punch_hole(self.fd, self.data_offset + start * BLOCK_SIZE, count * BLOCK_SIZE)
+            except OSError as exc:
+                self._punch_holes = False
+                log.warning("punching freed blocks out of %s failed (%s); freed space "
+                            "stays allocated in the file until lcfs reuses it",
+                            self.path, exc)  # fmt: skip
+                return
 
     def _record_orphans(self) -> None:
         """Write the intent of every orphan that has none into the group transaction."""

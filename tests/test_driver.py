@@ -479,6 +479,19 @@ def test_init_remounts_hidden_home(home_daemon, tmp_path, docker_root_bind):
     assert not (home / "base").exists()
     client.ok("GraphDriver.Init", {"Home": str(home)})
     assert (home / "base").is_dir()
+    # The hidden mount went, so only the new one is left, and the stop ends it.
+    assert lcfs_mounts_at(home) == 1
+    assert home_daemon.stop() == 0
+    assert lcfs_mounts_at(home) == 0
+
+
+def lcfs_mounts_at(path: Path) -> int:
+    """Count the lcfs mounts at ``path`` in /proc/self/mountinfo, hidden ones too."""
+    with open("/proc/self/mountinfo") as f:
+        return sum(
+            1 for line in f
+            if line.split()[4] == str(path) and " fuse.lcfs " in line
+        )  # fmt: skip
 
 
 # -- layers ----------------------------------------------------------------

@@ -161,6 +161,7 @@ class MountManager:
                     "root after it; mounting again",
                     home,
                 )
+                self._server.detach()
                 self._unmount()
             if self._mountpoint is not None:
                 log.info("Home moved from %s to %s", self._mountpoint, home)

@@ -30,6 +30,11 @@ class DiffPlan:
         self.number = layer.number
         self.parent = layer.parent
         self._paths: dict[int, bytes | None] = {ROOT_INO: b""}
+        # The layer's records and the parent's paths read so far. Neither
+        # changes while the plan is made under the store lock, and the
+        # parent is frozen for good.
+        self._inodes: dict[int, Inode] = {}
+        self._parent_paths: dict[bytes, int | None] = {b"": ROOT_INO}
         store._ready()
         # path -> (kind, ino or None for a whiteout)
         self.items: dict[bytes, tuple[int, int | None]] = {}
@@ -38,13 +43,20 @@ class DiffPlan:
         self._unnamed: set[int] = set()
         self._collect()
 
+    def _inode(self, ino: int) -> Inode:
+        """Return the layer's record of ``ino``; raises NotFound."""
+        inode = self._inodes.get(ino)
+        if inode is None:
+            inode = self._inodes[ino] = self.store._inode(self.number, ino)
+        return inode
+
     def _path(self, ino: int) -> bytes | None:
         """Return the path of ``ino`` in the layer, or None if no name reaches it."""
         if ino in self._paths:
             return self._paths[ino]
         store, number = self.store, self.number
         try:
-            inode = store._inode(number, ino)
+            inode = self._inode(ino)
         except errors.NotFound:
             return None
         path = None
@@ -65,17 +77,20 @@ class DiffPlan:
         """Return the inode at ``path`` in the parent layer, or None."""
         if self.parent is None:
             return None
-        store = self.store
-        ino = ROOT_INO
-        for part in path.split(b"/")[1:]:
+        if path in self._parent_paths:
+            return self._parent_paths[path]
+        directory, name = path.rsplit(b"/", 1)
+        dir_ino = self._parent_entry(directory)
+        ino = None
+        if dir_ino is not None:
             try:
-                dir_inode = store._dir(self.parent, ino)
+                dir_inode = self.store._dir(self.parent, dir_ino)
             except errors.StoreError:
-                return None
-            found = store._entry(self.parent, dir_inode, part)
-            if found is None:
-                return None
-            ino = found[0]
+                dir_inode = None
+            if dir_inode is not None:
+                found = self.store._entry(self.parent, dir_inode, name)
+                ino = found[0] if found is not None else None
+        self._parent_paths[path] = ino
         return ino
 
     def _unchanged(self, path: bytes, ino: int) -> bool:
@@ -84,7 +99,7 @@ class DiffPlan:
         if self.parent is None or self._parent_entry(path) != ino:
             return False
         store = self.store
-        mine = store._inode(self.number, ino)
+        mine = self._inode(ino)
         try:
             parent_owner, theirs = store._resolve(self.parent, ino)
         except errors.NotFound:
@@ -140,7 +155,7 @@ class DiffPlan:
                     continue
                 if path and not self._unchanged(path, ino):
                     self._add(path, ino)
-                    inode = store._inode(number, ino)
+                    inode = self._inode(ino)
                     if inode.is_dir and inode.opaque == number:
                         self.items[path + b"/" + OPAQUE] = (CHANGE_DELETE, None)
                 continue
@@ -157,7 +172,7 @@ class DiffPlan:
                     self.items.setdefault(path, (CHANGE_DELETE, None))
                 continue
             self._add(path, now[0])
-            inode = store._inode(number, now[0])
+            inode = self._inode(now[0])
             if inode.is_dir and before != now[0]:
                 replaced = None
                 if before is not None and store._inode(self.parent, before).is_dir:
@@ -246,7 +261,7 @@ class DiffPlan:
                 continue
             old = store._entry(self.parent, old_dir, name) if old_dir is not None else None
             self.items[child] = (CHANGE_ADD if old is None else CHANGE_MODIFY, ino)
-            inode = store._inode(number, ino)
+            inode = self._inode(ino)
             if inode.is_dir:
                 old_child = old[0] if old is not None else None
                 if old_child is not None and not store._inode(self.parent, old_child).is_dir:

@@ -294,8 +294,7 @@ def test_docker_diff_lists_changes(docker, changed_container):
     assert expected - set(listed) == set(), "changed but not listed"
 
 
-# NOTE: lcfs's Changes lists a changed entry and its parent directory, but
-# not the directories above that, which vfs and overlay2 list as modified.
+# vfs and overlay2 list every directory above a change as modified.
 def test_docker_diff_lists_ancestors(docker, changed_container):
     listed = docker.docker("diff", changed_container).stdout.splitlines()
     assert ANCESTOR_CHANGES - set(listed) == set()
@@ -306,6 +305,40 @@ def test_docker_diff_on_vfs_agrees(vfs_docker, vfs_images):
     run_change_script(vfs_docker)
     listed = vfs_docker.docker("diff", CHANGES_CONTAINER).stdout.splitlines()
     assert set(listed) == CHANGES
+
+
+LINKS_DOCKERFILE = """\
+FROM {base}
+RUN mkdir -p /d /o/x && echo one > /d/a && ln /d/a /d/b && touch /o/x/y /o/x/z
+"""
+# Changes the image's hard-linked file only through its second name, after
+# removing the first, and replaces a directory of the image.
+LINKS_SCRIPT = "rm /d/a && echo more >> /d/b && rm -rf /o/x && mkdir /o/x && echo 3 > /o/x/w"
+
+
+def diff_and_commit_links(daemon: DockerDaemon, context: Path) -> tuple[set[str], str]:
+    """Build the links image, run LINKS_SCRIPT, and return (docker diff lines, committed /d/b)."""
+    context.mkdir(exist_ok=True)
+    (context / "Dockerfile").write_text(LINKS_DOCKERFILE.format(base=MINBASE_IMAGE))
+    build(daemon, context, "lcfs-test/links:1", buildkit=False)
+    daemon.docker(
+        "run", "--pull", "never", "--network", "none", "--name", "lcfs-test-links",
+        "lcfs-test/links:1", "sh", "-c", LINKS_SCRIPT,
+    )  # fmt: skip
+    listed = set(daemon.docker("diff", "lcfs-test-links").stdout.splitlines())
+    daemon.docker("commit", "lcfs-test-links", "lcfs-test/links-committed:1")
+    daemon.docker("rm", "lcfs-test-links")
+    content = daemon.docker(*RUN, "lcfs-test/links-committed:1", "cat", "/d/b").stdout
+    return listed, content
+
+
+def test_change_through_second_link_committed(docker, vfs_docker, images, vfs_images, tmp_path):
+    listed, content = diff_and_commit_links(docker, tmp_path / "lcfs")
+    vfs_listed, vfs_content = diff_and_commit_links(vfs_docker, tmp_path / "vfs")
+    assert content == "one\nmore\n"
+    assert content == vfs_content
+    assert {"C /d/b", "D /d/a", "D /o/x/y", "D /o/x/z", "A /o/x/w"} <= listed
+    assert listed == vfs_listed
 
 
 def test_commit_keeps_changes(docker, committed_image):

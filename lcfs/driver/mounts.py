@@ -14,6 +14,7 @@ Every method blocks (mounting waits for the FUSE thread), so the plugin
 server calls them from worker threads. One lock serialises them.
 """
 
+import ctypes
 import errno
 import logging
 import os
@@ -62,6 +63,12 @@ def detach_stale_mount(path: str) -> None:
             f"cannot detach the stale lcfs mount at {path}: "
             f"{result.stderr.strip() or 'fusermount3 failed'}; unmount it by hand"
         )
+
+
+# umount2(2) flag that detaches a mount at once and frees it once unused.
+MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def _mount_table() -> list[tuple[str, str]]:
@@ -117,6 +124,11 @@ class MountManager:
         self._lock = threading.Lock()
         self._server = None
         self._mountpoint: str | None = None
+        # An O_PATH descriptor of the mount point's parent directory, opened
+        # when mounting. A path through it reaches the mount even after a
+        # later mount over a parent directory hides it. It keeps the parent's
+        # mount in use, not the lcfs mount, so an unmount of lcfs still works.
+        self._parent_fd: int | None = None
 
     @property
     def mountpoint(self) -> str | None:
@@ -161,7 +173,7 @@ class MountManager:
                     "root after it; mounting again",
                     home,
                 )
-                self._server.detach()
+                self._detach_hidden()
                 self._unmount()
             if self._mountpoint is not None:
                 log.info("Home moved from %s to %s", self._mountpoint, home)
@@ -208,9 +220,35 @@ class MountManager:
             raise MountError(f"cannot mount lcfs at {path}: {error}") from error
         self._server = server
         self._mountpoint = path
+        try:
+            self._parent_fd = os.open(os.path.dirname(path), os.O_PATH | os.O_CLOEXEC)
+        except OSError as error:
+            log.warning("cannot open the parent directory of %s (%s); a later "
+                        "mount over it would leave this mount hidden", path, error)  # fmt: skip
+
+    def _detach_hidden(self) -> None:
+        """Detach the lcfs mount that a later mount over a parent directory hides.
+
+        umount2(2) of the mount point reaches the covering mount instead,
+        so the path goes through the descriptor of the parent directory
+        opened at mount time. The FUSE thread then ends with the session.
+        """
+        if self._parent_fd is None or self._mountpoint is None:
+            return
+        name = os.path.basename(self._mountpoint)
+        path = f"/proc/self/fd/{self._parent_fd}/{name}"
+        if _libc.umount2(os.fsencode(path), MNT_DETACH) != 0:
+            error = ctypes.get_errno()
+            log.warning("detaching the hidden lcfs mount at %s failed: %s",
+                        self._mountpoint, os.strerror(error))  # fmt: skip
+        else:
+            log.info("detached the hidden lcfs mount at %s", self._mountpoint)
 
     def _unmount(self) -> None:
         server, path = self._server, self._mountpoint
+        if self._parent_fd is not None:
+            os.close(self._parent_fd)
+            self._parent_fd = None
         if server is None:
             return
         self._server = None

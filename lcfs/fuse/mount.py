@@ -21,7 +21,6 @@ takes its place: it detaches the mount when the serving process dies.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -80,12 +79,6 @@ KILLPRIV_HOOK = hasattr(pyfuse3, "lcfs_want_init_flags")
 
 _active_lock = threading.Lock()
 _active_server: FuseServer | None = None
-
-
-# umount2(2) flag that detaches a mount at once and frees it once unused.
-MNT_DETACH = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def _mount_table() -> list[tuple[str, str, str]]:
@@ -324,10 +317,8 @@ class FuseServer:
         self._wake: tuple[int, int] | None = None
         self._loop_started = threading.Event()
         self._lock = threading.Lock()
-        # An O_PATH descriptor of the mount's root, by which detach() finds
-        # the mount even when a later mount hides it. Next, the mount's
-        # device number.
-        self._root_fd: int | None = None
+        # The device number of the mount, to tell after an unmount whether
+        # it is still mounted (hidden, for example).
         self._device: str | None = None
 
     @property
@@ -379,7 +370,6 @@ class FuseServer:
             self._wait_until_live(initialized, timeout)
             device = find_mount(mountpoint)
             self._device = device
-            self._root_fd = os.open(mountpoint, os.O_PATH | os.O_CLOEXEC)
             if self.settings.watchdog:
                 self.watchdog = _Watchdog(mountpoint, device)
         except BaseException:
@@ -456,7 +446,6 @@ class FuseServer:
                     except trio.RunFinishedError:
                         pass  # the loop ended on its own, for example after umount
             thread.join()
-            self._close_root()
             if self._wake is not None:
                 for fd in self._wake:
                     os.close(fd)
@@ -469,32 +458,6 @@ class FuseServer:
             with _active_lock:
                 if _active_server is self:
                     _active_server = None
-
-    def detach(self) -> None:
-        """Detach this server's mount, also where a later mount over a parent hides it.
-
-        umount2(2) of the mount point would then reach the covering mount,
-        or nothing, so the detach goes through the descriptor of the
-        mount's root. Once nothing else uses the mount, the kernel ends the
-        session and the FUSE thread stops. Call stop() afterwards.
-        """
-        with self._lock:
-            if self._root_fd is None:
-                return
-            path = f"/proc/self/fd/{self._root_fd}".encode()
-            if _libc.umount2(path, MNT_DETACH) != 0:
-                error = ctypes.get_errno()
-                log.warning("detaching the lcfs mount at %s (device %s) failed: %s",
-                            self.mountpoint, self._device, os.strerror(error))  # fmt: skip
-                return
-            log.info("detached the lcfs mount at %s (device %s)", self.mountpoint,
-                     self._device)  # fmt: skip
-            self._close_root()
-
-    def _close_root(self) -> None:
-        if self._root_fd is not None:
-            os.close(self._root_fd)
-            self._root_fd = None
 
     def notify_layer_removed(self, layer_id: str) -> None:
         """Make the kernel forget a removed layer's directory and everything under it.

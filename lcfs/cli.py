@@ -6,6 +6,7 @@ reported in one line on stderr.
 """
 
 import argparse
+import contextlib
 import os
 import json
 import logging
@@ -398,8 +399,33 @@ def _setup_logging(level: str) -> None:
     )
 
 
+@contextlib.contextmanager
+def _without_ca_certificates():
+    """Point OpenSSL at no CA certificates while the block runs.
+
+    Importing aiohttp (3.10 and later, aiohttp/connector.py) builds two TLS
+    client contexts, which load the system's CA certificates: about 70 ms
+    of the daemon's start on a 2-core VM. The daemon makes no TLS
+    connection, so it imports aiohttp with these variables set, and sets
+    them back after.
+    """
+    names = ("SSL_CERT_FILE", "SSL_CERT_DIR")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ["SSL_CERT_FILE"] = os.devnull
+    os.environ["SSL_CERT_DIR"] = os.devnull
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _run_daemon(args: argparse.Namespace) -> int:
-    from lcfs.driver.daemon import Daemon, DaemonConfig
+    with _without_ca_certificates():
+        from lcfs.driver.daemon import Daemon, DaemonConfig
 
     config = DaemonConfig(
         device=args.device,

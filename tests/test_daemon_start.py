@@ -9,6 +9,7 @@ import errno
 import io
 import os
 import signal
+import ssl
 import subprocess
 import tarfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from lcfs_daemon import LcfsDaemon, PluginError, lcfs_command, running_lcfs
 from mounts import mount_table, unmount_under
 from test_fuse_features import watchdog_of
 
+from lcfs import cli
 from lcfs.store import Store
 from lcfs.store.format import read_superblock
 
@@ -462,3 +464,14 @@ def test_mount_failure_keeps_existing_image(workdir):
     assert result.returncode == 2, result.stdout
     assert f"cannot create mount point {mountpoint}" in result.stdout
     assert read_superblock(str(device))["uuid"] == superblock["uuid"]
+
+
+def test_aiohttp_imported_without_ca_certificates(monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with cli._without_ca_certificates():
+        # A context built inside, as aiohttp builds two at import, loads no CA.
+        assert ssl.create_default_context().cert_store_stats()["x509_ca"] == 0
+    # The daemon's children, and TLS after the imports, see the old values.
+    assert os.environ["SSL_CERT_FILE"] == "/etc/ssl/certs/ca-certificates.crt"
+    assert "SSL_CERT_DIR" not in os.environ

@@ -485,6 +485,19 @@ def test_init_remounts_hidden_home(home_daemon, tmp_path, docker_root_bind):
     assert lcfs_mounts_at(home) == 0
 
 
+def test_watchdog_detaches_hidden_home(home_daemon, tmp_path, docker_root_bind):
+    client = home_daemon.client
+    home = tmp_path / "docker" / "lcfs"
+    client.ok("GraphDriver.Init", {"Home": str(home)})
+    docker_root_bind()  # hides the mount below it
+    os.kill(home_daemon.process.pid, signal.SIGKILL)
+    home_daemon.process.wait()
+    deadline = time.monotonic() + 10
+    while lcfs_mounts_at(home) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lcfs_mounts_at(home) == 0
+
+
 def lcfs_mounts_at(path: Path) -> int:
     """Count the lcfs mounts at ``path`` in /proc/self/mountinfo, hidden ones too."""
     with open("/proc/self/mountinfo") as f:

@@ -263,12 +263,16 @@ class _Watchdog:
 
     def __init__(self, mountpoint: str, device: str):
         read_end, self._write_end = os.pipe()
+        # The watchdog reaches the mount through its parent directory even
+        # when a later mount over a parent hides it (watchdog.py).
+        parent_fd = os.open(os.path.dirname(mountpoint), os.O_PATH | os.O_CLOEXEC)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", watchdog.__file__, mountpoint, device],
+                [sys.executable, "-I", watchdog.__file__, mountpoint, device, str(parent_fd)],
                 stdin=read_end,
                 stdout=subprocess.DEVNULL,
                 close_fds=True,
+                pass_fds=(parent_fd,),
                 start_new_session=True,
             )
         except BaseException:
@@ -276,6 +280,7 @@ class _Watchdog:
             raise
         finally:
             os.close(read_end)
+            os.close(parent_fd)
         log.info("started watchdog pid %d for %s (device %s)", self.process.pid,
                  mountpoint, device)
 

@@ -1,7 +1,9 @@
 """Detach an lcfs FUSE mount once the process serving it is gone.
 
-Usage: ``python watchdog.py MOUNTPOINT MAJOR:MINOR`` with standard input
-the read end of a pipe whose only write end the serving process holds.
+Usage: ``python watchdog.py MOUNTPOINT MAJOR:MINOR [PARENT_FD]`` with
+standard input the read end of a pipe whose only write end the serving
+process holds. PARENT_FD is an inherited O_PATH descriptor of the mount
+point's parent directory, opened when the mount was made.
 
 libfuse's ``auto_unmount`` would do this job, but libfuse 3.14 implements
 it through fusermount3, which forces nosuid and nodev on the mount, and
@@ -13,8 +15,12 @@ included. The watchdog then detaches the mount at MOUNTPOINT, but only if it
 is still the FUSE mount with device number MAJOR:MINOR, so a mount that the
 server already removed, or a later mount at the same path, is left alone.
 
-NOTE: a mount made at the same path between the check in mountinfo and
-the detach would be detached instead. The window is one system call wide.
+With PARENT_FD the watchdog opens the mount point through that descriptor,
+which reaches the mount even where a later mount over a parent directory
+hides it, checks the mount id of what it opened, and detaches exactly
+that mount. NOTE: without PARENT_FD, a mount made at the same path
+between the check in mountinfo and the detach would be detached instead.
+The window is one system call wide.
 
 This file imports only the standard library, so that it starts fast when
 run by path with ``python -I``.
@@ -54,6 +60,38 @@ def top_mount_device(mountpoint: str) -> str | None:
     return found
 
 
+def mount_id(device: str) -> int | None:
+    """Return the mount id of the lcfs FUSE mount with ``major:minor``, hidden or not, or None."""
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            separator = fields.index("-")
+            if fields[2] == device and fields[separator + 1] == FSTYPE:
+                return int(fields[0])
+    return None
+
+
+def detach_through_parent(parent_fd: int, mountpoint: str, device: str) -> bool:
+    """Detach the mount of ``device`` at the mount point below ``parent_fd``.
+
+    Returns False when the mount point there is another mount now.
+    Raises OSError when the open or the detach fails.
+    """
+    expected = mount_id(device)
+    path = f"/proc/self/fd/{parent_fd}/{os.path.basename(mountpoint)}"
+    # An O_PATH open sends no request to the file system, so a dead server cannot block it.
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
+            found = next(int(line.split()[1]) for line in f if line.startswith("mnt_id:"))
+        if found != expected:
+            return False
+        detach(f"/proc/self/fd/{fd}")
+        return True
+    finally:
+        os.close(fd)
+
+
 def detach(mountpoint: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
@@ -77,23 +115,30 @@ def main(argv: list[str]) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if len(argv) != 3:
-        log.error("usage: %s MOUNTPOINT MAJOR:MINOR", argv[0])
+    if len(argv) not in (3, 4):
+        log.error("usage: %s MOUNTPOINT MAJOR:MINOR [PARENT_FD]", argv[0])
         return 2
     mountpoint, device = argv[1], argv[2]
+    parent_fd = int(argv[3]) if len(argv) == 4 else None
     # A Ctrl-C or hang-up meant for the daemon's terminal must not end the
     # watchdog before the daemon.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     wait_for_end_of_file(0)
-    current = top_mount_device(mountpoint)
-    if current != device:
+    if parent_fd is not None:
+        gone = mount_id(device) is None
+    else:
+        gone = top_mount_device(mountpoint) != device
+    if gone:
         log.debug("mount %s of %s is gone; nothing to do", device, mountpoint)
         return 0
     log.warning("the process serving %s (device %s) has ended without unmounting; "
                 "detaching the mount", mountpoint, device)
     try:
-        detach(mountpoint)
+        if parent_fd is None:
+            detach(mountpoint)
+        elif not detach_through_parent(parent_fd, mountpoint, device):
+            log.info("%s is another mount now; leaving it", mountpoint)
     except OSError as exc:
         log.error("detaching %s (device %s) failed: %s", mountpoint, device, exc)
         return 1

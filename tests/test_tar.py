@@ -809,3 +809,20 @@ def test_changes_list_entries_of_directory_moved_away(store):
     assert dict(store.changes("ctr")) == {
         "/o": 0, "/o/new": 1, "/o/x": 2, "/o2": 1, "/o2/x": 1, "/o2/x/y": 1,
     }  # fmt: skip
+
+
+def test_opaque_directory_counts_only_its_own_subdirectories(store):
+    apply(store, "img", None, make_tar([
+        ("o", DIR, {}), ("o/x", DIR, {}), ("o/x/y", REG, {"data": b"y"}),
+        ("o/z", DIR, {}), ("o/top", REG, {"data": b"t"}),
+    ]))  # fmt: skip
+    # A subdirectory before the marker (tar order), and one after it.
+    apply(store, "L2", "img", make_tar([
+        ("o", DIR, {}), ("o/+early", DIR, {}), ("o/.wh..wh..opq", REG, {}),
+        ("o/late", DIR, {}),
+    ]))  # fmt: skip
+    apply(store, "L3", "img", make_tar([("o", DIR, {}), ("o/.wh..wh..opq", REG, {})]))
+    for layer_id, expected in (("img", 4), ("L2", 4), ("L3", 2)):
+        number = store.get_layer(layer_id).number
+        assert store.lookup(number, ROOT_INO, b"o").nlink == expected, layer_id
+    assert sorted(tree_of(store, "L2")) == [b"/o", b"/o/+early", b"/o/late"]

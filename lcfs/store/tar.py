@@ -371,6 +371,12 @@ class _Applier:
         if name == OPAQUE:
             inode = store._own(number, dir_ino)
             inode.opaque = number
+            # The older layers' subdirectories no longer count as links;
+            # those this layer made before the marker still do.
+            inode.nlink = 2 + sum(
+                1 for ino in store._entries(number, inode).values()
+                if store._inode(number, ino).is_dir
+            )  # fmt: skip
             store._put_inode(number, inode)
             return
         if name.startswith(WHITEOUT + WHITEOUT):

@@ -654,6 +654,24 @@ def test_listings_start_with_dot_entries(mounted):
     assert sorted(os.listdir(mounted.at("base", "dir"))) == ["f"]
 
 
+@pytest.mark.parametrize("created", [b"a", b"f250x", b"zz"])
+def test_readdir_sends_no_entry_twice_when_directory_grows(mounted, created):
+    directory = mounted.at("base", "d")
+    os.mkdir(directory)
+    for index in range(500):
+        write_file(os.path.join(directory, f"f{index}"), b"")
+    seen = []
+    with os.scandir(directory) as entries:
+        for _ in range(5):
+            seen.append(next(entries).name)
+        # The kernel reads a FUSE directory a page at a time, so the rest
+        # comes from requests made after the directory changed.
+        write_file(os.path.join(directory, created.decode()), b"")
+        seen.extend(entry.name for entry in entries)
+    assert len(seen) == len(set(seen))
+    assert {f"f{index}" for index in range(500)} <= set(seen)
+
+
 def test_readdir_large_directory(mounted):
     directory = mounted.at("base", "big")
     os.mkdir(directory)

@@ -51,8 +51,10 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import errno
+import hashlib
 import logging
 import math
 import os
@@ -148,6 +150,16 @@ class RequestIds:
 
 # The item of the "." and ".." entries of a listing.
 _DOT = object()
+
+
+def _name_offset(name: bytes) -> int:
+    """Return the readdir offset of a directory entry: 3 or more, below 2**62 + 3.
+
+    Two names share an offset with a chance of 2**-62 per pair; a read
+    that stops between them would then skip the second.
+    """
+    digest = hashlib.blake2b(name, digest_size=8).digest()
+    return 3 + (int.from_bytes(digest, "big") >> 2)
 
 
 @dataclass(slots=True)
@@ -695,22 +707,31 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
                 del self._listings[next(iter(self._listings))]
 
     def _listing(self, layer: int | None, ino: int) -> list:
-        """Return the (name, item) entries of a directory, "." and ".." first, as Linux lists them."""
-        dots = [(b".", _DOT), (b"..", _DOT)]
+        """Return the (offset, name, item) entries of a directory, in offset order.
+
+        "." and ".." come first, as Linux lists them, at offsets 1 and 2.
+        Every other offset comes from a hash of the name, as on ext4, so a
+        read that resumes at an offset after the directory changed skips no
+        entry it had not reached and sends none twice.
+        """
         if layer is None:
-            layers = sorted(self.store.list_layers(), key=lambda layer: layer.id)
-            return dots + [(os.fsencode(layer.id), layer) for layer in layers]
-        return dots + self.store.readdir(layer, ino)
+            layers = self.store.list_layers()
+            entries = [(os.fsencode(layer.id), layer) for layer in layers]
+        else:
+            entries = self.store.readdir(layer, ino)
+        listing = [(_name_offset(name), name, item) for name, item in entries]
+        listing.sort(key=lambda entry: entry[0])
+        return [(1, b".", _DOT), (2, b"..", _DOT)] + listing
 
     def _reply_entries(self, node: int, layer: int | None, listing: list, start_id: int,
                        token) -> bool:  # fmt: skip
-        """Give the kernel entries from ``start_id`` on; True if it took the last one."""
-        for index in range(start_id, len(listing)):
-            name, item = listing[index]
+        """Give the kernel the entries past offset ``start_id``; True if it took the last one."""
+        first = bisect.bisect_right(listing, start_id, key=lambda entry: entry[0])
+        for offset, name, item in listing[first:]:
             if item is _DOT:
                 # The kernel takes no reference to "." or ".." of a listing.
                 entry = self._node_entry(node) if name == b"." else self._parent_entry(node)
-                if not pyfuse3.readdir_reply(token, name, entry, index + 1):
+                if not pyfuse3.readdir_reply(token, name, entry, offset):
                     return False
                 continue
             if layer is None:
@@ -720,7 +741,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
                     continue  # removed since the listing was taken
             else:
                 entry = self._entry(layer, item)
-            if not pyfuse3.readdir_reply(token, name, entry, index + 1):
+            if not pyfuse3.readdir_reply(token, name, entry, offset):
                 if entry.st_ino not in self.lookup_counts:
                     self._attrs.pop(entry.st_ino, None)  # the kernel did not take it
                 return False

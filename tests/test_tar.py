@@ -826,3 +826,17 @@ def test_opaque_directory_counts_only_its_own_subdirectories(store):
         number = store.get_layer(layer_id).number
         assert store.lookup(number, ROOT_INO, b"o").nlink == expected, layer_id
     assert sorted(tree_of(store, "L2")) == [b"/o", b"/o/+early", b"/o/late"]
+
+
+def test_entry_moved_away_and_back_is_no_change(store):
+    apply(store, "img", None, make_tar([
+        ("x", DIR, {}), ("x/sl", SYM, {"linkname": "target"}), ("x/f", REG, {"data": b"f"}),
+    ]))  # fmt: skip
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    x = store.lookup(number, ROOT_INO, b"x").ino
+    for name in (b"sl", b"f"):
+        store.rename(number, x, name, ROOT_INO, name + b"-away")
+        store.rename(number, ROOT_INO, name + b"-away", x, name)
+    # As Docker's tree comparison: only the directory, whose times changed.
+    assert dict(store.changes("ctr")) == {"/x": 0}

@@ -171,6 +171,8 @@ class DiffPlan:
                 if before is not None:
                     self.items.setdefault(path, (CHANGE_DELETE, None))
                 continue
+            if before == now[0] and self._unchanged(path, now[0]):
+                continue  # the same file is back at its old name, as it was
             self._add(path, now[0])
             inode = self._inode(now[0])
             if inode.is_dir and before != now[0]:

@@ -754,11 +754,11 @@ def test_commit_keeps_change_through_remaining_link(store, change, first):
     apply(store, "committed", "img", b"".join(store.diff("ctr")))
     committed = store.get_layer("committed").number
     committed_d = store.lookup(committed, ROOT_INO, b"d")
-    kept = store.lookup(committed, committed_d.ino, b"b")
+    remaining = store.lookup(committed, committed_d.ino, b"b")
     with pytest.raises(errors.NotFound):
         store.lookup(committed, committed_d.ino, b"a")
-    assert store.read(committed, kept.ino, 0, 100) == store.read(number, ino, 0, 100)
-    assert (kept.mode, kept.uid, kept.gid, kept.mtime_ns // 10**9) == (
+    assert store.read(committed, remaining.ino, 0, 100) == store.read(number, ino, 0, 100)
+    assert (remaining.mode, remaining.uid, remaining.gid, remaining.mtime_ns // 10**9) == (
         expected.mode, expected.uid, expected.gid, expected.mtime_ns // 10**9,
     )  # fmt: skip
 

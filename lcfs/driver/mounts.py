@@ -14,7 +14,6 @@ Every method blocks (mounting waits for the FUSE thread), so the plugin
 server calls them from worker threads. One lock serialises them.
 """
 
-import ctypes
 import errno
 import logging
 import os
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from lcfs.fuse.mount import FSTYPE, FuseServer, check_mountpoint, find_mount
 from lcfs.fuse.settings import FuseSettings
 from lcfs.fuse.stats import RequestStats
-from lcfs.fuse.watchdog import unescape_mountinfo
+from lcfs.fuse.watchdog import detach, unescape_mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +62,6 @@ def detach_stale_mount(path: str) -> None:
             f"cannot detach the stale lcfs mount at {path}: "
             f"{result.stderr.strip() or 'fusermount3 failed'}; unmount it by hand"
         )
-
-
-# umount2(2) flag that detaches a mount at once and frees it once unused.
-MNT_DETACH = 2
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def _mount_table() -> list[tuple[str, str]]:
@@ -237,10 +230,11 @@ class MountManager:
             return
         name = os.path.basename(self._mountpoint)
         path = f"/proc/self/fd/{self._parent_fd}/{name}"
-        if _libc.umount2(os.fsencode(path), MNT_DETACH) != 0:
-            error = ctypes.get_errno()
+        try:
+            detach(path)
+        except OSError as error:
             log.warning("detaching the hidden lcfs mount at %s failed: %s",
-                        self._mountpoint, os.strerror(error))  # fmt: skip
+                        self._mountpoint, error.strerror)  # fmt: skip
         else:
             log.info("detached the hidden lcfs mount at %s", self._mountpoint)
 

@@ -68,6 +68,7 @@ import trio
 
 from lcfs.pyfuse3_build import PATCH_LEVEL
 from lcfs.store import ROOT_INO, errors
+from lcfs.store.store import PUNCH_HOLE_MODE
 
 from .handler import fuse_handler
 from .privileges import (
@@ -91,10 +92,6 @@ WRITABLE_TIMEOUT = 1.0
 # Whether this pyfuse3 lets lcfs turn on the kernel's symlink and directory
 # caches; only a build by scripts/build_pyfuse3.py does.
 KERNEL_CACHES = getattr(pyfuse3, "LCFS_PATCH_LEVEL", 0) >= PATCH_LEVEL
-
-# fallocate(2) mode that punches a hole: FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-# (linux/falloc.h), the only combination the kernel allows for punching.
-PUNCH_HOLE_MODE = 0x02 | 0x01
 
 # The write_flags bit of a WRITE that writes back pages of a shared mapping.
 FUSE_WRITE_CACHE = 1
@@ -610,10 +607,10 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         deletes a directory's records at rmdir, so its last attributes
         come from memory. Raises NotFound for anything else.
         """
-        kept = self._attrs.get(node)
-        if kept is None or not stat.S_ISDIR(kept[0].mode) or node not in self.lookup_counts:
+        cached = self._attrs.get(node)
+        if cached is None or not stat.S_ISDIR(cached[0].mode) or node not in self.lookup_counts:
             raise errors.NotFound(f"node {node} was removed")
-        return dataclasses.replace(kept[0], nlink=0)
+        return dataclasses.replace(cached[0], nlink=0)
 
     @fuse_handler(modifies=True)
     async def setattr(self, inode, attr, fields, fh, ctx):

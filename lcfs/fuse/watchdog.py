@@ -79,7 +79,8 @@ def detach_through_parent(parent_fd: int, mountpoint: str, device: str) -> bool:
     """
     expected = mount_id(device)
     path = f"/proc/self/fd/{parent_fd}/{os.path.basename(mountpoint)}"
-    # An O_PATH open sends no request to the file system, so a dead server cannot block it.
+    # The kernel serves an O_PATH open without asking the FUSE server, so
+    # the dead server cannot block it.
     fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
         with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
@@ -126,10 +127,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     wait_for_end_of_file(0)
     if parent_fd is not None:
-        gone = mount_id(device) is None
+        still_mounted = mount_id(device) is not None
     else:
-        gone = top_mount_device(mountpoint) != device
-    if gone:
+        still_mounted = top_mount_device(mountpoint) == device
+    if not still_mounted:
         log.debug("mount %s of %s is gone; nothing to do", device, mountpoint)
         return 0
     log.warning("the process serving %s (device %s) has ended without unmounting; "

@@ -189,14 +189,14 @@ def lock_holder(path: str) -> int | None:
 
 # fallocate(2) mode that deallocates a range of a file and keeps its size:
 # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (linux/falloc.h).
-_PUNCH_HOLE_MODE = 0x02 | 0x01
+PUNCH_HOLE_MODE = 0x02 | 0x01
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate ``length`` bytes at ``offset`` of a file; raise OSError on failure."""
-    if _libc.fallocate(fd, _PUNCH_HOLE_MODE, offset, length) != 0:
+    if _libc.fallocate(fd, PUNCH_HOLE_MODE, offset, length) != 0:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
 

@@ -714,6 +714,35 @@ def test_hard_link_to_directory_named(store):
     assert store.changes("L") == []
 
 
+# Case: (the symlink's make_tar extra, the reason the error ends with).
+BAD_SYMLINK_TARGETS = {
+    "empty": ({"linkname": ""}, "it is empty"),
+    "nul": ({"pax": {"linkpath": "a\0b"}}, "it contains a NUL byte"),
+    "too long": ({"linkname": "t" * 4096}, "it is 4096 bytes long, over the limit of 4095"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SYMLINK_TARGETS))
+def test_bad_symlink_target_rejected(store, case):
+    extra, reason = BAD_SYMLINK_TARGETS[case]
+    raw = make_tar([("keep", REG, {"data": b"1"}), ("s", SYM, extra)])
+    store.create_layer("L")
+    with pytest.raises(errors.BadArchive) as info:
+        store.apply_diff("L", io.BytesIO(raw))
+    message = str(info.value)
+    assert message.startswith("layer L: member 's': invalid symbolic link target ")
+    assert message.endswith(reason)
+    assert store.changes("L") == []
+
+
+def test_longest_symlink_target_accepted(store):
+    target = "t" * 4095
+    apply(store, "L", None, make_tar([("s", SYM, {"linkname": target})]))
+    number = store.get_layer("L").number
+    link = store.lookup(number, ROOT_INO, b"s")
+    assert store.readlink(number, link.ino) == target.encode()
+
+
 def hard_linked_image(store) -> tuple[int, int]:
     """Make layer ``img`` with d/a and its hard link d/b, and a container layer on it.
 

@@ -42,6 +42,9 @@ RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 NAME_MAX = 255
+# The maximum length in bytes of a symbolic link target: Linux's PATH_MAX
+# (4096) less the terminating NUL. symlink(2) fails with ENAMETOOLONG above it.
+SYMLINK_MAX = 4095
 XATTR_SIZE_MAX = 65536
 # Keys of the meta database that record the xattr names ever stored.
 XATTR_NAME_PREFIX = b"xattr-name:"
@@ -60,6 +63,17 @@ def check_name(name: bytes) -> None:
         raise errors.NameTooLong(
             f"file name {prefix!r}... ({len(name)} bytes) is longer than {NAME_MAX} bytes"
         )
+
+
+def symlink_target_problem(target: bytes) -> str | None:
+    """Return why symlink(2) rejects ``target`` as a link target, or None if it accepts it."""
+    if not target:
+        return "it is empty"
+    if b"\0" in target:
+        return "it contains a NUL byte"
+    if len(target) > SYMLINK_MAX:
+        return f"it is {len(target)} bytes long, over the limit of {SYMLINK_MAX}"
+    return None
 
 
 @dataclass(slots=True, frozen=True)
@@ -454,8 +468,11 @@ class NamespaceMixin:
         uid: int = 0,
         gid: int = 0,
     ):
-        if not target or b"\0" in target or len(target) > 4095:
-            raise errors.Invalid(f"invalid symbolic link target {target[:40]!r}")
+        problem = symlink_target_problem(target)
+        if problem is not None:
+            raise errors.Invalid(
+                f"invalid symbolic link target {target[:40]!r}: {problem}"
+            )
         return self._write(
             self._create,
             layer,

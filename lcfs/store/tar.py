@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import reprlib
 import stat
 import tarfile
 import time
@@ -37,6 +38,7 @@ from .format import (
     dirent_key,
     inode_key,
 )
+from .namespace import symlink_target_problem
 
 log = logging.getLogger(__name__)
 
@@ -441,6 +443,12 @@ class _Applier:
             return ino
         if member.issym():
             target = member.linkname.encode("utf-8", "surrogateescape")
+            problem = symlink_target_problem(target)
+            if problem is not None:
+                raise errors.BadArchive(
+                    f"layer {self.layer.id}: member {member.name!r}: invalid symbolic"
+                    f" link target {reprlib.repr(member.linkname)}: {problem}"
+                )
             return store._create(
                 number, dir_ino, name, stat.S_IFLNK | 0o777, uid, gid, 0, target
             ).ino

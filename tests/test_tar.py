@@ -209,6 +209,71 @@ def test_sparse_file_keeps_holes(store):
     assert store.read(number, store.lookup(number, ROOT_INO, b"lastlog").ino, 64 * MiB, 10) == b"tail"
 
 
+def pax_sparse_tar(name: str, size: int, regions: list[tuple[int, bytes]]) -> bytes:
+    """Build a tar of one sparse member in GNU's PAX sparse format 0.1."""
+    member = tarfile.TarInfo(name)
+    body = b"".join(data for _, data in regions)
+    member.size = len(body)
+    member.mtime = 1_700_000_000
+    member.pax_headers = {
+        "GNU.sparse.size": str(size),
+        "GNU.sparse.numblocks": str(len(regions)),
+        "GNU.sparse.map": ",".join(f"{offset},{len(data)}" for offset, data in regions),
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        archive.addfile(member, io.BytesIO(body))
+    return buffer.getvalue()
+
+
+def test_sparse_member_hole_not_read(image, tmp_path):
+    """A sparse member with a 1 PiB hole imports without reading the hole as zeros."""
+    size = 1 << 50
+    tar_path = tmp_path / "sparse.tar"
+    tar_path.write_bytes(pax_sparse_tar("huge", size, [(0, b"head"), (size - 4, b"tail")]))
+    with Store.open(image) as s:
+        free = s.statfs().free_blocks
+    script = textwrap.dedent(f"""
+        from lcfs.store import Store
+        with Store.open({image!r}) as s:
+            s.create_layer("L")
+            with open({str(tar_path)!r}, "rb") as tar:
+                s.apply_diff("L", tar)
+    """)
+    try:
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the import of a sparse member with a 1 PiB hole took over 60 s")
+    with Store.open(image) as s:
+        number = s.get_layer("L").number
+        huge = s.lookup(number, ROOT_INO, b"huge")
+        assert huge.size == size
+        assert s.read(number, huge.ino, 0, 8) == b"head" + bytes(4)
+        assert s.read(number, huge.ino, size - 8, 8) == bytes(4) + b"tail"
+        assert free - s.statfs().free_blocks == 2
+    assert fsck.main([image, "--no-progress", "--log-level", "WARNING"]) == 0
+
+
+@pytest.mark.parametrize(
+    "regions, bad",
+    [
+        ([(0, b"abcd"), (2, b"efgh")], "of 4 bytes at offset 2"),
+        ([(8, b"abcd"), (0, b"efgh")], "of 4 bytes at offset 0"),
+        ([(98, b"abcd")], "of 4 bytes at offset 98"),
+    ],
+    ids=["overlapping", "out of order", "past the end"],
+)
+def test_bad_sparse_map_rejected(store, regions, bad):
+    store.create_layer("L")
+    with pytest.raises(errors.BadArchive) as info:
+        store.apply_diff("L", io.BytesIO(pax_sparse_tar("f", 100, regions)))
+    message = str(info.value)
+    assert message.startswith("layer L: invalid layer tar: member 'f': the sparse map region ")
+    assert bad in message
+    assert message.endswith("lies outside the file size 100")
+    assert store.changes("L") == []
+
+
 def test_special_files_survive(store):
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:

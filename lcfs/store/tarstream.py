@@ -108,7 +108,45 @@ def _tarfile_members(stream) -> Iterator[tuple[object, BinaryIO]]:
                       tarinfo=_StrictTarInfo) as archive:  # fmt: skip
         for member in archive:
             check_numbers(member)
-            yield member, archive.extractfile(member) if member.isreg() else None
+            if not member.isreg():
+                yield member, None
+            elif member.sparse is None:
+                yield member, archive.extractfile(member)
+            else:
+                check_sparse_map(member)
+                # The unbuffered reader, because the buffered one cannot seek
+                # on a stream. Seeking it forward past a hole reads nothing.
+                yield member, archive.extractfile(member).raw
+
+
+def data_regions(member) -> list[tuple[int, int]] | None:
+    """Return (offset, length) of each data region of a sparse member, or None.
+
+    Only members that tarfile read (GNU sparse files) have a sparse map.
+    Regions of length 0, which GNU tar writes as padding and to mark a
+    hole at the end, are left out.
+    """
+    regions = getattr(member, "sparse", None)
+    if regions is None:
+        return None
+    return [(offset, length) for offset, length in regions if length]
+
+
+def check_sparse_map(member) -> None:
+    """Raise ``BadArchive`` unless the data regions are in order, apart and inside the file.
+
+    Go's archive/tar, which Docker uses, rejects a sparse map that breaks
+    these rules (validateSparseEntries in its common.go).
+    """
+    end = 0
+    for offset, length in data_regions(member):
+        if offset < end or length < 0 or offset + length > member.size:
+            raise errors.BadArchive(
+                f"invalid layer tar: member {member.name!r}: the sparse map region"
+                f" of {length} bytes at offset {offset} overlaps the region before"
+                f" it or lies outside the file size {member.size}"
+            )
+        end = offset + length
 
 
 def check_numbers(member) -> None:

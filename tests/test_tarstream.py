@@ -230,3 +230,30 @@ def test_numbers_checked_after_sparse_member(tmp_path):
             found.append(member.name)
     assert found == ["sparse"]
     assert f"member 'big-uid': uid {2**70} is outside the range" in str(info.value)
+
+
+def split_first_header(raw: bytes) -> tuple[bytes, bytes]:
+    """Return the first header of ``raw`` with its content blocks, and the rest."""
+    size = int(raw[124:136].rstrip(b"\0 ") or b"0", 8)
+    end = tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return raw[:end], raw[end:]
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.XGLTYPE], ids=["pax", "global"])
+def test_held_extended_headers_bounded(kind):
+    comment = {"comment": "c" * 1_000_000}
+    if kind == tarfile.XHDTYPE:
+        raw = archive([entry("f", data=b"x", pax_headers=comment)], tarfile.PAX_FORMAT)
+    else:
+        raw = archive([entry("f", data=b"x")], tarfile.PAX_FORMAT, pax_headers=comment)
+    header, rest = split_first_header(raw)
+    assert header[156:157] == kind
+    # Four headers of about 1 MB each fit under the bound of 4 MiB, five do not.
+    within = header * 4 + rest
+    assert with_tarstream(within) == with_tarfile(within)
+    with pytest.raises(errors.BadArchive) as info:
+        read_all(tarstream.members(io.BytesIO(header * 5 + rest)))
+    assert str(info.value) == (
+        "invalid layer tar: the global headers and the extended headers before"
+        f" one member take more than {4 << 20} bytes"
+    )

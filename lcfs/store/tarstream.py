@@ -38,6 +38,12 @@ _SKIP_CHUNK = 1 << 20
 # The largest PAX header or GNU long name or link. Go's archive/tar, which
 # Docker uses, rejects larger ones (maxSpecialFileSize in its common.go).
 MAX_EXTENDED_HEADER = 1 << 20
+# The maximum bytes of extended headers held at once: the global headers read
+# so far and the chain before the next member, which are kept to merge their
+# records and to replay them to tarfile. It leaves room for the largest PAX
+# header, GNU long name and GNU long link of one member and 1 MiB of global
+# headers. Without a bound, a tar of nothing but headers fills the memory.
+MAX_HELD_HEADERS = 4 * MAX_EXTENDED_HEADER
 
 # Ranges of the number fields of a member. The inode record (lcfs.store.format)
 # keeps uid and gid as u32 and times as signed 64-bit nanoseconds since 1970.
@@ -212,6 +218,9 @@ class _Reader:
         # read, which tarfile reads again when a sparse member turns up.
         self._global_raw: list[bytes] = []
         self._chain_raw: list[bytes] = []
+        # Bytes of extended headers in each list.
+        self._global_bytes = 0
+        self._chain_bytes = 0
 
     # -- bytes ----------------------------------------------------------
 
@@ -243,6 +252,14 @@ class _Reader:
                 return
             left -= skipped
 
+    def _check_held(self, size: int) -> None:
+        """Raise ``BadArchive`` if ``size`` more bytes of headers pass MAX_HELD_HEADERS."""
+        if self._global_bytes + self._chain_bytes + size > MAX_HELD_HEADERS:
+            raise errors.BadArchive(
+                "invalid layer tar: the global headers and the extended headers"
+                f" before one member take more than {MAX_HELD_HEADERS} bytes"
+            )
+
     def replay(self):
         """Return a stream of the raw header blocks of this chain, then the rest."""
         return _Prefixed(b"".join(self._global_raw + self._chain_raw), self._stream)
@@ -252,6 +269,7 @@ class _Reader:
     def next(self) -> Member | None:
         self._skip_rest()
         self._chain_raw = []
+        self._chain_bytes = 0
         pax: dict[str, str] | None = None
         long_name = long_link = None
         while True:
@@ -276,6 +294,7 @@ class _Reader:
                         f"corrupt tar header: extended header size {size} is out of"
                         f" range 0 to {MAX_EXTENDED_HEADER}"
                     )
+                self._check_held(BLOCK + _blocks(size))
                 padded = self._read_exact(_blocks(size))
                 if len(padded) < _blocks(size):
                     raise errors.BadArchive("tar ends inside an extended header")
@@ -283,8 +302,10 @@ class _Reader:
                 if kind == tarfile.XGLTYPE:
                     self._globals = _pax_records(payload, self._globals)
                     self._global_raw += [block, padded]
+                    self._global_bytes += BLOCK + len(padded)
                     continue
                 self._chain_raw += [block, padded]
+                self._chain_bytes += BLOCK + len(padded)
                 if kind == tarfile.GNUTYPE_LONGNAME:
                     long_name = _text(payload)
                 elif kind == tarfile.GNUTYPE_LONGLINK:

@@ -162,6 +162,65 @@ def test_directory_removed_during_apply(store):
     assert b"/d/f1" not in tree
 
 
+def test_directory_symlinks_followed(store):
+    apply(store, "img", None, make_tar([
+        ("usr", DIR, {}), ("usr/lib", DIR, {}), ("usr/bin", DIR, {}), ("etc", DIR, {}),
+        ("usr/lib/libc.so", REG, {"data": b"libc"}), ("usr/lib/old.so", REG, {"data": b"old"}),
+        ("lib", SYM, {"linkname": "usr/lib"}),
+        ("bin", SYM, {"linkname": "/usr/../usr/bin"}),
+        ("etc/alt", SYM, {"linkname": "../../../usr/lib"}),
+    ]))  # fmt: skip
+    apply(store, "L2", "img", make_tar([
+        # Docker's applier ignores an opaque marker in a directory that is a link.
+        ("lib/.wh..wh..opq", REG, {}),
+        ("lib/new.so", REG, {"data": b"new"}),
+        ("lib/sub/deep", REG, {"data": b"deep"}),
+        ("bin/tool", REG, {"data": b"tool"}),
+        ("etc/alt/via-dotdot", REG, {"data": b"dotdot"}),
+        ("lib/hard", LNK, {"linkname": "bin/tool"}),
+        ("lib/.wh.old.so", REG, {}),
+    ]))  # fmt: skip
+    tree = tree_of(store, "L2")
+    assert tree[b"/lib"][0] == stat.S_IFLNK
+    assert tree[b"/lib"][3] == b"usr/lib"
+    assert tree[b"/bin"][0] == stat.S_IFLNK
+    assert tree[b"/etc/alt"][0] == stat.S_IFLNK
+    assert tree[b"/usr/lib/libc.so"][2] == b"libc"
+    assert tree[b"/usr/lib/new.so"][2] == b"new"
+    assert tree[b"/usr/lib/sub/deep"][2] == b"deep"
+    assert tree[b"/usr/bin/tool"][2] == b"tool"
+    assert tree[b"/usr/lib/via-dotdot"][2] == b"dotdot"
+    assert tree[b"/usr/lib/hard"][2] == b"tool"
+    assert b"/usr/lib/old.so" not in tree
+
+
+# Case: (members, the reason the error ends with).
+BAD_LINK_PATHS = {
+    "dangling": (
+        [("s", SYM, {"linkname": "nowhere"}), ("s/f", REG, {"data": b"x"})],
+        "a symbolic link whose target names 'nowhere', which is missing",
+    ),
+    "to a file": (
+        [("f", REG, {"data": b"x"}), ("s", SYM, {"linkname": "f"}), ("s/f", REG, {"data": b"y"})],
+        "a symbolic link whose target names 'f', which is not a directory",
+    ),
+    "loop": (
+        [("a", SYM, {"linkname": "s"}), ("s", SYM, {"linkname": "a"}), ("s/f", REG, {"data": b"z"})],
+        "more than 40 symbolic links",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINK_PATHS))
+def test_path_through_bad_symlink_rejected(store, case):
+    members, reason = BAD_LINK_PATHS[case]
+    store.create_layer("L")
+    with pytest.raises(errors.BadArchive) as info:
+        store.apply_diff("L", io.BytesIO(make_tar(members)))
+    assert str(info.value) == f"layer L: member 's/f': its directory path leads through {reason}"
+    assert store.changes("L") == []
+
+
 def test_long_and_non_utf8_names(store):
     long_name = "d" * 200 + "/" + "f" * 250
     odd = b"caf\xe9".decode("utf-8", "surrogateescape")

@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 # Seconds between group commits during a long import.
 COMMIT_INTERVAL = 1.0
+# The maximum number of symbolic links that one path walk follows, as
+# Linux's MAXSYMLINKS.
+MAX_SYMLINKS = 40
 
 _TYPE_MODES = {
     tarfile.REGTYPE: stat.S_IFREG,
@@ -254,9 +257,11 @@ class _Applier:
         self.size = 0
         self.entries = 0
         self.dir_times: dict[int, tuple[int, int]] = {}
-        # Directory inode by path, for the parents of later members. It is
-        # dropped whenever an entry is removed anywhere in the store.
-        self.dirs: dict[tuple[bytes, ...], int] = {}
+        # The inodes of the directories from the root down to each directory
+        # path of the tar, for the parents of later members. A symbolic link
+        # on the way makes them differ from the path. The cache is dropped
+        # whenever an entry is removed anywhere in the store.
+        self.dirs: dict[tuple[bytes, ...], tuple[int, ...]] = {}
         self.removals_seen = store.entry_removals
         # Bytes of file content mapped from another layer instead of written.
         self.referenced = 0
@@ -338,35 +343,93 @@ class _Applier:
             self.last_commit = time.monotonic()
             crash_point("apply.batch")
 
-    def _parent(self, parts: list[bytes], create: bool) -> int | None:
-        """Return the inode of the directory holding ``parts[-1]``, making missing ones if asked."""
+    def _parent(self, parts: list[bytes], create: bool, name: str = "") -> int | None:
+        """Return the inode of the directory holding ``parts[-1]``, or None if it is missing.
+
+        With ``create``, missing directories of the path are made, and a
+        file in the place of one is replaced. A symbolic link among the
+        directories is followed, as the kernel follows it when Docker's
+        applier, chrooted into the layer, opens the path: an absolute target
+        starts at the layer's root, and ".." stops there. What a link target
+        names is never made or replaced, so a link to a missing directory or
+        to a file, or more than MAX_SYMLINKS links, returns None, or with
+        ``create`` raises BadArchive naming the member ``name``.
+        """
         store, number, dirs = self.store, self.number, self.dirs
         if self.removals_seen != store.entry_removals:
             dirs.clear()
             self.removals_seen = store.entry_removals
         path = tuple(parts[:-1])
-        ino = dirs.get(path)
-        if ino is not None:
-            return ino
-        ino = ROOT_INO
-        for depth, part in enumerate(path, 1):
-            cached = dirs.get(path[:depth])
-            if cached is not None:
-                ino = cached
-                continue
-            dir_inode = store._dir(number, ino)
-            found = store._entry(number, dir_inode, part)
-            if found is not None and stat.S_ISDIR(store._inode(number, found[0]).mode):
-                ino = found[0]
-            elif not create:
+        stack = dirs.get(path)
+        if stack is None:
+            stack = self._walk(path, create, name)
+            if stack is None:
                 return None
-            else:
-                if found is not None:
-                    self._remove(dir_inode, part)
-                # Docker's applier makes missing parent directories with mode 0600.
-                ino = store._create(number, ino, part, stat.S_IFDIR | 0o600, 0, 0).ino
-            dirs[path[:depth]] = ino
-        return ino
+        return stack[-1] if stack else ROOT_INO
+
+    def _walk(self, path: tuple[bytes, ...], create: bool, name: str) -> tuple[int, ...] | None:
+        """Resolve the directory ``path``; return the inodes of the directories from the root down.
+
+        Each prefix of ``path`` that the walk resolves goes into ``self.dirs``.
+        """
+        store, number, dirs = self.store, self.number, self.dirs
+        depth = len(path)
+        while depth and path[:depth] not in dirs:
+            depth -= 1
+        stack = list(dirs[path[:depth]]) if depth else []
+        # Components still to walk, last first: (name, how much of ``path``
+        # is resolved once the walk is past it, or None in a link target).
+        pending: list[tuple[bytes, int | None]] = [
+            (part, index) for index, part in enumerate(path[depth:], depth + 1)
+        ][::-1]
+        links = 0
+        while pending:
+            part, resolved = pending.pop()
+            if part == b"..":
+                if stack:
+                    stack.pop()
+            elif part and part != b".":
+                ino = stack[-1] if stack else ROOT_INO
+                dir_inode = store._dir(number, ino)
+                found = store._entry(number, dir_inode, part)
+                inode = store._inode(number, found[0]) if found is not None else None
+                if inode is not None and inode.is_dir:
+                    stack.append(inode.ino)
+                elif inode is not None and stat.S_ISLNK(inode.mode):
+                    links += 1
+                    if links > MAX_SYMLINKS:
+                        return self._unresolved(create, name, "more than "
+                                                f"{MAX_SYMLINKS} symbolic links")  # fmt: skip
+                    if inode.target.startswith(b"/"):
+                        stack = []
+                    # The marker (b"", resolved) caches the prefix once the
+                    # walk has followed the link.
+                    pending.append((b"", resolved))
+                    pending += [(step, None) for step in inode.target.split(b"/")][::-1]
+                    continue
+                elif resolved is None or not create:
+                    component = part.decode("utf-8", "surrogateescape")
+                    kind = "missing" if inode is None else "not a directory"
+                    return self._unresolved(create, name, "a symbolic link whose "
+                                            f"target names {component!r}, which is {kind}")  # fmt: skip
+                else:
+                    if inode is not None:
+                        self._remove(dir_inode, part)
+                    # Docker's applier makes missing parent directories with mode 0600.
+                    created = store._create(number, ino, part, stat.S_IFDIR | 0o600, 0, 0)
+                    stack.append(created.ino)
+            if resolved is not None:
+                dirs[path[:resolved]] = tuple(stack)
+        return tuple(stack)
+
+    def _unresolved(self, create: bool, name: str, reason: str) -> None:
+        """Return None, or with ``create`` raise BadArchive for the member ``name``."""
+        if not create:
+            return None
+        raise errors.BadArchive(
+            f"layer {self.layer.id}: member {name!r}: its directory path leads"
+            f" through {reason}"
+        )
 
     def _whiteout(self, parts: list[bytes]) -> None:
         store, number = self.store, self.number
@@ -375,6 +438,10 @@ class _Applier:
             return
         name = parts[-1]
         if name == OPAQUE:
+            if self._is_symlink(parts[:-1]):
+                # Docker's applier walks the marker's directory without
+                # following a link in its place, so it removes nothing.
+                return
             inode = store._own(number, dir_ino)
             inode.opaque = number
             # The older layers' subdirectories no longer count as links;
@@ -391,6 +458,17 @@ class _Applier:
         dir_inode = store._dir(number, dir_ino)
         if store._entry(number, dir_inode, target) is not None:
             self._remove(dir_inode, target)
+
+    def _is_symlink(self, parts: list[bytes]) -> bool:
+        """Tell whether the path ``parts`` names a symbolic link."""
+        if not parts:
+            return False
+        dir_ino = self._parent(parts, create=False)
+        if dir_ino is None:
+            return False
+        store, number = self.store, self.number
+        found = store._entry(number, store._dir(number, dir_ino), parts[-1])
+        return found is not None and stat.S_ISLNK(store._inode(number, found[0]).mode)
 
     def _remove(self, dir_inode, name: bytes) -> None:
         store, number = self.store, self.number
@@ -431,7 +509,7 @@ class _Applier:
 
     def _create(self, parts: list[bytes], member: tarfile.TarInfo) -> int:
         store, number = self.store, self.number
-        dir_ino = self._parent(parts, create=True)
+        dir_ino = self._parent(parts, create=True, name=member.name)
         name = parts[-1]
         dir_inode = store._dir(number, dir_ino)
         found = store._entry(number, dir_inode, name)
@@ -443,7 +521,7 @@ class _Applier:
         uid, gid = member.uid, member.gid
         if member.isdir():
             ino = store._create(number, dir_ino, name, stat.S_IFDIR | 0o755, uid, gid).ino
-            self.dirs[tuple(parts)] = ino
+            self.dirs[tuple(parts)] = self.dirs.get(tuple(parts[:-1]), ()) + (ino,)
             return ino
         if member.issym():
             target = member.linkname.encode("utf-8", "surrogateescape")

@@ -234,6 +234,19 @@ def test_frozen_parent_rejects_writes(store):
         store.mkdir(base, ROOT_INO, b"d", 0o755)
 
 
+def test_frozen_layer_message_after_children_removed(store):
+    base = store.create_layer("base").number
+    store.create_layer("child", "base")
+    store.remove_layer("child")
+    assert store.children("base") == []
+    with pytest.raises(errors.ReadOnly) as info:
+        store.mkdir(base, ROOT_INO, b"d", 0o755)
+    assert str(info.value) == (
+        "layer base is read-only because a child layer was created on it, and a"
+        " layer stays read-only after its children are removed"
+    )
+
+
 def test_namespace_errors(store):
     layer = store.create_layer("base").number
     d = store.mkdir(layer, ROOT_INO, b"d", 0o755)

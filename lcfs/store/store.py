@@ -690,7 +690,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         layer = self._layer(number)
         if layer.frozen:
             raise errors.ReadOnly(
-                f"layer {layer.id} is read-only because it has child layers"
+                f"layer {layer.id} is read-only because a child layer was created"
+                " on it, and a layer stays read-only after its children are removed"
             )
         return layer
 

@@ -11,7 +11,7 @@ import time
 import pytest
 from fuse_fixtures import fuse_available, mount_store
 
-from lcfs.fuse import handler
+from lcfs.fuse import handler, mount
 from lcfs.store import Store, errors
 
 pytestmark = [
@@ -151,3 +151,19 @@ def test_write_after_delete_uses_freed_space(small):
     finally:
         os.close(fd)
     assert written == CHUNK
+
+
+def test_many_small_files_fit_metadata_area(tmp_path, monkeypatch):
+    # Only the size of the open group, not the clock, may start a commit.
+    monkeypatch.setattr(mount, "COMMIT_INTERVAL", 3600.0)
+    image = str(tmp_path / "metadata.img")
+    Store.mkfs(image, size=64 << 20)
+    with mount_store(image) as handle:
+        directory = handle.at("base", "d")
+        os.mkdir(directory)
+        for index in range(10_000):
+            with open(os.path.join(directory, f"f{index}"), "wb") as f:
+                f.write(b"x" * 100)
+        assert len(os.listdir(directory)) == 10_000
+        used, total = handle.store.metadata_usage()
+        assert used < total // 2

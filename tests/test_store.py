@@ -563,6 +563,28 @@ def test_full_metadata_area_keeps_store_usable(store, image):
     assert [name for name, _ in store.readdir(fresh, ROOT_INO)] == [b"kept", b"new"]
 
 
+def test_apply_diff_of_many_small_files_fits(tmp_path, monkeypatch):
+    # Only the size of the open group, not the clock, may start a commit.
+    monkeypatch.setenv("LCFS_APPLY_COMMIT_INTERVAL", "3600")
+    image = str(tmp_path / "small.img")
+    Store.mkfs(image, size=64 * MiB)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for index in range(6000):
+            member = tarfile.TarInfo(f"f{index}")
+            member.size = 100
+            archive.addfile(member, io.BytesIO(b"x" * member.size))
+    buffer.seek(0)
+    with Store.open(image) as s:
+        s.create_layer("L")
+        assert s.apply_diff("L", buffer) == 6000 * 100
+        number = s.get_layer("L").number
+        assert len(s.readdir(number, ROOT_INO)) == 6000
+        used, total = s.metadata_usage()
+        assert used < total // 4
+    assert fsck.main([image, "--no-progress", "--log-level", "WARNING"]) == 0
+
+
 def _padded_tar(count: int) -> io.BytesIO:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:

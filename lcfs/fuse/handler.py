@@ -91,7 +91,12 @@ def fuse_handler(modifies: bool = False, operation: str | None = None):
             if modifies:
                 self.dirty = True
             try:
-                return await method(self, *args)
+                result = await method(self, *args)
+                if modifies and self.store.group_is_large:
+                    # Commit before the open group fills the metadata area
+                    # (see Store.group_is_large).
+                    self.commit()
+                return result
             except pyfuse3.FUSEError:
                 raise
             except errors.StoreError as exc:

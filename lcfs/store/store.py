@@ -143,6 +143,7 @@ def _nested_write(fn, changes_files: bool, frees: bool = False):
                 raise
             else:
                 self._uncommitted = True
+                self._group_ops += 1
                 if changes_files:
                     self._dirty = True
                 return result
@@ -263,6 +264,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._free_pages = 0
         self._live_pages = 0
         self._growing_ops = 0
+        # Operations in the open group, for ``group_is_large``.
+        self._group_ops = 0
         # Set when fewer than LOW_SPACE_PAGES pages may be free, so that
         # every growing operation checks the reserve first.
         self._reserve_low = False
@@ -487,6 +490,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             self._txn = None
             self._dirty = False
             self._uncommitted = False
+            self._group_ops = 0
             self._estimate_free_pages()
             self._give_back(freed)
             crash_point("commit.done")
@@ -533,6 +537,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._txn = None
         self._dirty = False
         self._uncommitted = False
+        self._group_ops = 0
         self._failure = (
             f"commit of {self.path} failed ({exc}); the changes since the last "
             "commit are lost, so restart the daemon to open the store again"
@@ -618,6 +623,20 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     def dirty(self) -> bool:
         """True while a change to the layers' contents awaits a commit."""
         return self._dirty
+
+    @property
+    def group_is_large(self) -> bool:
+        """True when the open group should be committed before it grows further.
+
+        Until the commit, LMDB keeps a copy of every page that the group
+        changed, so a group of a few thousand operations filled a 16 MiB
+        metadata area whose records took 3 MB, and the commit after an
+        import's rollback then failed for want of pages. The group counts
+        as large once its operations may have used half of the pages free
+        at the last commit, at two pages each as ``_guard_reserve``
+        estimates (about one each was measured for small files).
+        """
+        return self._group_ops * 2 >= self._free_pages // 2
 
     @property
     def pending_free_blocks(self) -> int:

@@ -338,7 +338,8 @@ class _Applier:
         self._set_metadata(ino, member)
 
     def _commit_if_due(self) -> None:
-        if time.monotonic() - self.last_commit >= self.commit_interval:
+        due = time.monotonic() - self.last_commit >= self.commit_interval
+        if due or self.store.group_is_large:
             self.store.commit()
             self.last_commit = time.monotonic()
             crash_point("apply.batch")

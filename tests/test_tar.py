@@ -356,6 +356,8 @@ BAD_TARS = {
     "dotdot": lambda: make_tar([("ok", REG, {"data": b"1"}), ("../escape", REG, {"data": b"x"})]),
     "absolute": lambda: make_tar([("ok", REG, {"data": b"1"}), ("/etc/evil", REG, {"data": b"x"})]),
     "missing link target": lambda: make_tar([("ok", REG, {"data": b"1" * 9000}), ("l", LNK, {"linkname": "nope"})]),
+    # A whiteout's content is skipped, not read: the tar ends 1000 bytes into it.
+    "whiteout cut off": lambda: make_tar([("ok", REG, {"data": b"1"}), (".wh.gone", REG, {"data": b"w" * 2000})])[:2536],
 }
 
 

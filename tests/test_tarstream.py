@@ -257,3 +257,22 @@ def test_held_extended_headers_bounded(kind):
         "invalid layer tar: the global headers and the extended headers before"
         f" one member take more than {4 << 20} bytes"
     )
+
+
+def test_skipped_content_cut_off_named():
+    raw = archive([entry(".wh.gone", data=b"w" * 2000), entry("after", data=b"a")],
+                  tarfile.PAX_FORMAT)  # fmt: skip
+    assert raw[156:157] == tarfile.REGTYPE
+    names = []
+    with pytest.raises(errors.BadArchive) as info:
+        # The content is left unread, as the applier leaves a whiteout's.
+        for member, _ in tarstream.members(io.BytesIO(raw[: 512 + 1000])):
+            names.append(member.name)
+    assert names == [".wh.gone"]
+    assert str(info.value) == "tar ends inside '.wh.gone'"
+
+
+def test_padding_cut_off_ends_archive():
+    raw = archive([entry("f", data=b"x" * 100)], tarfile.PAX_FORMAT)
+    found = with_tarstream(raw[: 512 + 100])
+    assert [(fields["name"], content) for fields, content in found] == [("f", b"x" * 100)]

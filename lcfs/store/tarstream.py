@@ -213,6 +213,8 @@ class _Reader:
         # Unread content and padding of the member last returned.
         self._left = 0
         self._padding = 0
+        # The name of the member whose content ``_left`` counts.
+        self._name = ""
         self._globals: dict[str, str] = {}
         # Raw blocks of the global headers and of the header chain being
         # read, which tarfile reads again when a sparse member turns up.
@@ -244,11 +246,19 @@ class _Reader:
         return data
 
     def _skip_rest(self) -> None:
-        left = self._left + self._padding
+        """Skip what is left of the last member, raising BadArchive if its content is cut off.
+
+        A stream that ends in the padding after the content still ends the
+        archive.
+        """
+        padding = self._padding
+        left = self._left + padding
         self._left = self._padding = 0
         while left > 0:
             skipped = len(self._stream.read(min(left, _SKIP_CHUNK)))
             if not skipped:
+                if left > padding:
+                    raise errors.BadArchive(f"tar ends inside {self._name!r}")
                 return
             left -= skipped
 
@@ -331,6 +341,7 @@ class _Reader:
             if member.isreg() or kind not in _NO_DATA:
                 self._left = member.size
                 self._padding = -member.size % BLOCK
+                self._name = member.name
             return member
 
 

@@ -314,6 +314,20 @@ def test_unlink(mounted):
     expect_errno(errno.EISDIR, os.unlink, mounted.at("base", "dir"))
 
 
+def test_names_over_255_bytes_too_long(mounted):
+    # The kernel's FUSE client sends lookups of names up to 1024 bytes long.
+    directory = os.fsencode(mounted.at("base"))
+    longest = directory + b"/" + b"n" * 255
+    write_file(longest, b"x")
+    assert os.lstat(longest).st_size == 1
+    for length in (256, 600, 1024):
+        path = directory + b"/" + b"n" * length
+        expect_errno(errno.ENAMETOOLONG, os.lstat, path)
+        expect_errno(errno.ENAMETOOLONG, os.open, path, os.O_CREAT | os.O_WRONLY, 0o644)
+        expect_errno(errno.ENAMETOOLONG, os.mkdir, path)
+        expect_errno(errno.ENAMETOOLONG, os.rename, longest, path)
+
+
 def free_blocks_after_forget(mounted, expected: int) -> int:
     """Return the mount's free blocks once they reach ``expected``, or after 5 s.
 

@@ -58,6 +58,14 @@ def _now() -> int:
 def check_name(name: bytes) -> None:
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
         raise errors.Invalid(f"invalid file name {os.fsdecode(name)!r}")
+    check_name_length(name)
+
+
+def check_name_length(name: bytes) -> None:
+    """Raise NameTooLong for a name longer than NAME_MAX bytes.
+
+    The kernel's FUSE client sends names of up to 1024 bytes (FUSE_NAME_MAX).
+    """
     if len(name) > NAME_MAX:
         prefix = os.fsdecode(name[:40])
         raise errors.NameTooLong(
@@ -360,6 +368,8 @@ class NamespaceMixin:
             return self._attr(layer, ino)
 
     def lookup(self, layer: int, dir_ino: int, name: bytes):
+        # ext4 and tmpfs fail a lookup of a longer name with ENAMETOOLONG.
+        check_name_length(name)
         with self.lock:
             self._ready()
             self._layer(layer)

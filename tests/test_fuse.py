@@ -242,6 +242,32 @@ def test_append_and_o_trunc(mounted):
     assert read_file(path) == b"new"
 
 
+@pytest.mark.parametrize("truncate", ["open", "ftruncate", "truncate"])
+def test_truncate_to_same_size_sets_mtime(mounted, truncate):
+    # ext4 and tmpfs set mtime and ctime at every truncate, and POSIX
+    # requires it of an open with O_TRUNC. "> stamp" in a shell touches
+    # an empty stamp file that way.
+    path = mounted.at("base", "stamp")
+    size = 0 if truncate == "open" else 3
+    write_file(path, bytes(size))
+    os.utime(path, ns=(1_000_000_000, 2_000_000_000))
+    before = os.stat(path)
+    if truncate == "open":
+        os.close(os.open(path, os.O_WRONLY | os.O_TRUNC))
+    elif truncate == "ftruncate":
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+    else:
+        os.truncate(path, size)
+    after = os.stat(path)
+    assert after.st_size == size
+    assert after.st_mtime_ns > before.st_mtime_ns
+    assert after.st_ctime_ns > before.st_ctime_ns
+
+
 def test_truncate_shrink_and_grow(mounted):
     path = mounted.at("base", "file")
     write_file(path, b"0123456789" * 1000)

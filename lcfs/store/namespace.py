@@ -743,8 +743,12 @@ class NamespaceMixin:
             inode.atime_ns = atime_ns
         if mtime_ns is not None:
             inode.mtime_ns = mtime_ns
-        if size is not None and size != inode.size:
-            self._truncate(layer, inode, size)
+        if size is not None:
+            if size != inode.size:
+                self._truncate(layer, inode, size)
+            # A truncate sets mtime even when the size stays, as on ext4 and
+            # tmpfs. The kernel's FUSE client sends no mtime with the size
+            # of an open with O_TRUNC, an ftruncate or a truncate.
             if mtime_ns is None:
                 inode.mtime_ns = now
         inode.ctime_ns = ctime_ns if ctime_ns is not None else now

@@ -26,7 +26,7 @@ import pytest
 from fuse_fixtures import fuse_available, lcfs_image, mounted  # noqa: F401
 
 from lcfs.fuse import FuseServer, find_mount
-from lcfs.store import ROOT_INO
+from lcfs.store import ROOT_INO, errors
 
 pytestmark = [
     pytest.mark.fuse,
@@ -385,6 +385,46 @@ def test_unlinked_open_file_stays_readable(mounted):
         os.close(fd)
     assert free_blocks_after_forget(mounted, free_with_file + 1) > free_with_file
     assert not mounted.server.operations._pinned
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "symlink"])
+def test_unlinked_open_special_file_stats(mounted, kind):
+    # ext4 and tmpfs keep an inode while a descriptor refers to it, so
+    # fstat and fchmod of an open fifo or device node work after its unlink.
+    path = mounted.at("base", kind)
+    if kind == "fifo":
+        os.mkfifo(path, 0o644)
+        flags = os.O_RDWR
+    elif kind == "device":
+        os.mknod(path, stat.S_IFCHR | 0o644, os.makedev(1, 3))
+        flags = os.O_RDWR
+    else:
+        os.symlink("target", path)
+        flags = os.O_PATH | os.O_NOFOLLOW
+    mode = os.lstat(path).st_mode
+    layer = mounted.store.get_layer("base").number
+    ino = mounted.store.lookup(layer, ROOT_INO, kind.encode()).ino
+
+    fd = os.open(path, flags)
+    try:
+        os.unlink(path)
+        st = os.fstat(fd)
+        assert st.st_mode == mode
+        assert st.st_nlink == 0
+        if kind != "symlink":  # an O_PATH descriptor cannot be changed
+            os.fchmod(fd, 0o600)
+            assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+    finally:
+        os.close(fd)
+
+    # The kernel sends FORGET for the node a moment after the last
+    # descriptor is closed, and the store then frees the inode.
+    deadline = time.monotonic() + 5
+    while mounted.server.operations._pinned and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not mounted.server.operations._pinned
+    with pytest.raises(errors.NotFound):
+        mounted.store.getattr(layer, ino)
 
 
 def test_open_with_trunc_empties_cached_file(mounted):

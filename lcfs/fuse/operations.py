@@ -31,10 +31,12 @@ Invariants:
 - No handler waits for anything but ``release`` with invalidate-on-close,
   so the mount serves requests one at a time on a plain loop
   (``lcfs.fuse.mount``) unless that setting is on.
-- A regular file of a writable layer stays in the store while the kernel
-  has a reference to its node (``_pinned``), which it has while any
-  descriptor is open. An unlinked file thus stays readable and writable
-  until its last descriptor is closed, with or without open requests.
+- A file of a writable layer, of any type but a directory, stays in the
+  store while the kernel has a reference to its node (``_pinned``), which
+  it has while any descriptor is open. An unlinked file thus stays
+  readable and writable, and an unlinked fifo or device node keeps its
+  attributes, until its last descriptor is closed, with or without open
+  requests.
 - With ``skip_opens``, open and create return ENOSYS. The kernel then
   stops sending OPEN, CREATE (it sends MKNOD) and RELEASE for the whole
   mount, keeps every file's pages (FOPEN_KEEP_CACHE), and the rebuilt
@@ -202,8 +204,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self.lookup_counts: dict[int, int] = {}
         self._attrs: dict[int, tuple[object, float]] = {}
         self._open_counts: dict[int, int] = {}
-        # node -> (layer, ino) of the regular files of writable layers that
-        # the kernel has references to, each pinned once in the store.
+        # node -> (layer, ino) of the files of writable layers, other than
+        # directories, that the kernel has references to, each pinned once
+        # in the store.
         self._pinned: dict[int, tuple[int, int]] = {}
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
@@ -372,13 +375,18 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             self._pin(node)
 
     def _pin(self, node: int) -> None:
-        """Pin a regular file of a writable layer until the kernel sends FORGET for its node.
+        """Pin a file of a writable layer until the kernel sends FORGET for its node.
+
+        Every type but a directory is pinned, because fstat(2) and fchmod(2)
+        of an open fifo or device node work after its unlink on ext4 and
+        tmpfs. getattr of a removed directory reads its attributes from
+        memory instead (``_removed_directory``).
 
         Call it when the kernel takes its first reference to the node.
         ``_attrs`` then contains the attributes of the reply.
         """
         cached = self._attrs.get(node)
-        if cached is None or not stat.S_ISREG(cached[0].mode):
+        if cached is None or stat.S_ISDIR(cached[0].mode):
             return
         layer, ino = self.store.node_target(node)
         if self._is_frozen(layer):

@@ -883,6 +883,50 @@ def test_xattrs(mounted):
     assert os.getxattr(mounted.at("base"), "user.dir") == b"d"
 
 
+def posix_acl(entries: list[tuple[int, int, int]]) -> bytes:
+    """Return the xattr value of a POSIX ACL from (tag, permissions, qualifier) entries."""
+    header = (2).to_bytes(4, "little")  # POSIX_ACL_XATTR_VERSION
+    packed = [
+        tag.to_bytes(2, "little")
+        + permissions.to_bytes(2, "little")
+        + qualifier.to_bytes(4, "little")
+        for tag, permissions, qualifier in entries
+    ]
+    return header + b"".join(packed)
+
+
+# An ACL of a 0644 file that denies user nobody everything: user::rw-,
+# user:nobody:---, group::r--, mask::r--, other::r--.
+NO_ID = 0xFFFFFFFF
+ACL_DENYING_NOBODY = posix_acl(
+    [(0x01, 6, NO_ID), (0x02, 0, NOBODY), (0x04, 4, NO_ID), (0x10, 4, NO_ID), (0x20, 4, NO_ID)]
+)
+
+
+def test_acls_and_unknown_xattr_namespaces_rejected(mounted):
+    # The mount does not enforce POSIX ACLs, so an ACL that it stored would
+    # leave a denied user with access. ext4 mounted with noacl rejects
+    # ACLs with EOPNOTSUPP, and ext4 and tmpfs reject unknown namespaces.
+    path = mounted.at("base", "file")
+    write_file(path, b"secret")
+    os.chmod(path, 0o644)
+    directory = mounted.at("base", "dir")
+    os.mkdir(directory)
+    cases = [
+        (path, "system.posix_acl_access"),
+        (directory, "system.posix_acl_default"),
+        (path, "bogus.name"),
+        (path, "plain"),
+    ]
+    for target, name in cases:
+        expect_errno(errno.EOPNOTSUPP, os.setxattr, target, name, ACL_DENYING_NOBODY)
+        expect_errno(errno.EOPNOTSUPP, os.removexattr, target, name)
+        assert os.listxattr(target) == []
+    os.setxattr(path, "user.kept", b"1")
+    expect_errno(errno.EOPNOTSUPP, os.removexattr, path, "system.posix_acl_access")
+    assert os.listxattr(path) == ["user.kept"]
+
+
 def test_write_drops_file_capability(mounted):
     for name, flags in (("buffered", os.O_RDWR), ("write-only", os.O_WRONLY)):
         path = mounted.at("base", name)

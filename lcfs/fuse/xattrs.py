@@ -62,6 +62,12 @@ class NameNeverStored(pyfuse3.FUSEError):
 CAPABILITY_XATTR = b"security.capability"
 # Namespaces whose names the kernel and common tools request for every file.
 PROBED_NAMESPACES = (b"security.", b"system.")
+# Namespaces of the xattrs that setxattr and removexattr accept. The mount
+# does not enforce POSIX ACLs (LayerOperations.enable_acl is off), so
+# system.posix_acl_access and system.posix_acl_default fail with
+# EOPNOTSUPP as on ext4 mounted with noacl, instead of being stored and
+# ignored. Other names fail that way on ext4 and tmpfs too.
+CHANGEABLE_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
 class XattrHandlers:
@@ -96,6 +102,8 @@ class XattrHandlers:
     async def setxattr(self, inode, name, value, ctx):
         # pyfuse3 checks XATTR_CREATE and XATTR_REPLACE itself through
         # getxattr before it calls this handler.
+        if not name.startswith(CHANGEABLE_NAMESPACES):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         layer, ino = self._target(inode)
         if self._is_frozen(layer):
             self._retry_if_shared(inode, layer, ino, ctx)
@@ -105,6 +113,8 @@ class XattrHandlers:
 
     @fuse_handler(modifies=True)
     async def removexattr(self, inode, name, ctx):
+        if not name.startswith(CHANGEABLE_NAMESPACES):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         layer, ino = self._target(inode)
         if self._is_frozen(layer):
             self._retry_if_shared(inode, layer, ino, ctx)

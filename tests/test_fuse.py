@@ -927,6 +927,32 @@ def test_acls_and_unknown_xattr_namespaces_rejected(mounted):
     assert os.listxattr(path) == ["user.kept"]
 
 
+def test_trusted_xattrs_listed_only_to_sys_admin(mounted):
+    # ext4 and tmpfs list trusted.* names only to callers with
+    # CAP_SYS_ADMIN, which root in a default Docker container lacks. The
+    # kernel rejects a read of those values by other callers in any case.
+    path = mounted.at("base", "file")
+    write_file(path, b"")
+    os.setxattr(path, "user.u", b"1")
+    os.setxattr(path, "trusted.t", b"2")
+    lister = [
+        "/usr/bin/python3",
+        "-c",
+        "import os, sys; print(' '.join(sorted(os.listxattr(sys.argv[1]))))",
+        path,
+    ]
+    without_sys_admin = ["setpriv", "--inh-caps=-sys_admin", "--bounding-set=-sys_admin"]
+    callers = {
+        "root": ([], "trusted.t user.u"),
+        "root without CAP_SYS_ADMIN": (without_sys_admin, "user.u"),
+        "nobody": (["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"],
+                   "user.u"),  # fmt: skip
+    }
+    for caller, (prefix, expected) in callers.items():
+        listed = subprocess.run(prefix + lister, capture_output=True, text=True, check=True)
+        assert listed.stdout.strip() == expected, caller
+
+
 def test_write_drops_file_capability(mounted):
     for name, flags in (("buffered", os.O_RDWR), ("write-only", os.O_WRONLY)):
         path = mounted.at("base", name)

@@ -33,16 +33,18 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 CAP_FSETID = 4
+CAP_SYS_ADMIN = 21
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """The credentials of a process that matter for dropping privilege bits."""
+    """The credentials of a process that matter for dropping privilege bits and listing xattrs."""
 
     uid: int
     gid: int
     groups: frozenset[int]
     fsetid: bool
+    sys_admin: bool = False
 
     def in_group(self, gid: int) -> bool:
         return gid == self.gid or gid in self.groups
@@ -52,9 +54,10 @@ def caller_from_context(ctx) -> Caller:
     """Return the credentials of the process behind a pyfuse3 request context.
 
     When the process has already exited, only the uid and gid of the
-    request remain, and only uid 0 counts as having CAP_FSETID.
+    request remain, and only uid 0 counts as having CAP_FSETID and
+    CAP_SYS_ADMIN.
     """
-    fallback = Caller(ctx.uid, ctx.gid, frozenset(), ctx.uid == 0)
+    fallback = Caller(ctx.uid, ctx.gid, frozenset(), ctx.uid == 0, ctx.uid == 0)
     if ctx.pid <= 0:
         return fallback
     try:
@@ -69,7 +72,8 @@ def caller_from_context(ctx) -> Caller:
         groups = frozenset(int(group) for group in fields["Groups"].split())
     except (KeyError, ValueError):
         return fallback
-    return Caller(ctx.uid, ctx.gid, groups, bool(effective & (1 << CAP_FSETID)))
+    return Caller(ctx.uid, ctx.gid, groups, bool(effective & (1 << CAP_FSETID)),
+                  bool(effective & (1 << CAP_SYS_ADMIN)))  # fmt: skip
 
 
 def mode_after_data_change(mode: int, file_gid: int, caller: Caller) -> int:

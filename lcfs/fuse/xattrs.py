@@ -28,6 +28,7 @@ import errno
 import pyfuse3
 
 from .handler import fuse_handler
+from .privileges import caller_from_context
 
 
 class _NeverStoredErrno(int):
@@ -68,6 +69,7 @@ PROBED_NAMESPACES = (b"security.", b"system.")
 # EOPNOTSUPP as on ext4 mounted with noacl, instead of being stored and
 # ignored. Other names fail that way on ext4 and tmpfs too.
 CHANGEABLE_NAMESPACES = (b"user.", b"trusted.", b"security.")
+TRUSTED_NAMESPACE = b"trusted."
 
 
 class XattrHandlers:
@@ -96,7 +98,15 @@ class XattrHandlers:
         if not self._current_attr(inode, layer, ino).has_xattrs:
             return []
         self.stats.record_xattr_store_call("listxattr")
-        return self.store.listxattr(layer, ino)
+        names = self.store.listxattr(layer, ino)
+        # ext4 and tmpfs list trusted.* names only to callers with
+        # CAP_SYS_ADMIN, and the kernel leaves that filter to the file system.
+        # NOTE: the capability is read from /proc/PID/status, relative to the
+        # caller's user namespace, where Linux checks it in the initial one.
+        if any(name.startswith(TRUSTED_NAMESPACE) for name in names):
+            if not caller_from_context(ctx).sys_admin:
+                names = [name for name in names if not name.startswith(TRUSTED_NAMESPACE)]
+        return names
 
     @fuse_handler(modifies=True)
     async def setxattr(self, inode, name, value, ctx):

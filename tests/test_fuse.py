@@ -512,6 +512,17 @@ def test_statfs_reports_device_space(mounted):
     assert free_blocks_after_forget(mounted, before.f_bfree - 2) >= before.f_bfree - 2
 
 
+def test_statfs_inode_counts_positive(mounted):
+    # struct statfs carries f_files and f_ffree as signed longs on x86_64,
+    # and Python's os.statvfs reads them as such.
+    write_file(mounted.at("base", "file"), b"")
+    usage = os.statvfs(mounted.path)
+    assert usage.f_files > 0
+    assert usage.f_ffree > 0
+    assert usage.f_ffree < usage.f_files
+    assert usage.f_favail == usage.f_ffree
+
+
 def test_data_persists_after_remount(mounted):
     data = os.urandom(200_000)
     os.mkdir(mounted.at("base", "dir"))

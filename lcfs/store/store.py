@@ -667,8 +667,10 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     @read_op
     def statfs(self) -> StatFs:
         used = self._txn.stat(self.dbs["inodes"])["entries"]
-        # Inode numbers are 64-bit; report a large fixed total that stays above them.
-        files = 1 << 63
+        # Inode numbers are 64-bit; report a large fixed total that stays above
+        # them. f_files of struct statfs is a signed long on x86_64, so the
+        # total is the largest one it carries: 1 << 63 showed as negative.
+        files = (1 << 63) - 1
         free = self.alloc.free_blocks + self.alloc.pending_blocks
         return StatFs(BLOCK_SIZE, self.data_blocks, free, files, files - used)
 

@@ -37,6 +37,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 UTIME_OMIT = (1 << 30) - 2
 NOBODY = 65534
 BUSYBOX = "/bin/busybox"
@@ -1046,6 +1047,45 @@ def test_rename_exchange(mounted):
     assert os.listdir(mounted.at("base", "file")) == ["inside"]
     expect_errno(errno.ENOENT, renameat2, mounted.at("base", "dir"),
                  mounted.at("base", "missing"), RENAME_EXCHANGE)  # fmt: skip
+
+
+def assert_whiteout(path: str) -> None:
+    st = os.lstat(path)
+    assert stat.S_ISCHR(st.st_mode), path
+    assert st.st_rdev == 0, path
+    assert stat.S_IMODE(st.st_mode) == 0, path
+
+
+def test_rename_whiteout(mounted):
+    # overlayfs renames with RENAME_WHITEOUT on its upper file system,
+    # which ext4 and tmpfs support: the old name becomes a character
+    # device 0:0 in the same step.
+    at = mounted.at
+    write_file(at("base", "a"), b"a")
+    write_file(at("base", "c"), b"c")
+    os.makedirs(at("base", "dir", "inner"))
+    renameat2(at("base", "a"), at("base", "b"), RENAME_WHITEOUT)
+    assert read_file(at("base", "b")) == b"a"
+    assert_whiteout(at("base", "a"))
+    renameat2(at("base", "b"), at("base", "c"), RENAME_WHITEOUT)
+    assert read_file(at("base", "c")) == b"a"
+    assert_whiteout(at("base", "b"))
+    nlink = os.stat(at("base")).st_nlink
+    renameat2(at("base", "dir"), at("base", "moved"), RENAME_WHITEOUT)
+    assert os.listdir(at("base", "moved")) == ["inner"]
+    assert_whiteout(at("base", "dir"))
+    assert os.stat(at("base")).st_nlink == nlink
+    assert sorted(os.listdir(at("base"))) == ["a", "b", "c", "dir", "moved"]
+    expect_errno(errno.EEXIST, renameat2, at("base", "c"), at("base", "a"),
+                 RENAME_WHITEOUT | RENAME_NOREPLACE)  # fmt: skip
+    expect_errno(errno.EINVAL, renameat2, at("base", "c"), at("base", "a"),
+                 RENAME_WHITEOUT | RENAME_EXCHANGE)  # fmt: skip
+
+    child = make_child(mounted)
+    renameat2(os.path.join(child, "c"), os.path.join(child, "d"), RENAME_WHITEOUT)
+    assert_whiteout(os.path.join(child, "c"))
+    assert read_file(os.path.join(child, "d")) == b"a"
+    assert read_file(at("base", "c")) == b"a"
 
 
 # -- frozen layers ----------------------------------------------------------------

@@ -69,7 +69,7 @@ import pyfuse3
 import trio
 
 from lcfs.pyfuse3_build import PATCH_LEVEL
-from lcfs.store import ROOT_INO, errors
+from lcfs.store import RENAME_WHITEOUT, ROOT_INO, errors
 from lcfs.store.store import PUNCH_HOLE_MODE
 
 from .handler import fuse_handler
@@ -107,7 +107,7 @@ LISTINGS_KEPT = 64
 
 COMMIT_INTERVAL = 1.0
 
-RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE
+RENAME_FLAGS = pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE | RENAME_WHITEOUT
 
 PRIVILEGE_BITS = stat.S_ISUID | stat.S_ISGID
 
@@ -808,7 +808,12 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         if flags & ~RENAME_FLAGS:
             raise pyfuse3.FUSEError(errno.EINVAL)
         layer, old_dir, new_dir = self._same_layer(parent_inode_old, parent_inode_new)
-        self.store.rename(layer, old_dir, name_old, new_dir, name_new, flags)
+        uid = gid = 0
+        if flags & RENAME_WHITEOUT:
+            # The whiteout is a new inode, owned as one from mknod would be.
+            uid = ctx.uid
+            _, gid = self._new_owner(layer, old_dir, stat.S_IFCHR, ctx)
+        self.store.rename(layer, old_dir, name_old, new_dir, name_new, flags, uid, gid)
 
     # -- files ----------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from .format import BLOCK_SIZE, ROOT_INO
 from .namespace import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
     XATTR_CREATE,
     XATTR_REPLACE,
     Attr,
@@ -15,6 +16,7 @@ __all__ = [
     "BLOCK_SIZE",
     "RENAME_EXCHANGE",
     "RENAME_NOREPLACE",
+    "RENAME_WHITEOUT",
     "ROOT_INO",
     "XATTR_CREATE",
     "XATTR_REPLACE",

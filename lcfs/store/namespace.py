@@ -39,6 +39,8 @@ CACHE_LIMIT = 200_000
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+# Leave a whiteout (a character device 0:0) at the old name, for overlayfs.
+RENAME_WHITEOUT = 4
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 NAME_MAX = 255
@@ -597,15 +599,18 @@ class NamespaceMixin:
     # -- rename --------------------------------------------------------------------
 
     def rename(self, layer: int, old_dir: int, old_name: bytes, new_dir: int, new_name: bytes,
-               flags: int = 0) -> None:  # fmt: skip
+               flags: int = 0, uid: int = 0, gid: int = 0) -> None:  # fmt: skip
+        """Rename an entry as renameat2(2) does with ``flags``.
+
+        ``uid`` and ``gid`` own the whiteout that RENAME_WHITEOUT leaves.
+        """
         return self._write(
-            self._rename, layer, old_dir, old_name, new_dir, new_name, flags
+            self._rename, layer, old_dir, old_name, new_dir, new_name, flags, uid, gid
         )
 
-    def _rename(self, layer, old_dir, old_name, new_dir, new_name, flags):
-        if (
-            flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)
-            or flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+    def _rename(self, layer, old_dir, old_name, new_dir, new_name, flags, uid=0, gid=0):
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
+            flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)
         ):
             raise errors.Invalid(f"invalid rename flags {flags}")
         check_name(new_name)
@@ -662,6 +667,8 @@ class NamespaceMixin:
             self._touch_dir(layer, old_dir)
             if new_dir != old_dir:
                 self._touch_dir(layer, new_dir)
+        if flags & RENAME_WHITEOUT:
+            self._create(layer, old_dir, old_name, stat.S_IFCHR, uid, gid)
 
     def _exchange(
         self, layer, old_dir_inode, old_name, source, new_dir_inode, new_name, target

@@ -286,6 +286,16 @@ def test_dpkg_reinstall_in_container(docker, images):
     assert "GNU sed" in result.stdout
 
 
+def test_cp_archive_copies_directories(docker, images):
+    # GNU cp -a copies POSIX ACLs. It reads system.posix_acl_access and,
+    # for a directory, system.posix_acl_default of the source, and fails
+    # when one of them returns EOPNOTSUPP after the other did not.
+    script = "cp -a /etc/apt /tmp/apt-copy && diff -r /etc/apt /tmp/apt-copy"
+    result = docker.docker(*RUN, MINBASE_IMAGE, "sh", "-c", script, check=False)
+    assert result.stderr == ""
+    assert result.returncode == 0
+
+
 def test_docker_diff_lists_changes(docker, changed_container):
     listed = docker.docker("diff", changed_container).stdout.splitlines()
     expected = CHANGES - ANCESTOR_CHANGES

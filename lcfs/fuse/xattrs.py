@@ -13,6 +13,9 @@ requests away from the store's xattr database:
   reads it as "no capability". Elsewhere (user, trusted) it is ENODATA,
   because programs take EOPNOTSUPP there to mean that the file system has
   no xattrs at all. The rule ends by itself once a layer stores the name.
+  The two POSIX ACL names count as one, because libacl (and GNU cp -a)
+  take EOPNOTSUPP for either to mean that the file system has no ACLs, and
+  fail when only one of them returns it.
 - Whether an inode has any xattrs comes from the attributes kept in memory
   with lookup and getattr replies (``Attr.has_xattrs``), so getxattr,
   listxattr and removexattr on an inode without xattrs read nothing.
@@ -70,6 +73,8 @@ PROBED_NAMESPACES = (b"security.", b"system.")
 # ignored. Other names fail that way on ext4 and tmpfs too.
 CHANGEABLE_NAMESPACES = (b"user.", b"trusted.", b"security.")
 TRUSTED_NAMESPACE = b"trusted."
+# Stored only by an imported layer's tar, because setxattr rejects them.
+POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 
 class XattrHandlers:
@@ -78,7 +83,7 @@ class XattrHandlers:
     @fuse_handler()
     async def getxattr(self, inode, name, ctx):
         self.stats.record_getxattr_name(name)
-        if not self.store.xattr_name_seen(name):
+        if not self._xattr_name_seen(name):
             if name.startswith(PROBED_NAMESPACES):
                 raise NameNeverStored(errno.EOPNOTSUPP)
             raise pyfuse3.FUSEError(errno.ENODATA)
@@ -89,6 +94,11 @@ class XattrHandlers:
             raise pyfuse3.FUSEError(errno.ENODATA)
         self.stats.record_xattr_store_call("getxattr")
         return self.store.getxattr(layer, ino, name)
+
+    def _xattr_name_seen(self, name: bytes) -> bool:
+        if name in POSIX_ACL_XATTRS:
+            return any(self.store.xattr_name_seen(acl) for acl in POSIX_ACL_XATTRS)
+        return self.store.xattr_name_seen(name)
 
     @fuse_handler()
     async def listxattr(self, inode, ctx):

@@ -296,6 +296,21 @@ def test_cp_archive_copies_directories(docker, images):
     assert result.returncode == 0
 
 
+def test_stat_after_write_shows_setuid_dropped(docker, images):
+    # The first stat caches the mode in the kernel. The write by user 1000,
+    # which lacks CAP_FSETID, drops setuid, and the second stat must show
+    # that at once, as on ext4.
+    script = (
+        "cp /bin/true /tmp/tool && chown 1000 /tmp/tool && chmod 4755 /tmp/tool"
+        " && stat -c %a /tmp/tool"
+        " && setpriv --reuid 1000 --regid 1000 --clear-groups sh -c 'echo x >> /tmp/tool'"
+        " && stat -c %a /tmp/tool"
+    )
+    result = docker.docker(*RUN, MINBASE_IMAGE, "sh", "-c", script, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["4755", "755"]
+
+
 def test_docker_diff_lists_changes(docker, changed_container):
     listed = docker.docker("diff", changed_container).stdout.splitlines()
     expected = CHANGES - ANCESTOR_CHANGES

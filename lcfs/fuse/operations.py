@@ -892,9 +892,11 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         # security.capability before a buffered write, but with
         # FUSE_HANDLE_KILLPRIV_V2 it stops looking on a file once it has
         # found none there, so the handler removes it too.
-        if not self._is_writeback():
-            self._drop_privileges(open_file.node, open_file.layer, open_file.ino,
-                                  lambda: self._opener_credentials(open_file))  # fmt: skip
+        if not self._is_writeback() and self._drop_privileges(
+            open_file.node, open_file.layer, open_file.ino,
+            lambda: self._opener_credentials(open_file),
+        ):
+            self._drop_cached_attributes(open_file.node)
         return self._store_write(open_file.layer, open_file.ino, off, buf)
 
     def _write_node(self, node: int, off: int, buf: bytes) -> int:
@@ -907,9 +909,25 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             if self.invalidate_node is not None:
                 self.invalidate_node(node)
             raise pyfuse3.FUSEError(errno.EROFS)
-        if not self._is_writeback():
-            self._drop_privileges(node, layer, ino, self._writer_credentials)
+        if not self._is_writeback() and self._drop_privileges(
+            node, layer, ino, self._writer_credentials
+        ):
+            self._drop_cached_attributes(node)
         return self._store_write(layer, ino, off, buf)
+
+    @staticmethod
+    def _drop_cached_attributes(node: int) -> None:
+        """Make the kernel fetch a node's attributes again after lcfs dropped setuid or setgid.
+
+        After a WRITE or FALLOCATE the kernel drops its cached times and
+        size but keeps the mode, because it leaves setuid to the daemon
+        (FUSE_HANDLE_KILLPRIV_V2). Dropping only attributes touches no
+        page, so it cannot wait for a request that this thread must serve.
+        """
+        try:
+            pyfuse3.invalidate_inode(node, attr_only=True)
+        except FileNotFoundError:
+            pass  # the kernel has forgotten the node
 
     @fuse_handler(modifies=True)
     async def fallocate(self, node, mode, offset, length, ctx):
@@ -926,14 +944,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         if self._is_frozen(layer):
             raise pyfuse3.FUSEError(errno.EROFS)
         if self._drop_privileges(node, layer, ino, lambda: caller_from_context(ctx)):
-            # After a FALLOCATE the kernel drops its cached times and size
-            # but keeps the mode, because it leaves setuid to the daemon.
-            # Dropping only attributes touches no page, so it cannot wait
-            # for a request that this thread must serve.
-            try:
-                pyfuse3.invalidate_inode(node, attr_only=True)
-            except FileNotFoundError:
-                pass  # the kernel has forgotten the node
+            self._drop_cached_attributes(node)
         self.store.punch_hole(layer, ino, offset, length)
 
     @fuse_handler()

@@ -5,10 +5,22 @@ rootfs.py, so a whole run builds each tree at most once and later runs
 reuse it.
 """
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import rootfs
+
+# Tests start the lcfs and lcfs-fsck commands, which import lcfs from
+# whichever checkout pip last installed in editable mode. This checkout
+# goes first on the path of this process and of every subprocess, so that
+# the tests run its code.
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    path for path in (str(REPO), os.environ.get("PYTHONPATH")) if path
+)
 
 
 @pytest.fixture(scope="session")

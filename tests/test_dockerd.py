@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ from lcfs_daemon import fsck_command, lcfs_command
 
 # Fixtures lcfs, initial_status, docker and vfs_docker, one set per module.
 pytest_plugins = ["docker_fixtures"]
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.docker,
@@ -255,6 +258,20 @@ def buildkit_image(docker, images, build_context):
 
 
 # --- tests -----------------------------------------------------------------
+
+
+def test_subprocesses_import_this_checkout(tmp_path):
+    # The lcfs and lcfs-fsck commands that these tests start must run this
+    # checkout's code, also when pip installed another checkout in editable
+    # mode into the same Python.
+    result = subprocess.run(
+        [sys.executable, "-c", "import lcfs; print(lcfs.__file__)"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert Path(result.stdout.strip()).parent.parent == REPO
 
 
 def test_imported_busybox_runs(docker, images):

@@ -980,11 +980,11 @@ def fill_file_system(directory: Path, spare_pages: int) -> None:
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 16 MiB tmpfs mounted for one test, unmounted at teardown."""
+    """A 32 MiB tmpfs mounted for one test, unmounted at teardown."""
     mountpoint = tmp_path / "tmpfs"
     mountpoint.mkdir()
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16M", "tmpfs", str(mountpoint)], check=True
+        ["mount", "-t", "tmpfs", "-o", "size=32M", "tmpfs", str(mountpoint)], check=True
     )
     try:
         yield mountpoint
@@ -992,8 +992,8 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", str(mountpoint)], check=True)
 
 
-def test_repair_out_of_space_exits_8(small_tmpfs):
-    """A commit that fails for lack of space ends the repair with exit 8, not Python's 1."""
+def test_repair_on_full_host_left_then_done(small_tmpfs):
+    """Repairs that need metadata pages the full host cannot give are left, then done once it can."""
     path = str(small_tmpfs / "store.img")
     Store.mkfs(path, size=32 * MiB)
     with Store.open(path) as s:
@@ -1008,12 +1008,20 @@ def test_repair_out_of_space_exits_8(small_tmpfs):
     compact_metadata(path)
     # Opening the store fits in 16 pages, but the repair of 2,000 inodes with its mark does not.
     fill_file_system(small_tmpfs, spare_pages=16)
-    result = subprocess.run([sys.executable, "-m", "tools.fsck", path, "--repair", "--yes", "--no-progress"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
-    assert result.returncode == fsck.EXIT_FAILED, result.stderr
-    assert f"lcfs-fsck: failed on {path}" in result.stderr
-    assert "fix that and run lcfs-fsck again" in result.stderr
-    # The mark travels in the commit that failed, with the first fixes.
+    command = [sys.executable, "-m", "tools.fsck", path, "--repair", "--yes", "--no-progress"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
+                            check=False)  # fmt: skip
+    assert result.returncode == fsck.EXIT_LEFT, result.stderr
+    assert f"repair failed: the file system holding {path} is full" in result.stderr
+    assert "0 repaired, 2000 left" in result.stderr
+    # The store opens only for lcfs-fsck until a repair finishes.
+    assert read_superblock(path).get("needs_fsck") is True
+    os.unlink(small_tmpfs / "filler")
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
+                            check=False)  # fmt: skip
+    assert result.returncode == fsck.EXIT_REPAIRED, result.stderr
+    # The 2,000 link counts and the interrupted repair that the first run left.
+    assert "2001 problems found, 2001 repaired, 0 left" in result.stderr
     assert read_superblock(path).get("needs_fsck") is None
 
 

@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import re
+import subprocess
 import time
 
 import pytest
@@ -167,3 +168,56 @@ def test_many_small_files_fit_metadata_area(tmp_path, monkeypatch):
         assert len(os.listdir(directory)) == 10_000
         used, total = handle.store.metadata_usage()
         assert used < total // 2
+
+
+@pytest.fixture
+def small_host(tmp_path):
+    """A 40 MiB tmpfs for a sparse 1 GiB image file."""
+    host = tmp_path / "host"
+    host.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "lcfs-test-host", str(host)],
+                   check=True)  # fmt: skip
+    try:
+        yield str(host)
+    finally:
+        subprocess.run(["umount", "-l", str(host)], check=True)
+
+
+def test_full_host_keeps_accepted_writes(small_host):
+    """Writes the mount accepted survive when the file system under the image fills up."""
+    image = os.path.join(small_host, "lcfs.img")
+    Store.mkfs(image, size=1 << 30, metadata_size=16 << 20)
+    accepted: dict[str, int] = {}
+    with mount_store(image) as mounted:
+        # Files of 1 MiB until a write fails because the host is full.
+        for number in range(64):
+            name = f"f{number}"
+            fd = os.open(mounted.at("base", name), os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                for _ in range((1 << 20) // CHUNK):
+                    accepted[name] = accepted.get(name, 0) + os.write(fd, b"d" * CHUNK)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+            finally:
+                os.close(fd)
+        else:
+            pytest.fail("64 MiB of writes fit on a 40 MiB file system")
+        assert sum(accepted.values()) > 8 << 20
+        # The group of all those writes commits on the full host.
+        mounted.store.commit()
+        assert os.statvfs(small_host).f_bavail * os.statvfs(small_host).f_frsize < 1 << 20
+        # Removing files works there too, and gives their blocks back.
+        for name in list(accepted)[:4]:
+            os.unlink(mounted.at("base", name))
+            del accepted[name]
+        mounted.store.commit()
+        with open(mounted.at("base", "after"), "wb") as f:
+            f.write(b"a" * (1 << 20))
+        accepted["after"] = 1 << 20
+        mounted.reopen()
+        for name, size in accepted.items():
+            with open(mounted.at("base", name), "rb") as f:
+                data = f.read()
+            assert len(data) == size, name
+            assert data == (b"a" if name == "after" else b"d") * size, name

@@ -21,6 +21,7 @@ Invariants every change keeps:
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import functools
 import json
@@ -74,6 +75,9 @@ RESERVE_PAGES = 64
 LOW_SPACE_PAGES = 1024
 # Growing operations between two estimates of the free pages.
 ESTIMATE_EVERY = 16
+# Metadata pages past LMDB's last page that the store keeps allocated in
+# the file system under an image file (``Store._reserve_host_space``).
+HOST_HEADROOM_PAGES = 16 * LOW_SPACE_PAGES
 # A value this size takes one overflow page of its own, so each probe put
 # needs a free page but never a run of them.
 _PROBE_VALUE = bytes(2560)
@@ -197,7 +201,16 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate ``length`` bytes at ``offset`` of a file; raise OSError on failure."""
-    if _libc.fallocate(fd, PUNCH_HOLE_MODE, offset, length) != 0:
+    _fallocate(fd, PUNCH_HOLE_MODE, offset, length)
+
+
+def allocate(fd: int, offset: int, length: int) -> None:
+    """Allocate the holes in ``length`` bytes at ``offset`` of a file; raise OSError on failure."""
+    _fallocate(fd, 0, offset, length)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
         error = ctypes.get_errno()
         raise OSError(error, os.strerror(error))
 
@@ -229,6 +242,11 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         # Whether commits give freed blocks back to the file system under an
         # image file (_give_back); a block device keeps them.
         self._punch_holes = stat.S_ISREG(os.fstat(fd).st_mode)
+        # Metadata pages from the start known to have blocks in the file
+        # system under an image file, or None on a block device, where all
+        # have (_reserve_host_space).
+        self._host_pages: int | None = 0 if self._punch_holes else None
+        self._host_full = False
         # Called after a layer is created or dropped; the FUSE mount sets it.
         self.layers_changed = None
         self._dirty = False
@@ -476,6 +494,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 self.alloc.flush(self._group)
             except lmdb.Error as exc:
                 self._fail_commit(exc)
+            self._reserve_host_space()
             # A commit that follows no data write (a layer created, removed
             # or renamed, a chmod) has no data to make durable first.
             if self._data_unsynced:
@@ -494,6 +513,55 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             self._estimate_free_pages()
             self._give_back(freed)
             crash_point("commit.done")
+
+    def _reserve_host_space(self, target: int | None = None) -> None:
+        """Allocate blocks in the host file system for the metadata pages the next commits may use.
+
+        LMDB writes the pages that a commit adds past its last page into
+        the holes of a sparse image file. On a full host file system that
+        write fails, and the whole group with it: the writes the mount has
+        accepted since the last commit, and every later commit, because
+        removing anything needs new pages too. So the store keeps
+        HOST_HEADROOM_PAGES pages past LMDB's last page allocated, and
+        counts only allocated pages as free (``_estimate_free_pages``):
+        growing operations then fail with NoSpace while the reserve is
+        still there for the operations that free space.
+
+        ``target`` is the number of pages from the start to allocate, by
+        default HOST_HEADROOM_PAGES past LMDB's last page.
+        """
+        if self._host_pages is None:
+            return
+        total = self.metadata_size // self._page_size
+        # LMDB has written every page up to its last, so those have blocks.
+        written = self.env.info()["last_pgno"] + 1
+        self._host_pages = max(self._host_pages, written)
+        if target is None:
+            target = written + HOST_HEADROOM_PAGES
+        target = min(total, target)
+        if target <= self._host_pages:
+            return
+        try:
+            allocate(self.fd, self._host_pages * self._page_size,
+                     (target - self._host_pages) * self._page_size)  # fmt: skip
+        except OSError as exc:
+            if exc.errno == errno.EOPNOTSUPP:
+                # The file system cannot allocate ahead, so every page of
+                # the metadata area counts as free.
+                self._host_pages = None
+                return
+            if not self._host_full:
+                self._host_full = True
+                log.warning("the file system holding %s is full (%s): %d of %d metadata "
+                            "pages are allocated, so lcfs rejects changes that need more "
+                            "until it has space again", self.path, exc, self._host_pages,
+                            target)  # fmt: skip
+            return
+        if self._host_full:
+            self._host_full = False
+            log.info("the file system holding %s has space again: %d metadata pages "
+                     "are allocated", self.path, target)  # fmt: skip
+        self._host_pages = target
 
     def _give_back(self, runs: list[tuple[int, int]]) -> None:
         """Punch the data blocks that a commit freed out of an image file, so the host gets the space.
@@ -564,6 +632,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         with self.env.begin() as txn:
             live = self._count_live_pages(txn)
         total = self.metadata_size // self._page_size
+        if self._host_pages is not None:
+            total = min(total, self._host_pages)
         self._live_pages = live
         # An estimate: one page of LMDB's free list holds about 500 8-byte page numbers.
         self._free_pages = (total - live) - (total - live) // 500
@@ -592,8 +662,22 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         """Raise NoSpace unless RESERVE_PAGES pages of the metadata area are free.
 
         Puts that take one page each, in a nested transaction that is then
-        aborted, find out whether LMDB can still allocate the pages.
+        aborted, find out whether LMDB can still allocate the pages. LMDB
+        cannot tell that pages past ``_host_pages`` have no blocks in the
+        host file system, so under an image file the estimate of the pages
+        the group used decides there, after an attempt to allocate more.
         """
+        if self._host_pages is not None:
+            growth = max(0, self._count_live_pages(group) - self._live_pages)
+            used = 2 * growth + 2 * self._growing_ops
+            if self._free_pages - used < LOW_SPACE_PAGES:
+                before = self._host_pages
+                self._reserve_host_space(before + HOST_HEADROOM_PAGES)
+                self._free_pages += self._host_pages - before
+                if self._free_pages - used < RESERVE_PAGES:
+                    raise self._metadata_full()
+                if self._free_pages - used >= LOW_SPACE_PAGES:
+                    self._reserve_low = False
         probe = self.env.begin(write=True, parent=group)
         try:
             for number in range(RESERVE_PAGES):
@@ -604,6 +688,11 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             probe.abort()
 
     def _metadata_full(self) -> errors.NoSpace:
+        if self._host_full:
+            return errors.NoSpace(
+                f"the file system holding {self.path} is full, so the store's metadata "
+                "cannot grow; free space there, or remove layers, images or files"
+            )
         return errors.NoSpace(
             f"the metadata area of {self.path} ({self.metadata_size} bytes) is full; "
             "remove layers, images or files to free space"

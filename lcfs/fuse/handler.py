@@ -23,12 +23,10 @@ log = logging.getLogger(__name__)
 # Seconds between two log lines about failed requests with the same errno.
 DEVICE_LOG_INTERVAL = 10.0
 # The errnos of store errors that a user must see in the log, with the level
-# and the next step to take.
+# and the next step to take. The store's ENOSPC messages name their own next
+# step, which depends on what is full.
 DEVICE_ERRNOS = {
-    errno.ENOSPC: (
-        logging.WARNING,
-        "Free space by removing unused images and containers (docker system prune)",
-    ),
+    errno.ENOSPC: (logging.WARNING, ""),
     errno.EIO: (
         logging.ERROR,
         "Stop the daemon and check the device with lcfs-fsck",
@@ -126,7 +124,9 @@ def _log_device_error(ops, name: str, parameter: str | None, value, exc) -> None
     level, next_step = DEVICE_ERRNOS[exc.errno]
     subject = _subject(ops, parameter, value)
     code = errno.errorcode[exc.errno]
-    message = f"FUSE {name}{subject} failed with {code}: {exc}. {next_step}"
+    message = f"FUSE {name}{subject} failed with {code}: {exc}"
+    if next_step:
+        message += f". {next_step}"
     if suppressed:
         message += (
             f" ({suppressed} more {code} failures since the last such message"

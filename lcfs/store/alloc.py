@@ -52,7 +52,8 @@ class Allocator:
         if count > self.free_blocks:
             raise errors.NoSpace(
                 f"no space left on {self.device}: {count} blocks requested, "
-                f"{self.free_blocks} free; remove unused images and containers"
+                f"{self.free_blocks} free; remove unused images and containers "
+                "(docker system prune)"
             )
         runs: list[tuple[int, int]] = []
         need = count

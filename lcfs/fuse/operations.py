@@ -614,6 +614,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         open, and fstat(2) of it works on Linux file systems. The store
         deletes a directory's records at rmdir, so its last attributes
         come from memory. Raises NotFound for anything else.
+        NOTE: changes to such a directory (fchmod, fchown, futimens,
+        fsetxattr) therefore fail with ENOENT, where ext4 and tmpfs apply them.
         """
         cached = self._attrs.get(node)
         if cached is None or not stat.S_ISDIR(cached[0].mode) or node not in self.lookup_counts:

@@ -6,6 +6,7 @@ mount points strictly inside it or equal to it, as listed in
 /proc/self/mountinfo.
 """
 
+import contextlib
 import logging
 import os
 import re
@@ -89,3 +90,18 @@ def remove_tree(directory: str | os.PathLike) -> None:
         return
     unmount_under(path)
     subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def tmpfs_at(directory: Path, size: str):
+    """Mount a tmpfs of ``size`` (a mount option value such as "32m") on a new ``directory``.
+
+    The tmpfs is unmounted lazily on exit, even when the test fails.
+    """
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "lcfs-test-tmpfs",
+                    str(directory)], check=True)  # fmt: skip
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "--lazy", str(directory)], check=True)

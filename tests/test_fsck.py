@@ -51,6 +51,7 @@ from lcfs.store.format import (
     read_superblock,
     xattr_key,
 )
+from mounts import tmpfs_at
 from tools import fsck
 
 MiB = 1 << 20
@@ -981,15 +982,8 @@ def fill_file_system(directory: Path, spare_pages: int) -> None:
 @pytest.fixture
 def small_tmpfs(tmp_path):
     """A 32 MiB tmpfs mounted for one test, unmounted at teardown."""
-    mountpoint = tmp_path / "tmpfs"
-    mountpoint.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=32M", "tmpfs", str(mountpoint)], check=True
-    )
-    try:
+    with tmpfs_at(tmp_path / "tmpfs", "32m") as mountpoint:
         yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=True)
 
 
 def test_repair_on_full_host_left_then_done(small_tmpfs):

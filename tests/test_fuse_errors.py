@@ -6,11 +6,11 @@ import errno
 import logging
 import os
 import re
-import subprocess
 import time
 
 import pytest
 from fuse_fixtures import fuse_available, mount_store
+from mounts import tmpfs_at
 
 from lcfs.fuse import handler, mount
 from lcfs.store import Store, errors
@@ -173,14 +173,8 @@ def test_many_small_files_fit_metadata_area(tmp_path, monkeypatch):
 @pytest.fixture
 def small_host(tmp_path):
     """A 40 MiB tmpfs for a sparse 1 GiB image file."""
-    host = tmp_path / "host"
-    host.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "lcfs-test-host", str(host)],
-                   check=True)  # fmt: skip
-    try:
+    with tmpfs_at(tmp_path / "host", "40m") as host:
         yield str(host)
-    finally:
-        subprocess.run(["umount", "-l", str(host)], check=True)
 
 
 def test_full_host_keeps_accepted_writes(small_host):

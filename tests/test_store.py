@@ -11,6 +11,7 @@ import tarfile
 
 import pytest
 
+from mounts import tmpfs_at
 from tools import fsck
 from lcfs.journal import intents
 from lcfs.store import RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, Store, errors
@@ -614,12 +615,8 @@ def test_apply_diff_filling_metadata_rolls_back(store, image):
 @pytest.fixture
 def small_file_system(tmp_path):
     """A 24 MiB tmpfs, unmounted after the test."""
-    mountpoint = tmp_path / "small"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mountpoint)],
-                   check=True)  # fmt: skip
-    yield mountpoint
-    subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
+    with tmpfs_at(tmp_path / "small", "24m") as mountpoint:
+        yield mountpoint
 
 
 def test_full_host_file_system_raises_nospace(small_file_system):

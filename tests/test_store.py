@@ -641,6 +641,34 @@ def test_full_host_file_system_raises_nospace(small_file_system):
             pass
 
 
+def test_full_host_stops_metadata_growth_in_time(tmp_path):
+    """Growing changes stop with NoSpace before the commit would need pages the host lacks."""
+    with tmpfs_at(tmp_path / "host", "96m") as host:
+        path = str(host / "store.img")
+        # A metadata area larger than the pages kept allocated ahead of LMDB.
+        Store.mkfs(path, size=1 << 30, metadata_size=128 * MiB)
+        with Store.open(path) as s:
+            layer = s.create_layer("base").number
+            s.commit()
+            with open(host / "filler", "wb") as filler:
+                with pytest.raises(OSError) as full:
+                    while True:
+                        filler.write(bytes(MiB))
+                        filler.flush()
+            assert full.value.errno == errno.ENOSPC
+            created = 0
+            with pytest.raises(errors.NoSpace) as info:
+                for index in range(100_000):
+                    s.mknod(layer, ROOT_INO, b"f%06d" % index, stat.S_IFREG | 0o644)
+                    created += 1
+            assert f"the file system holding {path} is full" in str(info.value)
+            assert created > 1000
+            s.commit()
+        with Store.open(path) as s:
+            names = [name for name, _ in s.readdir(s.get_layer("base").number, ROOT_INO)]
+            assert len(names) == created
+
+
 def data_bytes_on_host(image: str, store) -> int:
     """Return how many bytes of the image file's data region the host file system has allocated."""
     total = 0

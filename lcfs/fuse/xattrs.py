@@ -73,7 +73,8 @@ PROBED_NAMESPACES = (b"security.", b"system.")
 # ignored. Other names fail that way on ext4 and tmpfs too.
 CHANGEABLE_NAMESPACES = (b"user.", b"trusted.", b"security.")
 TRUSTED_NAMESPACE = b"trusted."
-# Stored only by an imported layer's tar, because setxattr rejects them.
+# The POSIX ACL names. Only an imported layer's tar stores them, because
+# setxattr rejects them.
 POSIX_ACL_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
 
 

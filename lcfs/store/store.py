@@ -242,9 +242,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         # Whether commits give freed blocks back to the file system under an
         # image file (_give_back); a block device keeps them.
         self._punch_holes = stat.S_ISREG(os.fstat(fd).st_mode)
-        # Metadata pages from the start known to have blocks in the file
-        # system under an image file, or None on a block device, where all
-        # have (_reserve_host_space).
+        # Metadata pages, from the start, known to have blocks in the file
+        # system under an image file (_reserve_host_space). None on a block
+        # device, where every page has its blocks.
         self._host_pages: int | None = 0 if self._punch_holes else None
         self._host_full = False
         # Called after a layer is created or dropped; the FUSE mount sets it.
@@ -667,13 +667,16 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         host file system, so under an image file the estimate of the pages
         the group used decides there, after an attempt to allocate more.
         """
-        if self._host_pages is not None:
+        total = self.metadata_size // self._page_size
+        if self._host_pages is not None and self._host_pages < total:
             growth = max(0, self._count_live_pages(group) - self._live_pages)
             used = 2 * growth + 2 * self._growing_ops
             if self._free_pages - used < LOW_SPACE_PAGES:
                 before = self._host_pages
                 self._reserve_host_space(before + HOST_HEADROOM_PAGES)
-                self._free_pages += self._host_pages - before
+                # None: the file system cannot allocate ahead, so every page counts.
+                after = total if self._host_pages is None else self._host_pages
+                self._free_pages += after - before
                 if self._free_pages - used < RESERVE_PAGES:
                     raise self._metadata_full()
                 if self._free_pages - used >= LOW_SPACE_PAGES:
@@ -718,7 +721,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         """True when the open group should be committed before it grows further.
 
         Until the commit, LMDB keeps a copy of every page that the group
-        changed, so a group of a few thousand operations filled a 16 MiB
+        changed. A group of a few thousand operations thus filled a 16 MiB
         metadata area whose records took 3 MB, and the commit after an
         import's rollback then failed for want of pages. The group counts
         as large once its operations may have used half of the pages free
@@ -756,8 +759,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     @read_op
     def statfs(self) -> StatFs:
         used = self._txn.stat(self.dbs["inodes"])["entries"]
-        # Inode numbers are 64-bit; report a large fixed total that stays above
-        # them. f_files of struct statfs is a signed long on x86_64, so the
+        # Inode numbers are 64-bit, so report a large fixed total that stays
+        # above them. f_files of struct statfs is a signed long on x86_64, so the
         # total is the largest one it carries: 1 << 63 showed as negative.
         files = (1 << 63) - 1
         free = self.alloc.free_blocks + self.alloc.pending_blocks

@@ -57,6 +57,10 @@ to libfuse's operation table. They call the filesystem's
 whence)``, and reply ENOSYS as before when the filesystem has no such
 method.
 
+pyfuse3 3.5 checks setxattr's XATTR_CREATE and XATTR_REPLACE flags
+itself, and with both flags set it checks only the first. The build checks
+both, so such a call fails with EEXIST or ENODATA as on ext4 and tmpfs.
+
 Usage: python3 scripts/build_pyfuse3.py [--python PYTHON] [--check]
 (--check only tells, by exit status 0 or 1, whether the build is needed.)
 ``lcfs plugin-bundle`` calls ``build_wheel`` for the plugin's own pyfuse3.
@@ -132,6 +136,11 @@ EDITS = [
         "    fuse_ops.poll = fuse_poll\n"
         "    fuse_ops.fallocate = _lcfs_fallocate\n"
         "    fuse_ops.lseek = _lcfs_lseek\n",
+    ),
+    (
+        "src/pyfuse3/handlers.pxi",
+        "        elif c.flags & libc_extra.XATTR_REPLACE: # Attribute must exist\n",
+        "        if c.flags & libc_extra.XATTR_REPLACE: # Attribute must exist\n",
     ),
 ]
 
@@ -363,7 +372,7 @@ async def _lcfs_lseek_async(_Container c):
 '''
 
 # Raised whenever EDITS or LOOP_SOURCE change; lcfs uses them only at this level.
-PATCH_LEVEL = 8
+PATCH_LEVEL = 9
 MARKER = f"\n# Set by lcfs's pyfuse3 build.\nLCFS_PATCH_LEVEL = {PATCH_LEVEL}\n"
 CHECK = (
     "import sys, pyfuse3; "

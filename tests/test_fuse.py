@@ -884,6 +884,9 @@ def test_xattrs(mounted):
     assert sorted(os.listxattr(path)) == ["user.one", "user.two"]
     expect_errno(errno.EEXIST, os.setxattr, path, "user.one", b"x", os.XATTR_CREATE)
     expect_errno(errno.ENODATA, os.setxattr, path, "user.new", b"x", os.XATTR_REPLACE)
+    both = os.XATTR_CREATE | os.XATTR_REPLACE
+    expect_errno(errno.EEXIST, os.setxattr, path, "user.one", b"x", both)
+    expect_errno(errno.ENODATA, os.setxattr, path, "user.new", b"x", both)
     os.setxattr(path, "user.one", b"replaced", os.XATTR_REPLACE)
     assert os.getxattr(path, "user.one") == b"replaced"
     os.removexattr(path, "user.one")

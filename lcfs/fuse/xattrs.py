@@ -123,8 +123,6 @@ class XattrHandlers:
     async def setxattr(self, inode, name, value, ctx):
         # pyfuse3 checks XATTR_CREATE and XATTR_REPLACE itself through
         # getxattr before it calls this handler.
-        # NOTE: with both flags pyfuse3 3.5 checks only XATTR_CREATE, so the
-        # call sets an absent name, where ext4 and tmpfs fail with ENODATA.
         if not name.startswith(CHANGEABLE_NAMESPACES):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         layer, ino = self._target(inode)

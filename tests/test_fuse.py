@@ -725,6 +725,14 @@ def test_removed_directory_still_stats(mounted, origin):
         assert st.st_nlink == 0
         # glibc takes the kernel's ENOENT for a removed directory as its end.
         assert os.listdir(fd) == []
+        # ext4 and tmpfs apply changes to it until the last descriptor closes.
+        os.fchmod(fd, 0o700)
+        os.fchown(fd, 1234, 5678)
+        os.utime(fd, ns=(10**18, 2 * 10**18))
+        st = os.fstat(fd)
+        assert st.st_mode == stat.S_IFDIR | 0o700
+        assert (st.st_uid, st.st_gid) == (1234, 5678)
+        assert (st.st_atime_ns, st.st_mtime_ns) == (10**18, 2 * 10**18)
     finally:
         os.close(fd)
     expect_errno(errno.ENOENT, os.stat, path)

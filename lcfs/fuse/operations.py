@@ -614,13 +614,29 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         open, and fstat(2) of it works on Linux file systems. The store
         deletes a directory's records at rmdir, so its last attributes
         come from memory. Raises NotFound for anything else.
-        NOTE: changes to such a directory (fchmod, fchown, futimens,
-        fsetxattr) therefore fail with ENOENT, where ext4 and tmpfs apply them.
+        NOTE: fsetxattr of such a directory therefore fails with ENOENT,
+        where ext4 and tmpfs apply it.
         """
         cached = self._attrs.get(node)
         if cached is None or not stat.S_ISDIR(cached[0].mode) or node not in self.lookup_counts:
             raise errors.NotFound(f"node {node} was removed")
         return dataclasses.replace(cached[0], nlink=0)
+
+    def _change_removed_directory(self, node: int, layer: int, changes: dict):
+        """Apply fchmod, fchown or futimens to a removed directory; return its attributes.
+
+        No path leads to the directory again, so the change needs to show
+        only to the descriptors still open on it, and memory keeps it.
+        """
+        attr = self._removed_directory(node)
+        if "size" in changes:
+            raise errors.IsDir(f"node {node} is a removed directory")
+        if "mode" in changes:
+            changes["mode"] |= stat.S_IFMT(attr.mode)
+        changes.setdefault("ctime_ns", time.time_ns())
+        attr = dataclasses.replace(attr, **changes)
+        self._keep_attr(node, layer, attr)
+        return attr
 
     @fuse_handler(modifies=True)
     async def setattr(self, inode, attr, fields, fh, ctx):
@@ -647,14 +663,21 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         if fields.update_uid or fields.update_gid:
             # A chown drops setuid and setgid here, not in the kernel
             # (FUSE_HANDLE_KILLPRIV_V2).
-            before = self._current_attr(inode, layer, ino)
+            try:
+                before = self._current_attr(inode, layer, ino)
+            except errors.NotFound:
+                before = self._removed_directory(inode)
             mode = changes.get("mode", stat.S_IMODE(before.mode)) | stat.S_IFMT(before.mode)
             if mode & PRIVILEGE_BITS:
                 cleared = mode_after_owner_change(mode, before.gid,
                                                   lambda: caller_from_context(ctx))  # fmt: skip
                 if cleared != mode:
                     changes["mode"] = stat.S_IMODE(cleared)
-        entry = self._entry(layer, self.store.setattr(layer, ino, **changes))
+        try:
+            updated = self.store.setattr(layer, ino, **changes)
+        except errors.NotFound:
+            updated = self._change_removed_directory(inode, layer, changes)
+        entry = self._entry(layer, updated)
         if fields.update_size:
             # The kernel leaves setuid and setgid to lcfs, or drops setgid
             # only from group-executable files, so a truncate drops them here.

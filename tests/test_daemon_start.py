@@ -15,7 +15,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from lcfs_daemon import LcfsDaemon, PluginError, lcfs_command, running_lcfs
+from lcfs_daemon import (
+    LcfsDaemon,
+    PluginError,
+    fsck_command,
+    lcfs_command,
+    running_lcfs,
+)
 from mounts import mount_table, unmount_under
 from test_fuse_features import watchdog_of
 
@@ -398,6 +404,38 @@ def test_device_directory(workdir):
     assert f"--device {device} is a directory" in result.stdout
     assert "pass --device an image file" in result.stdout
     assert "Errno" not in result.stdout
+
+
+@pytest.fixture
+def missing_dev_path():
+    """A path in /dev that names no device, removed again if a test creates it."""
+    path = Path(f"/dev/lcfs-missing-{os.getpid()}")
+    assert not path.exists()
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_missing_block_device(workdir, missing_dev_path):
+    device = missing_dev_path
+    result = run_daemon(*daemon_options(workdir, "dev", device=device))
+    assert result.returncode == 2, result.stdout
+    assert f"--device: block device {device} not found" in result.stdout
+    assert "pass an image file path outside /dev" in result.stdout
+    assert not device.exists()
+
+    formatted = run_lcfs("mkfs", "--size", "64M", str(device))
+    assert formatted.returncode == 2, formatted.stdout
+    assert f"block device {device} not found" in formatted.stdout
+    assert not device.exists()
+
+    checked = subprocess.run(
+        [fsck_command(), str(device)], capture_output=True, text=True, check=False
+    )
+    assert checked.returncode == 8, checked.stderr
+    assert f"block device {device} not found" in checked.stderr
+    assert "lcfs mkfs" not in checked.stderr
 
 
 def test_socket_in_read_only_mount(workdir):

@@ -42,6 +42,7 @@ from aiohttp import web
 from lcfs.fuse.mount import check_mountpoint
 from lcfs.fuse.settings import FuseSettings
 from lcfs.store import Store
+from lcfs.store.format import is_under_dev, missing_device_message
 
 from .mounts import MountError, MountManager
 from .reconcile import _pid_alive, docker_root_from_home, find_orphans
@@ -203,10 +204,12 @@ def file_kind(mode: int) -> str:
 
 
 def check_device(device: str) -> None:
-    """Raise DaemonError unless ``device`` is missing, a regular file or a block device."""
+    """Raise DaemonError unless ``device`` is a regular file, a block device, or missing outside /dev."""
     try:
         mode = os.stat(device).st_mode
     except FileNotFoundError:
+        if is_under_dev(device):
+            raise DaemonError(f"--device: {missing_device_message(device)}") from None
         return
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
         raise DaemonError(

@@ -290,6 +290,24 @@ def read_superblock(path: str) -> dict | None:
         env.close()
 
 
+def is_under_dev(path: str) -> bool:
+    """Return True if ``path`` names an entry of /dev, where only device nodes belong.
+
+    /dev is a devtmpfs in memory, so an image file created there by a
+    mistyped block device name would hold the store in RAM.
+    """
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    return parent == "/dev" or parent.startswith("/dev/")
+
+
+def missing_device_message(path: str) -> str:
+    """Return the error message for a block device path under /dev that does not exist."""
+    return (
+        f"block device {path} not found; check its name with lsblk, or pass "
+        "an image file path outside /dev"
+    )
+
+
 def mkfs(path: str, size: int | None = None, metadata_size: int | None = None,
          force: bool = False) -> dict:  # fmt: skip
     """Format ``path`` as an empty store and return its superblock.
@@ -300,6 +318,8 @@ def mkfs(path: str, size: int | None = None, metadata_size: int | None = None,
     """
     created = False
     if not os.path.exists(path):
+        if is_under_dev(path):
+            raise errors.NotFound(missing_device_message(path))
         if size is None:
             raise errors.Invalid(f"{path} does not exist; give a size to create it")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -50,7 +50,9 @@ from .format import (
     Layer,
     change_inode_key,
     device_size,
+    is_under_dev,
     inode_key,
+    missing_device_message,
     open_databases,
     open_env,
     read_superblock,
@@ -318,6 +320,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
+            if is_under_dev(path):
+                raise errors.NotFound(missing_device_message(path)) from None
             raise errors.NotFound(
                 f"{path} does not exist; create it with 'lcfs mkfs --size SIZE {path}'"
             ) from None

@@ -125,6 +125,7 @@ def test_busy_device_keeps_pid_file(workdir):
         )  # fmt: skip
         assert result.returncode == 2, result.stdout
         assert f"is in use by pid {a.process.pid}" in result.stdout
+        assert "stop that daemon first, or pass another --device" in result.stdout
         assert pid_file.read_text() == f"{a.process.pid}\n"
 
 

@@ -41,7 +41,7 @@ from aiohttp import web
 
 from lcfs.fuse.mount import check_mountpoint
 from lcfs.fuse.settings import FuseSettings
-from lcfs.store import Store
+from lcfs.store import Store, errors
 from lcfs.store.format import is_under_dev, missing_device_message
 
 from .mounts import MountError, MountManager
@@ -238,9 +238,13 @@ def open_store(device: str, size: int | None) -> tuple[Store, int | None]:
         log.info("ignoring --size: %s exists already", device)
     try:
         return Store.open(device), created_inode
-    except BaseException:
+    except BaseException as error:
         if created_inode is not None:
             remove_created_image(device, created_inode)
+        if isinstance(error, errors.DeviceBusy):
+            raise DaemonError(
+                f"--device: {error}; stop that daemon first, or pass another --device"
+            ) from None
         raise
 
 

@@ -169,6 +169,7 @@ def test_size_zero_rejected(workdir):
     )  # fmt: skip
     assert result.returncode == 2, result.stdout
     assert f"{device}: 0 bytes leave no room for data" in result.stdout
+    assert "give it a size of at least 16842752 bytes" in result.stdout
     assert not device.exists()
 
 

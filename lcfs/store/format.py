@@ -342,7 +342,9 @@ def mkfs(path: str, size: int | None = None, metadata_size: int | None = None,
         data_blocks = (total - metadata_size) // BLOCK_SIZE
         if data_blocks < 16:
             raise errors.Invalid(
-                f"{path}: {total} bytes leave no room for data after {metadata_size} bytes of metadata"
+                f"{path}: {total} bytes leave no room for data after {metadata_size} "
+                f"bytes of metadata; give it a size of at least "
+                f"{metadata_size + 16 * BLOCK_SIZE} bytes"
             )
         superblock = {
             "magic": MAGIC,

@@ -621,6 +621,31 @@ def test_chown(mounted):
     assert (st.st_uid, st.st_gid) == (1234, 42)
 
 
+def test_chown_without_ids_drops_setuid(mounted):
+    # chown(2) with uid and gid -1 drops setuid, and setgid from a
+    # group-executable file, as on ext4 and tmpfs, even for root.
+    path = mounted.at("base", "tool")
+    write_file(path, b"x")
+    os.chmod(path, 0o6755)
+    before = os.stat(path).st_ctime_ns
+    os.chown(path, -1, -1)
+    st = os.stat(path)
+    assert stat.S_IMODE(st.st_mode) == 0o755
+    assert st.st_ctime_ns > before
+    # setgid on a file that its group may not execute marks mandatory
+    # locking, and chown keeps it.
+    locking = mounted.at("base", "locking")
+    write_file(locking, b"x")
+    os.chmod(locking, 0o2745)
+    os.chown(locking, -1, -1)
+    assert stat.S_IMODE(os.stat(locking).st_mode) == 0o2745
+    directory = mounted.at("base", "dir")
+    os.mkdir(directory)
+    os.chmod(directory, 0o6755)
+    os.chown(directory, -1, -1)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o6755
+
+
 def test_utimens_explicit_now_and_omit(mounted):
     path = mounted.at("base", "file")
     write_file(path, b"x")

@@ -660,7 +660,13 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             changes["mtime_ns"] = attr.st_mtime_ns
         if fields.update_ctime:
             changes["ctime_ns"] = attr.st_ctime_ns
-        if fields.update_uid or fields.update_gid:
+        # chown(2) with both ids -1 still drops setuid and setgid. It
+        # reaches a FUSE server as a setattr of ctime alone, which pyfuse3
+        # 3.5 passes on with no field set. Linux 6.18 sends no other
+        # setattr without fields.
+        no_fields = not (fields.update_mode or fields.update_size or fields.update_atime
+                         or fields.update_mtime or fields.update_ctime)  # fmt: skip
+        if fields.update_uid or fields.update_gid or no_fields:
             # A chown drops setuid and setgid here, not in the kernel
             # (FUSE_HANDLE_KILLPRIV_V2).
             try:

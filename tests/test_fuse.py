@@ -733,21 +733,29 @@ def test_mkdir_and_rmdir(mounted):
 
 
 @pytest.mark.parametrize("origin", ["own", "inherited"])
-def test_removed_directory_still_stats(mounted, origin):
+@pytest.mark.parametrize("removal", ["rmdir", "rename"])
+def test_removed_directory_still_stats(mounted, origin, removal):
     # A process may hold a removed directory open or as its working
-    # directory. On Linux file systems fstat of it shows no links.
+    # directory. On Linux file systems fstat of it shows no links, and
+    # the removal set its ctime.
     layer = "base"
     os.mkdir(mounted.at("base", "gone"))
+    os.mkdir(mounted.at("base", "other"))
     if origin == "inherited":
         make_child(mounted)
         layer = "child"
     path = mounted.at(layer, "gone")
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.rmdir(path)
+        before = os.fstat(fd).st_ctime_ns
+        if removal == "rmdir":
+            os.rmdir(path)
+        else:
+            os.rename(mounted.at(layer, "other"), path)
         st = os.fstat(fd)
         assert stat.S_ISDIR(st.st_mode)
         assert st.st_nlink == 0
+        assert st.st_ctime_ns > before
         # glibc takes the kernel's ENOENT for a removed directory as its end.
         assert os.listdir(fd) == []
         # ext4 and tmpfs apply changes to it until the last descriptor closes.
@@ -760,7 +768,8 @@ def test_removed_directory_still_stats(mounted, origin):
         assert (st.st_atime_ns, st.st_mtime_ns) == (10**18, 2 * 10**18)
     finally:
         os.close(fd)
-    expect_errno(errno.ENOENT, os.stat, path)
+    if removal == "rmdir":
+        expect_errno(errno.ENOENT, os.stat, path)
 
 
 def test_listings_start_with_dot_entries(mounted):

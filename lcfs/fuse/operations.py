@@ -831,7 +831,21 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     @fuse_handler(modifies=True)
     async def rmdir(self, parent_inode, name, ctx):
         layer, dir_ino = self._target(parent_inode)
+        removed = self.store.lookup(layer, dir_ino, name)
         self.store.rmdir(layer, dir_ino, name)
+        self._set_removed_ctime(layer, removed.ino)
+
+    def _set_removed_ctime(self, layer: int, ino: int) -> None:
+        """Set the ctime of a removed directory that the kernel may still hold to now.
+
+        ext4 and tmpfs set it at the removal, and fstat(2) of an open
+        removed directory shows it (``_removed_directory``).
+        """
+        node = self.store.existing_node(layer, ino)
+        cached = self._attrs.get(node) if node is not None else None
+        if cached is not None:
+            attr = dataclasses.replace(cached[0], ctime_ns=time.time_ns())
+            self._attrs[node] = (attr, cached[1])
 
     @fuse_handler(modifies=True)
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new,
@@ -844,7 +858,15 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             # The whiteout is a new inode, owned as one from mknod would be.
             uid = ctx.uid
             _, gid = self._new_owner(layer, old_dir, stat.S_IFCHR, ctx)
+        replaced = None
+        if not flags & pyfuse3.RENAME_EXCHANGE and (old_dir, name_old) != (new_dir, name_new):
+            try:
+                replaced = self.store.lookup(layer, new_dir, name_new)
+            except errors.NotFound:
+                pass
         self.store.rename(layer, old_dir, name_old, new_dir, name_new, flags, uid, gid)
+        if replaced is not None and stat.S_ISDIR(replaced.mode):
+            self._set_removed_ctime(layer, replaced.ino)
 
     # -- files ----------------------------------------------------------------
 

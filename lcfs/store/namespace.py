@@ -589,6 +589,7 @@ class NamespaceMixin:
         if self._is_inherited(layer, ino):
             inode = self._own(layer, ino)
             inode.nlink = 0
+            inode.ctime_ns = _now()
             self._put_inode(layer, inode)
         else:
             self._drop_inode_records(layer, ino)

@@ -1116,6 +1116,11 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 return node
             return self._allocate_node(layer, ino)
 
+    def existing_node(self, layer: int, ino: int) -> int | None:
+        """Return the node id of (layer, inode) if this process has used one, without allocating."""
+        with self.lock:
+            return self._node_keys.get((layer, ino))
+
     @bookkeeping_op
     def _allocate_node(self, layer: int, ino: int) -> int:
         key = (layer, ino)

@@ -754,9 +754,13 @@ class NamespaceMixin:
         if size is not None:
             if size != inode.size:
                 self._truncate(layer, inode, size)
-            # A truncate sets mtime even when the size stays, as on ext4 and
-            # tmpfs. The kernel's FUSE client sends no mtime with the size
-            # of an open with O_TRUNC, an ftruncate or a truncate.
+            # An open with O_TRUNC and ftruncate(2) set mtime even when the
+            # size stays, as on ext4 and tmpfs. The kernel's FUSE client
+            # sends no mtime with the size of either.
+            # NOTE: truncate(2) to the current size keeps mtime and ctime on
+            # ext4 and tmpfs. With opens skipped it reaches lcfs as the same
+            # setattr (a size and no file handle) as an open with O_TRUNC, so
+            # lcfs sets them.
             if mtime_ns is None:
                 inode.mtime_ns = now
         inode.ctime_ns = ctime_ns if ctime_ns is not None else now

@@ -1,0 +1,104 @@
+"""Differential test of a mount against tmpfs with random operation sequences.
+
+``fs_differential`` draws seeded sequences of file system calls and runs
+each one on an lcfs layer and on a tmpfs directory, comparing every result
+and the whole tree after every call. The seeds are fixed, so a failure
+repeats: its message lists the operations that led to it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import fs_differential
+import pytest
+from fuse_fixtures import fuse_available, lcfs_image, mount_store  # noqa: F401
+from mounts import tmpfs_at
+
+pytestmark = [
+    pytest.mark.fuse,
+    pytest.mark.skipif(not fuse_available(), reason="FUSE mounts need root and /dev/fuse"),
+]
+
+PLAIN_SEEDS = (0, 1, 2, 3, 5)
+LAYERED_SEEDS = (1, 2, 3)
+OPERATIONS = 300
+# Operations that build each lower layer of the layered runs.
+LOWER_OPERATIONS = 80
+LOWER_LEVELS = 2
+
+
+def new_root(directory: str) -> str:
+    """Create the tree root ``w`` in ``directory``.
+
+    A symlink target starting with ".." then stays inside the layer or
+    the tmpfs, even from the top of the tree.
+    """
+    root = os.path.join(directory, "w")
+    os.mkdir(root)
+    return root
+
+
+def check_sequence(trees: list[fs_differential.Tree], seed: int, count: int,
+                   compare_times: bool = True) -> None:  # fmt: skip
+    try:
+        operations, divergence = fs_differential.run_sequence(
+            trees, None, compare_times=compare_times, seed=seed, count=count
+        )
+    finally:
+        for tree in trees:
+            tree.close_all()
+    if divergence is not None:
+        listing = "\n".join(f"  {operation!r}" for operation in operations)
+        pytest.fail(f"seed {seed}: {divergence}\noperations run:\n{listing}")
+
+
+@pytest.fixture
+def reference(tmp_path):
+    with tmpfs_at(tmp_path / "reference", "256m") as directory:
+        yield directory
+
+
+def run_writable_layers(mounted, reference) -> None:
+    for seed in PLAIN_SEEDS:
+        layer = f"plain-{seed}"
+        mounted.store.create_layer(layer)
+        mounted.store.commit()
+        (reference / layer).mkdir()
+        tmpfs_tree = fs_differential.Tree("tmpfs", new_root(str(reference / layer)))
+        lcfs_tree = fs_differential.Tree("lcfs", new_root(mounted.at(layer)))
+        check_sequence([tmpfs_tree, lcfs_tree], seed, OPERATIONS)
+
+
+def run_layer_stacks(mounted, reference) -> None:
+    """Run sequences on layer stacks, each lower layer changed before a child freezes it.
+
+    The tmpfs tree gets the changes of every layer in turn (new files,
+    removals, renames, xattrs), and the top layer then runs the main
+    sequence.
+    """
+    for seed in LAYERED_SEEDS:
+        plain = reference / f"stack-{seed}"
+        plain.mkdir()
+        tmpfs_root = new_root(str(plain))
+        parent = None
+        for level in range(LOWER_LEVELS + 1):
+            layer = f"stack-{seed}-{level}"
+            mounted.store.create_layer(layer, parent)
+            mounted.store.commit()
+            if parent is None:
+                new_root(mounted.at(layer))
+            trees = [fs_differential.Tree("tmpfs", tmpfs_root),
+                     fs_differential.Tree("lcfs", mounted.at(layer, "w"))]  # fmt: skip
+            if level < LOWER_LEVELS:
+                check_sequence(trees, seed * 100 + level + 10_000, LOWER_OPERATIONS,
+                               compare_times=False)  # fmt: skip
+            else:
+                check_sequence(trees, seed, OPERATIONS)
+            parent = layer
+
+
+def test_random_operations_match_tmpfs(lcfs_image, reference):
+    with mount_store(lcfs_image) as mounted:
+        run_writable_layers(mounted, reference)
+        run_layer_stacks(mounted, reference)

@@ -832,6 +832,30 @@ def test_inode_record_deleted(store_image, capsys):
     assert {"directory entries", "file extents", "free-space map", "change logs"} <= phases
 
 
+def test_inode_key_out_of_order(store_image, capsys):
+    """A damaged key in a leaf page hides records from look-ups until the database is rebuilt."""
+    path, n, _ = store_image
+    key = inode_key(n["new"], n["child"])
+    # The same inode number with a high byte set sorts after every other inode.
+    damaged = inode_key(n["new"] | 0x0009 << 48, n["child"])
+    metadata_size = read_superblock(path)["metadata_size"]
+    with open(path, "r+b") as f:
+        metadata = f.read(metadata_size)
+        offsets = []
+        offset = metadata.find(key)
+        while offset >= 0:
+            offsets.append(offset)
+            offset = metadata.find(key, offset + 1)
+        assert offsets, "the inode key is not in the metadata area"
+        for offset in offsets:
+            f.seek(offset)
+            f.write(damaged)
+    report = assert_repairs(store_image, capsys, "LMDB integrity", "database inodes has 1 keys out of order",
+                            lost_paths=[(layer, b"/etc/new") for layer in BELOW_CHILD])  # fmt: skip
+    assert report["problems"][0]["action"].startswith("rebuild it from its")
+    assert opens_in_daemon(path)
+
+
 # -- operational behaviour ----------------------------------------------------------------
 
 

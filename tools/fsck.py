@@ -268,6 +268,8 @@ class Checker(LayerChecks, NamespaceChecks, BlockChecks):
     def check_lmdb(self):
         """LMDB integrity"""
         for name in DATABASES:
+            self._check_key_order(name)
+        for name in DATABASES:
             if name == "meta":
                 continue
             bad = [(bytes(k), bytes(v)) for k, v in self.cursor(name) if not well_formed(name, bytes(k), bytes(v))]
@@ -279,6 +281,29 @@ class Checker(LayerChecks, NamespaceChecks, BlockChecks):
                 self.problem(f"malformed {part} {key.hex()} in database {name}",
                              lambda key=key, name=name: self.txn.delete(key, db=self.db(name)),
                              "delete the record", always=True)  # fmt: skip
+
+    def _check_key_order(self, name: str) -> None:
+        """Report a database whose keys a cursor returns out of byte order, and rebuild it.
+
+        A damaged key in a leaf page leaves the B-tree out of order, so LMDB's
+        binary search misses that record and its neighbours while a cursor
+        still returns them all. Writing every record again into the emptied
+        database restores the order, and the damaged key becomes a record that
+        the later phases treat like any other stray one.
+        """
+        records = [(bytes(key), bytes(value)) for key, value in self.cursor(name)]
+        misplaced = sum(1 for before, after in zip(records, records[1:]) if before[0] >= after[0])
+        if not misplaced:
+            return
+
+        def rebuild():
+            db = self.db(name)
+            self.txn.drop(db, delete=False)
+            for key, value in records:
+                self.txn.put(key, value, db=db)
+
+        self.problem(f"database {name} has {misplaced} keys out of order, so look-ups miss records",
+                     rebuild, f"rebuild it from its {len(records)} records", always=True)  # fmt: skip
 
     def _unreadable_layer(self, key: bytes) -> None:
         """Report a layer record that does not decode; rebuild it from the id index if it can."""

@@ -856,6 +856,29 @@ def test_inode_key_out_of_order(store_image, capsys):
     assert opens_in_daemon(path)
 
 
+def test_empty_change_log_key(store_image, capsys):
+    """A key whose length was zeroed cannot be deleted, so the database is rebuilt without it."""
+    path, n, _ = store_image
+    key = change_inode_key(n["base"], n["hosts"])
+    metadata_size = read_superblock(path)["metadata_size"]
+    with open(path, "r+b") as f:
+        metadata = f.read(metadata_size)
+        # A leaf node of LMDB 0.9 (struct MDB_node in mdb.c) ends its header
+        # with the key length, a u16 just before the key. Old copies of the
+        # page may hold the key too, so every copy is damaged.
+        nodes = 0
+        offset = metadata.find(key)
+        while offset >= 0:
+            if struct.unpack_from("<H", metadata, offset - 2)[0] == len(key):
+                f.seek(offset - 2)
+                f.write(b"\0\0")
+                nodes += 1
+            offset = metadata.find(key, offset + 1)
+        assert nodes, "the change log key is not in the metadata area"
+    assert_repairs(store_image, capsys, "LMDB integrity", "keys that are empty or longer than 511 bytes")
+    assert opens_in_daemon(path)
+
+
 # -- operational behaviour ----------------------------------------------------------------
 
 

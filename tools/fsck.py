@@ -283,27 +283,38 @@ class Checker(LayerChecks, NamespaceChecks, BlockChecks):
                              "delete the record", always=True)  # fmt: skip
 
     def _check_key_order(self, name: str) -> None:
-        """Report a database whose keys a cursor returns out of byte order, and rebuild it.
+        """Report a database that LMDB cannot search or change, and rebuild it.
 
         A damaged key in a leaf page leaves the B-tree out of order, so LMDB's
         binary search misses that record and its neighbours while a cursor
-        still returns them all. Writing every record again into the emptied
-        database restores the order, and the damaged key becomes a record that
-        the later phases treat like any other stray one.
+        still returns them all. A key whose length was zeroed cannot even be
+        deleted (MDB_BAD_VALSIZE). Writing every other record again into the
+        emptied database restores the order and drops the damaged page, and a
+        damaged key that LMDB accepts becomes a stray record for later phases.
         """
         records = [(bytes(key), bytes(value)) for key, value in self.cursor(name)]
+        max_key = self.store.env.max_key_size()
+        storable = [(key, value) for key, value in records if 0 < len(key) <= max_key]
+        dropped = len(records) - len(storable)
         misplaced = sum(1 for before, after in zip(records, records[1:]) if before[0] >= after[0])
-        if not misplaced:
+        if not misplaced and not dropped:
             return
 
         def rebuild():
             db = self.db(name)
             self.txn.drop(db, delete=False)
-            for key, value in records:
+            for key, value in storable:
                 self.txn.put(key, value, db=db)
 
-        self.problem(f"database {name} has {misplaced} keys out of order, so look-ups miss records",
-                     rebuild, f"rebuild it from its {len(records)} records", always=True)  # fmt: skip
+        if misplaced:
+            message = f"database {name} has {misplaced} keys out of order, so look-ups miss records"
+            if dropped:
+                message += f", and {dropped} keys that are empty or longer than {max_key} bytes"
+        else:
+            message = (f"database {name} has {dropped} keys that are empty or longer than "
+                       f"{max_key} bytes, which LMDB cannot delete")  # fmt: skip
+        kept = f"{len(storable)} other records" if dropped else f"{len(storable)} records"
+        self.problem(message, rebuild, f"rebuild it from its {kept}", always=True)
 
     def _unreadable_layer(self, key: bytes) -> None:
         """Report a layer record that does not decode; rebuild it from the id index if it can."""

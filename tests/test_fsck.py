@@ -66,6 +66,11 @@ P_BRANCH, P_LEAF, P_OVERFLOW = 1, 2, 4
 # md_root, the root page number, is a u64 at offset 40 of struct MDB_db, the
 # record that LMDB's main database keeps for each named database.
 MD_ROOT = 40
+# Offsets in an LMDB 0.9 meta page: md_root of the main database and mm_txnid.
+MAIN_ROOT = 128
+MAIN_TXNID = 144
+# The node pointers of a page follow its 16-byte header.
+PAGE_POINTERS = 16
 
 BIG = bytes(range(256)) * 16 * 20  # 20 blocks
 # The layers that see child's version of a file unless they change it.
@@ -1186,6 +1191,45 @@ def test_lmdb_error_names_cause(store_image, capsys, mode):
     assert "Traceback" not in err
     assert "run lcfs-fsck again" not in err
     assert read_superblock(path).get("needs_fsck") is None
+    assert digest(path) == before
+
+
+def swap_main_database_nodes(path: str) -> None:
+    """Swap the first two node pointers of the root page of LMDB's list of databases."""
+    env = lmdb.open(path, subdir=False, lock=False, readonly=True, max_dbs=len(DATABASES) + 1)
+    try:
+        page_size = env.stat()["psize"]
+    finally:
+        env.close()
+    with open(path, "r+b") as f:
+        # LMDB 0.9 keeps two meta pages, and the one with the higher txnid is
+        # current. In each, MDB_meta follows the 16-byte page header, and
+        # mm_dbs[1] (the main database) puts its md_root at offset 128.
+        metas = []
+        for page in (0, 1):
+            f.seek(page * page_size)
+            header = f.read(160)
+            metas.append((struct.unpack_from("<Q", header, MAIN_TXNID)[0],
+                          struct.unpack_from("<Q", header, MAIN_ROOT)[0]))  # fmt: skip
+        root = max(metas)[1]
+        f.seek(root * page_size)
+        page = f.read(page_size)
+        assert struct.unpack_from("<H", page, PAGE_FLAGS)[0] == P_LEAF
+        first, second = struct.unpack_from("<HH", page, PAGE_POINTERS)
+        f.seek(root * page_size + PAGE_POINTERS)
+        f.write(struct.pack("<HH", second, first))
+
+
+@pytest.mark.parametrize("mode", [[], ["--repair", "--yes"]])
+def test_database_list_out_of_order(store_image, capsys, mode):
+    """Look-ups of databases by name fail, so fsck must stop before it writes anything."""
+    path = store_image[0]
+    swap_main_database_nodes(path)
+    before = digest(path)
+    assert fsck.main([path, "--no-progress", *mode]) == fsck.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"the LMDB database on {path} appears damaged: its list of databases is out of order" in err
+    assert "Traceback" not in err
     assert digest(path) == before
 
 

@@ -138,6 +138,32 @@ class DamagedDatabase(errors.StoreError):
     """An LMDB database of the store cannot be read to the end."""
 
 
+def check_database_list(path: str, metadata_size: int) -> None:
+    """Raise DamagedDatabase unless LMDB's list of named databases reads in key order.
+
+    Out of order, look-ups by name find a wrong or an empty database, and a
+    repair would then delete every record it misses there.
+    """
+    env = lmdb.open(path, subdir=False, lock=False, readonly=True, map_size=metadata_size,
+                    max_dbs=len(DATABASES) + 1)  # fmt: skip
+    try:
+        with env.begin() as txn:
+            names = [bytes(key) for key in txn.cursor().iternext(values=False)]
+    except lmdb.Error as exc:
+        raise DamagedDatabase(
+            f"the LMDB database on {path} appears damaged: reading the list of "
+            f"databases failed: {exc}. {damage_advice(path)}"
+        ) from None
+    finally:
+        env.close()
+    if any(before >= after for before, after in zip(names, names[1:])):
+        listed = ", ".join(repr(name.decode(errors="replace")) for name in names)
+        raise DamagedDatabase(
+            f"the LMDB database on {path} appears damaged: its list of databases "
+            f"is out of order ({listed}). {damage_advice(path)}"
+        )
+
+
 class FsckStore(Store):
     """A store opened for checking.
 
@@ -147,6 +173,13 @@ class FsckStore(Store):
     where ``Store._load`` would raise, so that the phases can report and
     repair them. It otherwise loads what ``Store._load`` loads.
     """
+
+    def __init__(self, path: str, fd: int, superblock: dict):
+        # Store.__init__ opens every database in a write transaction that it
+        # commits, and creates any it does not find by name. On a damaged list
+        # of databases that would write to the device before the first check.
+        check_database_list(path, superblock["metadata_size"])
+        super().__init__(path, fd, superblock)
 
     def _load(self) -> None:
         with self.lock:

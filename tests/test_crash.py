@@ -137,7 +137,7 @@ def test_crash_point(prepared, operation, point, tmp_path):
                 assert free == with_victim
             else:
                 assert free == empty
-                assert s.was_recovered("victim")
+                assert s.was_removed("victim")
     assert fsck.main([image, "--no-progress", "--log-level", "WARNING"]) == 0
 
 

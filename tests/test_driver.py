@@ -583,6 +583,22 @@ def test_layer_directory_entry_kept_until_remove(daemon):
     ]
 
 
+def test_remove_retried_after_kill(daemon):
+    """dockerd sends Remove again when a crash lost the reply to a finished removal."""
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    client.ok("GraphDriver.CreateReadWrite", {"ID": "c", "Parent": "base"})
+    assert client.ok("GraphDriver.Remove", {"ID": "c"}) == {}
+    daemon.kill()
+    daemon.start()
+    assert client.ok("GraphDriver.Remove", {"ID": "c"}) == {}
+    assert client.ok("GraphDriver.Exists", {"ID": "c"}) == {"Exists": False}
+    assert client.ok("GraphDriver.Remove", {"ID": "base"}) == {}
+    assert client.status_pairs()["Layers"] == "0"
+    message = client.err("GraphDriver.Remove", {"ID": UNKNOWN})
+    assert "not found" in message
+
+
 def test_create_existing_id(daemon):
     client = daemon.client
     client.ok("GraphDriver.Create", {"ID": "base"})

@@ -482,10 +482,11 @@ class GraphDriverPlugin:
         for layer_id in layer_ids:
             try:
                 with self.layer_calls.running(layer_id, REMOVAL):
-                    if self.store.was_recovered(layer_id):
+                    if self.store.was_removed(layer_id):
                         log.info(
-                            "layer %r was already removed by crash recovery", layer_id
-                        )
+                            "layer %r was already removed, by crash recovery or by a "
+                            "Remove whose reply was lost", layer_id
+                        )  # fmt: skip
                     else:
                         self.store.remove_layer(layer_id, commit=False)
                         removed.append(layer_id)
@@ -493,6 +494,9 @@ class GraphDriverPlugin:
             except Exception as error:  # noqa: BLE001 (the caller's reply logs it)
                 outcomes.append(error)
         if removed:
+            # In the same commit, so that a Remove retried after a crash
+            # lost this reply succeeds.
+            self.store.remember_removed(removed)
             self.store.commit()
             if len(removed) > 1:
                 log.debug("committed the removal of %d layers at once", len(removed))

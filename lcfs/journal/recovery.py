@@ -44,7 +44,7 @@ def recover(store) -> int:
                 )
             else:
                 log.warning("finishing the interrupted removal of layer %s", layer.id)
-            store._remember_recovered(layer.id)
+            store.remember_removed([layer.id])
             if layer.state != "removing":
                 store._mark_removing(layer, record_intent=False)
             store.commit()

@@ -1076,31 +1076,34 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     def _log_inode(self, layer: int, ino: int) -> None:
         self._txn.put(change_inode_key(layer, ino), b"", db=self.dbs["changes"])
 
-    # How many ids of layers that recovery removed are remembered.
-    RECOVERED_KEEP = 1000
+    # How many ids of removed layers are remembered, for ``was_removed``.
+    REMOVED_KEEP = 1000
 
     @write_op
-    def _remember_recovered(self, layer_id: str) -> None:
-        """Record that recovery removed ``layer_id``, for ``was_recovered``."""
-        ids = self._recovered_ids()
-        if layer_id not in ids:
-            ids = (ids + [layer_id])[-self.RECOVERED_KEEP :]
+    def remember_removed(self, layer_ids: list[str]) -> None:
+        """Record that ``layer_ids`` were removed, in the transaction that removes them."""
+        ids = self._removed_ids()
+        new = [layer_id for layer_id in layer_ids if layer_id not in ids]
+        if new:
+            ids = (ids + new)[-self.REMOVED_KEEP :]
+            # The key keeps its first name, from when only recovery used it.
             self._txn.put(
                 b"recovered_ids", json.dumps(ids).encode(), db=self.dbs["meta"]
             )
 
-    def _recovered_ids(self) -> list[str]:
+    def _removed_ids(self) -> list[str]:
         raw = self._txn.get(b"recovered_ids", db=self.dbs["meta"])
         return json.loads(bytes(raw)) if raw else []
 
     @read_op
-    def was_recovered(self, layer_id: str) -> bool:
-        """Return True if journal recovery removed this layer after a crash.
+    def was_removed(self, layer_id: str) -> bool:
+        """Return True if ``layer_id`` is gone and was one of the last REMOVED_KEEP layers removed.
 
-        dockerd retries Remove of a layer whose Remove or import a crash cut
-        short, and, like Docker's own drivers, expects that to succeed.
+        dockerd retries the Remove of a layer whose Remove or import a crash
+        cut short, or whose reply a crash lost after the removal was
+        committed. Like Docker's own drivers, it expects that to succeed.
         """
-        return layer_id not in self._ids and layer_id in self._recovered_ids()
+        return layer_id not in self._ids and layer_id in self._removed_ids()
 
     @freeing_op
     def _finish_intent(self, number: int) -> None:

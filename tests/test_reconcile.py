@@ -115,3 +115,19 @@ def test_dead_daemon_pid_and_socket(tmp_path):
         stale = {entry.path for entry in find_stale_files(s, None, grace=0, now=time.time())}
     assert str(sock) in stale
     assert str(tmp_path / "run" / "lcfs.pid") in stale
+
+
+def test_repair_reaps_init_layer_of_stale_record(setup, capsys):
+    """Deleting a mount record leaves its init layer unreferenced, and the same repair removes it."""
+    image, root, layerdb = setup
+    with Store.open(image) as s:
+        s.create_layer("gone-init", "img2")
+    write(str(layerdb / "mounts" / "gone" / "init-id"), "gone-init")
+    args = [image, "--docker-root", root, "--grace", "0", "--no-progress"]
+    assert fsck.main(args + ["--repair", "--yes"]) == 1
+    assert fsck.main(args) == 0
+    assert not (layerdb / "mounts" / "gone").exists()
+    with Store.open(image) as s:
+        assert not s.exists("gone-init")
+        assert s.exists("ctr-init")
+

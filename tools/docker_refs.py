@@ -34,6 +34,11 @@ def _report(checker, message: str, repair=None, action: str = "") -> None:
 def check_docker(checker, docker_root: str, grace: float) -> None:
     store = checker.store
     store.commit() if checker.repair else None
+    # Stale files go first: deleting a container's mount record can leave
+    # its init layer unreferenced, and the orphan search must see that.
+    for entry in find_stale_files(store, docker_root, grace):
+        repair = (lambda entry=entry: remove_stale(entry)) if entry.removable else None
+        _report(checker, f"{entry.path}: {entry.reason}", repair, "delete it")
     report = find_orphans(store, docker_root, grace)
     for path in report.unreadable:
         _report(checker, f"cannot read Docker's layer references: {path}")
@@ -46,7 +51,4 @@ def check_docker(checker, docker_root: str, grace: float) -> None:
         _report(checker, f"layer {layer.id} is an orphan: nothing under {docker_root} references it "
                          f"(created {age} s ago)",
                 lambda layer=layer: store.remove_layer(layer.id), "remove the layer")  # fmt: skip
-    for entry in find_stale_files(store, docker_root, grace):
-        repair = (lambda entry=entry: remove_stale(entry)) if entry.removable else None
-        _report(checker, f"{entry.path}: {entry.reason}", repair, "delete it")
     store._ready()

@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from lcfs.driver.reconcile import find_orphans, find_stale_files
 from lcfs.store import Store
+from lcfs.store.format import read_superblock
 from tools import fsck
 
 MiB = 1 << 20
@@ -131,3 +133,16 @@ def test_repair_reaps_init_layer_of_stale_record(setup, capsys):
         assert not s.exists("gone-init")
         assert s.exists("ctr-init")
 
+
+
+def test_repair_leaving_docker_problems_clears_mark(setup, capsys):
+    """Problems left in Docker's files only must not keep the daemon from opening the store."""
+    image, root, _ = setup
+    (Path(root) / "lcfs" / "leftover-file").write_text("not an empty directory")
+    args = [image, "--docker-root", root, "--grace", "0", "--no-progress"]
+    assert fsck.main(args + ["--repair", "--yes"]) == 4
+    assert read_superblock(image).get("needs_fsck") is None
+    capsys.readouterr()
+    assert fsck.main(args + ["--json"]) == 4
+    problems = [p["problem"] for p in json.loads(capsys.readouterr().out)["problems"]]
+    assert problems == [f"{root}/lcfs/leftover-file: leftover entry in the unmounted driver home"]

@@ -70,6 +70,9 @@ EXIT_REPAIRED = 1
 EXIT_LEFT = 4
 EXIT_FAILED = 8
 
+# Problems of this phase are in Docker's files, not in the store.
+DOCKER_PHASE = "Docker references and stale files"
+
 EPILOG = """exit codes:
   0  the store is clean
   1  problems were found and all of them were repaired
@@ -204,7 +207,7 @@ class Checker(LayerChecks, NamespaceChecks, BlockChecks):
             if self.docker_root:
                 from tools.docker_refs import check_docker
 
-                self.phase = "Docker references and stale files"
+                self.phase = DOCKER_PHASE
                 log.info("Checking %s", self.phase)
                 check_docker(self, self.docker_root, self.grace)
                 if self.repair:
@@ -543,6 +546,7 @@ def check_store(store: FsckStore, args, progress: Progress) -> tuple[list[dict],
     problems = checker.problems
     found = len(problems)
     left = sum(1 for p in problems if not p["repaired"])
+    left_in_store = left
     if args.repair and found:
         remaining = verify(store, args.docker_root, args.grace, progress)
         for entry in remaining:
@@ -550,7 +554,10 @@ def check_store(store: FsckStore, args, progress: Progress) -> tuple[list[dict],
             entry["action"] = "still there after the repair"
         problems = problems + remaining
         left = len(remaining)
-    if args.repair and left == 0 and store.superblock.get("needs_fsck"):
+        left_in_store = sum(1 for entry in remaining if entry["phase"] != DOCKER_PHASE)
+    # Problems left in Docker's files (a container to remove with docker rm,
+    # unreadable references) leave the store consistent, so the daemon may open it.
+    if args.repair and left_in_store == 0 and store.superblock.get("needs_fsck"):
         with store.lock:
             store._ready()
             store.superblock.pop("needs_fsck", None)

@@ -146,3 +146,26 @@ def test_repair_leaving_docker_problems_clears_mark(setup, capsys):
     assert fsck.main(args + ["--json"]) == 4
     problems = [p["problem"] for p in json.loads(capsys.readouterr().out)["problems"]]
     assert problems == [f"{root}/lcfs/leftover-file: leftover entry in the unmounted driver home"]
+
+
+def test_record_of_listed_container_kept(setup, capsys):
+    """A container that dockerd still lists keeps its mount record, so 'docker rm' can remove it."""
+    image, root, layerdb = setup
+    os.makedirs(os.path.join(root, "containers", "gone"))
+    with Store.open(image) as s:
+        s.create_layer("gone-init", "img2")
+    write(str(layerdb / "mounts" / "gone" / "init-id"), "gone-init")
+    args = [image, "--docker-root", root, "--grace", "0", "--no-progress", "--json"]
+    assert fsck.main(args[:-1] + ["--repair", "--yes"]) == 4
+    capsys.readouterr()
+    assert fsck.main(args) == 4
+    problems = [p["problem"] for p in json.loads(capsys.readouterr().out)["problems"]]
+    assert problems == [
+        f"{layerdb / 'mounts' / 'gone'}: container gone still exists but its layer "
+        "no-such-layer is gone, so remove the container with 'docker rm -f gone'"
+    ]
+    assert (layerdb / "mounts" / "gone").exists()
+    # The repair changed files and left only Docker's side, so the daemon may open the store.
+    assert read_superblock(image).get("needs_fsck") is None
+    with Store.open(image) as s:
+        assert s.exists("gone-init")

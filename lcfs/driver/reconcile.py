@@ -203,7 +203,18 @@ def find_stale_files(store, docker_root: str | None, grace: float = DEFAULT_GRAC
                         mount_id = f.read().strip()
                 except OSError:
                     continue
-                if mount_id and not store.exists(mount_id):
+                if not mount_id or store.exists(mount_id):
+                    continue
+                if os.path.isdir(os.path.join(docker_root, "containers", name)):
+                    # dockerd still lists the container. Without this record it
+                    # would skip the container at start and never remove it.
+                    # NOTE: 'docker rm' succeeds only while the daemon remembers
+                    # the layer as removed (Store.was_removed).
+                    stale.append(StaleFile(
+                        path, f"container {name} still exists but its layer {mount_id} is gone, "
+                              f"so remove the container with 'docker rm -f {name}'",
+                        removable=False))  # fmt: skip
+                else:
                     stale.append(StaleFile(path, f"container mount record for missing layer {mount_id}"))
     socket_path = (store.get_meta("daemon.socket") or b"").decode() or None
     if socket_path:

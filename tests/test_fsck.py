@@ -1194,6 +1194,30 @@ def test_lmdb_error_names_cause(store_image, capsys, mode):
     assert digest(path) == before
 
 
+@pytest.mark.parametrize(
+    "record, detail",
+    [
+        (b'{"magic": "lcfs", "format": 1,, }', "it is not valid JSON"),
+        (b'["lcfs"]', "it is not a JSON object"),
+        (b'{"magic": "lcfs", "format": 1, "data_blocks": 4096}',
+         "its field 'metadata_size' is missing or not of type int"),
+    ],
+)
+def test_damaged_superblock_named(store_image, capsys, record, detail):
+    """Every command names a damaged superblock in one line instead of a traceback."""
+    path = store_image[0]
+    with damage(path) as (txn, dbs):
+        txn.put(b"super", record, db=dbs["meta"])
+    expected = f"the superblock of {path} is damaged: {detail}"
+    assert fsck.main([path, "--no-progress"]) == fsck.EXIT_FAILED
+    assert expected in capsys.readouterr().err
+    listing = subprocess.run([sys.executable, "-m", "lcfs.cli", "layers", "--device", path],
+                             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert listing.returncode != 0
+    assert expected in listing.stderr
+    assert "Traceback" not in listing.stderr
+
+
 def swap_main_database_nodes(path: str) -> None:
     """Swap the first two node pointers of the root page of LMDB's list of databases."""
     env = lmdb.open(path, subdir=False, lock=False, readonly=True, max_dbs=len(DATABASES) + 1)

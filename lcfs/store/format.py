@@ -285,7 +285,7 @@ def read_superblock(path: str) -> dict | None:
             except lmdb.Error:
                 return None
             raw = txn.get(b"super", db=meta)
-            return json.loads(bytes(raw)) if raw else None
+            return decode_superblock(path, bytes(raw)) if raw else None
     finally:
         env.close()
 
@@ -305,6 +305,34 @@ def missing_device_message(path: str) -> str:
     return (
         f"block device {path} not found; check its name with lsblk, or pass "
         "an image file path outside /dev"
+    )
+
+
+# Superblock fields that opening a store reads, with their types.
+SUPERBLOCK_FIELDS = {"magic": str, "format": int, "metadata_size": int, "data_blocks": int}
+
+
+def decode_superblock(path: str, raw: bytes) -> dict:
+    """Decode the superblock record; raise FormatError naming the damage if it cannot be used."""
+    try:
+        superblock = json.loads(raw)
+    except ValueError as error:  # JSONDecodeError, or UnicodeDecodeError
+        raise errors.FormatError(superblock_damage(path, f"it is not valid JSON ({error})")) from None
+    if not isinstance(superblock, dict):
+        raise errors.FormatError(superblock_damage(path, "it is not a JSON object"))
+    for name, kind in SUPERBLOCK_FIELDS.items():
+        value = superblock.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise errors.FormatError(
+                superblock_damage(path, f"its field {name!r} is missing or not of type {kind.__name__}")
+            )
+    return superblock
+
+
+def superblock_damage(path: str, detail: str) -> str:
+    return (
+        f"the superblock of {path} is damaged: {detail}. lcfs-fsck cannot rebuild it, "
+        f"so restore {path} from a backup, or format it with 'lcfs mkfs --force {path}'"
     )
 
 

@@ -1257,6 +1257,32 @@ def test_database_list_out_of_order(store_image, capsys, mode):
     assert digest(path) == before
 
 
+@pytest.mark.parametrize("mode", [[], ["--repair", "--yes"]])
+def test_bad_page_bounds_name_cause(store_image, capsys, mode):
+    """A leaf whose free-space bounds are damaged; py-lmdb reports it as MDB_BAD_TXN in a write transaction."""
+    path = store_image[0]
+    env = lmdb.open(path, subdir=False, lock=False, readonly=True, max_dbs=len(DATABASES) + 1)
+    try:
+        with env.begin() as txn:
+            root = struct.unpack_from("<Q", txn.get(b"refs"), MD_ROOT)[0]
+            page_size = env.stat()["psize"]
+    finally:
+        env.close()
+    with open(path, "r+b") as f:
+        # mp_upper, the end of the page's free space, is a u16 at offset 14.
+        f.seek(root * page_size + 14)
+        upper = struct.unpack("<H", f.read(2))[0]
+        f.seek(root * page_size + 14)
+        f.write(struct.pack("<H", upper + 152))
+    before = digest(path)
+    assert fsck.main([path, "--no-progress", *mode]) == fsck.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert f"the LMDB database on {path} appears damaged: reading database refs failed" in err
+    assert "MDB_CORRUPTED" in err
+    assert "MDB_BAD_TXN" not in err
+    assert digest(path) == before
+
+
 def test_lmdb_error_in_phase_names_cause(store_image, capsys, monkeypatch):
     path = store_image[0]
 

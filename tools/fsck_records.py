@@ -138,30 +138,41 @@ class DamagedDatabase(errors.StoreError):
     """An LMDB database of the store cannot be read to the end."""
 
 
-def check_database_list(path: str, metadata_size: int) -> None:
-    """Raise DamagedDatabase unless LMDB's list of named databases reads in key order.
+def read_databases(path: str, metadata_size: int) -> None:
+    """Read every key of every database read-only; raise DamagedDatabase naming the first damage.
 
-    Out of order, look-ups by name find a wrong or an empty database, and a
-    repair would then delete every record it misses there.
+    LMDB's list of named databases must be in key order: otherwise look-ups
+    by name find a wrong or an empty database, and a repair would then
+    delete every record it misses there. The read happens before the store
+    opens, in a read-only environment, because in the store's write
+    transaction py-lmdb reports some damaged pages only as MDB_BAD_TXN.
     """
     env = lmdb.open(path, subdir=False, lock=False, readonly=True, map_size=metadata_size,
                     max_dbs=len(DATABASES) + 1)  # fmt: skip
+    source = "the list of databases"
     try:
         with env.begin() as txn:
             names = [bytes(key) for key in txn.cursor().iternext(values=False)]
+            if any(before >= after for before, after in zip(names, names[1:])):
+                listed = ", ".join(repr(name.decode(errors="replace")) for name in names)
+                raise DamagedDatabase(
+                    f"the LMDB database on {path} appears damaged: its list of databases "
+                    f"is out of order ({listed}). {damage_advice(path)}"
+                )
+            for name in DATABASES:
+                source = f"database {name}"
+                if name.encode() not in names:
+                    continue  # Opening the store creates it.
+                db = env.open_db(name.encode(), txn=txn, create=False)
+                for _ in txn.cursor(db=db).iternext(values=False):
+                    pass
     except lmdb.Error as exc:
         raise DamagedDatabase(
-            f"the LMDB database on {path} appears damaged: reading the list of "
-            f"databases failed: {exc}. {damage_advice(path)}"
+            f"the LMDB database on {path} appears damaged: reading {source} "
+            f"failed: {exc}. {damage_advice(path)}"
         ) from None
     finally:
         env.close()
-    if any(before >= after for before, after in zip(names, names[1:])):
-        listed = ", ".join(repr(name.decode(errors="replace")) for name in names)
-        raise DamagedDatabase(
-            f"the LMDB database on {path} appears damaged: its list of databases "
-            f"is out of order ({listed}). {damage_advice(path)}"
-        )
 
 
 class FsckStore(Store):
@@ -178,7 +189,7 @@ class FsckStore(Store):
         # Store.__init__ opens every database in a write transaction that it
         # commits, and creates any it does not find by name. On a damaged list
         # of databases that would write to the device before the first check.
-        check_database_list(path, superblock["metadata_size"])
+        read_databases(path, superblock["metadata_size"])
         super().__init__(path, fd, superblock)
 
     def _load(self) -> None:

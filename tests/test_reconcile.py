@@ -1,5 +1,6 @@
 """Orphaned layers and stale files, against a Docker root laid out as dockerd 20.10 writes it."""
 
+import fcntl
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ import pytest
 
 from lcfs.driver.reconcile import find_orphans, find_stale_files
 from lcfs.store import Store
-from lcfs.store.format import read_superblock
+from lcfs.store import format as format_module
+from lcfs.store.format import open_env, read_superblock
 from tools import fsck
 
 MiB = 1 << 20
@@ -169,3 +171,44 @@ def test_record_of_listed_container_kept(setup, capsys):
     assert read_superblock(image).get("needs_fsck") is None
     with Store.open(image) as s:
         assert s.exists("gone-init")
+
+
+def test_mkfs_directory_in_use_kept(tmp_path, monkeypatch):
+    """A temporary directory that a running mkfs holds is not stale, even with no grace period."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    image = str(tmp_path / "store.img")
+    Store.mkfs(image, size=64 * MiB)
+    busy = tmpdir / "lcfs-mkfs-busy"
+    busy.mkdir()
+    lock_fd = os.open(busy, os.O_RDONLY)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        with Store.open(image) as s:
+            stale = {entry.path for entry in find_stale_files(s, None, grace=0)}
+        assert str(busy) not in stale
+    finally:
+        os.close(lock_fd)
+    with Store.open(image) as s:
+        stale = {entry.path for entry in find_stale_files(s, None, grace=0)}
+    assert str(busy) in stale
+
+
+def test_mkfs_locks_its_directory(tmp_path, monkeypatch):
+    locked = []
+
+    def checking_open_env(path, metadata_size):
+        probe = os.open(os.path.dirname(path), os.O_RDONLY)
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked.append(False)
+        except BlockingIOError:
+            locked.append(True)
+        finally:
+            os.close(probe)
+        return open_env(path, metadata_size)
+
+    monkeypatch.setattr(format_module, "open_env", checking_open_env)
+    Store.mkfs(str(tmp_path / "store.img"), size=64 * MiB)
+    assert locked == [True]

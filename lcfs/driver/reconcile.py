@@ -21,12 +21,14 @@ cannot be read, no layer is called an orphan: they are reported as unknown.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import socket
 import time
 from dataclasses import dataclass, field
 
+from lcfs.store.format import MKFS_TEMP_PREFIX
 from lcfs.store.snapshots import is_snapshot_layer
 
 log = logging.getLogger(__name__)
@@ -237,15 +239,30 @@ def find_stale_files(store, docker_root: str | None, grace: float = DEFAULT_GRAC
             stale.append(StaleFile(path, "leftover entry in the unmounted driver home", removable=empty))
     tmpdir = os.environ.get("TMPDIR", "/tmp")
     for name in _safe_listdir(tmpdir):
-        if name.startswith("lcfs-mkfs-"):
+        if name.startswith(MKFS_TEMP_PREFIX):
             path = os.path.join(tmpdir, name)
             try:
                 age = now - os.lstat(path).st_mtime
             except OSError:
                 continue
-            if age >= grace:
+            if age >= grace and not _locked(path):
                 stale.append(StaleFile(path, "temporary directory of an interrupted mkfs"))
     return stale
+
+
+def _locked(path: str) -> bool:
+    """Return whether another process holds a flock on ``path``, as a running mkfs does."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _safe_listdir(path: str) -> list[str]:

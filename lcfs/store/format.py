@@ -46,6 +46,7 @@ cannot be removed while the child exists. Shared extents (see
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import stat
@@ -440,19 +441,33 @@ def _set_file_size(fd: int, path: str, size: int) -> None:
         ) from error
 
 
+# Prefix of the temporary directory in which mkfs builds the LMDB environment.
+MKFS_TEMP_PREFIX = "lcfs-mkfs-"
+
+
 def _build_empty_environment(metadata_size: int, superblock: dict) -> bytes:
-    with tempfile.TemporaryDirectory(prefix="lcfs-mkfs-") as tmp:
-        path = os.path.join(tmp, "meta.lmdb")
-        env = open_env(path, metadata_size)
-        with env.begin(write=True) as txn:
-            dbs = open_databases(env, txn)
-            txn.put(b"super", json.dumps(superblock).encode(), db=dbs["meta"])
-            txn.put(b"next_ino", U64.pack(ROOT_INO + 1), db=dbs["meta"])
-            txn.put(b"next_layer", U64.pack(1), db=dbs["meta"])
-            txn.put(b"next_node", U64.pack(2), db=dbs["meta"])
-            txn.put(b"next_intent", U64.pack(1), db=dbs["meta"])
-            txn.put(U64.pack(0), U64.pack(superblock["data_blocks"]), db=dbs["free"])
-        env.sync(True)
-        env.close()
-        with open(path, "rb") as f:
-            return f.read()
+    with tempfile.TemporaryDirectory(prefix=MKFS_TEMP_PREFIX) as tmp:
+        # The lock tells lcfs-fsck that this directory is in use, not stale.
+        lock_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            return _write_empty_environment(tmp, metadata_size, superblock)
+        finally:
+            os.close(lock_fd)
+
+
+def _write_empty_environment(tmp: str, metadata_size: int, superblock: dict) -> bytes:
+    path = os.path.join(tmp, "meta.lmdb")
+    env = open_env(path, metadata_size)
+    with env.begin(write=True) as txn:
+        dbs = open_databases(env, txn)
+        txn.put(b"super", json.dumps(superblock).encode(), db=dbs["meta"])
+        txn.put(b"next_ino", U64.pack(ROOT_INO + 1), db=dbs["meta"])
+        txn.put(b"next_layer", U64.pack(1), db=dbs["meta"])
+        txn.put(b"next_node", U64.pack(2), db=dbs["meta"])
+        txn.put(b"next_intent", U64.pack(1), db=dbs["meta"])
+        txn.put(U64.pack(0), U64.pack(superblock["data_blocks"]), db=dbs["free"])
+    env.sync(True)
+    env.close()
+    with open(path, "rb") as f:
+        return f.read()

@@ -1194,6 +1194,17 @@ def test_lmdb_error_names_cause(store_image, capsys, mode):
     assert digest(path) == before
 
 
+@pytest.mark.parametrize("value", [None, 4097])
+def test_superblock_block_size_damaged(store_image, capsys, value):
+    path = store_image[0]
+    with damage(path) as (txn, dbs):
+        superblock = json.loads(txn.get(b"super", db=dbs["meta"]))
+        superblock["block_size"] = value
+        txn.put(b"super", json.dumps(superblock).encode(), db=dbs["meta"])
+    assert_repairs(store_image, capsys, "superblock", f"superblock has block size {value!r}, expected 4096")
+    assert read_superblock(path)["block_size"] == 4096
+
+
 @pytest.mark.parametrize(
     "record, detail",
     [

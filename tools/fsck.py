@@ -244,8 +244,14 @@ class Checker(LayerChecks, NamespaceChecks, BlockChecks):
     def check_superblock(self):
         """superblock"""
         sb = self.store.superblock
-        if sb.get("magic") != MAGIC or sb.get("block_size") != BLOCK_SIZE:
-            self.problem(f"superblock has magic {sb.get('magic')!r} and block size {sb.get('block_size')}")
+        if sb.get("magic") != MAGIC:
+            self.problem(f"superblock has magic {sb.get('magic')!r}, expected {MAGIC!r}")
+        if sb.get("block_size") != BLOCK_SIZE:
+            # Every store of this format has 4 KiB blocks (the data offsets
+            # are computed with BLOCK_SIZE), so any other value is damage.
+            self.problem(f"superblock has block size {sb.get('block_size')!r}, expected {BLOCK_SIZE}",
+                         lambda: self.store._set_state(sb["state"], block_size=BLOCK_SIZE),
+                         f"set it to {BLOCK_SIZE}")  # fmt: skip
         if self.interrupted:
             self.problem("an earlier repair was interrupted, so repairs may be half done",
                          lambda: None, "check every structure and clear the mark")  # fmt: skip

@@ -14,6 +14,7 @@ mount point if it is still mounted, touching nothing else.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import http.client
 import io
@@ -25,6 +26,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -914,6 +916,49 @@ def test_layer_calls_conflicts(running, requested, allowed):
     # The mark ends with its block.
     with calls.running("base", requested):
         pass
+
+
+def test_removal_waits_for_import_to_end():
+    calls = LayerCalls()
+    started = threading.Event()
+
+    def short_import():
+        with calls.running("base", IMPORT):
+            started.set()
+            time.sleep(0.3)
+
+    importing = threading.Thread(target=short_import)
+    importing.start()
+    started.wait()
+    with pytest.raises(errors.Busy, match="base"), calls.running("base", REMOVAL, wait=0.05):
+        pass
+    with calls.running("base", REMOVAL, wait=10):
+        assert not importing.is_alive()
+    importing.join()
+
+
+def test_remove_during_broken_apply_diff(daemon):
+    """dockerd sends Remove right after its ApplyDiff body broke off, while the import still rolls back."""
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "cut"})
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(daemon.socket))
+    head = (
+        "POST /GraphDriver.ApplyDiff?id=cut&parent= HTTP/1.1\r\nHost: localhost\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    part = make_tar(BASE_TAR_ENTRIES)[:2048]
+    sock.sendall(head.encode() + f"{len(part):x}\r\n".encode() + part + b"\r\n")
+    wait_for_log(daemon, "GraphDriver.ApplyDiff of layer 'cut': import started")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        removing = pool.submit(client.call, "GraphDriver.Remove", {"ID": "cut"})
+        wait_for_log(daemon, "GraphDriver.Remove for layer 'cut'")
+        sock.close()
+        status, reply = removing.result(timeout=30)
+    assert status == 200, reply
+    assert "Err" not in reply, reply
+    assert client.ok("GraphDriver.Exists", {"ID": "cut"}) == {"Exists": False}
+    assert client.status_pairs()["Layers"] == "0"
 
 
 # -- tar import and export -------------------------------------------------

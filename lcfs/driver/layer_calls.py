@@ -10,6 +10,7 @@ in one shared ``LayerCalls`` table first.
 import collections
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 from lcfs.store import errors
@@ -78,17 +79,29 @@ class LayerCalls:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        # Notified whenever an operation ends, for callers that wait.
+        self._ended = threading.Condition(self._lock)
         # The number of calls running each operation, by layer id.
         self._running: dict[str, collections.Counter[str]] = {}
 
     @contextlib.contextmanager
-    def running(self, layer_id: str, operation: str) -> Iterator[None]:
-        """Mark the layer as running ``operation`` for the block, or raise errors.Busy."""
+    def running(self, layer_id: str, operation: str, wait: float = 0.0) -> Iterator[None]:
+        """Mark the layer as running ``operation`` for the block, or raise errors.Busy.
+
+        A conflicting operation that ends within ``wait`` seconds lets this
+        one start instead of raising.
+        """
+        deadline = time.monotonic() + wait
         with self._lock:
-            counts = self._running.get(layer_id, collections.Counter())
-            conflict = next(
-                (other for other in counts if other in CONFLICTS[operation]), None
-            )
+            while True:
+                counts = self._running.get(layer_id, collections.Counter())
+                conflict = next(
+                    (other for other in counts if other in CONFLICTS[operation]), None
+                )
+                remaining = deadline - time.monotonic()
+                if conflict is None or remaining <= 0:
+                    break
+                self._ended.wait(remaining)
             if conflict is None:
                 counts[operation] += 1
                 self._running[layer_id] = counts
@@ -103,3 +116,4 @@ class LayerCalls:
                     del counts[operation]
                 if not counts:
                     del self._running[layer_id]
+                self._ended.notify_all()

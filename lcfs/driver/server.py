@@ -46,6 +46,12 @@ OPTS_KEY = "driver.opts"
 # streams.MAX_PENDING_CHUNKS chunks wait in memory.
 APPLY_CHUNK_SIZE = 1 << 20
 
+# Seconds a Remove waits for an import into the same layer to end. dockerd
+# sends Remove as soon as its ApplyDiff fails, for example when its request
+# body broke off, while the daemon may still be rolling that import back.
+# dockerd does not retry the Remove, so failing it at once leaks the layer.
+REMOVE_WAIT = 10.0
+
 # Maximum length of a layer id in bytes, because it is a directory name
 # under the mount point.
 MAX_ID_BYTES = 255
@@ -481,7 +487,7 @@ class GraphDriverPlugin:
         removed = []
         for layer_id in layer_ids:
             try:
-                with self.layer_calls.running(layer_id, REMOVAL):
+                with self.layer_calls.running(layer_id, REMOVAL, wait=REMOVE_WAIT):
                     if self.store.was_removed(layer_id):
                         log.info(
                             "layer %r was already removed, by crash recovery or by a "

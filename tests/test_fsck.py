@@ -1268,6 +1268,19 @@ def test_database_list_out_of_order(store_image, capsys, mode):
     assert digest(path) == before
 
 
+def test_daemon_rejects_database_list_out_of_order(store_image):
+    path = store_image[0]
+    swap_main_database_nodes(path)
+    before = digest(path)
+    assert not opens_in_daemon(path)
+    listing = subprocess.run([sys.executable, "-m", "lcfs.cli", "layers", "--device", path],
+                             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert listing.returncode != 0
+    assert f"the LMDB database on {path} is damaged: its list of databases is out of order" in listing.stderr
+    assert "Traceback" not in listing.stderr
+    assert digest(path) == before
+
+
 @pytest.mark.parametrize("mode", [[], ["--repair", "--yes"]])
 def test_bad_page_bounds_name_cause(store_image, capsys, mode):
     """A leaf whose free-space bounds are damaged; py-lmdb reports it as MDB_BAD_TXN in a write transaction."""

@@ -271,6 +271,17 @@ def open_databases(env: lmdb.Environment, txn=None) -> dict:
     return {name: env.open_db(name.encode(), txn=txn) for name in DATABASES}
 
 
+def check_database_list(path: str, txn) -> None:
+    """Raise FormatError if LMDB's list of named databases is out of key order."""
+    names = [bytes(key) for key in txn.cursor().iternext(values=False)]
+    if any(before >= after for before, after in zip(names, names[1:])):
+        listed = ", ".join(repr(name.decode(errors="replace")) for name in names)
+        raise errors.FormatError(
+            f"the LMDB database on {path} is damaged: its list of databases is out "
+            f"of order ({listed}); run 'lcfs-fsck {path}' for the details"
+        )
+
+
 def read_superblock(path: str) -> dict | None:
     """Return the superblock of the store on ``path``, or None if it holds none."""
     try:

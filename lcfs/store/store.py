@@ -49,6 +49,7 @@ from .format import (
     Inode,
     Layer,
     change_inode_key,
+    check_database_list,
     device_size,
     is_under_dev,
     inode_key,
@@ -253,8 +254,15 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self.layers_changed = None
         self._dirty = False
         self._uncommitted = False
-        with self.env.begin(write=True) as txn:
-            self.dbs = open_databases(self.env, txn)
+        try:
+            with self.env.begin(write=True) as txn:
+                # A list out of order would make open_databases find wrong or
+                # empty databases and create the ones it misses.
+                check_database_list(path, txn)
+                self.dbs = open_databases(self.env, txn)
+        except errors.FormatError:
+            self.env.close()
+            raise
         self.alloc = Allocator(self.dbs["free"], self.data_blocks, path)
         self._layers: dict[int, Layer] = {}
         self._ids: dict[str, int] = {}

@@ -601,6 +601,37 @@ def test_remove_retried_after_kill(daemon):
     assert "not found" in message
 
 
+def test_diff_refuses_layer_that_lost_changes(daemon):
+    """A kill before the group commit loses the last writes; Diff must not hide that."""
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    client.ok("GraphDriver.CreateReadWrite", {"ID": "step", "Parent": "base"})
+    client.ok("GraphDriver.CreateReadWrite", {"ID": "kept", "Parent": "base"})
+    written = Path(client.ok("GraphDriver.Get", {"ID": "kept"})["Dir"], "done")
+    written.write_bytes(b"committed")
+    assert client.ok("GraphDriver.Put", {"ID": "kept"}) == {}
+    step = Path(client.ok("GraphDriver.Get", {"ID": "step"})["Dir"])
+    (step / "built").write_bytes(b"output of the step")
+    # The group commit runs about once a second; the kill comes before it.
+    daemon.kill()
+    daemon.start()
+    assert "step may have lost the changes" in daemon.log()
+    assert client.ok("GraphDriver.Put", {"ID": "step"}) == {}
+    message = client.err("GraphDriver.Diff", {"ID": "step", "Parent": "base"})
+    assert "layer step may lack the changes" in message
+    assert "run the build step or the container again" in message
+    # A layer whose changes a Put committed is not affected.
+    assert tar_contents(diff_bytes(client, "kept", "base")) == {"done": b"committed"}
+    # A Get shows the layer to a container again, after which Diff works.
+    client.ok("GraphDriver.Get", {"ID": "step"})
+    client.ok("GraphDriver.Put", {"ID": "step"})
+    diff_bytes(client, "step", "base")
+    # A clean stop leaves no such record.
+    daemon.restart()
+    assert daemon.log().count("may have lost the changes") == 1
+    diff_bytes(client, "step", "base")
+
+
 def test_create_existing_id(daemon):
     client = daemon.client
     client.ok("GraphDriver.Create", {"ID": "base"})

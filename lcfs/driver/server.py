@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import reprlib
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -513,6 +514,11 @@ class GraphDriverPlugin:
     async def get(self, args: dict) -> dict:
         layer_id = _string_field(args, "ID")
         await self._run_short(self.store.get_layer, layer_id)
+        if self.store.lost_changes(layer_id) is not None:
+            # The layer's user sees its state as it is from here on.
+            await self._run(self.store.forget_lost_changes, layer_id)
+            log.info("layer %r is in use again after it lost changes to an "
+                     "unclean stop; Diff of it works again", layer_id)  # fmt: skip
         mountpoint = self.mounts.mountpoint
         if mountpoint is None:
             raise RequestError(
@@ -595,6 +601,25 @@ class GraphDriverPlugin:
             self._check_parent(layer_id, parent_id, required=True)
             return self.store.diff_size(layer_id)
 
+    def _check_changes_kept(self, layer_id: str) -> None:
+        """Raise StoreError if the layer may have lost changes to an unclean stop.
+
+        dockerd sends Diff to turn a container or build step into an image
+        layer. A layer whose last changes were lost would make an image
+        without them and report success, so Diff fails until a Get shows
+        the layer to a container again.
+        """
+        lost = self.store.lost_changes(layer_id)
+        if lost is None:
+            return
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lost / 1e9))
+        raise errors.StoreError(
+            f"layer {layer_id} may lack the changes made through the mount in the "
+            "last second before the lcfs daemon ended without committing them "
+            f"(found at its start at {when}), so it cannot become an image layer; "
+            "run the build step or the container again (docker start clears this)"
+        )
+
     async def diff(self, request: web.Request, args: dict) -> web.StreamResponse:
         """Stream the layer's changes against its parent as an uncompressed tar."""
         layer_id = _string_field(args, "ID")
@@ -605,6 +630,7 @@ class GraphDriverPlugin:
             # worker closes this generator.
             with self.layer_calls.running(layer_id, READ):
                 self._check_parent(layer_id, parent_id, required=True)
+                self._check_changes_kept(layer_id)
                 yield from self.store.diff(layer_id)
 
         chunks = streams.iterate_in_thread(read_diff, self.workers, f"diff-{layer_id}")

@@ -90,10 +90,13 @@ def fuse_handler(modifies: bool = False, operation: str | None = None):
                 self.dirty = True
             try:
                 result = await method(self, *args)
-                if modifies and self.store.group_is_large:
-                    # Commit before the open group fills the metadata area
-                    # (see Store.group_is_large).
-                    self.commit()
+                if modifies:
+                    if self.store.group_is_large:
+                        # Commit before the open group fills the metadata
+                        # area (see Store.group_is_large).
+                        self.commit()
+                    else:
+                        self.mark_changed_layers()
                 return result
             except pyfuse3.FUSEError:
                 raise

@@ -247,8 +247,20 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     def commit_pending(self) -> None:
         """Commit if a request changed the store since the last commit."""
         # A lookup that allocated a node id left records to commit too.
-        if self.dirty or self.store.uncommitted:
+        if self.dirty or self.store.uncommitted or self.store.idle_change_marks:
             self.commit()
+
+    def mark_changed_layers(self) -> None:
+        """Make the change marks of the layers a request changed durable before its reply.
+
+        A failure is logged and the request still succeeds, as its change
+        stays in the open group.
+        """
+        try:
+            self.store.mark_changed_layers()
+        except Exception:
+            log.exception("commit of change marks failed; a crash before the next "
+                          "group commit may lose changes without a record of them")
 
     def commit(self) -> None:
         """Commit pending changes, logging a failure; they stay marked for a retry."""

@@ -81,6 +81,12 @@ ESTIMATE_EVERY = 16
 # Metadata pages past LMDB's last page that the store keeps allocated in
 # the file system under an image file (``Store._reserve_host_space``).
 HOST_HEADROOM_PAGES = 16 * LOW_SPACE_PAGES
+
+# Keys in the meta database, each followed by a packed layer number: a
+# change mark (``mark_changed_layers``) and a record of changes lost when
+# the daemon stopped before committing them (``lost_changes``).
+CHANGE_MARK = b"change-mark:"
+LOST_CHANGES = b"lost-changes:"
 # A value this size takes one overflow page of its own, so each probe put
 # needs a free page but never a run of them.
 _PROBE_VALUE = bytes(2560)
@@ -301,6 +307,14 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         # and the in-memory state no longer matches the device, so every
         # later operation fails until the store is opened again.
         self._failure: str | None = None
+        # Writable layers that an operation changed in the open group, the
+        # layers with a durable change mark, and the marks the open group adds.
+        self._group_layers: set[int] = set()
+        self._marked_layers: set[int] = set()
+        self._new_marks: set[int] = set()
+        # Layer number -> the time (ns) at which the store was opened after
+        # a stop that may have lost changes to that layer.
+        self._lost_changes: dict[int, int] = {}
 
     # -- opening and closing -------------------------------------------------
 
@@ -398,10 +412,37 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                     layer.parent_id = parent.id
             self.alloc.count(txn)
             self._load_xattr_names()
+            self._load_change_marks(txn)
             if not self.readonly:
                 self._set_state("dirty")
         if not self.readonly:
             self.commit()
+
+    def _load_change_marks(self, txn) -> None:
+        """Turn change marks left by a process that ended without committing into lost-change records.
+
+        A layer keeps a durable change mark while the open group may hold
+        changes to it (``mark_changed_layers``), so a mark found at open
+        means the last process ended before those changes were committed.
+        """
+        meta = self.dbs["meta"]
+        for key, value in list(_prefixed(txn, meta, LOST_CHANGES)):
+            self._lost_changes[U64.unpack(key[len(LOST_CHANGES):])[0]] = U64.unpack(value)[0]
+        now = time.time_ns()
+        for key, _ in list(_prefixed(txn, meta, CHANGE_MARK)):
+            number = U64.unpack(key[len(CHANGE_MARK):])[0]
+            layer = self._layers.get(number)
+            if not self.readonly:
+                txn.delete(key, db=meta)
+            if layer is None or layer.frozen:
+                continue
+            log.warning(
+                "layer %s may have lost the changes made through the mount in "
+                "the last second before the process that had %s open ended "
+                "without committing them", layer.id, self.path)  # fmt: skip
+            self._lost_changes[number] = now
+            if not self.readonly:
+                txn.put(LOST_CHANGES + U64.pack(number), U64.pack(now), db=meta)
 
     def _read_layers(self, txn) -> list[Layer]:
         """Decode every layer record, in one JSON parse when all are well formed.
@@ -464,6 +505,10 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 if self._nested is None and not self.readonly:
                     self._txn = self._group_txn()
                     self._set_state("clean")
+                    # This commit holds every change, so no mark stays.
+                    self._marked_layers |= self._new_marks
+                    self._new_marks = set()
+                    self._group_layers = set()
                     self.commit()
             finally:
                 if self._group is not None:
@@ -497,12 +542,17 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             if self._nested is not None:
                 raise errors.StoreError("commit inside an operation")
             if self._group is None:
-                return
+                if self.readonly or not self.idle_change_marks:
+                    return
+                self._txn = self._group_txn()
             if self.readonly:
                 raise errors.ReadOnly(f"store {self.path} is open read-only")
             freed = list(self.alloc.pending)
+            idle_marks = self._marked_layers - self._group_layers
             try:
                 self._record_orphans()
+                for number in idle_marks:
+                    self._txn.delete(CHANGE_MARK + U64.pack(number), db=self.dbs["meta"])
                 self.alloc.flush(self._group)
             except lmdb.Error as exc:
                 self._fail_commit(exc)
@@ -522,6 +572,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             self._dirty = False
             self._uncommitted = False
             self._group_ops = 0
+            self._marked_layers = (self._marked_layers - idle_marks) | self._new_marks
+            self._new_marks = set()
+            self._group_layers = set()
             self._estimate_free_pages()
             self._give_back(freed)
             crash_point("commit.done")
@@ -818,7 +871,59 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 f"layer {layer.id} is read-only because a child layer was created"
                 " on it, and a layer stays read-only after its children are removed"
             )
+        self._group_layers.add(number)
         return layer
+
+    # -- change marks ------------------------------------------------------------
+
+    def mark_changed_layers(self) -> bool:
+        """Give each layer changed in the open group a durable change mark; return True if that committed.
+
+        The FUSE mount calls this before it answers a request that changed
+        a layer. A layer without a mark gets one in a commit of the open
+        group, so a process killed before the next group commit leaves the
+        mark, and the next open records that the layer may have lost
+        changes (``lost_changes``). The mark stays while the layer keeps
+        changing, and the first commit of a group that did not change the
+        layer deletes it, so a layer written all the time costs one commit.
+        """
+        with self.lock:
+            new = self._group_layers - self._marked_layers - self._new_marks
+            if not new or self.readonly:
+                return False
+            self._put_change_marks(new)
+            self.commit()
+            return True
+
+    @bookkeeping_op
+    def _put_change_marks(self, numbers: set[int]) -> None:
+        for number in numbers:
+            self._txn.put(CHANGE_MARK + U64.pack(number), b"", db=self.dbs["meta"])
+        self._new_marks |= numbers
+
+    @property
+    def idle_change_marks(self) -> bool:
+        """True while a change mark awaits the commit that deletes it."""
+        return bool(self._marked_layers - self._group_layers)
+
+    def lost_changes(self, layer_id: str) -> int | None:
+        """Return when the store was opened after losing changes to the layer (ns), or None."""
+        with self.lock:
+            number = self._ids.get(layer_id)
+            return None if number is None else self._lost_changes.get(number)
+
+    def forget_lost_changes(self, layer_id: str) -> None:
+        """Drop the record of lost changes to the layer, once its user has seen its new state."""
+        with self.lock:
+            number = self._ids.get(layer_id)
+            if number is not None and number in self._lost_changes:
+                self._drop_lost_changes(number)
+
+    @bookkeeping_op
+    def _drop_lost_changes(self, number: int) -> None:
+        self._txn.delete(LOST_CHANGES + U64.pack(number), db=self.dbs["meta"])
+        when = self._lost_changes.pop(number)
+        self._undo.append(lambda: self._lost_changes.__setitem__(number, when))
 
     @staticmethod
     def _check_layer_id(layer_id: str) -> None:
@@ -1032,6 +1137,10 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         for number, intent in intents.pending(txn, dbs["intents"]):
             if intent.get("layer") == layer.number:
                 intents.finish(txn, dbs["intents"], number)
+        meta = dbs["meta"]
+        txn.delete(CHANGE_MARK + U64.pack(layer.number), db=meta)
+        txn.delete(LOST_CHANGES + U64.pack(layer.number), db=meta)
+        self._lost_changes.pop(layer.number, None)
         self._layers.pop(layer.number, None)
         if self._ids.get(layer.id) == layer.number:
             del self._ids[layer.id]
@@ -1196,6 +1305,18 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             intents.finish(self._txn, self.dbs["intents"], number)
         if layer in self._layers and self._layers[layer].state == "ready":
             self._destroy_inode(layer, ino)
+
+
+def _prefixed(txn, db, prefix: bytes):
+    """Yield the (key, value) pairs of ``db`` whose key starts with ``prefix``, as bytes."""
+    cursor = txn.cursor(db=db)
+    if not cursor.set_range(prefix):
+        return
+    for key, value in cursor:
+        key = bytes(key)
+        if not key.startswith(prefix):
+            return
+        yield key, bytes(value)
 
 
 def prefix_dirent(dir_ino: int, name: bytes, layer: int) -> bytes:

@@ -13,6 +13,7 @@ changes the store commits before it replies, so the reply means durable.
 """
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -199,6 +200,8 @@ class GraphDriverPlugin:
         # Remove calls waiting for the next batch, and the task that runs
         # the batches (see remove).
         self._removals: list[tuple[str, asyncio.Future]] = []
+        # Gets without their Put so far, by layer id.
+        self._gets: collections.Counter[str] = collections.Counter()
         self._removing: asyncio.Task | None = None
 
     def make_app(self) -> web.Application:
@@ -208,7 +211,7 @@ class GraphDriverPlugin:
             "Plugin.Activate": self.activate,
             "GraphDriver.Init": self.init,
             "GraphDriver.Create": self.create,
-            "GraphDriver.CreateReadWrite": self.create,
+            "GraphDriver.CreateReadWrite": self.create_read_write,
             "GraphDriver.Remove": self.remove,
             "GraphDriver.Get": self.get,
             "GraphDriver.Put": self.put,
@@ -410,7 +413,11 @@ class GraphDriverPlugin:
 
     # -- layers --------------------------------------------------------------
 
-    async def create(self, args: dict) -> dict:
+    async def create_read_write(self, args: dict) -> dict:
+        """Create a container's layer, with a change mark (``Store.mark_layer``)."""
+        return await self.create(args, writable=True)
+
+    async def create(self, args: dict, writable: bool = False) -> dict:
         layer_id = _string_field(args, "ID")
         parent_id = _string_field(args, "Parent", "parent layer id") or None
         validate_layer_id(layer_id)
@@ -431,11 +438,11 @@ class GraphDriverPlugin:
             raise RequestError(
                 f"layer {layer_id}: storage options {names} are not supported by lcfs"
             )
-        await self._run(self._create_layer, layer_id, parent_id)
+        await self._run(self._create_layer, layer_id, parent_id, writable)
         log.debug("created layer %r with parent %r", layer_id, parent_id)
         return {}
 
-    def _create_layer(self, layer_id: str, parent_id: str | None) -> None:
+    def _create_layer(self, layer_id: str, parent_id: str | None, writable: bool = False) -> None:
         if parent_id is None:
             marked = contextlib.nullcontext()
         else:
@@ -449,6 +456,8 @@ class GraphDriverPlugin:
                 f"parent layer {parent_id} of layer {layer_id} not found; "
                 "create the parent layer first"
             ) from None
+        if writable:
+            self.store.mark_layer(layer_id)
         self.store.commit()
 
     async def remove(self, args: dict) -> dict:
@@ -514,6 +523,7 @@ class GraphDriverPlugin:
     async def get(self, args: dict) -> dict:
         layer_id = _string_field(args, "ID")
         await self._run_short(self.store.get_layer, layer_id)
+        self._gets[layer_id] += 1
         if self.store.lost_changes(layer_id) is not None:
             # The layer's user sees its state as it is from here on.
             await self._run(self.store.forget_lost_changes, layer_id)
@@ -529,6 +539,12 @@ class GraphDriverPlugin:
 
     async def put(self, args: dict) -> dict:
         layer_id = _string_field(args, "ID")
+        # A layer that no container uses needs no change mark. After a
+        # restart a Put may come without a Get.
+        self._gets[layer_id] -= 1
+        if self._gets[layer_id] <= 0:
+            del self._gets[layer_id]
+            await self._run_short(self.store.release_change_mark, layer_id)
         # Put makes the changes made through the mount durable. Most Puts
         # follow no change, so no worker needs to run a commit.
         if await self._run_short(self._changes_pending, layer_id):

@@ -247,7 +247,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     def commit_pending(self) -> None:
         """Commit if a request changed the store since the last commit."""
         # A lookup that allocated a node id left records to commit too.
-        if self.dirty or self.store.uncommitted or self.store.idle_change_marks:
+        if self.dirty or self.store.uncommitted:
             self.commit()
 
     def mark_changed_layers(self) -> None:

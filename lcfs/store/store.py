@@ -421,9 +421,10 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     def _load_change_marks(self, txn) -> None:
         """Turn change marks left by a process that ended without committing into lost-change records.
 
-        A layer keeps a durable change mark while the open group may hold
-        changes to it (``mark_changed_layers``), so a mark found at open
-        means the last process ended before those changes were committed.
+        A layer keeps a durable change mark while a container may change
+        it (``mark_layer``, ``mark_changed_layers``), so a mark found at
+        open means that the last process ended while changes to the layer
+        may have been waiting for a commit.
         """
         meta = self.dbs["meta"]
         for key, value in list(_prefixed(txn, meta, LOST_CHANGES)):
@@ -505,10 +506,11 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 if self._nested is None and not self.readonly:
                     self._txn = self._group_txn()
                     self._set_state("clean")
-                    # This commit holds every change, so no mark stays.
-                    self._marked_layers |= self._new_marks
+                    # This commit contains every change, so no mark stays.
+                    for number in self._marked_layers | self._new_marks:
+                        self._txn.delete(CHANGE_MARK + U64.pack(number), db=self.dbs["meta"])
+                    self._marked_layers = set()
                     self._new_marks = set()
-                    self._group_layers = set()
                     self.commit()
             finally:
                 if self._group is not None:
@@ -542,17 +544,12 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             if self._nested is not None:
                 raise errors.StoreError("commit inside an operation")
             if self._group is None:
-                if self.readonly or not self.idle_change_marks:
-                    return
-                self._txn = self._group_txn()
+                return
             if self.readonly:
                 raise errors.ReadOnly(f"store {self.path} is open read-only")
             freed = list(self.alloc.pending)
-            idle_marks = self._marked_layers - self._group_layers
             try:
                 self._record_orphans()
-                for number in idle_marks:
-                    self._txn.delete(CHANGE_MARK + U64.pack(number), db=self.dbs["meta"])
                 self.alloc.flush(self._group)
             except lmdb.Error as exc:
                 self._fail_commit(exc)
@@ -572,7 +569,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             self._dirty = False
             self._uncommitted = False
             self._group_ops = 0
-            self._marked_layers = (self._marked_layers - idle_marks) | self._new_marks
+            self._marked_layers |= self._new_marks
             self._new_marks = set()
             self._group_layers = set()
             self._estimate_free_pages()
@@ -876,16 +873,41 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
 
     # -- change marks ------------------------------------------------------------
 
+    def mark_layer(self, layer_id: str) -> None:
+        """Give a writable layer a change mark, durable with the next commit.
+
+        A layer keeps its mark while a container may change it: from
+        CreateReadWrite, whose commit makes the mark durable at no cost,
+        to the Put that ends its last Get (``release_change_mark``). A
+        process killed meanwhile leaves the mark, and the next open
+        records that the layer may have lost changes (``lost_changes``).
+        """
+        with self.lock:
+            self._put_change_marks({self.get_layer(layer_id).number})
+
+    def release_change_mark(self, layer_id: str) -> None:
+        """Delete a layer's change mark once no container uses it; the next commit makes that durable.
+
+        Deleting it lazily is safe: a store with changes pending commits
+        them in the same group as the deletion.
+        """
+        with self.lock:
+            number = self._ids.get(layer_id)
+            if number is not None and (number in self._marked_layers or number in self._new_marks):
+                self._delete_change_mark(number)
+
+    @bookkeeping_op
+    def _delete_change_mark(self, number: int) -> None:
+        self._txn.delete(CHANGE_MARK + U64.pack(number), db=self.dbs["meta"])
+        self._marked_layers.discard(number)
+        self._new_marks.discard(number)
+
     def mark_changed_layers(self) -> bool:
         """Give each layer changed in the open group a durable change mark; return True if that committed.
 
-        The FUSE mount calls this before it answers a request that changed
-        a layer. A layer without a mark gets one in a commit of the open
-        group, so a process killed before the next group commit leaves the
-        mark, and the next open records that the layer may have lost
-        changes (``lost_changes``). The mark stays while the layer keeps
-        changing, and the first commit of a group that did not change the
-        layer deletes it, so a layer written all the time costs one commit.
+        The FUSE mount calls this before it replies to a request that changed
+        a layer. A layer changed without a mark (outside a Get and its
+        Put) gets one in a commit of the open group, before the reply.
         """
         with self.lock:
             new = self._group_layers - self._marked_layers - self._new_marks
@@ -900,11 +922,6 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         for number in numbers:
             self._txn.put(CHANGE_MARK + U64.pack(number), b"", db=self.dbs["meta"])
         self._new_marks |= numbers
-
-    @property
-    def idle_change_marks(self) -> bool:
-        """True while a change mark awaits the commit that deletes it."""
-        return bool(self._marked_layers - self._group_layers)
 
     def lost_changes(self, layer_id: str) -> int | None:
         """Return when the store was opened after losing changes to the layer (ns), or None."""
@@ -1139,6 +1156,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 intents.finish(txn, dbs["intents"], number)
         meta = dbs["meta"]
         txn.delete(CHANGE_MARK + U64.pack(layer.number), db=meta)
+        self._marked_layers.discard(layer.number)
         txn.delete(LOST_CHANGES + U64.pack(layer.number), db=meta)
         self._lost_changes.pop(layer.number, None)
         self._layers.pop(layer.number, None)

@@ -344,6 +344,10 @@ class DockerDaemon:
         if containerd_pid is not None:
             self._kill_containers()
             self._end_process(containerd_pid, "containerd")
+        # Shims outlive a killed containerd, including that of a dockerd
+        # killed before this one started again on the same exec root.
+        for pid in self._shim_pids():
+            self._end_process(pid, "containerd shim")
 
         leftover = []
         if self.exec_root.exists():
@@ -383,14 +387,29 @@ class DockerDaemon:
                 check=False,
             )
 
+    def _shim_pids(self) -> list[int]:
+        """Return the pids of containerd shims whose command line names this exec root."""
+        exec_root = os.fsencode(str(self.exec_root))
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            if b"containerd-shim" in cmdline.split(b"\0", 1)[0] and exec_root in cmdline:
+                pids.append(int(entry.name))
+        return pids
+
     def _end_process(self, pid: int, what: str) -> None:
-        # Only a process whose command line names this work directory was
-        # started by this daemon, so a reused pid is left alone.
+        # Only a process whose command line names this work directory or
+        # exec root was started by this daemon, so a reused pid is left alone.
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except FileNotFoundError:
             return
-        if os.fsencode(str(self.workdir)) not in cmdline:
+        if not any(os.fsencode(str(path)) in cmdline for path in (self.workdir, self.exec_root)):
             return
         log.warning("ending %s pid %d left by dockerd in %s", what, pid, self.workdir)
         for sig in (signal.SIGTERM, signal.SIGKILL):

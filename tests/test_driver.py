@@ -610,14 +610,17 @@ def test_diff_refuses_layer_that_lost_changes(daemon):
     client.ok("GraphDriver.CreateReadWrite", {"ID": "kept", "Parent": "base"})
     # A write through the mount without a Get marks its layer before the reply.
     Path(daemon.mountpoint, "other", "direct").write_bytes(b"x")
+
     written = Path(client.ok("GraphDriver.Get", {"ID": "kept"})["Dir"], "done")
     written.write_bytes(b"committed")
     assert client.ok("GraphDriver.Put", {"ID": "kept"}) == {}
     step = Path(client.ok("GraphDriver.Get", {"ID": "step"})["Dir"])
     (step / "built").write_bytes(b"output of the step")
+
     # The group commit runs about once a second; the kill comes before it.
     daemon.kill()
     daemon.start()
+
     assert "step may have lost the changes" in daemon.log()
     assert "other may have lost the changes" in daemon.log()
     assert "kept may have lost" not in daemon.log()

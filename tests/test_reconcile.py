@@ -174,7 +174,7 @@ def test_record_of_listed_container_kept(setup, capsys):
 
 
 def test_mkfs_directory_in_use_kept(tmp_path, monkeypatch):
-    """A temporary directory that a running mkfs holds is not stale, even with no grace period."""
+    """A temporary directory that a running mkfs has locked is not stale, even with no grace period."""
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmpdir))

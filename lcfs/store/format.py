@@ -458,7 +458,7 @@ MKFS_TEMP_PREFIX = "lcfs-mkfs-"
 
 def _build_empty_environment(metadata_size: int, superblock: dict) -> bytes:
     with tempfile.TemporaryDirectory(prefix=MKFS_TEMP_PREFIX) as tmp:
-        # The lock tells lcfs-fsck that this directory is in use, not stale.
+        # lcfs-fsck reads this lock as "in use": the directory is not stale.
         lock_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)

@@ -427,10 +427,10 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         may have been waiting for a commit.
         """
         meta = self.dbs["meta"]
-        for key, value in list(_prefixed(txn, meta, LOST_CHANGES)):
+        for key, value in list(self._prefix_items(meta, LOST_CHANGES)):
             self._lost_changes[U64.unpack(key[len(LOST_CHANGES):])[0]] = U64.unpack(value)[0]
         now = time.time_ns()
-        for key, _ in list(_prefixed(txn, meta, CHANGE_MARK)):
+        for key, _ in list(self._prefix_items(meta, CHANGE_MARK)):
             number = U64.unpack(key[len(CHANGE_MARK):])[0]
             layer = self._layers.get(number)
             if not self.readonly:
@@ -902,8 +902,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         self._marked_layers.discard(number)
         self._new_marks.discard(number)
 
-    def mark_changed_layers(self) -> bool:
-        """Give each layer changed in the open group a durable change mark; return True if that committed.
+    def mark_changed_layers(self) -> None:
+        """Give each layer changed in the open group a durable change mark.
 
         The FUSE mount calls this before it replies to a request that changed
         a layer. A layer changed without a mark (outside a Get and its
@@ -911,11 +911,9 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         """
         with self.lock:
             new = self._group_layers - self._marked_layers - self._new_marks
-            if not new or self.readonly:
-                return False
-            self._put_change_marks(new)
-            self.commit()
-            return True
+            if new and not self.readonly:
+                self._put_change_marks(new)
+                self.commit()
 
     @bookkeeping_op
     def _put_change_marks(self, numbers: set[int]) -> None:
@@ -1323,18 +1321,6 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             intents.finish(self._txn, self.dbs["intents"], number)
         if layer in self._layers and self._layers[layer].state == "ready":
             self._destroy_inode(layer, ino)
-
-
-def _prefixed(txn, db, prefix: bytes):
-    """Yield the (key, value) pairs of ``db`` whose key starts with ``prefix``, as bytes."""
-    cursor = txn.cursor(db=db)
-    if not cursor.set_range(prefix):
-        return
-    for key, value in cursor:
-        key = bytes(key)
-        if not key.startswith(prefix):
-            return
-        yield key, bytes(value)
 
 
 def prefix_dirent(dir_ino: int, name: bytes, layer: int) -> bytes:

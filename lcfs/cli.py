@@ -174,14 +174,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
     layers = commands.add_parser(
         "layers",
-        help="list the layers of a store that no daemon has open",
+        help="list the layers of a store",
         description="List every layer: Docker id, parent id and whether it "
-        "is frozen (has children and is read-only).",
+        "is frozen (has children and is read-only). While a daemon has the "
+        "device locked, the list comes from that daemon through its plugin "
+        "socket.",
     )
     layers.add_argument(
         "--device",
         default=DEFAULT_DEVICE,
         help="image file or block device (default %(default)s)",
+    )
+    layers.add_argument(
+        "--socket",
+        default=DEFAULT_SOCKET,
+        help="plugin socket of the daemon to ask when one has the device locked "
+        "(default %(default)s)",
     )
     _add_log_level(layers, "warning")
 
@@ -457,23 +465,65 @@ def _run_mkfs(args: argparse.Namespace) -> int:
 
 
 def _run_layers(args: argparse.Namespace) -> int:
-    from lcfs.store import Store
+    from lcfs.store import Store, errors
 
-    store = Store.open(args.device)
     try:
-        layers = sorted(store.list_layers(), key=lambda layer: layer.number)
-    finally:
-        store.close()
-    rows = [("ID", "PARENT", "FROZEN")]
-    rows += [
-        (layer.id, layer.parent_id or "-", "yes" if layer.frozen else "no")
-        for layer in layers
-    ]
+        store = Store.open(args.device)
+    except errors.DeviceBusy as busy:
+        rows = _layers_from_daemon(args.device, args.socket, busy)
+    else:
+        try:
+            layers = sorted(store.list_layers(), key=lambda layer: layer.number)
+        finally:
+            store.close()
+        rows = [
+            (layer.id, layer.parent_id or "-", "yes" if layer.frozen else "no")
+            for layer in layers
+        ]
+    rows.insert(0, ("ID", "PARENT", "FROZEN"))
     id_width = max(len(row[0]) for row in rows)
     parent_width = max(len(row[1]) for row in rows)
     for layer_id, parent_id, frozen in rows:
         print(f"{layer_id:<{id_width}}  {parent_id:<{parent_width}}  {frozen}")
     return 0
+
+
+def _layers_from_daemon(device: str, socket_path: str, busy: Exception) -> list:
+    """Return the layer rows of ``device`` from the daemon that has it locked.
+
+    ``busy`` is the error that opening the device gave; it starts every
+    message of a failure, so that the user sees which process has it locked.
+    """
+    from lcfs.control import LAYERS_PATH, fetch_json
+
+    try:
+        reply = fetch_json(socket_path, LAYERS_PATH)
+        served = tuple(reply["DeviceInode"])
+        layers = reply["Layers"]
+        rows = [
+            (layer["ID"], layer["Parent"] or "-", "yes" if layer["Frozen"] else "no")
+            for layer in layers
+        ]
+    except OSError as error:
+        raise UserError(
+            f"{busy}, and the request for the layer list on the daemon's plugin "
+            f"socket {socket_path} failed: {error}; pass the socket of the daemon "
+            "that has the device locked with --socket, or stop that daemon"
+        ) from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise UserError(
+            f"{busy}, and the reply of {socket_path} to {LAYERS_PATH} is not a "
+            f"layer list ({type(error).__name__}: {error}); is that socket an "
+            "lcfs daemon of this version?"
+        ) from None
+    local = os.stat(device)
+    if served != (local.st_dev, local.st_ino):
+        raise UserError(
+            f"{busy}, and the daemon at {socket_path} serves another device "
+            f"({reply.get('Device')}); pass the socket of the daemon that has "
+            f"{device} locked with --socket"
+        )
+    return rows
 
 
 def _run_stats(args: argparse.Namespace) -> int:

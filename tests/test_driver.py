@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import http.client
 import io
 import json
@@ -1483,20 +1484,44 @@ def test_layers_lists_daemon_layers(daemon):
     client.ok("GraphDriver.Create", {"ID": "base"})
     client.ok("GraphDriver.Create", {"ID": "top", "Parent": "base"})
 
-    result = run_lcfs("layers", "--device", str(daemon.image))
-    assert result.returncode == 2
-    assert str(daemon.image) in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-
-    assert daemon.stop() == 0
-    result = run_lcfs("layers", "--device", str(daemon.image))
-    assert result.returncode == 0, result.stderr
-    rows = [line.split() for line in result.stdout.splitlines()]
-    assert rows == [
+    expected = [
         ["ID", "PARENT", "FROZEN"],
         ["base", "-", "yes"],
         ["top", "base", "no"],
     ]
+    # While the daemon has the device locked, the list comes from its socket.
+    result = run_lcfs("layers", "--device", str(daemon.image), "--socket", str(daemon.socket))
+    assert result.returncode == 0, result.stderr
+    assert [line.split() for line in result.stdout.splitlines()] == expected
+
+    assert daemon.stop() == 0
+    result = run_lcfs("layers", "--device", str(daemon.image))
+    assert result.returncode == 0, result.stderr
+    assert [line.split() for line in result.stdout.splitlines()] == expected
+
+
+def test_layers_of_busy_device_names_next_step(daemon, tmp_path):
+    missing = tmp_path / "no-such.sock"
+    result = run_lcfs("layers", "--device", str(daemon.image), "--socket", str(missing))
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert f"{daemon.image} is in use by pid {daemon.process.pid}" in message
+    assert str(missing) in message
+    assert "--socket" in message
+
+    # A device that another process has locked, asked through a daemon that
+    # serves a different device, is not listed with that daemon's layers.
+    other = tmp_path / "other.img"
+    assert run_lcfs("mkfs", str(other), "--size", "64M").returncode == 0
+    with open(other, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run_lcfs("layers", "--device", str(other), "--socket", str(daemon.socket))
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert f"{other} is in use by pid {os.getpid()}" in message
+    assert f"serves another device ({daemon.image})" in message
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize("size", ["10Q", "-5", "1.5"])

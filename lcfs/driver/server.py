@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from lcfs import control
 from lcfs.store import errors
 from lcfs.store.snapshots import SNAPSHOT_LAYER_PREFIX, is_snapshot_layer
 
@@ -230,10 +231,13 @@ class GraphDriverPlugin:
         routes["GraphDriver.ApplyDiff"] = self.apply_diff
         for name, route in routes.items():
             app.router.add_post(f"/{name}", functools.partial(self._serve, name, route))
-        app.router.add_post("/lcfs.Stats", self.fuse_stats)
+        app.router.add_post(control.STATS_PATH, self.fuse_stats)
+        app.router.add_post(control.LAYERS_PATH, self.layer_list)
         # aiohttp gives a request with a known path but another method to
         # the first route that matches both, which is this one.
-        known_calls = frozenset(routes) | {"lcfs.Stats"}
+        known_calls = frozenset(routes) | {
+            path.lstrip("/") for path in (control.STATS_PATH, control.LAYERS_PATH)
+        }
         app.router.add_route(
             "*", "/{call:.*}", functools.partial(self.unknown_call, known_calls)
         )
@@ -747,6 +751,20 @@ class GraphDriverPlugin:
     async def fuse_stats(self, request: web.Request) -> web.Response:
         """Reply with the FUSE request counters (``lcfs stats``), not a Docker call."""
         return web.json_response(self.mounts.stats.snapshot())
+
+    async def layer_list(self, request: web.Request) -> web.Response:
+        """Reply with the device and its layers (``lcfs layers``), not a Docker call."""
+        layers = await self._run(self.store.list_layers)
+        rows = [
+            {"ID": layer.id, "Parent": layer.parent_id or "", "Frozen": layer.frozen}
+            for layer in sorted(layers, key=lambda layer: layer.number)
+        ]
+        device = os.fstat(self.store.fd)
+        return web.json_response({
+            "Device": self.device,
+            "DeviceInode": [device.st_dev, device.st_ino],
+            "Layers": rows,
+        })
 
     async def unknown_call(
         self, known_calls: frozenset[str], request: web.Request

@@ -12,9 +12,7 @@ any thread, because copying a dict is atomic under the GIL.
 
 from __future__ import annotations
 
-import http.client
-import json
-import socket
+from lcfs.control import FETCH_TIMEOUT, STATS_PATH, fetch_json
 
 # At most this many distinct getxattr names are counted one by one. Names
 # beyond it are added up under OTHER_NAMES, so a client that probes many
@@ -23,10 +21,6 @@ MAX_NAMES = 256
 OTHER_NAMES = "(other names)"
 
 XATTR_OPERATIONS = ("getxattr", "listxattr", "removexattr", "setxattr")
-
-# The daemon serves the counters on its plugin socket at this path.
-STATS_PATH = "/lcfs.Stats"
-FETCH_TIMEOUT = 10.0
 
 
 class RequestStats:
@@ -94,38 +88,13 @@ class RequestStats:
         return result
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-
-
 def fetch_stats(socket_path: str, timeout: float = FETCH_TIMEOUT) -> dict:
     """Return the snapshot that the daemon listening on ``socket_path`` serves.
 
     Raises OSError when the connection fails or the reply is not the
     counters.
     """
-    connection = _UnixConnection(socket_path, timeout)
-    try:
-        connection.request("POST", STATS_PATH, body=b"")
-        reply = connection.getresponse()
-        body = reply.read()
-    except http.client.HTTPException as error:
-        raise OSError(f"invalid HTTP reply: {error}") from error
-    finally:
-        connection.close()
-    if reply.status != 200:
-        raise OSError(f"{STATS_PATH} replied with status {reply.status}: {body[:200]!r}")
-    try:
-        return json.loads(body)
-    except ValueError as error:
-        raise OSError(f"{STATS_PATH} replied with invalid JSON: {error}") from error
+    return fetch_json(socket_path, STATS_PATH, timeout)
 
 
 def format_stats(snapshot: dict) -> str:

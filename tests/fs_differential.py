@@ -10,10 +10,8 @@ which names are hard links of one file. mtime and ctime are compared as
 "changed by this operation or not", because their values differ.
 
 Differences that lcfs accepts are left out of the comparison. Directories
-report size 0, and fchmod, fchown, futimens and fsetxattr on a removed
-directory that is still open fail with ENOENT. fallocate supports only
-punching holes, POSIX ACLs are not supported, and st_ino and st_dev values
-differ between file systems.
+report size 0, fallocate supports only punching holes, POSIX ACLs are not
+supported, and st_ino and st_dev values differ between file systems.
 
 ``shrink`` reduces a sequence that diverges to a small one that still does.
 """
@@ -300,6 +298,10 @@ def _op_flistxattr(tree, slot):
     return sorted(n for n in os.listxattr(_fd(tree, slot)) if n.startswith("user."))
 
 
+def _op_fremovexattr(tree, slot, name):
+    os.removexattr(_fd(tree, slot), name)
+
+
 def _op_stat(tree, path, follow):
     return stat_fields(os.stat(tree.path(path), follow_symlinks=follow))
 
@@ -397,9 +399,6 @@ OPERATIONS = {
     if name.startswith("_op_")
 }
 
-# Operations that fail on an open but removed directory on lcfs.
-REMOVED_DIR_EXCLUDED = {"fchmod", "fchown", "futimens", "fsetxattr"}
-
 
 def _fd_stat(tree: Tree, slot: int) -> os.stat_result | None:
     return os.fstat(tree.slots[slot]) if slot in tree.slots else None
@@ -408,15 +407,11 @@ def _fd_stat(tree: Tree, slot: int) -> os.stat_result | None:
 def comparable(reference: Tree, operation: tuple) -> bool:
     """Return False for an operation whose outcome may differ by design.
 
-    fchmod, fchown, futimens and fsetxattr on an open but removed
-    directory fail with ENOENT on lcfs. lseek on a directory with another whence than
-    SEEK_SET and SEEK_CUR is left to the kernel on a FUSE mount, which
-    accepts what tmpfs rejects.
+    lseek on a directory with another whence than SEEK_SET and SEEK_CUR
+    is left to the kernel on a FUSE mount, which accepts what tmpfs
+    rejects.
     """
     name = operation[0]
-    if name in REMOVED_DIR_EXCLUDED:
-        st = _fd_stat(reference, operation[1])
-        return not (st and stat.S_ISDIR(st.st_mode) and st.st_nlink == 0)
     if name == "lseek":
         st = _fd_stat(reference, operation[1])
         return not (st and stat.S_ISDIR(st.st_mode) and operation[3] not in (os.SEEK_SET, os.SEEK_CUR))
@@ -537,8 +532,8 @@ class Generator:
         r = self.random
         name = r.choice(["write", "write", "pwrite", "pwrite", "read", "pread", "lseek",
                          "ftruncate", "fallocate", "fsync", "fstat", "fchmod", "fchown",
-                         "futimens", "fsetxattr", "fgetxattr", "flistxattr", "close",
-                         "truncate_huge"])  # fmt: skip
+                         "futimens", "fsetxattr", "fgetxattr", "flistxattr", "fremovexattr",
+                         "close", "truncate_huge"])  # fmt: skip
         if name == "write":
             return (name, slot, r.randrange(1 << 30), r.choice(SIZES))
         if name == "pwrite":
@@ -566,7 +561,7 @@ class Generator:
         if name == "fsetxattr":
             return (name, slot, r.choice(XATTR_NAMES), r.randrange(1 << 30),
                     r.choice([0, 1, 50]), r.choice([0, 0, os.XATTR_CREATE, os.XATTR_REPLACE]))  # fmt: skip
-        if name == "fgetxattr":
+        if name in ("fgetxattr", "fremovexattr"):
             return (name, slot, r.choice(XATTR_NAMES))
         if name == "truncate_huge":
             return (name, slot, r.choice([1 << 32, 1 << 40]))
@@ -667,8 +662,8 @@ def run_sequence(trees: list[Tree], operations, compare_times: bool = True,
     """Run operations on every tree; return those run and the first divergence.
 
     With ``seed`` the operations are drawn as they run, ``count`` of them,
-    on the paths of the first tree, which is the reference: removed-directory
-    exclusions are decided on it too. Otherwise ``operations`` is the list
+    on the paths of the first tree, which is the reference: exclusions
+    are decided on it too. Otherwise ``operations`` is the list
     to replay.
     """
     generator = Generator(seed) if seed is not None else None

@@ -102,3 +102,59 @@ def test_random_operations_match_tmpfs(lcfs_image, reference):
     with mount_store(lcfs_image) as mounted:
         run_writable_layers(mounted, reference)
         run_layer_stacks(mounted, reference)
+
+
+# xattr changes through descriptors of directories removed while open, by
+# rmdir ("d") and by a rename over them ("e"). ext4 and tmpfs apply them
+# until the last descriptor closes.
+REMOVED_DIRECTORY_SETUP = [
+    ("mkdir", "d", 0o755),
+    ("setxattr", "d", b"user.one", 1, 50, 0, False),
+    ("mkdir", "e", 0o700),
+    ("mkdir", "f", 0o755),
+]
+REMOVED_DIRECTORY_XATTRS = [
+    ("open", 0, "d", os.O_RDONLY | os.O_DIRECTORY, 0),
+    ("open", 1, "e", os.O_RDONLY | os.O_DIRECTORY, 0),
+    ("rmdir", "d"),
+    ("rename", "f", "e", 0),
+    ("fgetxattr", 0, b"user.one"),
+    ("flistxattr", 0),
+    ("fsetxattr", 0, b"user.two", 2, 50, 0),
+    ("fsetxattr", 0, b"user.two", 3, 10, os.XATTR_CREATE),
+    ("fsetxattr", 0, b"user.three", 3, 10, os.XATTR_REPLACE),
+    ("fsetxattr", 0, b"user.two", 4, 0, os.XATTR_REPLACE),
+    ("fgetxattr", 0, b"user.two"),
+    ("fremovexattr", 0, b"user.one"),
+    ("fremovexattr", 0, b"user.one"),
+    ("fgetxattr", 0, b"user.one"),
+    ("flistxattr", 0),
+    ("fsetxattr", 1, b"user.one", 5, 1, 0),
+    ("fgetxattr", 1, b"user.one"),
+    ("flistxattr", 1),
+    ("fremovexattr", 1, b"user.one"),
+    ("flistxattr", 1),
+    ("fstat", 0),
+    ("fstat", 1),
+]
+
+
+@pytest.mark.parametrize("origin", ["own", "inherited"])
+def test_removed_directory_xattrs_match_tmpfs(lcfs_image, reference, origin):
+    with mount_store(lcfs_image) as mounted:
+        tmpfs_root = new_root(str(reference))
+        lcfs_root = new_root(mounted.at("base"))
+        trees = [fs_differential.Tree("tmpfs", tmpfs_root),
+                 fs_differential.Tree("lcfs", lcfs_root)]  # fmt: skip
+        _, divergence = fs_differential.run_sequence(trees, REMOVED_DIRECTORY_SETUP)
+        assert divergence is None, str(divergence)
+        if origin == "inherited":
+            mounted.store.create_layer("child", "base")
+            mounted.store.commit()
+            trees[1] = fs_differential.Tree("lcfs", mounted.at("child", "w"))
+        try:
+            _, divergence = fs_differential.run_sequence(trees, REMOVED_DIRECTORY_XATTRS)
+        finally:
+            for tree in trees:
+                tree.close_all()
+        assert divergence is None, str(divergence)

@@ -211,6 +211,10 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._listings: dict[int, list] = {}
+        # node -> xattrs of a removed directory that the kernel still references.
+        # The store deletes them at the removal, but fgetxattr and
+        # fsetxattr through an open descriptor work on ext4 and tmpfs.
+        self._removed_xattrs: dict[int, dict[bytes, bytes]] = {}
         # (thread id, node) of changes rejected by _retry_if_shared: the
         # monotonic time until which the retry may come, and whether a
         # lookup of the retry has led to the node again.
@@ -288,6 +292,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._files.clear()
         self._dirs.clear()
         self._listings.clear()
+        self._removed_xattrs.clear()
         self._open_counts.clear()
         self._attrs.clear()
         self.lookup_counts.clear()
@@ -604,6 +609,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             else:
                 self.lookup_counts.pop(node, None)
                 self._attrs.pop(node, None)
+                self._removed_xattrs.pop(node, None)
                 if node in self._pinned:
                     self._unpin(node)
         self.stats.record("forget", time.perf_counter() - started)
@@ -625,9 +631,8 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         A process may keep a removed directory as its working directory or
         open, and fstat(2) of it works on Linux file systems. The store
         deletes a directory's records at rmdir, so its last attributes
-        come from memory. Raises NotFound for anything else.
-        NOTE: fsetxattr of such a directory therefore fails with ENOENT,
-        where ext4 and tmpfs apply it.
+        come from memory, and its xattrs from ``_removed_xattrs``. Raises
+        NotFound for anything else.
         """
         cached = self._attrs.get(node)
         if cached is None or not stat.S_ISDIR(cached[0].mode) or node not in self.lookup_counts:
@@ -635,7 +640,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         return dataclasses.replace(cached[0], nlink=0)
 
     def _change_removed_directory(self, node: int, layer: int, changes: dict):
-        """Apply fchmod, fchown or futimens to a removed directory; return its attributes.
+        """Apply fchmod, fchown, futimens or an xattr change to a removed directory.
+
+        Returns its attributes.
 
         No path leads to the directory again, so the change needs to show
         only to the descriptors still open on it, and memory keeps it.
@@ -844,20 +851,44 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     async def rmdir(self, parent_inode, name, ctx):
         layer, dir_ino = self._target(parent_inode)
         removed = self.store.lookup(layer, dir_ino, name)
+        kept = self._directory_to_keep(layer, removed)
         self.store.rmdir(layer, dir_ino, name)
-        self._set_removed_ctime(layer, removed.ino)
+        self._keep_removed_directory(layer, kept)
 
-    def _set_removed_ctime(self, layer: int, ino: int) -> None:
-        """Set the ctime of a removed directory that the kernel may still hold to now.
+    def _directory_to_keep(self, layer: int, attr) -> tuple[int, dict[bytes, bytes]] | None:
+        """Return (node, xattrs) of a directory to be removed, if the kernel references it.
 
-        ext4 and tmpfs set it at the removal, and fstat(2) of an open
-        removed directory shows it (``_removed_directory``).
+        Call it before the removal, which deletes the xattrs from the store.
         """
-        node = self.store.existing_node(layer, ino)
-        cached = self._attrs.get(node) if node is not None else None
-        if cached is not None:
-            attr = dataclasses.replace(cached[0], ctime_ns=time.time_ns())
-            self._attrs[node] = (attr, cached[1])
+        node = self.store.existing_node(layer, attr.ino)
+        if node not in self.lookup_counts or node not in self._attrs:
+            return None
+        xattrs = {}
+        if attr.has_xattrs:
+            for name in self.store.listxattr(layer, attr.ino):
+                xattrs[name] = self.store.getxattr(layer, attr.ino, name)
+        return node, xattrs
+
+    def _keep_removed_directory(self, layer: int,
+                                kept: tuple[int, dict[bytes, bytes]] | None) -> None:  # fmt: skip
+        """Set the ctime of a removed directory that the kernel references, and keep its xattrs.
+
+        ext4 and tmpfs set the ctime at the removal, and fstat(2) of an open
+        removed directory shows it (``_removed_directory``). The xattrs go
+        to ``_removed_xattrs`` only when the store deleted the directory's
+        record. A directory that an ancestor layer also has keeps a record
+        with no links, which serves its attributes and xattrs as before.
+        """
+        if kept is None:
+            return
+        node, xattrs = kept
+        cached = self._attrs[node]
+        attr = dataclasses.replace(cached[0], ctime_ns=time.time_ns())
+        self._attrs[node] = (attr, cached[1])
+        try:
+            self.store.getattr(layer, attr.ino)
+        except errors.NotFound:
+            self._removed_xattrs[node] = xattrs
 
     @fuse_handler(modifies=True)
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new,
@@ -870,15 +901,17 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             # The whiteout is a new inode, owned as one from mknod would be.
             uid = ctx.uid
             _, gid = self._new_owner(layer, old_dir, stat.S_IFCHR, ctx)
-        replaced = None
+        kept = None
         if not flags & pyfuse3.RENAME_EXCHANGE and (old_dir, name_old) != (new_dir, name_new):
             try:
                 replaced = self.store.lookup(layer, new_dir, name_new)
             except errors.NotFound:
                 pass
+            else:
+                if stat.S_ISDIR(replaced.mode):
+                    kept = self._directory_to_keep(layer, replaced)
         self.store.rename(layer, old_dir, name_old, new_dir, name_new, flags, uid, gid)
-        if replaced is not None and stat.S_ISDIR(replaced.mode):
-            self._set_removed_ctime(layer, replaced.ino)
+        self._keep_removed_directory(layer, kept)
 
     # -- files ----------------------------------------------------------------
 

@@ -21,7 +21,8 @@ requests away from the store's xattr database:
   listxattr and removexattr on an inode without xattrs read nothing.
 
 Requests that do reach the xattr database are counted per operation in
-``stats.xattr_store_calls``.
+``stats.xattr_store_calls``. The xattrs of a removed directory that a
+process still holds open are served from memory (``_removed_xattrs``).
 """
 
 from __future__ import annotations
@@ -84,11 +85,14 @@ class XattrHandlers:
     @fuse_handler()
     async def getxattr(self, inode, name, ctx):
         self.stats.record_getxattr_name(name)
+        removed = self._removed_xattrs.get(inode) if self._removed_xattrs else None
+        if removed is not None and name in removed:
+            return removed[name]
         if not self._xattr_name_seen(name):
             if name.startswith(PROBED_NAMESPACES):
                 raise NameNeverStored(errno.EOPNOTSUPP)
             raise pyfuse3.FUSEError(errno.ENODATA)
-        if inode == pyfuse3.ROOT_INODE:
+        if inode == pyfuse3.ROOT_INODE or removed is not None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         layer, ino = self._target(inode)
         if not self._current_attr(inode, layer, ino).has_xattrs:
@@ -105,11 +109,15 @@ class XattrHandlers:
     async def listxattr(self, inode, ctx):
         if inode == pyfuse3.ROOT_INODE:
             return []
-        layer, ino = self._target(inode)
-        if not self._current_attr(inode, layer, ino).has_xattrs:
-            return []
-        self.stats.record_xattr_store_call("listxattr")
-        names = self.store.listxattr(layer, ino)
+        removed = self._removed_xattrs.get(inode)
+        if removed is not None:
+            names = list(removed)
+        else:
+            layer, ino = self._target(inode)
+            if not self._current_attr(inode, layer, ino).has_xattrs:
+                return []
+            self.stats.record_xattr_store_call("listxattr")
+            names = self.store.listxattr(layer, ino)
         # ext4 and tmpfs list trusted.* names only to callers with
         # CAP_SYS_ADMIN, and the kernel leaves that filter to the file system.
         # NOTE: the capability is read from /proc/PID/status, relative to the
@@ -126,6 +134,11 @@ class XattrHandlers:
         if not name.startswith(CHANGEABLE_NAMESPACES):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         layer, ino = self._target(inode)
+        removed = self._removed_xattrs.get(inode)
+        if removed is not None:
+            removed[name] = value
+            self._change_removed_directory(inode, layer, {"has_xattrs": True})
+            return
         if self._is_frozen(layer):
             self._retry_if_shared(inode, layer, ino, ctx)
         self.stats.record_xattr_store_call("setxattr")
@@ -137,6 +150,12 @@ class XattrHandlers:
         if not name.startswith(CHANGEABLE_NAMESPACES):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         layer, ino = self._target(inode)
+        removed = self._removed_xattrs.get(inode)
+        if removed is not None:
+            if removed.pop(name, None) is None:
+                raise pyfuse3.FUSEError(errno.ENODATA)
+            self._change_removed_directory(inode, layer, {"has_xattrs": bool(removed)})
+            return
         if self._is_frozen(layer):
             self._retry_if_shared(inode, layer, ino, ctx)
             raise pyfuse3.FUSEError(errno.EROFS)

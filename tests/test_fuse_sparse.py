@@ -148,6 +148,89 @@ def test_holes_match_tmpfs(lcfs_image, tmpfs_holes, setting):
     }
 
 
+# Builds files with holes at the start, middle and end, and with hole
+# punches inside and past the end, then records SEEK_DATA and SEEK_HOLE
+# at every 512th offset from -1024 to two blocks past the end. Prints JSON.
+SEEK_MATRIX_SCRIPT = r"""
+import ctypes, errno, json, os, sys
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+B = 4096
+MiB = 1 << 20
+
+# Steps: ("write", offset, length), ("truncate", size), ("punch", offset, length).
+FILES = {
+    "data_only": [("write", 0, 10000)],
+    "hole_at_start": [("write", 3 * B, 100)],
+    "hole_in_middle": [("write", 0, B), ("write", 3 * B, B)],
+    "hole_at_end": [("write", 0, B), ("truncate", 5 * B)],
+    "hole_after_partial_block": [("write", 0, 100), ("truncate", 10000)],
+    "only_hole": [("truncate", 3 * B)],
+    "punch_inside": [("write", 0, 4 * B), ("punch", B, B)],
+    "punch_inside_unaligned": [("write", 0, 4 * B), ("punch", 100, 2 * B)],
+    "punch_past_end": [("write", 0, 10000), ("punch", 5000, MiB)],
+    "punch_last_block_past_end": [("write", 0, 10000), ("punch", 2 * B, MiB)],
+    "punch_inside_last_block_past_end": [("write", 0, 10000), ("punch", 9000, MiB)],
+    "punch_from_end": [("write", 0, 10000), ("punch", 10000, B)],
+    "punch_beyond_end": [("write", 0, 10000), ("punch", 20000, B)],
+    "punch_to_unaligned_end": [("write", 0, 10000), ("punch", 2 * B, 10000 - 2 * B)],
+    "punch_everything": [("write", 0, 3 * B), ("punch", 0, MiB)],
+    "punch_last_data_block": [("write", 0, B), ("write", 4 * B, B), ("punch", 4 * B, B)],
+    "punch_hole_at_end_past_end": [("write", 0, B), ("write", 2 * B, 100),
+                                   ("truncate", 6 * B), ("punch", 2 * B, MiB)],
+    "punch_after_grow": [("write", 0, 2 * B), ("truncate", 5 * B), ("punch", B + 10, MiB)],
+    "shrink_then_grow": [("write", 0, 3 * B), ("truncate", 5000), ("truncate", 3 * B)],
+}
+
+def apply(fd, step):
+    if step[0] == "write":
+        os.pwrite(fd, b"x" * step[2], step[1])
+    elif step[0] == "truncate":
+        os.ftruncate(fd, step[1])
+    elif libc.fallocate(fd, PUNCH, step[1], step[2]) != 0:
+        raise OSError(ctypes.get_errno(), "fallocate failed", step)
+
+def seek(fd, offset, whence):
+    try:
+        return os.lseek(fd, offset, whence)
+    except OSError as error:
+        return errno.errorcode[error.errno]
+
+results = {}
+for name, steps in FILES.items():
+    fd = os.open(os.path.join(sys.argv[1], name), os.O_RDWR | os.O_CREAT, 0o644)
+    for step in steps:
+        apply(fd, step)
+    size = os.fstat(fd).st_size
+    offsets = sorted({*range(-1024, size + 2 * B, 512), size - 1, size, size + 1})
+    results[name] = {
+        str(offset): [seek(fd, offset, os.SEEK_DATA), seek(fd, offset, os.SEEK_HOLE)]
+        for offset in offsets
+    }
+    os.close(fd)
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def tmpfs_seeks():
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as directory:
+        return run_script(SEEK_MATRIX_SCRIPT, directory)
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_seek_matrix_matches_tmpfs(lcfs_image, tmpfs_seeks, setting):
+    with mount_store(lcfs_image, SETTINGS[setting]) as mounted:
+        found = run_script(SEEK_MATRIX_SCRIPT, mounted.at("base"))
+    assert found.keys() == tmpfs_seeks.keys()
+    for name, expected in tmpfs_seeks.items():
+        different = {offset: (expected[offset], found[name].get(offset))
+                     for offset in expected if found[name].get(offset) != expected[offset]}  # fmt: skip
+        assert different == {}, f"{name}: offset: (tmpfs, lcfs) [SEEK_DATA, SEEK_HOLE]"
+
+
 SEEK_SCRIPT = """
 import json, os, sys
 fd = os.open(sys.argv[1], os.O_RDONLY)

@@ -1047,9 +1047,19 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
 
     @fuse_handler()
     async def lseek(self, node, offset, whence):
-        """Find data or a hole from the file's extent map (SEEK_DATA, SEEK_HOLE)."""
+        """Find data or a hole from the file's extent map (SEEK_DATA, SEEK_HOLE).
+
+        NOTE: the kernel sends LSEEK without writing back dirty pages first,
+        so data written through a shared mapping seeks as a hole until
+        msync(2) or the kernel's writeback stores it. tmpfs and ext4 report
+        it as data at once.
+        """
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise pyfuse3.FUSEError(errno.EINVAL)
+        if offset < 0:
+            # ext4 and tmpfs reject a negative offset with ENXIO, not
+            # EINVAL (measured on Linux 6.18).
+            raise pyfuse3.FUSEError(errno.ENXIO)
         layer, ino = self._target(node)
         return self.store.seek(layer, ino, offset, hole=whence == os.SEEK_HOLE)
 

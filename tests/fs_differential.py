@@ -428,14 +428,14 @@ def times_comparable(reference: Tree, operation: tuple) -> bool:
         st = _fd_stat(reference, operation[1])
         return not (st and operation[3] >= st.st_size)
     if operation[0] == "truncate":
-        # truncate(2) to the current size keeps mtime and ctime on ext4
-        # and tmpfs. A FUSE server receives it the same way as an open with
-        # O_TRUNC, which sets them, so lcfs sets them for both.
+        # truncate(2) to the current size of a file with no blocks keeps
+        # mtime and ctime on tmpfs, which frees pages only when it has
+        # some. ext4 and lcfs set them.
         try:
             st = os.stat(reference.path(operation[1]))
         except OSError:
             return True
-        return st.st_size != operation[2]
+        return not (st.st_size == operation[2] and st.st_blocks == 0)
     return True
 
 

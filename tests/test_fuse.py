@@ -269,6 +269,35 @@ def test_truncate_to_same_size_sets_mtime(mounted, truncate):
     assert after.st_ctime_ns > before.st_ctime_ns
 
 
+def test_truncate_setattr_matches_o_trunc(mounted):
+    # With opens skipped, the kernel sends truncate(2) and an open with
+    # O_TRUNC as the same SETATTR: a size with no time and no file handle.
+    # lcfs cannot tell them apart, so it sets mtime for both, as ext4 does.
+    operations = mounted.server.operations
+    if not operations.skip_opens:
+        pytest.skip("the kernel sends an open with O_TRUNC as OPEN here")
+    requests = []
+    served = operations.setattr
+
+    async def record(inode, attr, fields, fh, ctx):
+        updated = [name for name in dir(fields)
+                   if name.startswith("update_") and getattr(fields, name)]  # fmt: skip
+        requests.append((updated, fh, attr.st_size))
+        return await served(inode, attr, fields, fh, ctx)
+
+    path = mounted.at("base", "empty")
+    write_file(path, b"")
+    operations.setattr = record
+    try:
+        os.truncate(path, 0)
+        os.close(os.open(path, os.O_WRONLY | os.O_TRUNC))
+    finally:
+        del operations.setattr
+    assert len(requests) == 2
+    assert requests[0] == (["update_size"], None, 0)
+    assert requests[1] == requests[0]
+
+
 def test_truncate_shrink_and_grow(mounted):
     path = mounted.at("base", "file")
     write_file(path, b"0123456789" * 1000)

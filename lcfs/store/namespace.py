@@ -754,13 +754,10 @@ class NamespaceMixin:
         if size is not None:
             if size != inode.size:
                 self._truncate(layer, inode, size)
-            # An open with O_TRUNC and ftruncate(2) set mtime even when the
-            # size stays, as on ext4 and tmpfs. The kernel's FUSE client
-            # sends no mtime with the size of either.
-            # NOTE: truncate(2) to the current size keeps mtime and ctime on
-            # ext4 and tmpfs. With opens skipped it reaches lcfs as the same
-            # setattr (a size and no file handle) as an open with O_TRUNC, so
-            # lcfs sets them.
+            # truncate(2), ftruncate(2) and an open with O_TRUNC set mtime
+            # even when the size stays, as ext4 does on Linux 6.18. The
+            # kernel's FUSE client sends no mtime with the size of any of
+            # them. tmpfs keeps the times of a file with no blocks.
             if mtime_ns is None:
                 inode.mtime_ns = now
         inode.ctime_ns = ctime_ns if ctime_ns is not None else now

@@ -9,9 +9,10 @@ number, symlink target, contents, user.* xattrs, directory listings and
 which names are hard links of one file. mtime and ctime are compared as
 "changed by this operation or not", because their values differ.
 
-Differences that lcfs accepts are left out of the comparison. Directories
-report size 0, fallocate supports only punching holes, POSIX ACLs are not
-supported, and st_ino and st_dev values differ between file systems.
+Differences that lcfs accepts are left out of the comparison. Directory
+sizes differ (lcfs reports one block, as ext4 does for small directories),
+fallocate supports only punching holes, POSIX ACLs are not supported, and
+st_ino and st_dev values differ between file systems.
 
 ``shrink`` reduces a sequence that diverges to a small one that still does.
 """
@@ -99,7 +100,11 @@ def _errno_result(exc: OSError):
 
 
 def stat_fields(st: os.stat_result) -> tuple:
-    """Return the stat fields that two POSIX file systems report alike."""
+    """Return the stat fields that two POSIX file systems report alike.
+
+    A directory's size differs by file system, so only whether it is
+    nonzero counts: `test -s DIR` and `find -size 0` read that.
+    """
     is_dir = stat.S_ISDIR(st.st_mode)
     rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0
     return (
@@ -107,7 +112,7 @@ def stat_fields(st: os.stat_result) -> tuple:
         oct(stat.S_IMODE(st.st_mode)),
         st.st_uid,
         st.st_gid,
-        None if is_dir else st.st_size,
+        st.st_size > 0 if is_dir else st.st_size,
         st.st_nlink,
         rdev,
     )

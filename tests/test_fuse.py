@@ -801,6 +801,25 @@ def test_removed_directory_still_stats(mounted, origin, removal):
         expect_errno(errno.ENOENT, os.stat, path)
 
 
+def test_directory_size_is_one_block(mounted):
+    # ext4 reports directories in whole blocks and tmpfs a size that grows
+    # with entries, so `test -s DIR` is true and `find -size 0` lists no
+    # directory there. `find -size 0 -delete` would otherwise remove empty ones.
+    os.makedirs(mounted.at("base", "full", "sub"))
+    os.mkdir(mounted.at("base", "empty"))
+    write_file(mounted.at("base", "full", "empty-file"), b"")
+    for parts in [(), ("base",), ("base", "empty"), ("base", "full"), ("base", "full", "sub")]:
+        st = os.stat(mounted.at(*parts))
+        assert st.st_size == 4096, parts
+    listed = subprocess.run(["find", mounted.at("base"), "-size", "0"], capture_output=True,
+                            text=True, check=True).stdout.split()  # fmt: skip
+    assert listed == [mounted.at("base", "full", "empty-file")]
+    tested = subprocess.run(["sh", "-c", 'test -s "$1"', "sh", mounted.at("base", "empty")])
+    assert tested.returncode == 0
+    # A file keeps its own size: only directories report a block.
+    assert os.stat(mounted.at("base", "full", "empty-file")).st_size == 0
+
+
 def test_listings_start_with_dot_entries(mounted):
     os.mkdir(mounted.at("base", "dir"))
     write_file(mounted.at("base", "dir", "f"), b"")

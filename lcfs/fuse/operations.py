@@ -449,7 +449,15 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         entry.st_uid = attr.uid
         entry.st_gid = attr.gid
         entry.st_rdev = attr.rdev
-        entry.st_size = attr.size
+        # The store keeps size 0 for directories. ext4 reports them in whole
+        # blocks, and `test -s DIR` and `find -size 0` rely on a nonzero
+        # size, so a directory reports one block. The check runs only for
+        # size 0.
+        # NOTE: ext4 grows a directory past one block as entries are added,
+        # and this size stays at one block.
+        entry.st_size = attr.size or (
+            self.store.block_size if stat.S_ISDIR(attr.mode) else 0
+        )
         entry.st_blocks = attr.blocks
         entry.st_blksize = self.store.block_size
         entry.st_atime_ns = attr.atime_ns
@@ -466,6 +474,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         entry.st_mode = stat.S_IFDIR | 0o755
         # 1 means "subdirectory count unknown" to find and other tree walkers.
         entry.st_nlink = 1
+        entry.st_size = self.store.block_size
         entry.st_blksize = self.store.block_size
         entry.st_atime_ns = self._mount_time_ns
         entry.st_mtime_ns = self._mount_time_ns

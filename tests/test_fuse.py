@@ -25,7 +25,7 @@ import time
 import pytest
 from fuse_fixtures import fuse_available, lcfs_image, mounted  # noqa: F401
 
-from lcfs.fuse import FuseServer, find_mount
+from lcfs.fuse import FuseServer, find_mount, operations
 from lcfs.store import ROOT_INO, errors
 
 pytestmark = [
@@ -818,6 +818,33 @@ def test_directory_size_is_one_block(mounted):
     assert tested.returncode == 0
     # A file keeps its own size: only directories report a block.
     assert os.stat(mounted.at("base", "full", "empty-file")).st_size == 0
+
+
+@pytest.mark.parametrize("removal", ["rmdir", "rename"])
+def test_removed_directory_xattrs_after_timeout(mounted, monkeypatch, removal):
+    # The mount keeps a node's attributes for as long as the kernel trusts
+    # them, 1 s on a writable layer. A zero timeout makes each xattr request
+    # find them expired, as one that comes more than 1 s after the last
+    # getattr does. On ext4 and tmpfs, flistxattr and fgetxattr of an open
+    # removed directory return its xattrs.
+    monkeypatch.setattr(operations, "WRITABLE_TIMEOUT", 0.0)
+    # A name that the store contains, so that getxattr reads the store.
+    write_file(mounted.at("base", "f"), b"")
+    os.setxattr(mounted.at("base", "f"), "user.one", b"1")
+    path = mounted.at("base", "gone")
+    os.mkdir(path)
+    os.mkdir(mounted.at("base", "other"))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if removal == "rmdir":
+            os.rmdir(path)
+        else:
+            os.rename(mounted.at("base", "other"), path)
+        assert os.fstat(fd).st_nlink == 0
+        assert os.listxattr(fd) == []
+        expect_errno(errno.ENODATA, os.getxattr, fd, "user.one")
+    finally:
+        os.close(fd)
 
 
 def test_listings_start_with_dot_entries(mounted):

@@ -425,11 +425,19 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         self._attrs[node] = (attr, valid_until)
 
     def _current_attr(self, node: int, layer: int, ino: int):
-        """Return the attributes of a node, from memory while they are valid."""
+        """Return the attributes of a node, from memory while they are valid.
+
+        A removed directory that the kernel still references has no record
+        in the store, so its attributes come from memory at any age
+        (``_removed_directory``). Raises NotFound for any other missing node.
+        """
         kept = self._attrs.get(node)
         if kept is not None and kept[1] > time.monotonic():
             return kept[0]
-        attr = self.store.getattr(layer, ino)
+        try:
+            attr = self.store.getattr(layer, ino)
+        except errors.NotFound:
+            return self._removed_directory(node)
         self._keep_attr(node, layer, attr)
         return attr
 
@@ -697,10 +705,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         if fields.update_uid or fields.update_gid or no_fields:
             # A chown drops setuid and setgid here, not in the kernel
             # (FUSE_HANDLE_KILLPRIV_V2).
-            try:
-                before = self._current_attr(inode, layer, ino)
-            except errors.NotFound:
-                before = self._removed_directory(inode)
+            before = self._current_attr(inode, layer, ino)
             mode = changes.get("mode", stat.S_IMODE(before.mode)) | stat.S_IFMT(before.mode)
             if mode & PRIVILEGE_BITS:
                 cleared = mode_after_owner_change(mode, before.gid,

@@ -23,9 +23,11 @@ import threading
 import time
 
 import pytest
-from fuse_fixtures import fuse_available, lcfs_image, mounted  # noqa: F401
+import trio
+from fuse_fixtures import fuse_available, lcfs_image, mount_store, mounted  # noqa: F401
 
 from lcfs.fuse import FuseServer, find_mount, operations
+from lcfs.fuse.settings import FuseSettings
 from lcfs.store import ROOT_INO, errors
 
 pytestmark = [
@@ -845,6 +847,71 @@ def test_removed_directory_xattrs_after_timeout(mounted, monkeypatch, removal):
         expect_errno(errno.ENODATA, os.getxattr, fd, "user.one")
     finally:
         os.close(fd)
+
+
+# statx(2) flags: AT_SYMLINK_NOFOLLOW, and AT_STATX_FORCE_SYNC, which makes
+# a FUSE client send GETATTR even while its cached attributes are valid.
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_STATX_FORCE_SYNC = 0x2000
+STATX_BASIC_STATS = 0x7FF
+
+
+def statx_force_sync(path: str) -> None:
+    """Fetch the attributes of ``path`` from the file system, bypassing the kernel's cache."""
+    buffer = ctypes.create_string_buffer(256)  # struct statx
+    flags = AT_SYMLINK_NOFOLLOW | AT_STATX_FORCE_SYNC
+    if _libc.statx(AT_FDCWD, os.fsencode(path), flags, STATX_BASIC_STATS, buffer) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+
+
+@pytest.mark.parametrize("change", ["mkdir", "rmdir", "rename"])
+def test_directory_change_beats_late_getattr(lcfs_image, monkeypatch, change):
+    # A getattr reply that lcfs built before a change to a directory's
+    # entries can reach its requester after the change's reply. The
+    # kernel must not keep the old nlink and mtime from it for the whole
+    # attribute timeout, because ext4 and tmpfs show the change at once.
+    # The handler below delays such a reply until the change is done. The
+    # request loop used with invalidate-on-close serves other requests
+    # meanwhile.
+    settings = FuseSettings(invalidate_on_close=True)
+    with mount_store(lcfs_image, settings) as mounted:
+        operations = mounted.server.operations
+        directory = mounted.at("base", "dir")
+        os.mkdir(directory)
+        os.mkdir(os.path.join(directory, "old"))
+        os.mkdir(mounted.at("base", "elsewhere"))
+        before = os.stat(directory)
+        built = threading.Event()
+        release = threading.Event()
+        getattr_handler = operations.getattr
+
+        async def late_getattr(inode, ctx):
+            entry = await getattr_handler(inode, ctx)
+            if inode == before.st_ino and not built.is_set():
+                built.set()
+                await trio.to_thread.run_sync(release.wait, 10.0)
+            return entry
+
+        monkeypatch.setattr(operations, "getattr", late_getattr)
+        reader = threading.Thread(target=statx_force_sync, args=(directory,))
+        reader.start()
+        try:
+            assert built.wait(10.0)
+            if change == "mkdir":
+                os.mkdir(os.path.join(directory, "new"))
+            elif change == "rmdir":
+                os.rmdir(os.path.join(directory, "old"))
+            else:
+                os.rename(os.path.join(directory, "old"), mounted.at("base", "elsewhere", "old"))
+        finally:
+            release.set()
+            reader.join()
+        after = os.stat(directory)
+    expected_nlink = before.st_nlink + (1 if change == "mkdir" else -1)
+    assert after.st_nlink == expected_nlink
+    assert after.st_mtime_ns > before.st_mtime_ns
+    assert after.st_ctime_ns > before.st_ctime_ns
 
 
 def test_listings_start_with_dot_entries(mounted):

@@ -14,6 +14,11 @@ sizes differ (lcfs reports one block, as ext4 does for small directories),
 fallocate supports only punching holes, POSIX ACLs are not supported, and
 st_ino and st_dev values differ between file systems.
 
+A divergence carries the full stat of the paths involved in every tree,
+with what the file system's server stores where the tree can tell, right
+after the step and again after RECHECK_DELAY, and the timings of the last
+steps.
+
 ``shrink`` reduces a sequence that diverges to a small one that still does.
 """
 
@@ -27,6 +32,7 @@ import os
 import random
 import stat
 import time
+from collections.abc import Callable
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -55,6 +61,12 @@ MODES = [0o644, 0o600, 0o755, 0o000, 0o4755, 0o2755, 0o2745, 0o1777, 0o7777]
 OWNERS = [0, 1000, 65534, -1]
 # Files larger than this are compared by their first and last MiB.
 MAX_COMPARED_SIZE = 64 << 20
+# Seconds before a divergence's second look at the paths involved. It is
+# longer than the attribute and entry timeouts of a writable lcfs layer
+# (1 s), so a value that a kernel cache kept stale shows its current state.
+RECHECK_DELAY = 1.5
+# How many of the last steps a divergence lists the timings of.
+TIMED_STEPS = 6
 
 
 def renameat2(old: str, new: str, flags: int) -> None:
@@ -82,6 +94,9 @@ class Tree:
     label: str
     root: str
     slots: dict[int, int] = dataclasses.field(default_factory=dict)
+    # Returns what the file system's server stores for a file, given its
+    # stat result, to show next to what the kernel reports after a divergence.
+    inspect: Callable[[os.stat_result], object] | None = None
 
     def path(self, relative: str) -> str:
         return os.path.join(self.root, relative) if relative else self.root
@@ -639,12 +654,100 @@ class Divergence:
     operation: tuple
     kind: str
     details: dict
+    # Lines that help find the cause: the full stat of each path involved,
+    # then and after RECHECK_DELAY, and the timings of the last steps.
+    context: list[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"step {self.step}: {self.operation!r}: {self.kind} differs"]
         for label, value in self.details.items():
             lines.append(f"  {label}: {value!r}")
+        lines.extend(self.context)
         return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class StepTiming:
+    """The start of a step, in seconds from the start of its sequence, and how long its parts took."""
+
+    step: int
+    started: float
+    operations: dict[str, float]
+    snapshots: float
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{label} {seconds * 1000:.1f} ms"
+                          for label, seconds in self.operations.items())  # fmt: skip
+        return (f"  step {self.step} at {self.started:.3f} s: operation on {parts}; "
+                f"snapshots {self.snapshots * 1000:.1f} ms")
+
+
+# Operations whose first argument is a descriptor slot.
+DESCRIPTOR_OPERATIONS = {"write", "pwrite", "read", "pread", "lseek", "ftruncate", "fallocate",
+                         "fsync", "fstat", "fchmod", "fchown", "futimens", "fsetxattr",
+                         "fgetxattr", "flistxattr", "close", "truncate_huge"}  # fmt: skip
+
+
+def operation_paths(operation: tuple) -> list[str]:
+    """Return the paths and descriptor slots ("<fd N>") that an operation names."""
+    name, *arguments = operation
+    if name in DESCRIPTOR_OPERATIONS:
+        return [f"<fd {arguments[0]}>"]
+    if name == "open":
+        return [f"<fd {arguments[0]}>", arguments[1]]
+    if name == "symlink":
+        # The first argument is the link's target, not a path in the tree.
+        arguments = arguments[1:]
+    return [argument for argument in arguments if isinstance(argument, str)]
+
+
+def describe(tree: Tree, relative: str) -> dict:
+    """Return the main stat fields of a path or descriptor slot in ``tree``, and the server's view."""
+    try:
+        if relative.startswith("<fd "):
+            st = os.fstat(tree.slots[int(relative[len("<fd "):-1])])
+        else:
+            st = os.lstat(tree.path(relative))
+    except (OSError, KeyError, ValueError) as exc:
+        return {"error": repr(exc)}
+    fields = {
+        "ino": st.st_ino,
+        "mode": stat.filemode(st.st_mode),
+        "nlink": st.st_nlink,
+        "size": st.st_size,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
+    if tree.inspect is not None:
+        try:
+            fields["server"] = tree.inspect(st)
+        except Exception as exc:  # a failed look must not hide the divergence
+            fields["server"] = f"failed: {exc!r}"
+    return fields
+
+
+def divergence_context(trees: list[Tree], paths: list[str], times: dict,
+                       timings: list[StepTiming]) -> list[str]:  # fmt: skip
+    """Return the lines that describe each path in every tree, now and after RECHECK_DELAY.
+
+    ``times`` maps each tree's label to the times of its snapshot before
+    the step, as ``snapshot`` returns them. A value that changes during
+    the delay, with no operation run, most likely came from a stale cache.
+    """
+    paths = [path for path in dict.fromkeys(paths) if path != "<hard links>"]
+    lines = [f"  stat of {path or '<root>'!r} in {tree.label}: before the step "
+             f"(mtime_ns, ctime_ns, ino) {times[tree.label].get(path)!r}, "
+             f"after it {describe(tree, path)!r}"
+             for path in paths for tree in trees]  # fmt: skip
+    time.sleep(RECHECK_DELAY)
+    lines += [f"  stat of {path or '<root>'!r} in {tree.label} {RECHECK_DELAY} s later: "
+              f"{describe(tree, path)!r}"
+              for path in paths for tree in trees]  # fmt: skip
+    lines.append("  timings of the last steps:")
+    lines += [str(timing) for timing in timings[-TIMED_STEPS:]]
+    return lines
 
 
 def _state_difference(states: dict[str, dict]) -> dict:
@@ -663,13 +766,15 @@ def _state_difference(states: dict[str, dict]) -> dict:
 
 
 def run_sequence(trees: list[Tree], operations, compare_times: bool = True,
-                 seed: int | None = None, count: int = 0) -> tuple[list[tuple], Divergence | None]:  # fmt: skip
+                 seed: int | None = None, count: int = 0,
+                 explain: bool = True) -> tuple[list[tuple], Divergence | None]:  # fmt: skip
     """Run operations on every tree; return those run and the first divergence.
 
     With ``seed`` the operations are drawn as they run, ``count`` of them,
     on the paths of the first tree, which is the reference: exclusions
     are decided on it too. Otherwise ``operations`` is the list
-    to replay.
+    to replay. With ``explain`` a divergence carries ``divergence_context``,
+    which takes RECHECK_DELAY seconds.
     """
     generator = Generator(seed) if seed is not None else None
     if generator is not None:
@@ -677,6 +782,14 @@ def run_sequence(trees: list[Tree], operations, compare_times: bool = True,
     done = []
     states = {}
     times = {}
+    timings: list[StepTiming] = []
+    sequence_start = time.monotonic()
+
+    def diverged(divergence: Divergence, paths: list[str]):
+        if explain:
+            divergence.context = divergence_context(trees, paths, times, timings)
+        return done, divergence
+
     for tree in trees:
         states[tree.label], times[tree.label] = snapshot(tree)
     for step, operation in enumerate(operations):
@@ -692,17 +805,30 @@ def run_sequence(trees: list[Tree], operations, compare_times: bool = True,
             # once per tick (4 ms with HZ=250), and a change within the tick
             # of the last one may keep the old value.
             time.sleep(COARSE_CLOCK_TICK)
-        results = {tree.label: run_operation(tree, operation) for tree in trees}
+        started = time.monotonic()
+        results = {}
+        durations = {}
+        for tree in trees:
+            operation_start = time.monotonic()
+            results[tree.label] = run_operation(tree, operation)
+            durations[tree.label] = time.monotonic() - operation_start
+        timing = StepTiming(step, started - sequence_start, durations, 0.0)
+        timings.append(timing)
+        del timings[:-TIMED_STEPS]
         first = results[reference.label]
         if any(result != first for result in results.values()):
-            return done, Divergence(step, operation, "result", results)
+            return diverged(Divergence(step, operation, "result", results),
+                            operation_paths(operation))  # fmt: skip
+        snapshots_start = time.monotonic()
         new_states = {}
         new_times = {}
         for tree in trees:
             new_states[tree.label], new_times[tree.label] = snapshot(tree)
+        timing.snapshots = time.monotonic() - snapshots_start
         difference = _state_difference(new_states)
         if difference:
-            return done, Divergence(step, operation, "state", difference)
+            return diverged(Divergence(step, operation, "state", difference),
+                            [difference["path"]] + operation_paths(operation))  # fmt: skip
         if compare_step_times:
             changes = {label: changed_times(times[label], new_times[label]) for label in new_times}
             reference_changes = changes[reference.label]
@@ -711,8 +837,9 @@ def run_sequence(trees: list[Tree], operations, compare_times: bool = True,
                     different = {path: (reference_changes.get(path), change.get(path))
                                  for path in sorted(set(change) | set(reference_changes))
                                  if reference_changes.get(path) != change.get(path)}  # fmt: skip
-                    return done, Divergence(step, operation, "times (mtime, ctime changed)",
+                    divergence = Divergence(step, operation, "times (mtime, ctime changed)",
                                             {f"{reference.label} vs {label}": different})  # fmt: skip
+                    return diverged(divergence, list(different) + operation_paths(operation))
         states, times = new_states, new_times
     return done, None
 

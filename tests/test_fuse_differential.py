@@ -3,7 +3,9 @@
 ``fs_differential`` draws seeded sequences of file system calls and runs
 each one on an lcfs layer and on a tmpfs directory, comparing every result
 and the whole tree after every call. The seeds are fixed, so a failure
-repeats: its message lists the operations that led to it.
+repeats unless timing caused it. Its message lists the operations that led
+to it, the kernel's and the store's view of the paths involved, and the
+timings of the last steps.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ def new_root(directory: str) -> str:
     return root
 
 
+def store_view(mounted):
+    """Return a ``Tree.inspect`` function that reads a file's attributes from the store."""
+
+    def inspect(st: os.stat_result) -> dict:
+        layer, ino = mounted.store.node_target(st.st_ino)
+        attr = mounted.store.getattr(layer, ino)
+        return {"layer": layer, "ino": ino, "nlink": attr.nlink, "size": attr.size,
+                "mtime_ns": attr.mtime_ns, "ctime_ns": attr.ctime_ns}  # fmt: skip
+
+    return inspect
+
+
 def check_sequence(trees: list[fs_differential.Tree], seed: int, count: int,
                    compare_times: bool = True) -> None:  # fmt: skip
     try:
@@ -66,7 +80,8 @@ def run_writable_layers(mounted, reference) -> None:
         mounted.store.commit()
         (reference / layer).mkdir()
         tmpfs_tree = fs_differential.Tree("tmpfs", new_root(str(reference / layer)))
-        lcfs_tree = fs_differential.Tree("lcfs", new_root(mounted.at(layer)))
+        lcfs_tree = fs_differential.Tree("lcfs", new_root(mounted.at(layer)),
+                                         inspect=store_view(mounted))  # fmt: skip
         check_sequence([tmpfs_tree, lcfs_tree], seed, OPERATIONS)
 
 
@@ -89,7 +104,8 @@ def run_layer_stacks(mounted, reference) -> None:
             if parent is None:
                 new_root(mounted.at(layer))
             trees = [fs_differential.Tree("tmpfs", tmpfs_root),
-                     fs_differential.Tree("lcfs", mounted.at(layer, "w"))]  # fmt: skip
+                     fs_differential.Tree("lcfs", mounted.at(layer, "w"),
+                                          inspect=store_view(mounted))]  # fmt: skip
             if level < LOWER_LEVELS:
                 check_sequence(trees, seed * 100 + level + 10_000, LOWER_OPERATIONS,
                                compare_times=False)  # fmt: skip

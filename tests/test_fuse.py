@@ -865,52 +865,82 @@ def statx_force_sync(path: str) -> None:
         raise OSError(err, os.strerror(err), path)
 
 
+@contextlib.contextmanager
+def late_getattr(mounted, monkeypatch, path: str):
+    """Fetch the attributes of ``path`` on another thread, and deliver them after the block.
+
+    The getattr handler builds the reply at once and delays it until the
+    block has run, so the reply carries the attributes from before
+    whatever the block changes. Needs the request loop used with
+    invalidate-on-close, which serves other requests meanwhile.
+    """
+    operations = mounted.server.operations
+    node = os.lstat(path).st_ino
+    built = threading.Event()
+    release = threading.Event()
+    getattr_handler = operations.getattr
+
+    async def held_getattr(inode, ctx):
+        entry = await getattr_handler(inode, ctx)
+        if inode == node and not built.is_set():
+            built.set()
+            await trio.to_thread.run_sync(release.wait, 10.0)
+        return entry
+
+    monkeypatch.setattr(operations, "getattr", held_getattr)
+    reader = threading.Thread(target=statx_force_sync, args=(path,))
+    reader.start()
+    try:
+        assert built.wait(10.0)
+        yield
+    finally:
+        release.set()
+        reader.join()
+
+
 @pytest.mark.parametrize("change", ["mkdir", "rmdir", "rename"])
 def test_directory_change_beats_late_getattr(lcfs_image, monkeypatch, change):
     # A getattr reply that lcfs built before a change to a directory's
     # entries can reach its requester after the change's reply. The
     # kernel must not keep the old nlink and mtime from it for the whole
     # attribute timeout, because ext4 and tmpfs show the change at once.
-    # The handler below delays such a reply until the change is done. The
-    # request loop used with invalidate-on-close serves other requests
-    # meanwhile.
     settings = FuseSettings(invalidate_on_close=True)
     with mount_store(lcfs_image, settings) as mounted:
-        operations = mounted.server.operations
         directory = mounted.at("base", "dir")
         os.mkdir(directory)
         os.mkdir(os.path.join(directory, "old"))
         os.mkdir(mounted.at("base", "elsewhere"))
         before = os.stat(directory)
-        built = threading.Event()
-        release = threading.Event()
-        getattr_handler = operations.getattr
-
-        async def late_getattr(inode, ctx):
-            entry = await getattr_handler(inode, ctx)
-            if inode == before.st_ino and not built.is_set():
-                built.set()
-                await trio.to_thread.run_sync(release.wait, 10.0)
-            return entry
-
-        monkeypatch.setattr(operations, "getattr", late_getattr)
-        reader = threading.Thread(target=statx_force_sync, args=(directory,))
-        reader.start()
-        try:
-            assert built.wait(10.0)
+        with late_getattr(mounted, monkeypatch, directory):
             if change == "mkdir":
                 os.mkdir(os.path.join(directory, "new"))
             elif change == "rmdir":
                 os.rmdir(os.path.join(directory, "old"))
             else:
                 os.rename(os.path.join(directory, "old"), mounted.at("base", "elsewhere", "old"))
-        finally:
-            release.set()
-            reader.join()
         after = os.stat(directory)
     expected_nlink = before.st_nlink + (1 if change == "mkdir" else -1)
     assert after.st_nlink == expected_nlink
     assert after.st_mtime_ns > before.st_mtime_ns
+    assert after.st_ctime_ns > before.st_ctime_ns
+
+
+@pytest.mark.parametrize("flags", [0, RENAME_EXCHANGE])
+def test_renamed_file_beats_late_getattr(lcfs_image, monkeypatch, flags):
+    # rename(2) sets the ctime of the file it moves, and of both files that
+    # RENAME_EXCHANGE swaps, on ext4 and tmpfs. A getattr reply built
+    # before the rename must not bring the old ctime back.
+    settings = FuseSettings(invalidate_on_close=True)
+    with mount_store(lcfs_image, settings) as mounted:
+        moved = mounted.at("base", "moved")
+        other = mounted.at("base", "other")
+        write_file(moved, b"")
+        write_file(other, b"")
+        before = os.stat(moved)
+        with late_getattr(mounted, monkeypatch, moved):
+            renameat2(moved, other, flags)
+        after = os.stat(other)
+    assert after.st_ino == before.st_ino
     assert after.st_ctime_ns > before.st_ctime_ns
 
 

@@ -831,7 +831,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         layer, dir_ino = self._target(parent_inode)
         mode, gid = self._new_owner(layer, dir_ino, mode, ctx)
         attr = self.store.mkdir(layer, dir_ino, name, mode, ctx.uid, gid)
-        self._expire_directory_attributes(parent_inode)
+        self._expire_attributes(parent_inode)
         return self._remembered_entry(layer, attr)
 
     @fuse_handler(modifies=True)
@@ -839,7 +839,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         layer, dir_ino = self._target(parent_inode)
         mode, gid = self._new_owner(layer, dir_ino, mode, ctx)
         attr = self.store.mknod(layer, dir_ino, name, mode, rdev, ctx.uid, gid)
-        self._expire_directory_attributes(parent_inode)
+        self._expire_attributes(parent_inode)
         return self._remembered_entry(layer, attr)
 
     @fuse_handler(modifies=True)
@@ -847,7 +847,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         layer, dir_ino = self._target(parent_inode)
         _, gid = self._new_owner(layer, dir_ino, stat.S_IFLNK, ctx)
         attr = self.store.symlink(layer, dir_ino, name, target, ctx.uid, gid)
-        self._expire_directory_attributes(parent_inode)
+        self._expire_attributes(parent_inode)
         return self._remembered_entry(layer, attr)
 
     @fuse_handler(modifies=True)
@@ -857,14 +857,14 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             self._retry_if_shared(inode, layer, ino, ctx)
         layer, ino, new_dir_ino = self._same_layer(inode, new_parent_inode)
         attr = self.store.link(layer, ino, new_dir_ino, new_name)
-        self._expire_directory_attributes(new_parent_inode)
+        self._expire_attributes(new_parent_inode)
         return self._remembered_entry(layer, attr)
 
     @fuse_handler(modifies=True)
     async def unlink(self, parent_inode, name, ctx):
         layer, dir_ino = self._target(parent_inode)
         self.store.unlink(layer, dir_ino, name)
-        self._expire_directory_attributes(parent_inode)
+        self._expire_attributes(parent_inode)
 
     @fuse_handler(modifies=True)
     async def rmdir(self, parent_inode, name, ctx):
@@ -873,7 +873,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         kept = self._directory_to_keep(layer, removed)
         self.store.rmdir(layer, dir_ino, name)
         self._keep_removed_directory(layer, kept)
-        self._expire_directory_attributes(parent_inode)
+        self._expire_attributes(parent_inode)
 
     def _directory_to_keep(self, layer: int, attr) -> tuple[int, dict[bytes, bytes]] | None:
         """Return (node, xattrs) of a directory to be removed, if the kernel references it.
@@ -932,7 +932,14 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
                     kept = self._directory_to_keep(layer, replaced)
         self.store.rename(layer, old_dir, name_old, new_dir, name_new, flags, uid, gid)
         self._keep_removed_directory(layer, kept)
-        self._expire_directory_attributes(*{parent_inode_old, parent_inode_new})
+        # The rename set the ctime of the file it moved, and of both files
+        # that RENAME_EXCHANGE swapped.
+        moved = [self.store.lookup(layer, new_dir, name_new)]
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            moved.append(self.store.lookup(layer, old_dir, name_old))
+        moved_nodes = [self.store.existing_node(layer, attr.ino) for attr in moved]
+        self._expire_attributes(*{parent_inode_old, parent_inode_new},
+                                *[node for node in moved_nodes if node is not None])
 
     # -- files ----------------------------------------------------------------
 
@@ -985,7 +992,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         layer, dir_ino = self._target(parent_inode)
         mode, gid = self._new_owner(layer, dir_ino, mode, ctx)
         attr = self.store.mknod(layer, dir_ino, name, mode, 0, ctx.uid, gid)
-        self._expire_directory_attributes(parent_inode)
+        self._expire_attributes(parent_inode)
         entry = self._entry(layer, attr)
         file_info = self._open(entry.st_ino, layer, attr.ino, flags, ctx)
         self._remember(entry.st_ino)
@@ -1050,17 +1057,18 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             pass  # the kernel has forgotten the node
 
     @staticmethod
-    def _expire_directory_attributes(*nodes: int) -> None:
-        """Make the kernel discard attributes of changed directories that a late reply carries.
+    def _expire_attributes(*nodes: int) -> None:
+        """Make the kernel discard attributes of changed nodes that a late reply carries.
 
-        Call it after a change to the entries of the directories, before the
-        reply. On that reply the kernel drops its cached attributes of the
-        directory but does not advance their version (fuse_dir_changed in
-        Linux fs/fuse/dir.c, 6.18 included). A getattr, lookup or
-        readdirplus reply that lcfs built before the change, and that its
-        requester takes after it, then puts the old nlink, mtime and ctime
-        back for the whole timeout. This notice advances the version, so
-        the kernel discards such a reply.
+        Call it before the reply to a change to the entries of directories,
+        for the directories and for the files that a rename moves. On that
+        reply the kernel drops its cached attributes of those nodes but
+        does not advance their version (fuse_dir_changed and
+        fuse_update_ctime in Linux fs/fuse/dir.c, 6.18 included). A
+        getattr, lookup or readdirplus reply that lcfs built before the
+        change, and that its requester takes after it, then puts the old
+        nlink, mtime and ctime back for the whole timeout. This notice
+        advances the version, so the kernel discards such a reply.
         """
         for node in nodes:
             try:

@@ -944,6 +944,26 @@ def test_renamed_file_beats_late_getattr(lcfs_image, monkeypatch, flags):
     assert after.st_ctime_ns > before.st_ctime_ns
 
 
+@pytest.mark.parametrize("change", ["setxattr", "removexattr"])
+def test_xattr_change_beats_late_getattr(lcfs_image, monkeypatch, change):
+    # Setting or removing an xattr sets the file's ctime on ext4 and
+    # tmpfs. A getattr reply built before the change must not bring the
+    # old ctime back.
+    settings = FuseSettings(invalidate_on_close=True)
+    with mount_store(lcfs_image, settings) as mounted:
+        path = mounted.at("base", "f")
+        write_file(path, b"")
+        os.setxattr(path, "user.old", b"1")
+        before = os.stat(path)
+        with late_getattr(mounted, monkeypatch, path):
+            if change == "setxattr":
+                os.setxattr(path, "user.new", b"2")
+            else:
+                os.removexattr(path, "user.old")
+        after = os.stat(path)
+    assert after.st_ctime_ns > before.st_ctime_ns
+
+
 def test_listings_start_with_dot_entries(mounted):
     os.mkdir(mounted.at("base", "dir"))
     write_file(mounted.at("base", "dir", "f"), b"")

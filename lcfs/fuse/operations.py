@@ -1061,14 +1061,15 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         """Make the kernel discard attributes of changed nodes that a late reply carries.
 
         Call it before the reply to a change to the entries of directories,
-        for the directories and for the files that a rename moves. On that
-        reply the kernel drops its cached attributes of those nodes but
-        does not advance their version (fuse_dir_changed and
-        fuse_update_ctime in Linux fs/fuse/dir.c, 6.18 included). A
-        getattr, lookup or readdirplus reply that lcfs built before the
-        change, and that its requester takes after it, then puts the old
-        nlink, mtime and ctime back for the whole timeout. This notice
-        advances the version, so the kernel discards such a reply.
+        for the directories and for the files that a rename moves, and to
+        a change of a node's xattrs. On that reply the kernel drops its
+        cached attributes of those nodes but does not advance their
+        version. Linux does so in fuse_dir_changed and fuse_update_ctime
+        (fs/fuse/dir.c), and the tests show it on 6.18. A getattr, lookup
+        or readdirplus reply that lcfs built before the change, and that
+        its requester takes after it, then puts the old nlink, mtime and
+        ctime back for the whole timeout. This notice advances the
+        version, so the kernel discards such a reply.
         """
         for node in nodes:
             try:

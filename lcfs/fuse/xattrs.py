@@ -144,6 +144,8 @@ class XattrHandlers:
         self.stats.record_xattr_store_call("setxattr")
         self.store.setxattr(layer, ino, name, value)
         self._keep_attr(inode, layer, self.store.getattr(layer, ino))
+        # The change set the ctime, which the kernel drops on the reply.
+        self._expire_attributes(inode)
 
     @fuse_handler(modifies=True)
     async def removexattr(self, inode, name, ctx):
@@ -164,3 +166,5 @@ class XattrHandlers:
         self.stats.record_xattr_store_call("removexattr")
         self.store.removexattr(layer, ino, name)
         self._keep_attr(inode, layer, self.store.getattr(layer, ino))
+        # The change set the ctime, which the kernel drops on the reply.
+        self._expire_attributes(inode)

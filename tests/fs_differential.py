@@ -728,21 +728,22 @@ def describe(tree: Tree, relative: str) -> dict:
     return fields
 
 
-def divergence_context(trees: list[Tree], paths: list[str], times: dict,
+def divergence_context(trees: list[Tree], paths: list[str], times: dict, new_times: dict,
                        timings: list[StepTiming]) -> list[str]:  # fmt: skip
     """Return the lines that describe each path in every tree, now and after RECHECK_DELAY.
 
-    ``times`` maps each tree's label to the times of its snapshot before
-    the step, as ``snapshot`` returns them. A value that changes during
-    the delay, with no operation run, most likely came from a stale cache.
+    ``times`` and ``new_times`` map each tree's label to the times of its
+    snapshots before and after the step, as ``snapshot`` returns them
+    (empty when no snapshot followed). A value that changes with no
+    operation run most likely came from a stale cache.
     """
     paths = [path for path in dict.fromkeys(paths) if path != "<hard links>"]
-    lines = [f"  stat of {path or '<root>'!r} in {tree.label}: before the step "
-             f"(mtime_ns, ctime_ns, ino) {times[tree.label].get(path)!r}, "
-             f"after it {describe(tree, path)!r}"
+    lines = [f"  {path or '<root>'!r} in {tree.label}: (mtime_ns, ctime_ns, ino) in the "
+             f"snapshot before the step {times[tree.label].get(path)!r}, after it "
+             f"{new_times.get(tree.label, {}).get(path)!r}; stat now {describe(tree, path)!r}"
              for path in paths for tree in trees]  # fmt: skip
     time.sleep(RECHECK_DELAY)
-    lines += [f"  stat of {path or '<root>'!r} in {tree.label} {RECHECK_DELAY} s later: "
+    lines += [f"  {path or '<root>'!r} in {tree.label}: stat {RECHECK_DELAY} s later "
               f"{describe(tree, path)!r}"
               for path in paths for tree in trees]  # fmt: skip
     lines.append("  timings of the last steps:")
@@ -785,9 +786,9 @@ def run_sequence(trees: list[Tree], operations, compare_times: bool = True,
     timings: list[StepTiming] = []
     sequence_start = time.monotonic()
 
-    def diverged(divergence: Divergence, paths: list[str]):
+    def diverged(divergence: Divergence, paths: list[str], new_times: dict):
         if explain:
-            divergence.context = divergence_context(trees, paths, times, timings)
+            divergence.context = divergence_context(trees, paths, times, new_times, timings)
         return done, divergence
 
     for tree in trees:
@@ -818,7 +819,7 @@ def run_sequence(trees: list[Tree], operations, compare_times: bool = True,
         first = results[reference.label]
         if any(result != first for result in results.values()):
             return diverged(Divergence(step, operation, "result", results),
-                            operation_paths(operation))  # fmt: skip
+                            operation_paths(operation), {})  # fmt: skip
         snapshots_start = time.monotonic()
         new_states = {}
         new_times = {}
@@ -828,7 +829,8 @@ def run_sequence(trees: list[Tree], operations, compare_times: bool = True,
         difference = _state_difference(new_states)
         if difference:
             return diverged(Divergence(step, operation, "state", difference),
-                            [difference["path"]] + operation_paths(operation))  # fmt: skip
+                            [difference["path"]] + operation_paths(operation),
+                            new_times)  # fmt: skip
         if compare_step_times:
             changes = {label: changed_times(times[label], new_times[label]) for label in new_times}
             reference_changes = changes[reference.label]
@@ -839,7 +841,8 @@ def run_sequence(trees: list[Tree], operations, compare_times: bool = True,
                                  if reference_changes.get(path) != change.get(path)}  # fmt: skip
                     divergence = Divergence(step, operation, "times (mtime, ctime changed)",
                                             {f"{reference.label} vs {label}": different})  # fmt: skip
-                    return diverged(divergence, list(different) + operation_paths(operation))
+                    return diverged(divergence, list(different) + operation_paths(operation),
+                                    new_times)  # fmt: skip
         states, times = new_states, new_times
     return done, None
 

@@ -131,6 +131,22 @@ def test_root_lists_layers(mounted):
     expect_errno(errno.ENOENT, os.stat, mounted.at("second", "f"))
 
 
+def test_root_listing_after_unlisted_changes(mounted):
+    # Layers that come and go while no process lists the root, then a listing,
+    # then more changes: every listing shows the layers of that moment.
+    mounted.store.create_layer("one")
+    mounted.store.create_layer("two")
+    assert sorted(os.listdir(mounted.path)) == ["base", "one", "two"]
+    mounted.store.create_layer("three")
+    assert sorted(os.listdir(mounted.path)) == ["base", "one", "three", "two"]
+    mounted.store.remove_layer("one")
+    mounted.server.notify_layer_removed("one")
+    assert sorted(os.listdir(mounted.path)) == ["base", "three", "two"]
+    mounted.store.remove_layer("two")
+    mounted.server.notify_layer_removed("two")
+    assert sorted(os.listdir(mounted.path)) == ["base", "three"]
+
+
 def test_removed_layers_leave_no_node_state(mounted):
     """Layers that come and go, as containers' do, leave no node state behind."""
     os.makedirs(mounted.at("base", "etc"))

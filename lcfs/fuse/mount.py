@@ -482,14 +482,19 @@ class FuseServer:
         """Make the kernel list the mount root again after a layer is created or dropped.
 
         The kernel keeps the root's listing when pyfuse3 has KERNEL_CACHES.
+        Until a process lists the root, the kernel keeps no listing to drop,
+        so layer creates and removes skip the notice and the wait. dockerd
+        works through the paths that Get returns and does not list it.
         The store calls this under its lock.
         NOTE: that relies on invalidate_inode, unlike invalidate_entry, not
         waiting for FUSE requests in flight, which the tests bear out but no
         kernel documentation states; INVALIDATE_WAIT bounds the wait if not.
         """
         invalidator = self._invalidator
-        if invalidator is None or not self.running:
+        operations = self.operations
+        if invalidator is None or not self.running or not operations.root_listed:
             return
+        operations.root_listed = False
         done = invalidator.invalidate_inode(pyfuse3.ROOT_INODE)
         self._wait(done, "the listing of the mount root")
 

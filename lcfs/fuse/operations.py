@@ -215,6 +215,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         # The store deletes them at the removal, but fgetxattr and
         # fsetxattr through an open descriptor work on ext4 and tmpfs.
         self._removed_xattrs: dict[int, dict[bytes, bytes]] = {}
+        # Whether the kernel may keep a listing of the mount root, which
+        # then has to be dropped when a layer comes or goes.
+        self.root_listed = False
         # (thread id, node) of changes rejected by _retry_if_shared: the
         # monotonic time until which the retry may come, and whether a
         # lookup of the retry has led to the node again.
@@ -784,6 +787,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         entry it had not reached and sends none twice.
         """
         if layer is None:
+            # Set before the layers are read, so that a layer created or
+            # removed meanwhile is either in this listing or drops it.
+            self.root_listed = True
             layers = self.store.list_layers()
             entries = [(os.fsencode(layer.id), layer) for layer in layers]
         else:

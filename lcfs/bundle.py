@@ -61,7 +61,7 @@ DEBIAN_PACKAGES = (
 )
 # Python distributions the daemon imports when it serves Docker: the
 # containerd snapshotter's grpcio and protobuf are left out.
-PYTHON_REQUIREMENTS = ("pyfuse3", "trio", "lmdb", "aiohttp")
+PYTHON_REQUIREMENTS = ("pyfuse3", "trio", "lmdb", "aiohttp", "uvloop")
 PYTHON = "/usr/bin/python3.11"
 SITE_PACKAGES = "usr/lib/python3/dist-packages"
 STDLIB = "usr/lib/python3.11"
@@ -308,7 +308,7 @@ def compile_and_check(rootfs: Path) -> None:
         ]
     )
     check = (
-        "import lcfs.cli, lcfs.driver.daemon, pyfuse3, lmdb, aiohttp, trio; "
+        "import lcfs.cli, lcfs.driver.daemon, pyfuse3, lmdb, aiohttp, trio, uvloop; "
         "from lcfs.fuse.operations import KERNEL_CACHES; "
         "assert KERNEL_CACHES, 'the bundled pyfuse3 lacks the kernel caches'; "
         "print(pyfuse3.__version__)"

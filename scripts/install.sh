@@ -12,8 +12,6 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 prefix=${LCFS_PREFIX:-/opt/lcfs}
 log=${LCFS_LOG:-/var/log/lcfs.log}
-socket=/run/docker/plugins/lcfs.sock
-pid_file=/run/docker/plugins/lcfs.pid
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install.sh: run as root: lcfs mounts FUSE filesystems for dockerd" >&2
@@ -40,23 +38,4 @@ if ! grep -qw fuse /proc/filesystems; then
     modprobe fuse
 fi
 
-if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
-    echo "lcfs daemon already running with pid $(cat "$pid_file"); log in $log"
-    exit 0
-fi
-
-mkdir -p "$(dirname "$socket")" "$(dirname "$log")"
-setsid -f "$prefix/bin/lcfs" daemon --socket "$socket" --pid-file "$pid_file" \
-    </dev/null >>"$log" 2>&1
-
-for _ in $(seq 1 150); do
-    if [ -S "$socket" ]; then
-        echo "lcfs daemon started with pid $(cat "$pid_file" 2>/dev/null || echo unknown);" \
-            "socket $socket, log $log"
-        exit 0
-    fi
-    sleep 0.2
-done
-echo "install.sh: lcfs daemon did not create $socket within 30 s; end of $log:" >&2
-tail -n 20 "$log" >&2
-exit 1
+LCFS_PREFIX=$prefix LCFS_LOG=$log exec "$repo/scripts/start-daemon.sh"

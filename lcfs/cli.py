@@ -452,14 +452,20 @@ def _run_daemon(args: argparse.Namespace) -> int:
 
 
 def _run_mkfs(args: argparse.Namespace) -> int:
-    from lcfs.store import Store
+    from lcfs.store import Store, errors
 
-    Store.mkfs(
-        args.device,
-        size=args.size,
-        metadata_size=args.metadata_size,
-        force=args.force,
-    )
+    try:
+        Store.mkfs(
+            args.device,
+            size=args.size,
+            metadata_size=args.metadata_size,
+            force=args.force,
+        )
+    except errors.DeviceBusy as error:
+        raise errors.DeviceBusy(
+            f"{error}; stop that process (an lcfs daemon, for example) and run "
+            "lcfs mkfs again"
+        ) from None
     print(f"formatted {args.device}")
     return 0
 

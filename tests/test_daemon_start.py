@@ -333,6 +333,24 @@ def test_mkfs_formats_empty_file(workdir, content):
     assert read_superblock(str(path))["magic"] == "lcfs"
 
 
+def test_mkfs_missing_file_without_size(workdir):
+    path = workdir / "new.img"
+    result = run_lcfs("mkfs", str(path))
+    assert result.returncode == 2, result.stdout
+    assert f"{path} does not exist" in result.stdout
+    assert "pass --size SIZE to create it as a new image file" in result.stdout
+    assert not path.exists()
+
+
+def test_mkfs_busy_device(workdir):
+    with running_lcfs(daemon_a(workdir)) as a:
+        result = run_lcfs("mkfs", "--force", str(a.device))
+        assert result.returncode == 2, result.stdout
+        assert f"{a.device} is in use by pid {a.process.pid}" in result.stdout
+        assert "stop that process (an lcfs daemon, for example)" in result.stdout
+        assert "run lcfs mkfs again" in result.stdout
+
+
 @pytest.fixture
 def loop_device(workdir):
     """A loop device over a 64 MiB file of zeros in workdir, detached at teardown."""

@@ -361,7 +361,10 @@ def mkfs(path: str, size: int | None = None, metadata_size: int | None = None,
         if is_under_dev(path):
             raise errors.NotFound(missing_device_message(path))
         if size is None:
-            raise errors.Invalid(f"{path} does not exist; give a size to create it")
+            raise errors.Invalid(
+                f"{path} does not exist; pass --size SIZE to create it as a new "
+                "image file"
+            )
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         created = True
     else:

@@ -641,6 +641,53 @@ def test_diff_refuses_layer_that_lost_changes(daemon):
     diff_bytes(client, "step", "base")
 
 
+def lose_changes_of_container(daemon) -> PluginClient:
+    """Kill the daemon while layer c has an open Get and an uncommitted write."""
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    client.ok("GraphDriver.CreateReadWrite", {"ID": "c", "Parent": "base"})
+    container = Path(client.ok("GraphDriver.Get", {"ID": "c"})["Dir"])
+    (container / "data").write_bytes(b"written before the kill")
+    daemon.kill()
+    daemon.start()
+    return client
+
+
+def test_commit_of_layer_that_lost_changes(daemon):
+    """docker commit sends Get, Diff and Put; its Get must not clear the record."""
+    client = lose_changes_of_container(daemon)
+    assert "c may have lost the changes" in daemon.log()
+
+    # docker commit of the stopped container, twice.
+    for _ in range(2):
+        client.ok("GraphDriver.Get", {"ID": "c"})
+        status, content_type, body = client.raw(
+            "GraphDriver.Diff", {"ID": "c", "Parent": "base"}
+        )
+        assert status == 500, f"Diff returned HTTP {status} {content_type}"
+        assert "layer c may lack the changes" in json.loads(body)["Err"]
+        assert client.ok("GraphDriver.Put", {"ID": "c"}) == {}
+
+    # docker start: the container's Get stays open while it runs, so the
+    # Get of a docker commit of the running container finds it open.
+    client.ok("GraphDriver.Get", {"ID": "c"})
+    client.ok("GraphDriver.Get", {"ID": "c"})
+    diff_bytes(client, "c", "base")
+    client.ok("GraphDriver.Put", {"ID": "c"})
+    client.ok("GraphDriver.Put", {"ID": "c"})
+    diff_bytes(client, "c", "base")
+
+
+def test_container_run_clears_lost_changes(daemon):
+    client = lose_changes_of_container(daemon)
+
+    # docker start and docker stop with no Diff between them.
+    client.ok("GraphDriver.Get", {"ID": "c"})
+    client.ok("GraphDriver.Put", {"ID": "c"})
+    diff_bytes(client, "c", "base")
+    assert "layer 'c' is in use again" in daemon.log()
+
+
 def test_create_existing_id(daemon):
     client = daemon.client
     client.ok("GraphDriver.Create", {"ID": "base"})

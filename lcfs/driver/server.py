@@ -203,6 +203,8 @@ class GraphDriverPlugin:
         self._removals: list[tuple[str, asyncio.Future]] = []
         # Gets without their Put so far, by layer id.
         self._gets: collections.Counter[str] = collections.Counter()
+        # Layers whose Diff was refused for lost changes while a Get was open.
+        self._refused_diffs: set[str] = set()
         self._removing: asyncio.Task | None = None
 
     def make_app(self) -> web.Application:
@@ -527,12 +529,17 @@ class GraphDriverPlugin:
     async def get(self, args: dict) -> dict:
         layer_id = _string_field(args, "ID")
         await self._run_short(self.store.get_layer, layer_id)
+        already_in_use = self._gets[layer_id] > 0
         self._gets[layer_id] += 1
-        if self.store.lost_changes(layer_id) is not None:
-            # The layer's user sees its state as it is from here on.
-            await self._run(self.store.forget_lost_changes, layer_id)
-            log.info("layer %r is in use again after it lost changes to an "
-                     "unclean stop; Diff of it works again", layer_id)  # fmt: skip
+        if not already_in_use:
+            self._refused_diffs.discard(layer_id)
+        elif self.store.lost_changes(layer_id) is not None:
+            # docker commit sends Get right before Diff, so a Get alone does
+            # not show that a container uses the layer's new state. A Get
+            # while another is open (a running container) does.
+            # NOTE: two commits of one stopped container at once also open
+            # two Gets, so the second one's Diff is not refused.
+            await self._forget_lost_changes(layer_id)
         mountpoint = self.mounts.mountpoint
         if mountpoint is None:
             raise RequestError(
@@ -545,15 +552,30 @@ class GraphDriverPlugin:
         layer_id = _string_field(args, "ID")
         # A layer that no container uses needs no change mark. After a
         # restart a Put may come without a Get.
+        opened = self._gets[layer_id] > 0
         self._gets[layer_id] -= 1
         if self._gets[layer_id] <= 0:
             del self._gets[layer_id]
+            diff_refused = layer_id in self._refused_diffs
+            self._refused_diffs.discard(layer_id)
+            if (
+                opened
+                and not diff_refused
+                and self.store.lost_changes(layer_id) is not None
+            ):
+                # A container started and stopped on the layer's new state.
+                await self._forget_lost_changes(layer_id)
             await self._run_short(self.store.release_change_mark, layer_id)
         # Put makes the changes made through the mount durable. Most Puts
         # follow no change, so no worker needs to run a commit.
         if await self._run_short(self._changes_pending, layer_id):
             await self._run(self.store.commit)
         return {}
+
+    async def _forget_lost_changes(self, layer_id: str) -> None:
+        await self._run(self.store.forget_lost_changes, layer_id)
+        log.info("layer %r is in use again after it lost changes to an "
+                 "unclean stop; Diff of it works again", layer_id)  # fmt: skip
 
     def _changes_pending(self, layer_id: str) -> bool:
         self.store.get_layer(layer_id)
@@ -626,12 +648,15 @@ class GraphDriverPlugin:
 
         dockerd sends Diff to turn a container or build step into an image
         layer. A layer whose last changes were lost would make an image
-        without them and report success, so Diff fails until a Get shows
-        the layer to a container again.
+        without them and report success, so Diff fails until a container
+        uses the layer again: a Get while another Get is open, or a Put that
+        closes the Gets without a refused Diff between them. Runs in a
+        worker thread.
         """
         lost = self.store.lost_changes(layer_id)
         if lost is None:
             return
+        self._refused_diffs.add(layer_id)
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lost / 1e9))
         raise errors.StoreError(
             f"layer {layer_id} may lack the changes made through the mount in the "

@@ -187,6 +187,18 @@ def test_socket_path_too_long(workdir):
     assert not (workdir / "long.img").exists()
 
 
+def test_socket_served_names_pid(workdir):
+    with running_lcfs(daemon_a(workdir)) as a:
+        result = run_daemon(
+            "--device", str(workdir / "b.img"), "--size", "64M",
+            "--socket", str(a.socket_path), "--mountpoint", str(workdir / "b.mnt"),
+        )  # fmt: skip
+        assert result.returncode == 2, result.stdout
+        assert f"{a.socket_path} is served by pid {a.process.pid}" in result.stdout
+        assert "stop that process first or pass another --socket" in result.stdout
+        assert not (workdir / "b.img").exists()
+
+
 def daemon_options(
     workdir: Path,
     name: str,

@@ -33,6 +33,7 @@ import re
 import signal
 import socket
 import stat
+import struct
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -159,12 +160,23 @@ def claim_socket_path(path: str) -> None:
             raise DaemonError(f"cannot probe socket {path}: {error}") from error
     else:
         raise DaemonError(
-            f"another process is serving {path}; stop it first or pass another --socket"
+            f"{path} is served by {_describe_server(probe)}; stop that process "
+            "first or pass another --socket"
         )
     finally:
         probe.close()
     log.info("removing stale socket %s left by a process that has exited", path)
     os.unlink(path)
+
+
+def _describe_server(connection: socket.socket) -> str:
+    """Return "pid N" for the process listening at the other end of ``connection``."""
+    credentials = connection.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
+    )
+    pid, _, _ = struct.unpack("3i", credentials)
+    # The kernel reports pid 0 when the server is outside this pid namespace.
+    return f"pid {pid}" if pid > 0 else "another process"
 
 
 def bind_socket(path: str) -> socket.socket:

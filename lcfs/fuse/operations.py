@@ -876,9 +876,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
     async def rmdir(self, parent_inode, name, ctx):
         layer, dir_ino = self._target(parent_inode)
         removed = self.store.lookup(layer, dir_ino, name)
-        kept = self._directory_to_keep(layer, removed)
+        referenced = self._directory_to_keep(layer, removed)
         self.store.rmdir(layer, dir_ino, name)
-        self._keep_removed_directory(layer, kept)
+        self._keep_removed_directory(layer, referenced)
         self._expire_attributes(parent_inode)
 
     def _directory_to_keep(self, layer: int, attr) -> tuple[int, dict[bytes, bytes]] | None:
@@ -896,7 +896,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         return node, xattrs
 
     def _keep_removed_directory(self, layer: int,
-                                kept: tuple[int, dict[bytes, bytes]] | None) -> None:  # fmt: skip
+                                referenced: tuple[int, dict[bytes, bytes]] | None) -> None:  # fmt: skip
         """Set the ctime of a removed directory that the kernel references, and keep its xattrs.
 
         ext4 and tmpfs set the ctime at the removal, and fstat(2) of an open
@@ -905,9 +905,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         record. A directory that an ancestor layer also has keeps a record
         with no links, which serves its attributes and xattrs as before.
         """
-        if kept is None:
+        if referenced is None:
             return
-        node, xattrs = kept
+        node, xattrs = referenced
         cached = self._attrs[node]
         attr = dataclasses.replace(cached[0], ctime_ns=time.time_ns())
         self._attrs[node] = (attr, cached[1])
@@ -927,7 +927,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             # The whiteout is a new inode, owned as one from mknod would be.
             uid = ctx.uid
             _, gid = self._new_owner(layer, old_dir, stat.S_IFCHR, ctx)
-        kept = None
+        referenced = None
         if not flags & pyfuse3.RENAME_EXCHANGE and (old_dir, name_old) != (new_dir, name_new):
             try:
                 replaced = self.store.lookup(layer, new_dir, name_new)
@@ -935,9 +935,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
                 pass
             else:
                 if stat.S_ISDIR(replaced.mode):
-                    kept = self._directory_to_keep(layer, replaced)
+                    referenced = self._directory_to_keep(layer, replaced)
         self.store.rename(layer, old_dir, name_old, new_dir, name_new, flags, uid, gid)
-        self._keep_removed_directory(layer, kept)
+        self._keep_removed_directory(layer, referenced)
         # The rename set the ctime of the file it moved, and of both files
         # that RENAME_EXCHANGE swapped.
         moved = [self.store.lookup(layer, new_dir, name_new)]
@@ -1078,10 +1078,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         version, so the kernel discards such a reply.
         """
         for node in nodes:
-            try:
-                pyfuse3.invalidate_inode(node, attr_only=True)
-            except FileNotFoundError:
-                pass  # the kernel has forgotten the node
+            LayerOperations._drop_cached_attributes(node)
 
     @fuse_handler(modifies=True)
     async def fallocate(self, node, mode, offset, length, ctx):

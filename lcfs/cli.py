@@ -497,8 +497,9 @@ def _run_layers(args: argparse.Namespace) -> int:
 def _layers_from_daemon(device: str, socket_path: str, busy: Exception) -> list:
     """Return the layer rows of ``device`` from the daemon that has it locked.
 
-    ``busy`` is the error that opening the device gave; it starts every
-    message of a failure, so that the user sees which process has it locked.
+    ``busy`` is the error that opening the device gave. Every failure
+    message starts with it, so that the user sees which process has the
+    device locked.
     """
     from lcfs.control import LAYERS_PATH, fetch_json
 

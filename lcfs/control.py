@@ -45,7 +45,7 @@ def fetch_json(socket_path: str, path: str, timeout: float = FETCH_TIMEOUT):
     finally:
         connection.close()
     if reply.status != 200:
-        raise OSError(f"{path} replied with status {reply.status}: {body[:200]!r}")
+        raise OSError(f"{path} failed with HTTP status {reply.status}: {body[:200]!r}")
     try:
         return json.loads(body)
     except ValueError as error:

@@ -1547,7 +1547,7 @@ def test_layers_lists_daemon_layers(daemon):
     assert [line.split() for line in result.stdout.splitlines()] == expected
 
 
-def test_layers_of_busy_device_names_next_step(daemon, tmp_path):
+def test_layers_of_busy_device_error(daemon, tmp_path):
     missing = tmp_path / "no-such.sock"
     result = run_lcfs("layers", "--device", str(daemon.image), "--socket", str(missing))
     assert result.returncode == 2

@@ -203,8 +203,8 @@ class GraphDriverPlugin:
         self._removals: list[tuple[str, asyncio.Future]] = []
         # Gets without their Put so far, by layer id.
         self._gets: collections.Counter[str] = collections.Counter()
-        # Layers whose Diff was refused for lost changes while a Get was open.
-        self._refused_diffs: set[str] = set()
+        # Layers whose Diff was rejected for lost changes while a Get was open.
+        self._rejected_diffs: set[str] = set()
         self._removing: asyncio.Task | None = None
 
     def make_app(self) -> web.Application:
@@ -532,13 +532,13 @@ class GraphDriverPlugin:
         already_in_use = self._gets[layer_id] > 0
         self._gets[layer_id] += 1
         if not already_in_use:
-            self._refused_diffs.discard(layer_id)
+            self._rejected_diffs.discard(layer_id)
         elif self.store.lost_changes(layer_id) is not None:
             # docker commit sends Get right before Diff, so a Get alone does
             # not show that a container uses the layer's new state. A Get
             # while another is open (a running container) does.
             # NOTE: two commits of one stopped container at once also open
-            # two Gets, so the second one's Diff is not refused.
+            # two Gets, so the second one's Diff is not rejected.
             await self._forget_lost_changes(layer_id)
         mountpoint = self.mounts.mountpoint
         if mountpoint is None:
@@ -556,11 +556,11 @@ class GraphDriverPlugin:
         self._gets[layer_id] -= 1
         if self._gets[layer_id] <= 0:
             del self._gets[layer_id]
-            diff_refused = layer_id in self._refused_diffs
-            self._refused_diffs.discard(layer_id)
+            diff_rejected = layer_id in self._rejected_diffs
+            self._rejected_diffs.discard(layer_id)
             if (
                 opened
-                and not diff_refused
+                and not diff_rejected
                 and self.store.lost_changes(layer_id) is not None
             ):
                 # A container started and stopped on the layer's new state.
@@ -650,13 +650,13 @@ class GraphDriverPlugin:
         layer. A layer whose last changes were lost would make an image
         without them and report success, so Diff fails until a container
         uses the layer again: a Get while another Get is open, or a Put that
-        closes the Gets without a refused Diff between them. Runs in a
+        closes the Gets without a rejected Diff between them. Runs in a
         worker thread.
         """
         lost = self.store.lost_changes(layer_id)
         if lost is None:
             return
-        self._refused_diffs.add(layer_id)
+        self._rejected_diffs.add(layer_id)
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lost / 1e9))
         raise errors.StoreError(
             f"layer {layer_id} may lack the changes made through the mount in the "

@@ -22,7 +22,7 @@ requests away from the store's xattr database:
 
 Requests that do reach the xattr database are counted per operation in
 ``stats.xattr_store_calls``. The xattrs of a removed directory that a
-process still holds open are served from memory (``_removed_xattrs``).
+process still has open are served from memory (``_removed_xattrs``).
 """
 
 from __future__ import annotations

@@ -296,6 +296,9 @@ def run(args: argparse.Namespace, results, sizes, workdir: Path) -> None:
 
     docker_phases = DockerPhases(sizes, workdir)
     chosen = [p for p in docker_phases.phases() if p[0] in selected]
+    results.meta["kept_images"] = docker_phases.keep_images(
+        [name for name, _, _ in chosen]
+    )
     results.meta["round_robin_phases"] = [
         name for name, _, _ in chosen if name in docker_phases.ROUND_ROBIN
     ]

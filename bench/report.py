@@ -168,6 +168,15 @@ def _schedule_text(round_robin: list[str]) -> str:
     )
 
 
+def _kept_images_text(kept: list[dict]) -> str:
+    """Return the sentences naming the images that a phase left loaded for a later one."""
+    return "".join(
+        f" The {item['used_by']} phase used the {item['image']} image that the "
+        f"{item['loaded_by']} phase had loaded, instead of loading it again."
+        for item in kept
+    )
+
+
 def _rounds_text(meta: dict) -> str:
     """Return the clause giving the run count of the phases that ran in rounds, if it differs."""
     round_robin = meta.get("round_robin_phases") or []
@@ -265,6 +274,7 @@ def driver_section(
         "lcfs with its defaults. The dockerds ran side by side, but only one worked at a "
         "time. "
         + _schedule_text(meta.get("round_robin_phases") or [])
+        + _kept_images_text(meta.get("kept_images") or [])
         + " Before each "
         "driver's share of a phase, `sync` wrote back what earlier work had left dirty. "
         "Images come from `docker import` and `docker load` of trees built "

@@ -120,3 +120,17 @@ def test_summary_heading_per_mode(mode, heading, capsys):
     assert first_line == heading
     assert first_row.startswith("import_minbase")
     assert "**missed**" in first_row
+
+
+def test_method_names_images_kept_between_phases(page):
+    results = run_results(1.0, journaled=False)
+    report.write_page(page, results, WORKLOADS, "")
+    assert "instead of loading it again" not in page.read_text()
+    results.meta["kept_images"] = [
+        {"image": "big-file", "loaded_by": "write", "used_by": "read"}
+    ]
+    report.write_page(page, results, WORKLOADS, "")
+    assert (
+        "The read phase used the big-file image that the write phase had loaded, "
+        "instead of loading it again." in page.read_text()
+    )

@@ -25,8 +25,11 @@ fi
 # that it is ready.
 stale_pid=$(cat "$pid_file" 2>/dev/null || true)
 mkdir -p "$(dirname "$socket")" "$(dirname "$log")"
-setsid -f "$prefix/bin/lcfs" daemon --socket "$socket" --pid-file "$pid_file" "$@" \
-    </dev/null >>"$log" 2>&1
+# Without job control, which a script does not have, the background job is
+# no process group leader, so setsid does not fork and $! is the daemon.
+setsid "$prefix/bin/lcfs" daemon --socket "$socket" --pid-file "$pid_file" "$@" \
+    </dev/null >>"$log" 2>&1 &
+daemon=$!
 
 for _ in $(seq 1 150); do
     pid=$(cat "$pid_file" 2>/dev/null || true)
@@ -34,6 +37,19 @@ for _ in $(seq 1 150); do
         && [ -S "$socket" ]; then
         echo "lcfs daemon started with pid $pid; socket $socket, log $log"
         exit 0
+    fi
+    if [ -n "$daemon" ] && ! kill -0 "$daemon" 2>/dev/null; then
+        status=0
+        wait "$daemon" || status=$?
+        # Status 0 would be a setsid that forked after all; keep waiting.
+        if [ "$status" -ne 0 ]; then
+            echo "start-daemon.sh: lcfs daemon exited with status $status before it" \
+                "listened on $socket; fix the error at the end of $log and run the" \
+                "script again:" >&2
+            tail -n 20 "$log" >&2
+            exit 1
+        fi
+        daemon=
     fi
     sleep 0.2
 done

@@ -67,7 +67,7 @@ class Setup:
         wrapper.write_text(f'#!/bin/sh\nexec "{lcfs_command()}" "$@"\n')
         wrapper.chmod(0o755)
 
-    def run(self) -> subprocess.CompletedProcess:
+    def run(self, *options: str) -> subprocess.CompletedProcess:
         environment = dict(
             os.environ,
             LCFS_PREFIX=str(self.prefix),
@@ -76,7 +76,7 @@ class Setup:
             LCFS_PID_FILE=str(self.pid_file),
         )
         return subprocess.run(
-            [str(SCRIPT), "--device", str(self.device), "--size", "1G"],
+            [str(SCRIPT), "--device", str(self.device), "--size", "1G", *options],
             env=environment,
             capture_output=True,
             text=True,
@@ -153,3 +153,17 @@ def test_start_twice_reports_running(setup):
     assert second.returncode == 0, second.stderr
     assert f"already running with pid {pid};" in second.stdout
     assert int(setup.pid_file.read_text()) == pid
+
+
+def test_daemon_that_exits_at_start_fails_at_once(setup):
+    started = time.monotonic()
+
+    result = setup.run("--log-level", "chatty")
+
+    # The script would otherwise wait 30 s for a socket.
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1
+    assert "lcfs daemon exited with status 2 before it listened" in result.stderr
+    # The end of the log, which names the bad value, follows.
+    assert "chatty" in result.stderr
+    assert setup.daemon_pid() is None

@@ -296,7 +296,7 @@ def run(args: argparse.Namespace, results, sizes, workdir: Path) -> None:
 
     docker_phases = DockerPhases(sizes, workdir)
     chosen = [p for p in docker_phases.phases() if p[0] in selected]
-    results.meta["kept_images"] = docker_phases.keep_images(
+    results.meta["reused_images"] = docker_phases.reuse_images(
         [name for name, _, _ in chosen]
     )
     results.meta["round_robin_phases"] = [

@@ -221,22 +221,22 @@ class DockerPhases:
             for key, pid in processes.items():
                 rec.add(key, process_cpu_seconds(pid) - before[key])
 
-    def keep_images(self, phase_names: list[str]) -> list[dict[str, str]]:
-        """Keep a loaded image for a later phase of this run that uses it too.
+    def reuse_images(self, phase_names: list[str]) -> list[dict[str, str]]:
+        """Leave an image loaded for the later phase of this run that uses it too.
 
-        The import phase's 5-layer image serves the scan phase, and the
-        write phase's big file the read phase. Loading one costs a driver
-        about as much as its share of the later phase. Returns what is
-        kept, for the results' description of the run.
+        The scan phase uses the import phase's 5-layer image, and the read
+        phase the write phase's big-file image, because each load costs a
+        driver about as much as its share of the later phase. Returns the
+        reused images, for the page's description of the run.
         """
         self._keep_five = "import" in phase_names and "scan" in phase_names
         self._keep_big = "write" in phase_names and "read" in phase_names
-        kept = []
+        reused = []
         if self._keep_five:
-            kept.append({"image": "5-layer", "loaded_by": "import", "used_by": "scan"})
+            reused.append({"image": "5-layer", "loaded_by": "import", "used_by": "scan"})
         if self._keep_big:
-            kept.append({"image": "big-file", "loaded_by": "write", "used_by": "read"})
-        return kept
+            reused.append({"image": "big-file", "loaded_by": "write", "used_by": "read"})
+        return reused
 
     def first_write(self, stack: DriverStack, rec: Recorder, runs: int) -> None:
         _load(stack, self.big)

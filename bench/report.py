@@ -168,12 +168,12 @@ def _schedule_text(round_robin: list[str]) -> str:
     )
 
 
-def _kept_images_text(kept: list[dict]) -> str:
+def _reused_images_text(reused: list[dict]) -> str:
     """Return the sentences naming the images that a phase left loaded for a later one."""
     return "".join(
         f" The {item['used_by']} phase used the {item['image']} image that the "
         f"{item['loaded_by']} phase had loaded, instead of loading it again."
-        for item in kept
+        for item in reused
     )
 
 
@@ -274,7 +274,7 @@ def driver_section(
         "lcfs with its defaults. The dockerds ran side by side, but only one worked at a "
         "time. "
         + _schedule_text(meta.get("round_robin_phases") or [])
-        + _kept_images_text(meta.get("kept_images") or [])
+        + _reused_images_text(meta.get("reused_images") or [])
         + " Before each "
         "driver's share of a phase, `sync` wrote back what earlier work had left dirty. "
         "Images come from `docker import` and `docker load` of trees built "

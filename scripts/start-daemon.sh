@@ -41,10 +41,11 @@ for _ in $(seq 1 150); do
     if [ -n "$daemon" ] && ! kill -0 "$daemon" 2>/dev/null; then
         status=0
         wait "$daemon" || status=$?
-        # Status 0 would be a setsid that forked after all; keep waiting.
+        # Status 0 means that setsid forked after all, so the daemon may
+        # still start: keep waiting for its pid file.
         if [ "$status" -ne 0 ]; then
             echo "start-daemon.sh: lcfs daemon exited with status $status before it" \
-                "listened on $socket; fix the error at the end of $log and run the" \
+                "listened on $socket. Fix the error at the end of $log and run the" \
                 "script again:" >&2
             tail -n 20 "$log" >&2
             exit 1

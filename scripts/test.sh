@@ -25,9 +25,8 @@ fi
 # Debian's own python3 is marked externally managed; the tests need lcfs
 # importable by the same interpreter that runs pytest.
 PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --root-user-action=ignore -e '.[test]'
-# An editable install compiles nothing, and where PYTHONDONTWRITEBYTECODE is
-# set no import writes the compiled modules either: every daemon start
-# would compile lcfs again, about 0.1 s of CPU.
+# An editable install writes no bytecode, and no import does under
+# PYTHONDONTWRITEBYTECODE, so every daemon would compile lcfs at start.
 python3 -m compileall -q lcfs tools
 # The FUSE tests check the kernel caches that need pyfuse3 rebuilt.
 if ! python3 scripts/build_pyfuse3.py --check; then

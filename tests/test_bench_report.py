@@ -122,11 +122,11 @@ def test_summary_heading_per_mode(mode, heading, capsys):
     assert "**missed**" in first_row
 
 
-def test_method_names_images_kept_between_phases(page):
+def test_method_names_reused_images(page):
     results = run_results(1.0, journaled=False)
     report.write_page(page, results, WORKLOADS, "")
     assert "instead of loading it again" not in page.read_text()
-    results.meta["kept_images"] = [
+    results.meta["reused_images"] = [
         {"image": "big-file", "loaded_by": "write", "used_by": "read"}
     ]
     report.write_page(page, results, WORKLOADS, "")

@@ -155,12 +155,12 @@ def test_start_twice_reports_running(setup):
     assert int(setup.pid_file.read_text()) == pid
 
 
-def test_daemon_that_exits_at_start_fails_at_once(setup):
+def test_failed_start_returns_at_once(setup):
     started = time.monotonic()
 
     result = setup.run("--log-level", "chatty")
 
-    # The script would otherwise wait 30 s for a socket.
+    # Without watching the daemon, the script waits 30 s for a socket.
     assert time.monotonic() - started < 10
     assert result.returncode == 1
     assert "lcfs daemon exited with status 2 before it listened" in result.stderr

@@ -48,7 +48,7 @@ SEEK_DATA = 3
 SEEK_HOLE = 4
 # CLOCK_REALTIME_COARSE, which the time module does not name.
 CLOCK_REALTIME_COARSE = 5
-COARSE_CLOCK_TICK = time.clock_getres(CLOCK_REALTIME_COARSE) + 0.0005
+COARSE_CLOCK_TICK = time.clock_getres(CLOCK_REALTIME_COARSE)
 
 NAMES = ["a", "b", "c", "d", "e"]
 LONG_NAMES = ["n" * 255, "n" * 256]
@@ -215,6 +215,19 @@ def snapshot(tree: Tree) -> tuple[dict, dict]:
             times[f"<fd {slot}>"] = (st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
         state[f"<fd {slot}>"] = {"stat": stat_fields(st)}
     return state, times
+
+
+def wait_for_coarse_clock(stamp_ns: int) -> None:
+    """Return once the coarse clock reads later than ``stamp_ns``.
+
+    tmpfs and ext4 take timestamps from the coarse clock, which advances
+    once per tick (4 ms with HZ=250) and, on a tickless kernel, may lag the
+    precise clock by more than a tick after the CPU idled. A change made
+    before the coarse clock passes the previous operation's time may keep
+    that operation's timestamp, and so look like no change at all.
+    """
+    while time.clock_gettime_ns(CLOCK_REALTIME_COARSE) <= stamp_ns:
+        time.sleep(COARSE_CLOCK_TICK / 4)
 
 
 def changed_times(before: dict, after: dict) -> dict:
@@ -785,6 +798,7 @@ def run_sequence(trees: list[Tree], operations, compare_times: bool = True,
     times = {}
     timings: list[StepTiming] = []
     sequence_start = time.monotonic()
+    last_stamp = time.time_ns()
 
     def diverged(divergence: Divergence, paths: list[str], new_times: dict):
         if explain:
@@ -802,10 +816,7 @@ def run_sequence(trees: list[Tree], operations, compare_times: bool = True,
             continue
         compare_step_times = compare_times and times_comparable(reference, operation)
         if compare_times:
-            # tmpfs and ext4 take timestamps from a clock that advances
-            # once per tick (4 ms with HZ=250), and a change within the tick
-            # of the last one may keep the old value.
-            time.sleep(COARSE_CLOCK_TICK)
+            wait_for_coarse_clock(last_stamp)
         started = time.monotonic()
         results = {}
         durations = {}
@@ -813,6 +824,8 @@ def run_sequence(trees: list[Tree], operations, compare_times: bool = True,
             operation_start = time.monotonic()
             results[tree.label] = run_operation(tree, operation)
             durations[tree.label] = time.monotonic() - operation_start
+            if tree is reference:
+                last_stamp = time.time_ns()
         timing = StepTiming(step, started - sequence_start, durations, 0.0)
         timings.append(timing)
         del timings[:-TIMED_STEPS]

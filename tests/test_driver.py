@@ -631,8 +631,9 @@ def test_diff_refuses_layer_that_lost_changes(daemon):
     assert "run the build step or the container again" in message
     # A layer whose changes a Put committed is not affected.
     assert tar_contents(diff_bytes(client, "kept", "base")) == {"done": b"committed"}
-    # A Get shows the layer to a container again, after which Diff works.
-    client.ok("GraphDriver.Get", {"ID": "step"})
+    # A container that runs on the layer again makes Diff work.
+    step = Path(client.ok("GraphDriver.Get", {"ID": "step"})["Dir"])
+    os.listdir(step)
     client.ok("GraphDriver.Put", {"ID": "step"})
     diff_bytes(client, "step", "base")
     # A clean stop leaves no such record.
@@ -681,11 +682,39 @@ def test_commit_of_layer_that_lost_changes(daemon):
 def test_container_run_clears_lost_changes(daemon):
     client = lose_changes_of_container(daemon)
 
-    # docker start and docker stop with no Diff between them.
-    client.ok("GraphDriver.Get", {"ID": "c"})
+    # docker start and docker stop with no Diff between them. The
+    # container's processes walk the layer's tree through the mount.
+    container = Path(client.ok("GraphDriver.Get", {"ID": "c"})["Dir"])
+    os.listdir(container)
     client.ok("GraphDriver.Put", {"ID": "c"})
     diff_bytes(client, "c", "base")
     assert "layer 'c' is in use again" in daemon.log()
+
+
+def test_dockerd_restore_keeps_lost_changes(daemon):
+    """dockerd's start after a crash sends Put, Get and Put but runs nothing.
+
+    For each container that was running, dockerd 20.10's restore unmounts
+    it (Put) and then mounts and unmounts it to learn its root path (Get,
+    Put), without touching the files. That must not clear the record.
+    """
+    client = lose_changes_of_container(daemon)
+
+    assert client.ok("GraphDriver.Put", {"ID": "c"}) == {}
+    client.ok("GraphDriver.Get", {"ID": "c"})
+    assert client.ok("GraphDriver.Put", {"ID": "c"}) == {}
+
+    status, content_type, body = client.raw(
+        "GraphDriver.Diff", {"ID": "c", "Parent": "base"}
+    )
+    assert status == 500, f"Diff returned HTTP {status} {content_type}"
+    assert "layer c may lack the changes" in json.loads(body)["Err"]
+    assert "layer 'c' is in use again" not in daemon.log()
+    # docker start then runs the container on the layer.
+    container = Path(client.ok("GraphDriver.Get", {"ID": "c"})["Dir"])
+    os.listdir(container)
+    client.ok("GraphDriver.Put", {"ID": "c"})
+    diff_bytes(client, "c", "base")
 
 
 def test_create_existing_id(daemon):

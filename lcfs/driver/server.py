@@ -563,8 +563,19 @@ class GraphDriverPlugin:
                 and not diff_rejected
                 and self.store.lost_changes(layer_id) is not None
             ):
-                # A container started and stopped on the layer's new state.
-                await self._forget_lost_changes(layer_id)
+                if await self._run_short(self._used_through_mount, layer_id):
+                    # A container started and stopped on the layer's new state.
+                    await self._forget_lost_changes(layer_id)
+                else:
+                    # dockerd's start sends Get and Put for each container
+                    # that was running, to learn its root path, and runs
+                    # nothing on it.
+                    log.info(
+                        "layer %r: Put after a Get with no access to the layer "
+                        "through the mount since the daemon started, so Diff of "
+                        "it still fails until a container runs on it",
+                        layer_id,
+                    )
             await self._run_short(self.store.release_change_mark, layer_id)
         # Put makes the changes made through the mount durable. Most Puts
         # follow no change, so no worker needs to run a commit.
@@ -576,6 +587,10 @@ class GraphDriverPlugin:
         await self._run(self.store.forget_lost_changes, layer_id)
         log.info("layer %r is in use again after it lost changes to an "
                  "unclean stop; Diff of it works again", layer_id)  # fmt: skip
+
+    def _used_through_mount(self, layer_id: str) -> bool:
+        number = self.store.get_layer(layer_id).number
+        return number in self.mounts.stats.layers_looked_up
 
     def _changes_pending(self, layer_id: str) -> bool:
         self.store.get_layer(layer_id)
@@ -650,8 +665,9 @@ class GraphDriverPlugin:
         layer. A layer whose last changes were lost would make an image
         without them and report success, so Diff fails until a container
         uses the layer again: a Get while another Get is open, or a Put that
-        closes the Gets without a rejected Diff between them. Runs in a
-        worker thread.
+        closes the Gets without a rejected Diff between them, once the
+        layer was used through the mount since the daemon started. Runs in
+        a worker thread.
         """
         lost = self.store.lost_changes(layer_id)
         if lost is None:

@@ -573,7 +573,9 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
             self.stats.dotdot_lookups += 1
             entry = self._parent_entry(parent_inode)
         elif parent_inode == pyfuse3.ROOT_INODE:
-            entry = self._layer_entry(self.store.get_layer(os.fsdecode(name)))
+            layer = self.store.get_layer(os.fsdecode(name))
+            self.stats.layers_looked_up.add(layer.number)
+            entry = self._layer_entry(layer)
         else:
             layer, dir_ino = self._target(parent_inode)
             try:

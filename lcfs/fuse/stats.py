@@ -39,6 +39,13 @@ class RequestStats:
         # handle back into a node after it has forgotten the node.
         self.dot_lookups = 0
         self.dotdot_lookups = 0
+        # Numbers of the layers whose name was looked up in the mount root.
+        # Any process that uses a layer's tree through the mount causes that
+        # lookup at least once per mount, because the kernel's cached entry
+        # ends with the mount. The plugin server reads the set from another
+        # thread, which is safe because set membership tests and adds are
+        # atomic under the GIL.
+        self.layers_looked_up: set[int] = set()
 
     def record(self, operation: str, seconds: float) -> None:
         """Count one request of ``operation`` that took ``seconds``."""

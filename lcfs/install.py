@@ -12,7 +12,9 @@ Install writes three files and nothing else:
 Nothing goes under Docker's data root and nothing is downloaded. Uninstall
 reads the manifest and removes exactly those files, then the directories
 install created if they are empty, then the manifest. A file whose content
-was changed since install is left in place and reported.
+was changed since install is left in place and reported. An install with
+``--force`` over an earlier one keeps the earlier manifest's entries, so
+uninstall still removes what either wrote.
 
 ``root`` prefixes every path written, so tests (and image builders) can
 install into a directory tree instead of the running system. Paths inside
@@ -147,6 +149,29 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _previous_record(manifest: Path) -> dict:
+    """Return the manifest of an earlier install that --force replaces.
+
+    Its files and directories stay in the new manifest, so that uninstall
+    removes them too. An unreadable manifest is logged, and the result is
+    then empty.
+    """
+    try:
+        record = json.loads(manifest.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        log.warning(
+            "cannot read the earlier install manifest %s (%s), so lcfs "
+            "uninstall will not remove what that install wrote; remove those "
+            "files by hand",
+            manifest,
+            error,
+        )
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _make_dirs(root: str, directory: str, created: list[str]) -> None:
     """Create ``directory`` under ``root`` and its missing parents; record each."""
     missing = []
@@ -179,18 +204,18 @@ def install(config: ServiceConfig, root: str = "/", force: bool = False) -> list
             f"lcfs is installed already ({manifest} exists); run 'lcfs uninstall' "
             "first or pass --force"
         )
+    previous = _previous_record(manifest)
     spec_path = f"{SPEC_DIR}/{Path(config.socket).stem}.spec"
     files = {UNIT_PATH: render_unit(config), spec_path: render_spec(config.socket)}
-    created_dirs: list[str] = []
+    created_dirs: list[str] = list(previous.get("directories", []))
     for path, content in files.items():
         _make_dirs(root, os.path.dirname(path), created_dirs)
         _write_new(root, path, content, force)
         log.debug("wrote %s", _under(root, path))
     _make_dirs(root, os.path.dirname(MANIFEST_PATH), created_dirs)
-    record = {
-        "files": {path: _sha256(content.encode()) for path, content in files.items()},
-        "directories": created_dirs,
-    }
+    digests = dict(previous.get("files", {}))
+    digests.update((path, _sha256(content.encode())) for path, content in files.items())
+    record = {"files": digests, "directories": created_dirs}
     _write_new(root, MANIFEST_PATH, json.dumps(record, indent=2) + "\n", force=True)
     return [_under(root, path) for path in [*files, MANIFEST_PATH]]
 

@@ -588,6 +588,23 @@ def test_uninstall_removes_what_install_wrote(tmp_path):
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+def test_uninstall_after_forced_reinstall(tmp_path):
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    first = run_lcfs(
+        "install", "--root", str(tmp_path), "--socket", "/run/lcfs/first.sock"
+    )
+    assert first.returncode == 0, first.stderr
+    again = run_lcfs("install", "--root", str(tmp_path), "--force")
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "etc/docker/plugins/first.spec").exists()
+    assert (tmp_path / "etc/docker/plugins/lcfs.spec").exists()
+
+    result = run_lcfs("uninstall", "--root", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    # The spec file and directories of the first install go too.
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
 def test_uninstall_keeps_edited_file(tmp_path):
     assert run_lcfs("install", "--root", str(tmp_path)).returncode == 0
     spec = tmp_path / "etc/docker/plugins/lcfs.spec"

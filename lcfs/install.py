@@ -149,6 +149,13 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _root_option(root: str) -> str:
+    """Return " --root DIR" to repeat in a suggested command, or "" for /."""
+    if os.path.abspath(root) == "/":
+        return ""
+    return f" --root {shlex.quote(root)}"
+
+
 def _previous_record(manifest: Path) -> dict:
     """Return the manifest of an earlier install that --force replaces.
 
@@ -201,8 +208,8 @@ def install(config: ServiceConfig, root: str = "/", force: bool = False) -> list
     manifest = _under(root, MANIFEST_PATH)
     if manifest.exists() and not force:
         raise InstallError(
-            f"lcfs is installed already ({manifest} exists); run 'lcfs uninstall' "
-            "first or pass --force"
+            f"lcfs is installed already ({manifest} exists); run "
+            f"'lcfs uninstall{_root_option(root)}' first or pass --force"
         )
     previous = _previous_record(manifest)
     spec_path = f"{SPEC_DIR}/{Path(config.socket).stem}.spec"
@@ -244,9 +251,13 @@ def uninstall(root: str = "/") -> tuple[list[Path], list[Path]]:
         ) from None
     links = _enabled_links(root)
     if links:
+        if _root_option(root):
+            disable = f"systemctl{_root_option(root)} disable {UNIT_NAME}"
+        else:
+            disable = f"systemctl disable --now {UNIT_NAME}"
         raise InstallError(
             f"{UNIT_NAME} is still enabled ({', '.join(map(str, links))}); run "
-            f"'systemctl disable --now {UNIT_NAME}' first"
+            f"'{disable}' first"
         )
     removed, changed = [], []
     for path, digest in record.get("files", {}).items():

@@ -605,6 +605,20 @@ def test_uninstall_after_forced_reinstall(tmp_path):
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
+def test_install_errors_name_root(tmp_path):
+    assert run_lcfs("install", "--root", str(tmp_path)).returncode == 0
+    again = run_lcfs("install", "--root", str(tmp_path))
+    assert again.returncode == 2
+    assert f"run 'lcfs uninstall --root {tmp_path}' first" in again.stderr
+
+    wants = tmp_path / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir()
+    (wants / "lcfs.service").symlink_to("/etc/systemd/system/lcfs.service")
+    result = run_lcfs("uninstall", "--root", str(tmp_path))
+    assert result.returncode == 2
+    assert f"'systemctl --root {tmp_path} disable lcfs.service'" in result.stderr
+
+
 def test_uninstall_keeps_edited_file(tmp_path):
     assert run_lcfs("install", "--root", str(tmp_path)).returncode == 0
     spec = tmp_path / "etc/docker/plugins/lcfs.spec"
@@ -633,7 +647,7 @@ def test_uninstall_refuses_enabled_unit(tmp_path):
     (wants / "lcfs.service").symlink_to("/etc/systemd/system/lcfs.service")
     result = run_lcfs("uninstall", "--root", str(tmp_path))
     assert result.returncode == 2
-    assert "systemctl disable --now lcfs.service" in result.stderr
+    assert "disable lcfs.service' first" in result.stderr
     assert (tmp_path / "etc/systemd/system/lcfs.service").exists()
 
 

@@ -148,15 +148,15 @@ def _build_parser() -> argparse.ArgumentParser:
         "mkfs",
         help="format a device or image file",
         description="Format DEVICE as an empty lcfs store. A missing image "
-        "file is created sparse. Without --force, an existing file or device "
+        "file is created sparse, of the size that --size gives. Without --force, an existing file or device "
         "is formatted only if it is empty: size 0, or zeros in its first MiB.",
     )
     mkfs.add_argument("device", metavar="DEVICE", help="image file or block device")
     mkfs.add_argument(
         "--size",
         type=_size,
-        help="size in bytes, K, M, G or T suffix allowed (default: the size "
-        "of an existing device or file)",
+        help="size in bytes, K, M, G or T suffix allowed; needed for a new "
+        "image file (default: the size of an existing device or file)",
     )
     mkfs.add_argument(
         "--metadata-size",
@@ -176,7 +176,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "layers",
         help="list the layers of a store",
         description="List every layer: Docker id, parent id and whether it "
-        "is frozen (has children and is read-only). While a daemon has the "
+        "is frozen (read-only since its first child layer was created, even "
+        "after that child is removed). While a daemon has the "
         "device locked, the list comes from that daemon through its plugin "
         "socket.",
     )

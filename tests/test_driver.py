@@ -406,6 +406,31 @@ def test_init_rejects_options(daemon, tmp_path):
     assert "relative/home" in message
 
 
+@pytest.mark.parametrize("case", ["NUL byte", "name too long", "regular file"])
+def test_init_failure_keeps_restart_working(home_daemon, tmp_path, docker_root_bind, case):
+    client = home_daemon.client
+    root = tmp_path / "docker"
+    docker_root_bind()
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    if case == "NUL byte":
+        home = str(root / "lc\0fs")
+    elif case == "name too long":
+        home = str(root / ("h" * 300))
+    else:
+        (root / "file").write_bytes(b"x")
+        home = str(root / "file")
+
+    message = client.err("GraphDriver.Init", {"Home": home})
+    assert home in message or repr(home) in message
+    assert "internal error" not in message
+    assert client.status_pairs()["Docker Home"] == "not initialised"
+
+    # Every start mounts the recorded Home, so a Home that Init could not
+    # mount must not be recorded.
+    home_daemon.restart()
+    assert client.ok("GraphDriver.Exists", {"ID": "base"}) == {"Exists": True}
+
+
 @pytest.fixture
 def docker_root_bind(tmp_path):
     """Bind-mount a Docker root over itself, as dockerd does when it starts."""

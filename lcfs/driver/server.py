@@ -343,6 +343,10 @@ class GraphDriverPlugin:
         home = _string_field(args, "Home", "Home")
         if not home or not os.path.isabs(home):
             raise RequestError(f"invalid Home {home!r}: it must be an absolute path")
+        if "\0" in home:
+            raise RequestError(
+                f"invalid Home {home!r}: it contains a NUL byte; pass a path without one"
+            )
         opts = args.get("Opts") or []
         if not isinstance(opts, list):
             raise RequestError("invalid request: field Opts must be a list")
@@ -356,8 +360,10 @@ class GraphDriverPlugin:
                 "user namespace remapping is not supported by lcfs; "
                 "start dockerd without --userns-remap"
             )
-        await self._run(self._record_init, home, opts)
+        # Mounted before it is recorded, because every start mounts the
+        # recorded Home and fails if it cannot.
         await self._run(self.mounts.init, home)
+        await self._run(self._record_init, home, opts)
         log.info("initialised by dockerd: Home %s", home)
         return {}
 

@@ -979,6 +979,20 @@ def test_malformed_requests(daemon):
     connection.close()
 
 
+def test_deeply_nested_json_body(daemon):
+    # Deeper than Python's recursion limit, which json.loads runs into.
+    body = b"[" * 100_000 + b"]" * 100_000
+    connection = _UnixConnection(str(daemon.socket))
+    connection.request("POST", "/GraphDriver.Get", body=body, headers=ACCEPT)
+    response = connection.getresponse()
+    message = json.loads(response.read())["Err"]
+    connection.close()
+    assert response.status == 500
+    assert "JSON body is nested too deeply" in message
+    assert "internal error" not in message
+    assert "Traceback" not in daemon.log()
+
+
 def test_call_with_wrong_method(daemon):
     connection = _UnixConnection(str(daemon.socket))
     try:

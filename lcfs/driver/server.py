@@ -330,6 +330,11 @@ class GraphDriverPlugin:
             args = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise RequestError(f"invalid request: body is not JSON: {error}") from None
+        except RecursionError:
+            raise RequestError(
+                "invalid request: the JSON body is nested too deeply to decode; "
+                "the arguments of a plugin call are one flat JSON object"
+            ) from None
         if not isinstance(args, dict):
             raise RequestError("invalid request: body is not a JSON object")
         return args

@@ -1,6 +1,9 @@
 """Layer tar import and export: round trips, Docker's tar dialect, and bad input."""
 
+import bz2
+import gzip
 import io
+import lzma
 import os
 import signal
 import stat
@@ -513,6 +516,28 @@ def test_corrupt_second_header_rejected(store):
         store.apply_diff("L", io.BytesIO(good[: 512 + 5120] + os.urandom(4096)))
     assert "layer L" in str(info.value)
     assert store.changes("L") == []
+
+
+@pytest.mark.parametrize("compression", ["gzip", "bzip2", "xz"])
+def test_compressed_tar_named(store, compression):
+    compress = {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}
+    small = make_tar([("f", REG, {"data": b"1"})])
+    large = make_tar([(f"f{i}", REG, {"data": os.urandom(3000)}) for i in range(5)])
+    for number, data in enumerate((small, large)):
+        layer_id = f"L{number}"
+        store.create_layer(layer_id)
+        with pytest.raises(errors.BadArchive) as info:
+            store.apply_diff(layer_id, io.BytesIO(compress[compression](data)))
+        assert f"layer {layer_id}" in str(info.value)
+        assert f"is a {compression} stream" in str(info.value)
+        assert store.changes(layer_id) == []
+
+
+def test_tar_named_like_magic_accepted(store):
+    # A member name may start with the bytes of a compression magic number.
+    store.create_layer("L")
+    store.apply_diff("L", io.BytesIO(make_tar([("BZh9", REG, {"data": b"1"})])))
+    assert tree_of(store, "L")[b"/BZh9"][2] == b"1"
 
 
 def test_empty_body_is_empty_layer(store):

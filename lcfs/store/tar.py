@@ -49,6 +49,15 @@ COMMIT_INTERVAL = 1.0
 # The maximum number of symbolic links that one path walk follows, as
 # Linux's MAXSYMLINKS.
 MAX_SYMLINKS = 40
+# The magic numbers that start the compressed streams docker load and
+# docker import accept. dockerd decompresses a layer before ApplyDiff, so
+# ApplyDiff takes only uncompressed tars.
+COMPRESSION_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
 
 _TYPE_MODES = {
     tarfile.REGTYPE: stat.S_IFREG,
@@ -126,6 +135,13 @@ class TarMixin:
                 applier.apply(member, data)
         except errors.BadArchive as exc:
             self._roll_back_apply(layer)
+            compression = _compression(first) if applier.entries == 0 else None
+            if compression is not None:
+                raise errors.BadArchive(
+                    f"layer {layer_id}: invalid layer tar: the body is a {compression}"
+                    " stream, but ApplyDiff takes an uncompressed tar; decompress it"
+                    " first"
+                ) from exc
             if str(exc).startswith(f"layer {layer_id}:"):
                 raise
             raise errors.BadArchive(f"layer {layer_id}: {exc}") from exc
@@ -742,6 +758,14 @@ class _Applier:
                 store._put_inode(self.number, inode)
 
         write_op(restore)(self.store)
+
+
+def _compression(head: bytes) -> str | None:
+    """Return the name of the compression format that ``head`` starts with, or None."""
+    for magic, name in COMPRESSION_MAGIC.items():
+        if head.startswith(magic):
+            return name
+    return None
 
 
 def _nonzero_runs(chunk: bytes, zero: bytes) -> list[tuple[int, int]]:

@@ -316,6 +316,29 @@ def test_sparse_member_hole_not_read(image, tmp_path):
     assert fsck.main([image, "--no-progress", "--log-level", "WARNING"]) == 0
 
 
+@pytest.mark.parametrize("tar_format", ["gnu", "posix"])
+def test_gnu_tar_sparse_member(store, tmp_path, tar_format):
+    source = tmp_path / "source"
+    source.mkdir()
+    with open(source / "sparse", "wb") as f:
+        f.seek(5 * MiB)
+        f.write(b"middle")
+        f.truncate(10 * MiB)
+    tar_path = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "-C", str(source), "--sparse", "-H", tar_format, "-cf",
+                    str(tar_path), "sparse"], check=True)  # fmt: skip
+    free = store.statfs().free_blocks
+    store.create_layer("L")
+    with open(tar_path, "rb") as tar:
+        store.apply_diff("L", tar)
+    number = store.get_layer("L").number
+    sparse = store.lookup(number, ROOT_INO, b"sparse")
+    assert stat.S_ISREG(sparse.mode)
+    assert sparse.size == 10 * MiB
+    assert store.read(number, sparse.ino, 5 * MiB - 2, 10) == bytes(2) + b"middle" + bytes(2)
+    assert free - store.statfs().free_blocks == 1
+
+
 @pytest.mark.parametrize(
     "regions, bad",
     [

@@ -1031,6 +1031,47 @@ def test_opaque_directory_counts_only_its_own_subdirectories(store):
     assert sorted(tree_of(store, "L2")) == [b"/o", b"/o/+early", b"/o/late"]
 
 
+OPAQUE_BASE = [
+    ("d", DIR, {}), ("d/sub", DIR, {}), ("d/sub/old", REG, {"data": b"old"}),
+    ("d/f", REG, {"data": b"f"}), ("d/other", DIR, {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "entries, expected, d_links",
+    [
+        ([("d/sub/new", REG, {"data": b"new"}), ("d/.wh..wh..opq", REG, {})],
+         [b"/d", b"/d/sub", b"/d/sub/new"], 3),
+        ([("d/sub/.wh.old", REG, {}), ("d/.wh..wh..opq", REG, {})],
+         [b"/d", b"/d/sub"], 3),
+        ([("h", LNK, {"linkname": "d/f"}), ("d/.wh..wh..opq", REG, {})],
+         [b"/d", b"/h"], 2),
+        ([("d/other/.wh.none", REG, {}), ("d/.wh..wh..opq", REG, {}),
+          ("d/other/new", REG, {"data": b"new"})],
+         [b"/d", b"/d/other", b"/d/other/new"], 3),
+    ],
+    ids=["entry added below", "entry removed below", "hard link", "walked before"],
+)
+def test_opaque_marker_after_changes_below(image, entries, expected, d_links):
+    # overlay2 makes a changed subdirectory in the upper directory, so the
+    # opaque marker does not hide it, and older entries below it stay hidden.
+    with Store.open(image) as s:
+        apply(s, "img", None, make_tar(OPAQUE_BASE))
+        apply(s, "L", "img", make_tar(entries))
+        tree = tree_of(s, "L")
+        assert sorted(tree) == expected
+        number = s.get_layer("L").number
+        assert s.lookup(number, ROOT_INO, b"d").nlink == d_links
+        if b"/h" in tree:
+            assert tree[b"/h"][2] == b"f"
+            assert s.lookup(number, ROOT_INO, b"h").nlink == 1
+        # The layer's own diff, applied again, makes the same tree.
+        s.create_layer("copy", "img")
+        s.apply_diff("copy", io.BytesIO(b"".join(s.diff("L"))))
+        assert tree_of(s, "copy") == tree
+    assert fsck.main([image, "--no-progress", "--log-level", "WARNING"]) == 0
+
+
 def test_entry_moved_away_and_back_is_no_change(store):
     apply(store, "img", None, make_tar([
         ("x", DIR, {}), ("x/sl", SYM, {"linkname": "target"}), ("x/f", REG, {"data": b"f"}),

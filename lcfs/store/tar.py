@@ -463,15 +463,7 @@ class _Applier:
                 # Docker's applier walks the marker's directory without
                 # following a link in its place, so it removes nothing.
                 return
-            inode = store._own(number, dir_ino)
-            inode.opaque = number
-            # The older layers' subdirectories no longer count as links;
-            # those this layer made before the marker still do.
-            inode.nlink = 2 + sum(
-                1 for ino in store._entries(number, inode).values()
-                if store._inode(number, ino).is_dir
-            )  # fmt: skip
-            store._put_inode(number, inode)
+            self._make_opaque(dir_ino)
             return
         if name.startswith(WHITEOUT + WHITEOUT):
             return
@@ -479,6 +471,45 @@ class _Applier:
         dir_inode = store._dir(number, dir_ino)
         if store._entry(number, dir_inode, target) is not None:
             self._remove(dir_inode, target)
+
+    def _make_opaque(self, dir_ino: int) -> None:
+        """Hide the entries that older layers put in a directory.
+
+        A subdirectory of an older layer that this layer changed before the
+        marker (its metadata, or entries added or removed below it) keeps
+        its name and becomes opaque too, as on overlayfs, where Docker's
+        overlay2 driver makes that subdirectory in the upper directory. A
+        file of an older layer that this layer hard-linked elsewhere loses
+        the hidden name's link, so the link count matches the names left.
+        """
+        store, number, txn = self.store, self.number, self.store._txn
+        inode = store._own(number, dir_ino)
+        hidden = {
+            name: ino
+            for name, ino in store._entries(number, inode).items()
+            if txn.get(dirent_key(dir_ino, name, number), db=store.dbs["dirents"]) is None
+        }
+        inode.opaque = number
+        store._put_inode(number, inode)
+        for name, ino in hidden.items():
+            owner, child = store._resolve(number, ino)
+            if owner != number:
+                continue
+            if child.is_dir:
+                store._add_entry(number, dir_ino, name, child)
+                self._make_opaque(ino)
+            else:
+                store._drop_link(number, ino)
+        # The older layers' subdirectories no longer count as links; those
+        # this layer made or kept still do.
+        inode = store._own(number, dir_ino)
+        inode.nlink = 2 + sum(
+            1 for ino in store._entries(number, inode).values()
+            if store._inode(number, ino).is_dir
+        )  # fmt: skip
+        store._put_inode(number, inode)
+        # Cached walks may lead through a directory that is hidden now.
+        self.dirs.clear()
 
     def _is_symlink(self, parts: list[bytes]) -> bool:
         """Tell whether the path ``parts`` names a symbolic link."""

@@ -238,6 +238,42 @@ def test_long_and_non_utf8_names(store):
         assert {m.name for m in out} >= {long_name, odd}
 
 
+def test_xattr_names_linux_rejects_skipped(store, caplog):
+    pax = {
+        "SCHILY.xattr.user.kept": "1",
+        "SCHILY.xattr.system.posix_acl_default": "2",
+        "SCHILY.xattr.noprefix": "3",
+        "SCHILY.xattr.system.other": "4",
+    }
+    apply(store, "L", None, make_tar([("f", REG, {"data": b"1", "pax": pax})]))
+    number = store.get_layer("L").number
+    ino = store.lookup(number, ROOT_INO, b"f").ino
+    assert sorted(store.listxattr(number, ino)) == [b"system.posix_acl_default", b"user.kept"]
+    assert "skipped 2 xattrs" in caplog.text
+    assert "noprefix" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "name, value, problem",
+    [
+        ("", "v", "it is empty"),
+        ("user.", "v", "it has nothing after the namespace"),
+        ("user." + "n" * 300, "v", "it is 305 bytes long, and the limit is 255"),
+        ("user.big", "v" * 70_000, "its value is 70000 bytes long, and the limit is 65536"),
+    ],
+    ids=["empty", "namespace alone", "name too long", "value too large"],
+)
+def test_invalid_xattr_named(store, name, value, problem):
+    store.create_layer("L")
+    data = make_tar([("f", REG, {"data": b"1", "pax": {"SCHILY.xattr." + name: value}})])
+    with pytest.raises(errors.BadArchive) as info:
+        store.apply_diff("L", io.BytesIO(data))
+    message = str(info.value)
+    assert message.startswith("layer L: member 'f': invalid xattr ")
+    assert message.endswith(problem)
+    assert store.changes("L") == []
+
+
 def test_hard_links_and_xattrs_round_trip(store):
     cap = "\x01\x00\x00\x02" + "\x00" * 16
     apply(store, "L1", None, make_tar([

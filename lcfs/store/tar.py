@@ -38,7 +38,7 @@ from .format import (
     dirent_key,
     inode_key,
 )
-from .namespace import symlink_target_problem
+from .namespace import NAME_MAX, XATTR_SIZE_MAX, symlink_target_problem
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,13 @@ COMMIT_INTERVAL = 1.0
 # The maximum number of symbolic links that one path walk follows, as
 # Linux's MAXSYMLINKS.
 MAX_SYMLINKS = 40
+# Namespaces of the xattr names that Linux stores on a file. ext4 and the
+# kernel's overlayfs reject any other name with EOPNOTSUPP, and Docker's
+# applier skips an xattr that fails so (setxattr in its archive package).
+# The system namespace takes only the POSIX ACL names.
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+SYSTEM_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
+
 # The magic numbers that start the compressed streams docker load and
 # docker import accept. dockerd decompresses a layer before ApplyDiff, so
 # ApplyDiff takes only uncompressed tars.
@@ -166,6 +173,13 @@ class TarMixin:
             crash_point("apply.finishing")
             self._end_apply(layer)
             self.commit()
+        if applier.skipped_xattrs:
+            name, member_name = applier.first_skipped_xattr
+            log.warning(
+                "layer %s: skipped %d xattrs whose names Linux does not accept on a"
+                " file, as Docker's applier does; the first was %r of member %r",
+                layer_id, applier.skipped_xattrs, name, member_name,
+            )  # fmt: skip
         log.info("applied %d bytes (%d by reference) in %d entries to layer %s in %.2f s",
                  applier.size, applier.referenced, applier.entries, layer_id,
                  time.monotonic() - started)  # fmt: skip
@@ -285,6 +299,10 @@ class _Applier:
         self.removals_seen = store.entry_removals
         # Bytes of file content mapped from another layer instead of written.
         self.referenced = 0
+        # Xattrs left out because Linux rejects their names (XATTR_NAMESPACES),
+        # and the name and member of the first one.
+        self.skipped_xattrs = 0
+        self.first_skipped_xattr: tuple[bytes, str] | None = None
         self.commit_interval = float(
             os.environ.get("LCFS_APPLY_COMMIT_INTERVAL", COMMIT_INTERVAL)
         )
@@ -775,9 +793,45 @@ class _Applier:
         inode.ctime_ns = time.time_ns()
         store._put_inode(number, inode)
         for name, value in _xattrs(member).items():
+            if not self._xattr_accepted(member, name, value):
+                continue
             store._setxattr(number, ino, name, value, 0)
         if inode.is_dir:
             self.dir_times[ino] = (inode.atime_ns, inode.mtime_ns)
+
+    def _xattr_accepted(self, member, name: bytes, value: bytes) -> bool:
+        """Tell whether to store an xattr, as Linux would; raise BadArchive for a bad one.
+
+        A name outside the namespaces that Linux stores is skipped and
+        counted. An empty name, a namespace alone, a name over NAME_MAX
+        bytes or a value over XATTR_SIZE_MAX bytes fails the import, as
+        setxattr fails with ERANGE, EINVAL or E2BIG and Docker's applier
+        with it.
+        """
+        if name and not (name.startswith(XATTR_NAMESPACES) or name in SYSTEM_XATTRS):
+            if self.first_skipped_xattr is None:
+                self.first_skipped_xattr = (name, member.name)
+            self.skipped_xattrs += 1
+            return False
+        problem = None
+        if not name:
+            problem = "it is empty"
+        elif name in XATTR_NAMESPACES:
+            problem = "it has nothing after the namespace"
+        elif len(name) > NAME_MAX:
+            problem = f"it is {len(name)} bytes long, and the limit is {NAME_MAX}"
+        elif b"\0" in name:
+            problem = "it contains a NUL byte"
+        elif len(value) > XATTR_SIZE_MAX:
+            problem = (
+                f"its value is {len(value)} bytes long, and the limit is {XATTR_SIZE_MAX}"
+            )
+        if problem is None:
+            return True
+        raise errors.BadArchive(
+            f"layer {self.layer.id}: member {member.name!r}: invalid xattr"
+            f" {reprlib.repr(name.decode('utf-8', 'surrogateescape'))}: {problem}"
+        )
 
     def finish(self) -> None:
         """Set directory times again, now that adding their entries has moved them."""

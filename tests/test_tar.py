@@ -420,6 +420,9 @@ BAD_TARS = {
     "missing link target": lambda: make_tar([("ok", REG, {"data": b"1" * 9000}), ("l", LNK, {"linkname": "nope"})]),
     # A whiteout's content is skipped, not read: the tar ends 1000 bytes into it.
     "whiteout cut off": lambda: make_tar([("ok", REG, {"data": b"1"}), (".wh.gone", REG, {"data": b"w" * 2000})])[:2536],
+    # Go's archive/tar rejects a header after a single zero block.
+    "zero block inside": lambda: (make_tar([("ok", REG, {"data": b"1"})])[:1024] + bytes(512)
+                                  + make_tar([("lost", REG, {"data": b"2"})])),
 }
 
 

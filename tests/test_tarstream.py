@@ -272,6 +272,25 @@ def test_skipped_content_cut_off_named():
     assert str(info.value) == "tar ends inside '.wh.gone'"
 
 
+def test_data_after_single_zero_block_rejected():
+    first = archive([entry("first", data=b"1")], tarfile.PAX_FORMAT)[:1024]
+    second = archive([entry("second", data=b"2")], tarfile.PAX_FORMAT)
+    names = []
+    with pytest.raises(errors.BadArchive) as info:
+        for member, _ in tarstream.members(io.BytesIO(first + bytes(512) + second)):
+            names.append(member.name)
+    assert names == ["first"]
+    assert "a zero block is followed by data" in str(info.value)
+
+
+@pytest.mark.parametrize("end", [b"", bytes(512), bytes(100), bytes(1024) + b"garbage"],
+                         ids=["stream end", "zero block", "short zero block", "garbage after end"])  # fmt: skip
+def test_single_zero_block_then_end_accepted(end):
+    first = archive([entry("first", data=b"1")], tarfile.PAX_FORMAT)[:1024]
+    names = [member.name for member, _ in tarstream.members(io.BytesIO(first + bytes(512) + end))]
+    assert names == ["first"]
+
+
 def test_padding_cut_off_ends_archive():
     raw = archive([entry("f", data=b"x" * 100)], tarfile.PAX_FORMAT)
     found = with_tarstream(raw[: 512 + 100])

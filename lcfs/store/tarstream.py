@@ -110,6 +110,8 @@ def members(stream: BinaryIO, head: bytes = b"") -> Iterator[tuple[object, Binar
 
 
 def _tarfile_members(stream) -> Iterator[tuple[object, BinaryIO]]:
+    # NOTE: after a GNU sparse member, tarfile ends the archive at the first
+    # zero block without the check of _Reader._check_end.
     with tarfile.open(fileobj=stream, mode="r|", errors="surrogateescape",
                       tarinfo=_StrictTarInfo) as archive:  # fmt: skip
         for member in archive:
@@ -262,6 +264,21 @@ class _Reader:
                 return
             left -= skipped
 
+    def _check_end(self) -> None:
+        """Raise ``BadArchive`` if the block after the zero block just read holds non-zero bytes.
+
+        Go's archive/tar, which Docker uses, rejects a zero block that no
+        second zero block or end of stream follows, where tarfile stops
+        quietly and drops the members that follow.
+        """
+        block = self._read_exact(BLOCK)
+        if block.strip(b"\0"):
+            raise errors.BadArchive(
+                "corrupt tar header: a zero block is followed by data instead of a"
+                " second zero block, so the members after it would be lost; the tar"
+                " is damaged, so create it again"
+            )
+
     def _check_held(self, size: int) -> None:
         """Raise ``BadArchive`` if ``size`` more bytes of headers pass MAX_HELD_HEADERS."""
         if self._global_bytes + self._chain_bytes + size > MAX_HELD_HEADERS:
@@ -293,6 +310,7 @@ class _Reader:
             if block == _ZERO_BLOCK:
                 if self._chain_raw:
                     raise errors.BadArchive("tar ends after an extended header")
+                self._check_end()
                 return None
             _check_sum(block)
             kind = block[156:157]

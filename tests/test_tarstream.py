@@ -115,6 +115,59 @@ def test_pax_records_override_header_fields():
     assert found[0][0]["pax_headers"]["mtime"] == "1700000000.123456789"
 
 
+def pax_tar(records: bytes) -> bytes:
+    """Return a tar of one member "short" after a PAX header of raw ``records``."""
+    header = tarfile.TarInfo("PaxHeaders/short")
+    header.type = tarfile.XHDTYPE
+    header.size = len(records)
+    member = tarfile.TarInfo("short")
+    member.size = 3
+    return (header.tobuf(tarfile.USTAR_FORMAT) + records + bytes(-len(records) % 512)
+            + member.tobuf(tarfile.USTAR_FORMAT) + b"abc" + bytes(509) + bytes(1024))  # fmt: skip
+
+
+def pax_record(key: str, value: str) -> bytes:
+    """Return one well-formed PAX record, whose length counts its own digits."""
+    body = f" {key}={value}\n".encode()
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length += 1
+    return str(length).encode() + body
+
+
+# Each is a PAX header that Go's archive/tar, which Docker uses, rejects.
+BAD_PAX_RECORDS = {
+    "length past the end": (b"99 path=x/very/long\n", "invalid PAX record"),
+    "length too short": (b"5 path=abc\n", "invalid PAX record"),
+    "no newline": (b"13 path=abcd", "invalid PAX record"),
+    "garbage after record": (pax_record("path", "good") + b"garbage\n",
+                             "invalid PAX record 'garbage"),
+    "NUL in key": (b"11 pa\0th=x\n", "invalid PAX record"),
+    "uid not a number": (pax_record("uid", "1000x"), "the PAX record uid '1000x' is not a number"),
+    "size not a number": (pax_record("size", "3k"), "the PAX record size '3k' is not a number"),
+    "mtime not a number": (pax_record("mtime", "noon"),
+                           "the PAX record mtime 'noon' is not a number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PAX_RECORDS))
+def test_bad_pax_records_rejected(case):
+    records, problem = BAD_PAX_RECORDS[case]
+    with pytest.raises(errors.BadArchive) as info:
+        read_all(tarstream.members(io.BytesIO(pax_tar(records))))
+    assert str(info.value).startswith("corrupt tar header: ")
+    assert problem in str(info.value)
+
+
+def test_pax_record_with_empty_value_keeps_header():
+    # In the pax format an empty value removes the record, so the ustar name stays.
+    records = pax_record("path", "") + pax_record("uid", "")
+    found = read_all(tarstream.members(io.BytesIO(pax_tar(records))))
+    assert [(fields["name"], fields["uid"], content) for fields, content in found] == [
+        ("short", 0, b"abc")
+    ]
+
+
 def test_global_pax_header_reaches_later_members():
     raw = archive(ENTRIES[:3], tarfile.PAX_FORMAT,
                   pax_headers={"comment": "global", "uid": "77"})  # fmt: skip

@@ -18,6 +18,7 @@ store's inode record and the kernel accept (``check_numbers``).
 from __future__ import annotations
 
 import re
+import reprlib
 import tarfile
 from collections.abc import Iterator
 from decimal import Decimal
@@ -33,7 +34,11 @@ _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 # field. Regular files and unknown types have content.
 _NO_DATA = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE,
             tarfile.CHRTYPE, tarfile.BLKTYPE)  # fmt: skip
-_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+# A PAX record: "LENGTH KEY=VALUE\n", where LENGTH counts the whole record.
+_PAX_RECORD = re.compile(rb"([0-9]+) ([^=\0]+)=")
+# A PAX integer record as Go's archive/tar parses it (strconv.ParseInt).
+_PAX_INTEGER = re.compile(r"[+-]?[0-9]+")
+_PAX_TIMES = ("mtime", "atime", "ctime")
 _SKIP_CHUNK = 1 << 20
 # The largest PAX header or GNU long name or link. Go's archive/tar, which
 # Docker uses, rejects larger ones (maxSpecialFileSize in its common.go).
@@ -389,38 +394,64 @@ def _member(block: bytes, kind: bytes, size: int, headers: dict) -> Member:
 
 
 def _apply_pax(member: Member, headers: dict[str, str]) -> None:
-    """Let PAX records override header fields, as tarfile does."""
+    """Let PAX records override header fields, as Go's archive/tar does.
+
+    A record with an empty value keeps the header's field, as the pax
+    format of POSIX.1-2008 specifies. A size, uid, gid or time record that
+    is not a number raises ``BadArchive``.
+    """
     for key, value in headers.items():
+        if not value:
+            continue
         if key == "path":
             member.name = value.rstrip("/")
         elif key == "linkpath":
             member.linkname = value
         elif key in ("size", "uid", "gid"):
+            if not _PAX_INTEGER.fullmatch(value):
+                raise _bad_pax_number(member, key, value)
+            setattr(member, key, int(value))
+        elif key in _PAX_TIMES:
+            # time_ns checks the range, which "nan" and "1e400" are outside.
             try:
-                setattr(member, key, int(value))
-            except ValueError:
-                setattr(member, key, 0)
-        elif key == "mtime":
-            try:
+                Decimal(value)
+            except ArithmeticError:
+                raise _bad_pax_number(member, key, value) from None
+            if key == "mtime":
                 member.mtime = float(value)
-            except ValueError:
-                member.mtime = 0
+
+
+def _bad_pax_number(member: Member, key: str, value: str) -> errors.BadArchive:
+    return errors.BadArchive(
+        f"corrupt tar header: member {member.name!r}: the PAX record {key}"
+        f" {reprlib.repr(value)} is not a number"
+    )
 
 
 def _pax_records(payload: bytes, inherited: dict[str, str]) -> dict[str, str]:
-    """Return ``inherited`` updated with the records of one PAX header."""
+    """Return ``inherited`` updated with the records of one PAX header.
+
+    Every byte of the payload but trailing NULs must belong to a record
+    whose length field counts it exactly and that ends in a newline, as
+    Go's archive/tar requires. Otherwise a record cut short or run into
+    the next one would change a member's name or owner without an error.
+    """
     records = dict(inherited)
     pos = 0
-    while True:
+    end = len(payload.rstrip(b"\0"))
+    while pos < end:
         match = _PAX_RECORD.match(payload, pos)
-        if not match:
-            break
-        length = int(match.group(1))
-        if length == 0:
-            raise errors.BadArchive("corrupt tar header: invalid PAX record")
+        length = int(match.group(1)) if match else 0
+        if not match or pos + length > end or length <= match.end(2) + 1 - pos or (
+                payload[pos + length - 1 : pos + length] != b"\n"):  # fmt: skip
+            raise errors.BadArchive(
+                "corrupt tar header: invalid PAX record"
+                f" {reprlib.repr(_decode(payload[pos : pos + 100]))} at byte {pos}"
+                " of an extended header"
+            )
         # Values are UTF-8, or raw bytes with hdrcharset=BINARY. Surrogate
         # escapes keep raw bytes as they were, so one decoding serves both.
-        value = payload[match.end(2) + 1 : match.start(1) + length - 1]
+        value = payload[match.end(2) + 1 : pos + length - 1]
         records[_decode(match.group(2))] = _decode(value)
         pos += length
     return records

@@ -742,6 +742,26 @@ def test_dockerd_restore_keeps_lost_changes(daemon):
     diff_bytes(client, "c", "base")
 
 
+def test_remove_forgets_open_gets(daemon):
+    """A Get still open at Remove must not count for a new layer of the same id."""
+    client = daemon.client
+    client.ok("GraphDriver.Create", {"ID": "base"})
+    client.ok("GraphDriver.CreateReadWrite", {"ID": "c", "Parent": "base"})
+    client.ok("GraphDriver.Get", {"ID": "c"})
+    client.ok("GraphDriver.Remove", {"ID": "c"})
+    client.ok("GraphDriver.CreateReadWrite", {"ID": "c", "Parent": "base"})
+    client.ok("GraphDriver.Get", {"ID": "c"})
+    assert client.ok("GraphDriver.Put", {"ID": "c"}) == {}
+
+    # The Put closed the only Get of the new layer, so its change mark goes
+    # with the next commit, which a Create makes at once.
+    client.ok("GraphDriver.Create", {"ID": "other", "Parent": "base"})
+    daemon.kill()
+    daemon.start()
+    assert "c may have lost the changes" not in daemon.log()
+    diff_bytes(client, "c", "base")
+
+
 def test_create_existing_id(daemon):
     client = daemon.client
     client.ok("GraphDriver.Create", {"ID": "base"})

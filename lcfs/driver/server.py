@@ -487,6 +487,10 @@ class GraphDriverPlugin:
         if self._removing is None or self._removing.done():
             self._removing = asyncio.create_task(self._run_removals())
         await removed
+        # Gets still open on the removed layer must not count for a new layer
+        # of the same id.
+        self._gets.pop(layer_id, None)
+        self._rejected_diffs.discard(layer_id)
         log.debug("removed layer %r", layer_id)
         return {}
 

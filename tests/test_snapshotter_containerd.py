@@ -5,8 +5,10 @@ in a new network namespace. Images are OCI archives built in the test from
 the busybox-static tree and small layers with whiteouts; nothing is pulled.
 """
 
+import io
 import json
 import os
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -179,6 +181,25 @@ def test_ctr_snapshot_commands(stack, image):
     # which finish() runs and checks.
     assert "saved-1" not in ctr_keys(containerd.snapshots("ls").stdout)
     check_list_consistent(daemon.list())
+
+    finish(daemon, containerd, ref)
+
+
+def test_ctr_snapshot_diff(stack, image):
+    daemon, containerd = stack
+    path, ref = image
+    import_image(containerd, path)
+    top = listed_top(daemon.list("kind==committed"))
+    # containerd's differ mounts the snapshot and its parent and compares
+    # them file by file, reading security.capability of each. It writes the
+    # opaque directory as a whiteout per name it hid.
+    diff = containerd.snapshots("diff", "--media-type", "application/vnd.oci.image.layer.v1.tar",
+                                top, check=False)  # fmt: skip
+    assert diff.returncode == 0, diff.stderr
+    with tarfile.open(fileobj=io.BytesIO(diff.stdout.encode())) as archive:
+        names = sorted(archive.getnames())
+    assert names == ["data", "data/.wh.drop", "data/dir", "data/dir/.wh.x", "data/dir/.wh.y",
+                     "data/dir/z", "data/keep"]  # fmt: skip
 
     finish(daemon, containerd, ref)
 

@@ -9,10 +9,14 @@ requests away from the store's xattr database:
 - A request for a name that no layer has ever stored
   (``store.xattr_name_seen``) fails without a store read. In the security and system namespaces, whose
   names the kernel and tools probe on their own, the answer is EOPNOTSUPP:
-  ls then stops asking for that name on the whole mount, and the kernel
-  reads it as "no capability". Elsewhere (user, trusted) it is ENODATA,
-  because programs take EOPNOTSUPP there to mean that the file system has
-  no xattrs at all. The rule ends by itself once a layer stores the name.
+  ls then stops asking for that name on the whole mount. Elsewhere (user,
+  trusted) it is ENODATA, because programs take EOPNOTSUPP there to mean
+  that the file system has no xattrs at all. security.capability gets
+  ENODATA too: the kernel treats either error as "no capability", but
+  containerd's differ (compareCapabilities in containerd/continuity, as
+  Debian packages it for containerd 1.6) accepts only ENODATA and fails a
+  diff of two snapshots on EOPNOTSUPP. The rule ends by itself once a
+  layer stores the name.
   The two POSIX ACL names count as one, because libacl (and GNU cp -a)
   take EOPNOTSUPP for either to mean that the file system has no ACLs, and
   fail when only one of them returns it.
@@ -89,7 +93,7 @@ class XattrHandlers:
         if removed is not None and name in removed:
             return removed[name]
         if not self._xattr_name_seen(name):
-            if name.startswith(PROBED_NAMESPACES):
+            if name.startswith(PROBED_NAMESPACES) and name != CAPABILITY_XATTR:
                 raise NameNeverStored(errno.EOPNOTSUPP)
             raise pyfuse3.FUSEError(errno.ENODATA)
         if inode == pyfuse3.ROOT_INODE or removed is not None:

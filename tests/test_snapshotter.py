@@ -176,6 +176,26 @@ def test_semantic_errors(store):
     assert len(store.list_layers()) == 3
 
 
+def test_errors_name_the_field(store):
+    store.create_snapshot("a1", "", "active")
+    long_name = "n" * 600
+    cases = [
+        (lambda: store.create_snapshot("", "", "active"), "invalid snapshot key: it is empty"),
+        (lambda: store.create_snapshot("a2", long_name, "view"),
+         "invalid parent snapshot name 'nnnn"),
+        (lambda: store.commit_snapshot("", "a1"), "invalid snapshot name: it is empty"),
+        (lambda: store.commit_snapshot(long_name, "a1"), "invalid snapshot name 'nnnn"),
+        (lambda: store.commit_snapshot("c1", ""), "invalid snapshot key: it is empty"),
+        (lambda: store.update_snapshot("", {}), "invalid snapshot name: it is empty"),
+        (lambda: store.remove_snapshot(""), "invalid snapshot key: it is empty"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(errors.Invalid) as caught:
+            call()
+        assert str(caught.value).startswith(message)
+    assert [s.name for s in store.list_snapshots()] == ["a1"]
+
+
 def test_update_labels(store):
     store.create_snapshot("a", "", "active", {"l1": "v1", "l2": "v2", "l3": "v3"})
     updated = store.update_snapshot("a", {"l1": "updated", "l4": "v4"}, ["labels.l1", "labels.l2"])

@@ -132,13 +132,14 @@ def check_labels(labels: dict[str, str]) -> dict[str, str]:
     return {key: value for key, value in labels.items() if value}
 
 
-def _encode_key(key: str) -> bytes:
+def _encode_key(key: str, field: str = "snapshot key") -> bytes:
+    """Encode a snapshot key or name for the database; Invalid names ``field`` if it is bad."""
     if not key:
-        raise errors.Invalid("invalid snapshot key: it is empty")
+        raise errors.Invalid(f"invalid {field}: it is empty. Send a non-empty {field}")
     raw = key.encode("utf-8", "surrogateescape")
     if len(raw) > MAX_KEY_BYTES:
         raise errors.Invalid(
-            f"invalid snapshot key {key[:64]!r}...: {len(raw)} bytes, more than "
+            f"invalid {field} {key[:64]!r}...: {len(raw)} bytes, more than "
             f"the maximum of {MAX_KEY_BYTES}"
         )
     return raw
@@ -147,12 +148,12 @@ def _encode_key(key: str) -> bytes:
 class SnapshotMixin:
     # -- records ---------------------------------------------------------------
 
-    def _snapshot(self, key: str) -> SnapshotInfo | None:
-        raw = self._txn.get(_encode_key(key), db=self.dbs["snapshots"])
+    def _snapshot(self, key: str, field: str = "snapshot key") -> SnapshotInfo | None:
+        raw = self._txn.get(_encode_key(key, field), db=self.dbs["snapshots"])
         return SnapshotInfo.unpack(key, raw) if raw is not None else None
 
-    def _existing_snapshot(self, key: str) -> SnapshotInfo:
-        info = self._snapshot(key)
+    def _existing_snapshot(self, key: str, field: str = "snapshot key") -> SnapshotInfo:
+        info = self._snapshot(key, field)
         if info is None:
             raise SnapshotNotFound(f"snapshot {key} not found")
         return info
@@ -234,7 +235,7 @@ class SnapshotMixin:
                 raise SnapshotExists(f"snapshot {key} already exists")
             parent_layer = None
             if parent:
-                parent_info = self._snapshot(parent)
+                parent_info = self._snapshot(parent, "parent snapshot name")
                 if parent_info is None:
                     raise SnapshotNotFound(
                         f"parent snapshot {parent} of {key} not found"
@@ -272,7 +273,7 @@ class SnapshotMixin:
         @write_op
         def commit(self) -> SnapshotInfo:
             clean_labels = check_labels(labels or {})
-            if self._snapshot(name) is not None:
+            if self._snapshot(name, "snapshot name") is not None:
                 raise SnapshotExists(f"snapshot {name} already exists")
             active = self._existing_snapshot(key)
             if active.kind != KIND_ACTIVE:
@@ -305,7 +306,7 @@ class SnapshotMixin:
 
         @write_op
         def update(self) -> SnapshotInfo:
-            info = self._existing_snapshot(name)
+            info = self._existing_snapshot(name, "snapshot name")
             new = dict(info.labels)
             if not paths:
                 new = dict(labels)

@@ -90,6 +90,14 @@ def test_filter_invalid(text):
         parse_filters([text])
 
 
+def test_filter_invalid_after_empty():
+    # An empty filter matches everything, but the filters after it must
+    # still parse, as containerd's filters.ParseAll requires.
+    with pytest.raises(FilterError):
+        parse_filters(["", "name==a,"])
+    assert parse_filters(["name==b", "", "name==c"]).matches(snapshot_fields(info("a")))
+
+
 # -- store records ------------------------------------------------------------
 
 

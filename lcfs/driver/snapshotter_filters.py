@@ -350,11 +350,15 @@ class Filter:
 def parse_filters(texts: Sequence[str]) -> Filter:
     """Parse a List request's filters; FilterError names the one that fails.
 
-    An empty filter string matches everything, as does an empty list.
+    An empty filter string matches everything, as does an empty list. The
+    filters after an empty one are still parsed, so an invalid one fails the
+    request as it does in containerd's filters.ParseAll.
     """
     alternatives = []
+    matches_all = False
     for text in texts:
         if text == "":
-            return Filter([])
+            matches_all = True
+            continue
         alternatives.append(_Parser(text).parse())
-    return Filter(alternatives)
+    return Filter([]) if matches_all else Filter(alternatives)

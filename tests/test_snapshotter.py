@@ -338,6 +338,13 @@ def test_service_status_codes(daemon):
 
 
 @pytest.mark.fuse
+def test_service_logs_snapshot_of_update(daemon):
+    update = pb.UpdateSnapshotRequest(info=pb.Info(name="missing-for-update"))
+    assert rpc_code(lambda: daemon.client.Update(update)) == grpc.StatusCode.NOT_FOUND
+    assert "Update of snapshot missing-for-update failed" in daemon.log_tail()
+
+
+@pytest.mark.fuse
 def test_service_info_and_mounts(daemon):
     client = daemon.client
     mounts = prepare(client, "a1", labels={"containerd.io/snapshot.ref": "r"}).mounts

@@ -108,13 +108,21 @@ def _status_code(error: errors.StoreError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def _request_snapshot(request) -> str:
+    """Return the snapshot key or name a request carries, for logs ("" if none)."""
+    key = getattr(request, "key", "") or getattr(request, "name", "")
+    if not key and isinstance(request, snapshots_pb2.UpdateSnapshotRequest):
+        key = request.info.name
+    return key
+
+
 def _rpc(name: str):
     """Wrap a unary handler: log it and turn store errors into gRPC status codes."""
 
     def decorate(method):
         @functools.wraps(method)
         async def wrapper(self, request, context: grpc.aio.ServicerContext):
-            key = getattr(request, "key", "") or getattr(request, "name", "")
+            key = _request_snapshot(request)
             log.debug("%s %s", name, key or "-")
             try:
                 return await method(self, request, context)

@@ -393,6 +393,21 @@ def test_list_streams_batches(daemon):
 
 
 @pytest.mark.fuse
+def test_list_batches_fit_message_limit(daemon):
+    # Each Info is about 1.6 MB of labels, so three do not fit one reply
+    # under the 4 MiB that a gRPC client receives by default.
+    labels = {f"containerd.io/snapshot/label-{i}": "v" * 4000 for i in range(400)}
+    for i in range(3):
+        prepare(daemon.client, f"labelled-{i}", labels=labels)
+    replies = list(daemon.client.List(pb.ListSnapshotsRequest(), timeout=60))
+    assert [len(reply.info) for reply in replies] == [2, 1]
+    for reply in replies:
+        assert reply.ByteSize() <= 4 * MiB
+    names = [info.name for reply in replies for info in reply.info]
+    assert names == ["labelled-0", "labelled-1", "labelled-2"]
+
+
+@pytest.mark.fuse
 def test_graphdriver_and_snapshots_apart(daemon):
     def plugin(name, payload):
         status, raw = unix_http(daemon.plugin_socket, "POST", f"/{name}",

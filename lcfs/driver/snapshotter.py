@@ -50,6 +50,14 @@ KIND_VALUES = {
 # Infos sent per List reply message, as containerd 1.6's own snapshots
 # service (services/snapshots/service.go) batches them.
 LIST_BATCH = 100
+# Maximum bytes of Infos in one List reply message, so that a reply fits the
+# 4 MiB that gRPC clients receive by default (containerd 1.6's proxy client
+# accepts 16 MiB). Labels can make 100 Infos far larger than either, and a
+# reply over the limit fails the whole List, which containerd's garbage
+# collection needs. An Info larger than this on its own goes alone.
+LIST_BATCH_BYTES = 4 * 1024 * 1024 - 64 * 1024
+# Bytes that each Info adds to a reply besides its own: a field tag and a length.
+LIST_ENTRY_OVERHEAD = 6
 
 # Seconds a stopping server lets calls in flight finish.
 STOP_GRACE = 10.0
@@ -256,13 +264,18 @@ class SnapshotService(snapshots_pb2_grpc.SnapshotsServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         infos = await self._run(self.store.list_snapshots)
         batch = []
+        batch_bytes = 0
         for info in infos:
             if not matcher.matches(snapshot_fields(info)):
                 continue
-            batch.append(info_message(info))
-            if len(batch) >= LIST_BATCH:
+            message = info_message(info)
+            size = message.ByteSize() + LIST_ENTRY_OVERHEAD
+            if batch and (len(batch) >= LIST_BATCH or batch_bytes + size > LIST_BATCH_BYTES):
                 yield snapshots_pb2.ListSnapshotsResponse(info=batch)
                 batch = []
+                batch_bytes = 0
+            batch.append(message)
+            batch_bytes += size
         if batch:
             yield snapshots_pb2.ListSnapshotsResponse(info=batch)
 

@@ -218,6 +218,24 @@ def test_update_labels(store):
     assert store.stat_snapshot("a").labels == {"z": "1"}
 
 
+def test_labels_total_size_limit(store):
+    labels = {f"l{i:04d}": "v" * 4000 for i in range(700)}
+    store.create_snapshot("a", "", "active", labels)
+    more = {f"m{i:04d}": "v" * 4000 for i in range(100)}
+    paths = [f"labels.{key}" for key in more]
+    with pytest.raises(errors.Invalid, match="labels of snapshot a: .* bytes in all"):
+        store.update_snapshot("a", more, paths)
+    assert store.stat_snapshot("a").labels == labels
+    with pytest.raises(errors.Invalid, match="labels of snapshot b: "):
+        store.create_snapshot("b", "", "active", {**labels, **more})
+    with pytest.raises(errors.Invalid, match="labels of snapshot c: "):
+        store.commit_snapshot("c", "a", {**labels, **more})
+    # Removing labels makes room again.
+    removed = [f"labels.{key}" for key in list(labels)[:100]]
+    store.update_snapshot("a", more, removed + paths)
+    assert len(store.stat_snapshot("a").labels) == 700
+
+
 def test_records_survive_reopen(image):
     with Store.open(image) as store:
         store.create_snapshot("k", "", "active", {"a": "b"})

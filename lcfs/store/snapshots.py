@@ -55,6 +55,12 @@ KINDS = (KIND_VIEW, KIND_ACTIVE, KIND_COMMITTED)
 # containerd rejects a label whose key and value together exceed 4096 bytes
 # (labels.Validate in containerd 1.6).
 MAX_LABEL_BYTES = 4096
+# Maximum bytes of all the labels of one snapshot, keys and values. The
+# snapshotter sends a snapshot's Info in one gRPC message. A message over the
+# 4 MiB that gRPC clients receive by default (16 MiB for containerd 1.6's
+# proxy client) fails every Stat and List that includes it, and a failed List
+# stops containerd's garbage collection.
+MAX_LABELS_TOTAL_BYTES = 3 * 1024 * 1024
 # LMDB's default maximum key size, in bytes.
 # NOTE: containerd's own snapshotters (bolt) accept longer keys. The keys
 # containerd sends (namespace/sequence/key, about 100 bytes for an unpack)
@@ -117,11 +123,13 @@ class SnapshotInfo:
                    rec["labels"], rec["layer"])  # fmt: skip
 
 
-def check_labels(labels: dict[str, str]) -> dict[str, str]:
+def check_labels(labels: dict[str, str], name: str) -> dict[str, str]:
     """Return ``labels`` without empty values; raise Invalid for an oversized one.
 
     An empty value means "no label" in containerd, which never stores one.
+    ``name`` is the snapshot's, for the error message.
     """
+    total = 0
     for key, value in labels.items():
         size = len(key.encode()) + len(value.encode())
         if size > MAX_LABEL_BYTES:
@@ -129,6 +137,13 @@ def check_labels(labels: dict[str, str]) -> dict[str, str]:
                 f"label {key[:64]!r}: key and value are {size} bytes, more than "
                 f"the maximum of {MAX_LABEL_BYTES}"
             )
+        if value:
+            total += size
+    if total > MAX_LABELS_TOTAL_BYTES:
+        raise errors.Invalid(
+            f"labels of snapshot {name}: {total} bytes in all, more than the maximum "
+            f"of {MAX_LABELS_TOTAL_BYTES}. Remove labels before adding more"
+        )
     return {key: value for key, value in labels.items() if value}
 
 
@@ -230,7 +245,7 @@ class SnapshotMixin:
                 raise errors.Invalid(
                     f"snapshot {key}: cannot create a snapshot of kind {kind}"
                 )
-            clean_labels = check_labels(labels or {})
+            clean_labels = check_labels(labels or {}, key)
             if self._snapshot(key) is not None:
                 raise SnapshotExists(f"snapshot {key} already exists")
             parent_layer = None
@@ -272,7 +287,7 @@ class SnapshotMixin:
 
         @write_op
         def commit(self) -> SnapshotInfo:
-            clean_labels = check_labels(labels or {})
+            clean_labels = check_labels(labels or {}, name)
             if self._snapshot(name, "snapshot name") is not None:
                 raise SnapshotExists(f"snapshot {name} already exists")
             active = self._existing_snapshot(key)
@@ -321,7 +336,7 @@ class SnapshotMixin:
                         f"snapshot {name}: cannot update field {path!r}; only labels "
                         "can change"
                     )
-            info.labels = check_labels(new)
+            info.labels = check_labels(new, name)
             info.updated_ns = time.time_ns()
             self._put_snapshot(info)
             return info

@@ -710,6 +710,20 @@ def test_malformed_extent_flag(store_image, capsys):
                    lost_paths=[(layer, b"/etc/new") for layer in BELOW_CHILD])  # fmt: skip
 
 
+@pytest.mark.parametrize("value", [b"{not json", b'{"kind": "bogus", "layer": "snapshot-1", '
+                                   b'"parent": "", "created": 1, "updated": 1, "labels": {}}',
+                                   b'{"kind": "active", "layer": 7}'])  # fmt: skip
+def test_malformed_snapshot_record(store_image, capsys, value):
+    # The daemon reads every snapshot record at start, so one that does not
+    # decode would stop it there.
+    path, _, _ = store_image
+    with damage(path) as (txn, dbs):
+        txn.put(b"bad-snapshot", value, db=dbs["snapshots"])
+    key = b"bad-snapshot".hex()
+    assert_repairs(store_image, capsys, "LMDB integrity",
+                   f"malformed value of key {key} in database snapshots")  # fmt: skip
+
+
 def test_block_count_wrong(store_image, capsys):
     path, n, _ = store_image
     with damage(path) as (txn, dbs):

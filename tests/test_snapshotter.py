@@ -10,12 +10,13 @@ import errno
 import json
 import os
 import stat
+import subprocess
 import time
 
 import grpc
 import pytest
 from dockerd import unix_http
-from lcfs_daemon import PLUGIN_HEADERS
+from lcfs_daemon import PLUGIN_HEADERS, fsck_command
 from snapshotter_helpers import KIND_NAMES, SnapshotterDaemon, check_list_consistent
 
 from lcfs.driver.proto import snapshots_pb2 as pb
@@ -23,6 +24,7 @@ from lcfs.driver.reconcile import find_orphans
 from lcfs.driver.snapshotter import snapshot_fields
 from lcfs.driver.snapshotter_filters import FilterError, parse_filters
 from lcfs.store import ROOT_INO, Store, errors
+from lcfs.store.store import write_op
 from lcfs.store.snapshots import (
     SNAPSHOT_LAYER_PREFIX,
     SnapshotExists,
@@ -447,6 +449,31 @@ def test_graphdriver_and_snapshots_apart(daemon):
     daemon.client.Cleanup(pb.CleanupRequest())
     assert [i.name for i in daemon.list()] == ["k"]
     assert sorted(os.listdir(daemon.mountpoint)) == sorted(["docker-1", layer])
+
+
+@pytest.mark.fuse
+def test_malformed_record_start_and_repair(daemon):
+    prepare(daemon.client, "kept")
+    assert daemon.stop() == 0
+
+    @write_op
+    def put_bad_record(store):
+        store._txn.put(b"broken", b"{not json", db=store.dbs["snapshots"])
+
+    with Store.open(str(daemon.device)) as store:
+        put_bad_record(store)
+        store.commit()
+    with pytest.raises(RuntimeError) as caught:
+        daemon.start()
+    assert "snapshot record 'broken' is malformed" in str(caught.value)
+    assert "lcfs-fsck --repair" in str(caught.value)
+    assert "Traceback" not in daemon.log_tail()
+
+    repair = subprocess.run([fsck_command(), "--repair", "--yes", str(daemon.device)],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert repair.returncode == fsck.EXIT_REPAIRED, repair.stdout + repair.stderr
+    daemon.start()
+    assert [i.name for i in daemon.list()] == ["kept"]
 
 
 # -- crashes ------------------------------------------------------------------------

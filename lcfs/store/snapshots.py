@@ -82,6 +82,16 @@ class SnapshotHasChildren(errors.Busy):
     """The snapshot is the parent of other snapshots."""
 
 
+class MalformedSnapshot(errors.StoreError):
+    """A snapshot record on the device does not decode."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(
+            f"snapshot record {name!r} is malformed ({reason}). Stop the daemon and "
+            "run lcfs-fsck --repair on its device, which deletes the record"
+        )
+
+
 class WrongKind(errors.Busy):
     """The snapshot's kind does not allow the operation (commit of a view, say)."""
 
@@ -118,9 +128,16 @@ class SnapshotInfo:
 
     @classmethod
     def unpack(cls, name: str, raw: bytes) -> SnapshotInfo:
-        rec = json.loads(bytes(raw))
-        return cls(name, rec["kind"], rec["parent"], rec["created"], rec["updated"],
-                   rec["labels"], rec["layer"])  # fmt: skip
+        """Decode a record; raise StoreError naming the record if it is malformed."""
+        try:
+            rec = json.loads(bytes(raw))
+            info = cls(name, rec["kind"], rec["parent"], rec["created"], rec["updated"],
+                       rec["labels"], rec["layer"])  # fmt: skip
+        except (ValueError, KeyError, TypeError) as error:
+            raise MalformedSnapshot(name, f"{type(error).__name__}: {error}") from None
+        if info.kind not in KINDS:
+            raise MalformedSnapshot(name, f"unknown kind {info.kind!r}")
+        return info
 
 
 def check_labels(labels: dict[str, str], name: str) -> dict[str, str]:

@@ -6,6 +6,7 @@ crash tests kill it with SIGKILL at named crash points, restart it, and
 check List and fsck.
 """
 
+import asyncio
 import errno
 import json
 import os
@@ -21,7 +22,7 @@ from snapshotter_helpers import KIND_NAMES, SnapshotterDaemon, check_list_consis
 
 from lcfs.driver.proto import snapshots_pb2 as pb
 from lcfs.driver.reconcile import find_orphans
-from lcfs.driver.snapshotter import snapshot_fields
+from lcfs.driver.snapshotter import SnapshotService, snapshot_fields
 from lcfs.driver.snapshotter_filters import FilterError, parse_filters
 from lcfs.store import ROOT_INO, Store, errors
 from lcfs.store.store import write_op
@@ -476,6 +477,39 @@ def test_malformed_record_start_and_repair(daemon):
     assert [i.name for i in daemon.list()] == ["kept"]
 
 
+class AbortCalled(Exception):
+    """Raised by FakeContext.abort, as grpc.aio's abort raises to end the call."""
+
+
+class FakeContext:
+    def __init__(self):
+        self.code = None
+        self.details = None
+
+    async def abort(self, code, details):
+        self.code = code
+        self.details = details
+        raise AbortCalled()
+
+
+class FailingStore:
+    def list_snapshots(self):
+        raise errors.StoreError("commit of lcfs.img failed (I/O error); restart the daemon")
+
+
+def test_list_store_failure_status():
+    service = SnapshotService(FailingStore(), mounts=None)
+    context = FakeContext()
+
+    async def drain():
+        return [reply async for reply in service.List(pb.ListSnapshotsRequest(), context)]
+
+    with pytest.raises(AbortCalled):
+        asyncio.run(drain())
+    assert context.code == grpc.StatusCode.INTERNAL
+    assert context.details.startswith("commit of lcfs.img failed")
+
+
 # -- crashes ------------------------------------------------------------------------
 
 
@@ -555,3 +589,4 @@ def test_reply_means_durable(daemon):
 
 def client_view(daemon, key, parent) -> str:
     return daemon.client.View(pb.ViewSnapshotRequest(key=key, parent=parent)).mounts[0].source
+

@@ -262,7 +262,13 @@ class SnapshotService(snapshots_pb2_grpc.SnapshotsServicer):
         except FilterError as error:
             log.info("List failed: %s", error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        infos = await self._run(self.store.list_snapshots)
+        try:
+            infos = await self._run(self.store.list_snapshots)
+        except errors.StoreError as error:
+            code = _status_code(error)
+            message = str(error) or type(error).__name__
+            log.error("List of snapshots failed: %s", message)
+            await context.abort(code, message)
         batch = []
         batch_bytes = 0
         for info in infos:

@@ -1123,3 +1123,23 @@ def test_entry_moved_away_and_back_is_no_change(store):
         store.rename(number, ROOT_INO, name + b"-away", x, name)
     # As Docker's tree comparison: only the directory, whose times changed.
     assert dict(store.changes("ctr")) == {"/x": 0}
+
+
+def test_moved_directory_keeps_sibling_entries(store):
+    apply(store, "img", None, make_tar([
+        ("o", DIR, {}), ("o/x", DIR, {}), ("o/x/y", DIR, {}), ("o/x/y/f", REG, {"data": b"f"}),
+        ("o/x/ylink", SYM, {"linkname": "y"}), ("o/x/g", REG, {"data": b"g"}),
+    ]))  # fmt: skip
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    store.rename(number, ROOT_INO, b"o", ROOT_INO, b"o2")
+    o2 = store.lookup(number, ROOT_INO, b"o2").ino
+    x = store.lookup(number, o2, b"x").ino
+    # The rename inside x changes x itself, so x is listed before the walk
+    # of the new o2 reaches it.
+    store.rename(number, x, b"y", x, b"y2")
+    changes = dict(store.changes("ctr"))
+    assert changes["/o2/x/ylink"] == 1
+    assert changes["/o2/x/g"] == 1
+    apply(store, "committed", "img", b"".join(store.diff("ctr")))
+    assert tree_of(store, "committed") == tree_of(store, "ctr")

@@ -41,6 +41,8 @@ class DiffPlan:
         # Changed inodes whose recorded name is gone, which another hard
         # link may still reach.
         self._unnamed: set[int] = set()
+        # Directories whose whole subtree is in the plan already.
+        self._walked: set[bytes] = set()
         self._collect()
 
     def _inode(self, ino: int) -> Inode:
@@ -255,14 +257,17 @@ class DiffPlan:
         if any. An entry of the same name in it makes a child a
         modification, as Docker's own tree comparison reports it.
         """
+        if path in self._walked:
+            return
+        self._walked.add(path)
         store, number = self.store, self.number
         old_dir = store._inode(self.parent, replaced) if replaced is not None else None
         for name, ino in store._entries(number, dir_inode).items():
             child = path + b"/" + name
-            if child in self.items:
-                continue
             old = store._entry(self.parent, old_dir, name) if old_dir is not None else None
-            self.items[child] = (CHANGE_ADD if old is None else CHANGE_MODIFY, ino)
+            # A child listed already, such as a directory that changed
+            # itself, still has its own entries to add.
+            self.items.setdefault(child, (CHANGE_ADD if old is None else CHANGE_MODIFY, ino))
             inode = self._inode(ino)
             if inode.is_dir:
                 old_child = old[0] if old is not None else None

@@ -1143,3 +1143,25 @@ def test_moved_directory_keeps_sibling_entries(store):
     assert changes["/o2/x/g"] == 1
     apply(store, "committed", "img", b"".join(store.diff("ctr")))
     assert tree_of(store, "committed") == tree_of(store, "ctr")
+
+
+@pytest.mark.parametrize("marker", ["d/.wh.a", "d/.wh..wh..opq"])
+def test_removed_directory_drops_outside_links(store, marker):
+    apply(store, "img", None, make_tar([
+        ("c", REG, {"data": b"x"}), ("s", SYM, {"linkname": "t"}), ("twice", REG, {"data": b"t"}),
+        ("d", DIR, {}), ("d/a", DIR, {}), ("d/a/c", LNK, {"linkname": "c"}),
+        ("d/a/s", LNK, {"linkname": "s"}), ("d/a/deeper", DIR, {}),
+        ("d/a/deeper/t1", LNK, {"linkname": "twice"}), ("d/a/deeper/t2", LNK, {"linkname": "twice"}),
+    ]))  # fmt: skip
+    apply(store, "L2", "img", make_tar([("d", DIR, {}), (marker, REG, {})]))
+    number = store.get_layer("L2").number
+    # As after `rm -r /d/a` in a container: the names left outside the
+    # removed directory are the only links of their files.
+    assert store.lookup(number, ROOT_INO, b"c").nlink == 1
+    assert store.lookup(number, ROOT_INO, b"s").nlink == 1
+    assert store.lookup(number, ROOT_INO, b"twice").nlink == 1
+    store.create_layer("ctr", "L2")
+    ctr = store.get_layer("ctr").number
+    c = store.lookup(ctr, ROOT_INO, b"c")
+    store.unlink(ctr, ROOT_INO, b"c")
+    assert store.getattr(ctr, c.ino).nlink == 0

@@ -497,8 +497,8 @@ class _Applier:
         marker (its metadata, or entries added or removed below it) keeps
         its name and becomes opaque too, as on overlayfs, where Docker's
         overlay2 driver makes that subdirectory in the upper directory. A
-        file of an older layer that this layer hard-linked elsewhere loses
-        the hidden name's link, so the link count matches the names left.
+        hidden file with other names elsewhere loses the hidden name's link
+        (``_drop_hidden``), so the link count matches the names left.
         """
         store, number, txn = self.store, self.number, self.store._txn
         inode = store._own(number, dir_ino)
@@ -511,13 +511,11 @@ class _Applier:
         store._put_inode(number, inode)
         for name, ino in hidden.items():
             owner, child = store._resolve(number, ino)
-            if owner != number:
-                continue
-            if child.is_dir:
+            if owner == number and child.is_dir:
                 store._add_entry(number, dir_ino, name, child)
                 self._make_opaque(ino)
             else:
-                store._drop_link(number, ino)
+                self._drop_hidden(ino)
         # The older layers' subdirectories no longer count as links; those
         # this layer made or kept still do.
         inode = store._own(number, dir_ino)
@@ -553,16 +551,14 @@ class _Applier:
             store._drop_link(number, inode.ino)
 
     def _drop_subtree(self, dir_inode) -> None:
-        """Drop the records this layer wrote below a directory that a whiteout removes.
+        """Drop what a whiteout removes below a directory.
 
-        Entries and inodes inherited from older layers need nothing: the
-        tombstone on the directory hides them.
+        The tombstone on the directory hides the entries inherited from older
+        layers, so they need no records of their own. Only an inherited file
+        with more than one link loses one (see ``_drop_hidden``).
         """
         store, number, txn = self.store, self.number, self.store._txn
         for name, ino in store._entries(number, dir_inode).items():
-            child = store._inode(number, ino)
-            if child.is_dir:
-                self._drop_subtree(child)
             key = dirent_key(dir_inode.ino, name, number)
             if txn.get(key, db=store.dbs["dirents"]) is not None:
                 txn.delete(key, db=store.dbs["dirents"])
@@ -570,12 +566,25 @@ class _Applier:
                     change_dirent_key(number, dir_inode.ino, name),
                     db=store.dbs["changes"],
                 )
-            if txn.get(inode_key(ino, number), db=store.dbs["inodes"]) is None:
-                continue
-            if child.is_dir:
+            self._drop_hidden(ino)
+
+    def _drop_hidden(self, ino: int) -> None:
+        """Drop one name of ``ino``, which a whiteout or an opaque directory hides.
+
+        The records this layer wrote for it are dropped. An inherited file
+        with more than one link loses one, as `rm` in a container does, so the
+        names left elsewhere show the right link count and the last unlink
+        frees the file.
+        """
+        store, number = self.store, self.number
+        child = store._inode(number, ino)
+        owned = store._txn.get(inode_key(ino, number), db=store.dbs["inodes"]) is not None
+        if child.is_dir:
+            self._drop_subtree(child)
+            if owned:
                 store._drop_dir(number, ino)
-            else:
-                store._drop_link(number, ino)
+        elif owned or child.nlink > 1:
+            store._drop_link(number, ino)
 
     def _create(self, parts: list[bytes], member: tarfile.TarInfo) -> int:
         store, number = self.store, self.number

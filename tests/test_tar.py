@@ -1165,3 +1165,26 @@ def test_removed_directory_drops_outside_links(store, marker):
     c = store.lookup(ctr, ROOT_INO, b"c")
     store.unlink(ctr, ROOT_INO, b"c")
     assert store.getattr(ctr, c.ino).nlink == 0
+
+
+def test_commit_keeps_hard_linked_symlinks(store):
+    apply(store, "img", None, make_tar([
+        ("s", SYM, {"linkname": "target"}), ("d", DIR, {}), ("d/s2", LNK, {"linkname": "s"}),
+    ]))  # fmt: skip
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    link = store.lookup(number, ROOT_INO, b"s")
+    store.setattr(number, link.ino, uid=7, gid=7)
+    members = {m.name: m for m in tarfile.open(fileobj=io.BytesIO(b"".join(store.diff("ctr"))))}
+    # The first name in tar order carries the symlink, the other links to it.
+    assert members["d/s2"].issym()
+    assert members["s"].islnk()
+    assert members["s"].linkname == "d/s2"
+    apply(store, "committed", "img", b"".join(store.diff("ctr")))
+    committed = store.get_layer("committed").number
+    first = store.lookup(committed, ROOT_INO, b"s")
+    d = store.lookup(committed, ROOT_INO, b"d")
+    second = store.lookup(committed, d.ino, b"s2")
+    assert second.ino == first.ino
+    assert first.nlink == 2
+    assert first.uid == 7

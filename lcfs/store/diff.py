@@ -223,7 +223,7 @@ class DiffPlan:
         for path, (kind, ino) in self.items.items():
             if ino is not None and kind != CHANGE_DELETE:
                 inode = store._inode(number, ino)
-                if inode.is_reg and inode.nlink > 1:
+                if not inode.is_dir and inode.nlink > 1:
                     wanted.add(ino)
         unnamed = set()
         for ino in self._unnamed:
@@ -364,16 +364,20 @@ class DiffPlan:
                     pax[key] = bytes(value).decode("utf-8", "surrogateescape")
         member.pax_headers = pax
         fmt = stat.S_IFMT(inode.mode)
-        if fmt == stat.S_IFREG and inode.nlink > 1 and ino in written:
-            member.type = tarfile.LNKTYPE
-            member.linkname = written[ino]
-            return member, inode
+        # Symlinks, device nodes and FIFOs may have hard links too, and
+        # Docker's own archiver writes those as tar links as well. Sockets
+        # are not written at all, so no link may point at one.
+        if fmt not in (stat.S_IFDIR, stat.S_IFSOCK) and inode.nlink > 1:
+            if ino in written:
+                member.type = tarfile.LNKTYPE
+                member.linkname = written[ino]
+                return member, inode
+            written[ino] = name
         if fmt == stat.S_IFDIR:
             member.type = tarfile.DIRTYPE
         elif fmt == stat.S_IFREG:
             member.type = tarfile.REGTYPE
             member.size = inode.size
-            written[ino] = name
         elif fmt == stat.S_IFLNK:
             member.type = tarfile.SYMTYPE
             member.linkname = inode.target.decode("utf-8", "surrogateescape")

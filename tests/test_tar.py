@@ -1188,3 +1188,23 @@ def test_commit_keeps_hard_linked_symlinks(store):
     assert second.ino == first.ino
     assert first.nlink == 2
     assert first.uid == 7
+
+
+def test_commit_keeps_directory_xattr_removal(store):
+    apply(store, "img", None, make_tar([
+        ("d", DIR, {"pax": {"SCHILY.xattr.user.gone": "1", "SCHILY.xattr.user.kept": "2"}}),
+        ("d/f", REG, {"data": b"f"}),
+    ]))  # fmt: skip
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    d = store.lookup(number, ROOT_INO, b"d")
+    store.removexattr(number, d.ino, b"user.gone")
+    apply(store, "committed", "img", b"".join(store.diff("ctr")))
+    committed = store.get_layer("committed").number
+    d = store.lookup(committed, ROOT_INO, b"d")
+    assert store.listxattr(committed, d.ino) == [b"user.kept"]
+    assert store.getxattr(committed, d.ino, b"user.kept") == b"2"
+    # The image's own layer keeps both.
+    image = store.get_layer("img").number
+    image_d = store.lookup(image, ROOT_INO, b"d")
+    assert sorted(store.listxattr(image, image_d.ino)) == [b"user.gone", b"user.kept"]

@@ -801,9 +801,19 @@ class _Applier:
         inode.atime_ns = tarstream.time_ns(member, "atime")
         inode.ctime_ns = time.time_ns()
         store._put_inode(number, inode)
-        for name, value in _xattrs(member).items():
-            if not self._xattr_accepted(member, name, value):
-                continue
+        xattrs = {
+            name: value
+            for name, value in _xattrs(member).items()
+            if self._xattr_accepted(member, name, value)
+        }
+        if inode.is_dir and inode.has_xattrs:
+            # A directory that is there already takes the member's xattrs
+            # only, as the new upper directory of an overlay2 layer does, so
+            # an xattr removed before a commit stays removed.
+            for name in store.listxattr(number, ino):
+                if name not in xattrs:
+                    store._removexattr(number, ino, name)
+        for name, value in xattrs.items():
             store._setxattr(number, ino, name, value, 0)
         if inode.is_dir:
             self.dir_times[ino] = (inode.atime_ns, inode.mtime_ns)

@@ -1208,3 +1208,18 @@ def test_commit_keeps_directory_xattr_removal(store):
     image = store.get_layer("img").number
     image_d = store.lookup(image, ROOT_INO, b"d")
     assert sorted(store.listxattr(image, image_d.ino)) == [b"user.gone", b"user.kept"]
+
+
+def test_sizes_count_symlinks_like_overlay2(store):
+    # overlay2 reports the lstat sizes of a layer's files but directories,
+    # hard-linked files once: 3 + 4 + len("target") here.
+    size = apply(store, "img", None, make_tar([
+        ("f", REG, {"data": b"abc"}), ("f2", LNK, {"linkname": "f"}), ("d", DIR, {}),
+        ("d/g", REG, {"data": b"defg"}), ("s", SYM, {"linkname": "target"}),
+    ]))  # fmt: skip
+    assert size == 13
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    store.symlink(number, ROOT_INO, b"new", b"0123456789")
+    store.write(number, store.lookup(number, ROOT_INO, b"f").ino, 3, b"d")
+    assert store.diff_size("ctr") == 10 + 4

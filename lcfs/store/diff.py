@@ -313,6 +313,12 @@ class DiffPlan:
         }
 
     def size(self) -> int:
+        """Return the bytes of the changed files and symlinks, each hard-linked file once.
+
+        overlay2 counts the same way: the lstat size of every file in the
+        layer's directory but directories, so a symlink adds its target's
+        length.
+        """
         total = 0
         seen = set()
         for _kind, ino in self.items.values():
@@ -322,6 +328,8 @@ class DiffPlan:
             inode = self.store._inode(self.number, ino)
             if inode.is_reg:
                 total += inode.size
+            elif stat.S_ISLNK(inode.mode):
+                total += len(inode.target)
         return total
 
     def entries(self) -> list[tuple[bytes, int, int | None]]:

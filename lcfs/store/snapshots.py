@@ -232,9 +232,9 @@ class SnapshotMixin:
         """Return (bytes, inodes) that the snapshot itself added or changed.
 
         Both come from the layer's change log: the bytes are the sizes of the
-        regular files it changed (as DiffSize counts them) and the inodes are
-        the files, directories and links it changed. The parent's content is
-        not counted.
+        regular files and symlinks it changed (as DiffSize counts them) and
+        the inodes are the files, directories and links it changed. The
+        parent's content is not counted.
         """
         from .diff import DiffPlan
 

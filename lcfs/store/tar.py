@@ -333,6 +333,9 @@ class _Applier:
             write(self._set_metadata, ino, member)
         else:
             write(self._create_with_metadata, parts, member)
+            if member.issym():
+                # overlay2 counts a symlink's lstat size, its target's length.
+                self.size += len(member.linkname.encode("utf-8", "surrogateescape"))
         crash_point("apply.member")
         self._commit_if_due()
 

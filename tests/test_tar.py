@@ -1223,3 +1223,27 @@ def test_sizes_count_symlinks_like_overlay2(store):
     store.symlink(number, ROOT_INO, b"new", b"0123456789")
     store.write(number, store.lookup(number, ROOT_INO, b"f").ino, 3, b"d")
     assert store.diff_size("ctr") == 10 + 4
+
+
+def test_opaque_marker_precedes_directory_entries(store):
+    # "-x" sorts before ".wh..wh..opq", and the old directory had a "-x" too.
+    apply(store, "img", None, make_tar([
+        ("d", DIR, {}), ("d/-x", DIR, {}), ("d/-x/f", REG, {"data": b"f"}),
+        ("d/old", REG, {"data": b"o"}),
+    ]))  # fmt: skip
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    d = store.lookup(number, ROOT_INO, b"d").ino
+    dash_x = store.lookup(number, d, b"-x").ino
+    store.unlink(number, dash_x, b"f")
+    store.rmdir(number, d, b"-x")
+    store.unlink(number, d, b"old")
+    store.rmdir(number, ROOT_INO, b"d")
+    new_d = store.mkdir(number, ROOT_INO, b"d", 0o755).ino
+    new_x = store.mkdir(number, new_d, b"-x", 0o755).ino
+    store.mknod(number, new_x, b"g", stat.S_IFREG | 0o644)
+    data = b"".join(store.diff("ctr"))
+    names = [m.name for m in tarfile.open(fileobj=io.BytesIO(data))]
+    assert names.index("d/.wh..wh..opq") < names.index("d/-x")
+    apply(store, "committed", "img", data)
+    assert sorted(tree_of(store, "committed")) == [b"/d", b"/d/-x", b"/d/-x/g"]

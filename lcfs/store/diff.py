@@ -277,7 +277,11 @@ class DiffPlan:
 
     @staticmethod
     def _order(path: bytes):
-        return path.split(b"/")
+        # An opaque marker comes right after its directory, before any entry
+        # in it, as Docker's own archiver writes it. An applier treats the
+        # entries before the marker as older than it, so a directory named
+        # "-x" or "+x" that sorted first would be hidden by its own layer.
+        return [b"" if part == OPAQUE else part for part in path.split(b"/")]
 
     def changes(self) -> list[tuple[bytes, int]]:
         """Return (path, kind) of every change, as Docker's Changes call lists them.

@@ -147,6 +147,38 @@ def test_root_listing_after_unlisted_changes(mounted):
     assert sorted(os.listdir(mounted.path)) == ["base", "three"]
 
 
+def test_layer_create_waits_for_no_entry_notice(mounted):
+    """A layer created while a removal's entry notice waits for a root lookup is not held up.
+
+    The entry notice waits for the lookup, and the lookup waits for the
+    store lock that the creating thread holds while it drops the root's
+    listing. Before the listing notices had a thread of their own, the
+    create waited behind the entry notice until INVALIDATE_WAIT ran out.
+    """
+    mounted.store.create_layer("gone")
+    mounted.store.commit()
+    os.listdir(mounted.path)  # the kernel caches the listing from now on
+    store = mounted.store
+    with store.lock:
+        lookup = threading.Thread(target=os.path.exists, args=(mounted.at("unknown"),))
+        lookup.start()
+        time.sleep(0.3)  # the lookup is in flight, waiting for the store lock
+        notice = threading.Thread(
+            target=mounted.server.notify_layer_removed, args=("gone",)
+        )
+        notice.start()
+        time.sleep(0.3)  # the entry notice waits for the lookup
+        started = time.monotonic()
+        store.create_layer("new")
+        elapsed = time.monotonic() - started
+    lookup.join(10)
+    notice.join(10)
+    assert elapsed < 1.0
+    assert not lookup.is_alive()
+    assert not notice.is_alive()
+    assert "new" in os.listdir(mounted.path)
+
+
 def test_removed_layers_leave_no_node_state(mounted):
     """Layers that come and go, as containers' do, leave no node state behind."""
     os.makedirs(mounted.at("base", "etc"))

@@ -317,6 +317,11 @@ class FuseServer:
         self.watchdog: _Watchdog | None = None
         self._thread: threading.Thread | None = None
         self._invalidator: _EntryInvalidator | None = None
+        # The root listing's notices go on a thread of their own, because
+        # the store sends them under its lock. Behind an entry notice, which
+        # waits for FUSE requests on the root that may wait for that lock,
+        # they would hold every request up until INVALIDATE_WAIT ran out.
+        self._listing_invalidator: _EntryInvalidator | None = None
         self._trio_token = None
         # The pipe that wakes the plain loop to stop: (read end, write end).
         self._wake: tuple[int, int] | None = None
@@ -365,6 +370,7 @@ class FuseServer:
                 self._wake = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             self._loop_started.clear()
             self._invalidator = _EntryInvalidator(mountpoint)
+            self._listing_invalidator = _EntryInvalidator(mountpoint)
             operations.invalidate_node = self._invalidator.invalidate_inode
             self.store.layers_changed = self._layers_changed
             self._thread = threading.Thread(
@@ -441,6 +447,7 @@ class FuseServer:
             if thread.is_alive():
                 # Invalidations need the main loop, so they stop before it.
                 self._invalidator.stop()
+                self._listing_invalidator.stop()
                 self._loop_started.wait(START_TIMEOUT)
                 if self._wake is not None:
                     os.write(self._wake[1], b"x")
@@ -490,7 +497,7 @@ class FuseServer:
         waiting for FUSE requests in flight, which the tests bear out but no
         kernel documentation states; INVALIDATE_WAIT bounds the wait if not.
         """
-        invalidator = self._invalidator
+        invalidator = self._listing_invalidator
         operations = self.operations
         if invalidator is None or not self.running or not operations.root_listed:
             return
@@ -516,6 +523,7 @@ class FuseServer:
             log.exception("FUSE main loop for %s failed", mountpoint)
         finally:
             self._invalidator.stop()
+            self._listing_invalidator.stop()
             try:
                 operations.shutdown()
             except Exception:

@@ -106,6 +106,41 @@ def test_whiteouts_and_opaque(store):
     assert "b/.wh..wh..opq" in names
 
 
+def test_diff_skips_files_deleted_while_it_streams(store):
+    """A Diff of a layer that a running container changes stays a valid tar.
+
+    A file deleted before its header is left out, as Docker's own drivers
+    leave out files that vanish while they pack a layer, and a file
+    deleted after its header is padded with zeros.
+    """
+    store.create_layer("base")
+    store.create_layer("c", "base")
+    number = store.get_layer("c").number
+    for name, size in ((b"a", 5000), (b"big", 3 * MiB), (b"gone", 5000), (b"z", 5000)):
+        attr = store.mknod(number, ROOT_INO, name, stat.S_IFREG | 0o644)
+        store.write(number, attr.ino, 0, name[:1] * size)
+    store.commit()
+
+    chunks = store.diff("c")
+    streamed = next(chunks)
+    store.unlink(number, ROOT_INO, b"gone")
+    # Read up to the first MiB of "big", then delete it too.
+    while streamed.count(b"b" * 1024) < 1024:
+        streamed += next(chunks)
+    store.unlink(number, ROOT_INO, b"big")
+    streamed += b"".join(chunks)
+
+    with tarfile.open(fileobj=io.BytesIO(streamed)) as archive:
+        members = {m.name: m for m in archive.getmembers()}
+        big = archive.extractfile(members["big"]).read()
+        z = archive.extractfile(members["z"]).read()
+    assert sorted(members) == ["a", "big", "z"]
+    assert members["big"].size == 3 * MiB
+    assert big[:MiB] == b"b" * MiB
+    assert big[-MiB:] == bytes(MiB)
+    assert z == b"z" * 5000
+
+
 def test_whiteout_order_and_nested_whiteouts(store):
     apply(store, "L1", None, make_tar([
         ("d", DIR, {}), ("d/sub", DIR, {}), ("d/sub/f", REG, {"data": b"f"}), ("e", REG, {"data": b"e"}),

@@ -255,7 +255,16 @@ class TarMixin:
             with self.lock:
                 self._ready()
                 self._layer(layer)
-                member, inode = plan.header(path, kind, ino, written)
+                try:
+                    member, inode = plan.header(path, kind, ino, written)
+                except errors.NotFound:
+                    # A running container deleted it after the plan was made
+                    # (docker commit --pause=false). Docker's own packer,
+                    # TarWithOptions in its pkg/archive, also logs a file it
+                    # cannot add and goes on.
+                    log.debug("diff of layer %s: skipping %r, deleted while the "
+                              "diff ran", plan.layer.id, path)  # fmt: skip
+                    continue
             if member is None:
                 continue
             yield member.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
@@ -267,13 +276,22 @@ class TarMixin:
     def _file_chunks(self, layer: int, ino: int, size: int):
         """Yield ``size`` bytes of a file and the padding to the next tar block.
 
-        A file that shrank since its header was written is padded with zeros,
-        so the stream stays a valid tar.
+        A file that shrank or was deleted since its header was written is
+        padded with zeros, so the stream stays a valid tar.
         """
         offset = 0
+        deleted = False
         while offset < size:
             want = min(CHUNK, size - offset)
-            data = self.read(layer, ino, offset, want)
+            data = b""
+            if not deleted:
+                try:
+                    data = self.read(layer, ino, offset, want)
+                except errors.LayerNotFound:
+                    raise
+                except errors.NotFound:
+                    # Deleted after its header went out: zeros keep the tar valid.
+                    deleted = True
             if len(data) < want:
                 data += bytes(want - len(data))
             yield data

@@ -455,6 +455,44 @@ def test_layer_removal_deletes_node_ids(store, monkeypatch, batch, one_commit):
     assert store.node_id(again, inos[0]) > max(removed)
 
 
+def test_node_id_of_removed_layer_rejected(store, monkeypatch):
+    """A lookup that races a layer's removal allocates no node id in it.
+
+    The FUSE thread looks a name up and then requests its node id in a
+    second call, and a Remove can run in between. A node id allocated then
+    outlived the layer, and lcfs-fsck reported it.
+    """
+    base = store.create_layer("base").number
+    f = store.mknod(base, ROOT_INO, b"f", stat.S_IFREG | 0o644)
+    store.create_layer("gone", "base")
+    gone = store.get_layer("gone").number
+    attr = store.lookup(gone, ROOT_INO, b"f")
+    store.remove_layer("gone")
+    with pytest.raises(errors.LayerNotFound):
+        store.node_id(gone, attr.ino)
+    assert (gone, f.ino) not in store._node_keys
+
+    # The same during a removal in batches, between two of them.
+    monkeypatch.setattr("lcfs.store.store.PURGE_BATCH", 1)
+    store.create_layer("batched", "base")
+    batched = store.get_layer("batched").number
+    store.node_id(batched, ROOT_INO)
+    store.node_id(batched, f.ino)
+    rejected = []
+
+    def look_up_while_removing(name):
+        if name == "remove.marked":
+            with pytest.raises(errors.LayerNotFound):
+                store.node_id(batched, f.ino + 1)
+            rejected.append(name)
+
+    monkeypatch.setattr("lcfs.store.store.crash_point", look_up_while_removing)
+    store.remove_layer("batched")
+    assert rejected == ["remove.marked"]
+    assert not [key for key in store._node_keys if key[0] in (gone, batched)]
+    store.commit()
+
+
 def test_commit_skips_sync_without_data(store, monkeypatch):
     synced = []
     fdatasync = os.fdatasync

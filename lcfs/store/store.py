@@ -1245,11 +1245,17 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
     # -- node ids --------------------------------------------------------------
 
     def node_id(self, layer: int, ino: int) -> int:
-        """Return the node id of (layer, inode), allocating a new one on first use."""
+        """Return the node id of (layer, inode), allocating a new one on first use.
+
+        Raises LayerNotFound for a layer that is removed or being removed,
+        which a lookup made before the removal may still name. Its node id
+        would outlive the layer, because the removal deletes node ids first.
+        """
         with self.lock:
             node = self._node_keys.get((layer, ino))
             if node is not None:
                 return node
+            self._layer(layer)
             return self._allocate_node(layer, ino)
 
     def existing_node(self, layer: int, ino: int) -> int | None:

@@ -16,6 +16,7 @@ import ctypes
 import errno
 import hashlib
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -177,6 +178,51 @@ def test_layer_create_waits_for_no_entry_notice(mounted):
     assert not lookup.is_alive()
     assert not notice.is_alive()
     assert "new" in os.listdir(mounted.path)
+
+
+def test_withdrawn_request_leaves_process_running(mounted, monkeypatch):
+    """A request withdrawn between poll and read does not stall the daemon.
+
+    A process killed while its request waits in the kernel's queue takes
+    the request back, though poll(2) has reported it. The plain loop's read
+    of the FUSE device then blocked while it held the GIL, so no other
+    thread of the daemon ran until the next request arrived.
+    """
+    if mounted.server.request_loop != "plain":
+        pytest.skip("only the plain request loop polls before it reads")
+    polled = threading.Event()
+    resume = threading.Event()
+    armed = threading.Event()
+    original = FuseServer._wait_for_request
+
+    def wait_then_pause(poller, wait_ms):
+        ready = original(poller, wait_ms)
+        if ready and armed.is_set():
+            armed.clear()
+            polled.set()
+            resume.wait(10)
+        return ready
+
+    monkeypatch.setattr(FuseServer, "_wait_for_request", staticmethod(wait_then_pause))
+    time.sleep(1.5)  # the loop calls the patched wait from its next round on
+    armed.set()
+    lookup = subprocess.Popen(["stat", mounted.at("base", "missing")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert polled.wait(10)
+    lookup.send_signal(signal.SIGKILL)
+    lookup.wait(10)
+    # A request 5 s from now unblocks a read that waits for one.
+    rescue = subprocess.Popen(["sh", "-c", f"sleep 5; stat {mounted.path}"],
+                              stdout=subprocess.DEVNULL)
+    try:
+        started = time.monotonic()
+        resume.set()
+        time.sleep(0.5)  # gives the FUSE thread the GIL, then takes it back
+        elapsed = time.monotonic() - started
+    finally:
+        rescue.wait(10)
+    assert elapsed < 3.0
+    assert os.listdir(mounted.at("base")) == []
 
 
 def test_removed_layers_leave_no_node_state(mounted):

@@ -544,6 +544,12 @@ class FuseServer:
     def _plain_loop(self, operations: LayerOperations, wake_read: int) -> None:
         """Process requests one at a time until stop() or the end of the session."""
         device = pyfuse3.lcfs_session_fd()
+        # lcfs_process_one reads the device while it holds the GIL. A process
+        # killed after poll() reported its request takes the request back,
+        # and a blocking read would then stop every thread of the daemon
+        # until the next request. With O_NONBLOCK the read fails with
+        # EAGAIN instead, which lcfs_process_one ignores.
+        os.set_blocking(device, False)
         poller = select.poll()
         poller.register(device, select.POLLIN)
         poller.register(wake_read, select.POLLIN)

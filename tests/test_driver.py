@@ -526,6 +526,45 @@ def test_watchdog_detaches_hidden_home(home_daemon, tmp_path, docker_root_bind):
     assert lcfs_mounts_at(home) == 0
 
 
+def test_put_waits_for_store_lock_off_event_loop(tmp_path):
+    """A Put while another thread holds the store lock leaves the event loop free.
+
+    The loop runs store calls itself only when the lock is free, so that
+    a long commit or import on another thread does not stop every other
+    plugin call. Put looked up the layer's lost changes on the loop and
+    so waited there for the lock.
+    """
+    image = str(tmp_path / "store.img")
+    Store.mkfs(image, size=64 << 20)
+    with Store.open(image) as store:
+        store.create_layer("c")
+        store.commit()
+        plugin = GraphDriverPlugin(store, image, MountManager(store, None))
+        plugin._gets["c"] = 1  # a Get whose Put this is
+        locked = threading.Event()
+
+        def hold_lock() -> None:
+            with store.lock:
+                locked.set()
+                time.sleep(1.0)
+
+        async def put_while_locked() -> float:
+            holder = threading.Thread(target=hold_lock)
+            holder.start()
+            await asyncio.to_thread(locked.wait, 10)
+            loop = asyncio.get_running_loop()
+            put = asyncio.create_task(plugin.put({"ID": "c"}))
+            started = loop.time()
+            await asyncio.sleep(0.05)
+            lag = loop.time() - started
+            assert await put == {}
+            await asyncio.to_thread(holder.join)
+            return lag
+
+        lag = asyncio.run(put_while_locked())
+    assert lag < 0.5
+
+
 def lcfs_mounts_at(path: Path) -> int:
     """Count the lcfs mounts at ``path`` in /proc/self/mountinfo, hidden ones too."""
     with open("/proc/self/mountinfo") as f:

@@ -548,7 +548,7 @@ class GraphDriverPlugin:
         self._gets[layer_id] += 1
         if not already_in_use:
             self._rejected_diffs.discard(layer_id)
-        elif self.store.lost_changes(layer_id) is not None:
+        elif await self._run_short(self.store.lost_changes, layer_id) is not None:
             # docker commit sends Get right before Diff, so a Get alone does
             # not show that a container uses the layer's new state. A Get
             # while another is open (a running container) does.
@@ -576,7 +576,7 @@ class GraphDriverPlugin:
             if (
                 opened
                 and not diff_rejected
-                and self.store.lost_changes(layer_id) is not None
+                and await self._run_short(self.store.lost_changes, layer_id) is not None
             ):
                 if await self._run_short(self._used_through_mount, layer_id):
                     # A container started and stopped on the layer's new state.

@@ -11,6 +11,7 @@ import os
 import signal
 import ssl
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -125,8 +126,35 @@ def test_busy_device_keeps_pid_file(workdir):
         )  # fmt: skip
         assert result.returncode == 2, result.stdout
         assert f"is in use by pid {a.process.pid}" in result.stdout
-        assert "stop that daemon first, or pass another --device" in result.stdout
+        assert "(another lcfs daemon, for example) first, or pass another --device" in result.stdout
         assert pid_file.read_text() == f"{a.process.pid}\n"
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_device_held_briefly(workdir):
+    """A daemon that starts while a command such as lcfs layers reads the device waits for it."""
+    b = LcfsDaemon(workdir / "b", size="64M", mountpoint=workdir / "b.mnt")
+    b.workdir.mkdir()
+    assert run_lcfs("mkfs", "--size", "64M", str(b.device)).returncode == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(b.device), "1.5"], stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        with running_lcfs(b):
+            log_text = b.log_tail(20000)
+    finally:
+        holder.wait(timeout=10)
+    assert f"is in use by pid {holder.pid} ({sys.executable} -c" in log_text
+    assert "waiting up to 3 s for it to be released" in log_text
 
 
 def test_pid_file_of_running_process(workdir):

@@ -201,6 +201,21 @@ def lock_holder(path: str) -> int | None:
     return None
 
 
+def describe_holder(path: str) -> str:
+    """Return "pid N (COMMAND LINE)" of the process that has locked ``path``, for messages."""
+    holder = lock_holder(path)
+    if holder is None:
+        return "another process, which has ended or is not visible here"
+    try:
+        with open(f"/proc/{holder}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").strip()
+    except OSError:
+        return f"pid {holder}"
+    if not command:
+        return f"pid {holder}"
+    return f"pid {holder} ({command.decode('utf-8', 'replace')})"
+
+
 # fallocate(2) mode that deallocates a range of a file and keeps its size:
 # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (linux/falloc.h).
 PUNCH_HOLE_MODE = 0x02 | 0x01
@@ -325,7 +340,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
 
         holder = lock_holder(path) if os.path.exists(path) else None
         if holder is not None:
-            raise errors.DeviceBusy(f"{path} is in use by pid {holder}")
+            raise errors.DeviceBusy(f"{path} is in use by {describe_holder(path)}")
         superblock = mkfs(path, size, metadata_size, force)
         log.info("formatted %s: %d data blocks, %d bytes of metadata", path,
                  superblock["data_blocks"], superblock["metadata_size"])  # fmt: skip
@@ -351,8 +366,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            holder = lock_holder(path)
-            raise errors.DeviceBusy(f"{path} is in use by pid {holder}") from None
+            raise errors.DeviceBusy(f"{path} is in use by {describe_holder(path)}") from None
         try:
             superblock = read_superblock(path)
             if superblock is None or superblock.get("magic") != "lcfs":

@@ -193,9 +193,11 @@ def test_withdrawn_request_leaves_process_running(mounted, monkeypatch):
     polled = threading.Event()
     resume = threading.Event()
     armed = threading.Event()
+    patched = threading.Event()
     original = FuseServer._wait_for_request
 
     def wait_then_pause(poller, wait_ms):
+        patched.set()
         ready = original(poller, wait_ms)
         if ready and armed.is_set():
             armed.clear()
@@ -204,7 +206,9 @@ def test_withdrawn_request_leaves_process_running(mounted, monkeypatch):
         return ready
 
     monkeypatch.setattr(FuseServer, "_wait_for_request", staticmethod(wait_then_pause))
-    time.sleep(1.5)  # the loop calls the patched wait from its next round on
+    # The loop calls the patched wait from its next round on, at the latest
+    # after its commit interval.
+    assert patched.wait(10)
     armed.set()
     lookup = subprocess.Popen(["stat", mounted.at("base", "missing")],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -251,6 +251,7 @@ def test_records_survive_reopen(image):
 
 
 def test_usage_counts_own_changes(store):
+    """Usage counts the 4 KiB blocks that a snapshot's own files take, as du would."""
     base = store.create_snapshot("base", "", "active")
     write_file(store, base.layer_id, b"big", b"x" * 10000)
     store.commit_snapshot("c", "base")
@@ -258,8 +259,22 @@ def test_usage_counts_own_changes(store):
     assert store.snapshot_usage("child") == (0, 0)
     write_file(store, child.layer_id, b"one", b"12345")
     write_file(store, child.layer_id, b"two", b"123")
-    assert store.snapshot_usage("child") == (8, 2)
-    assert store.snapshot_usage("c") == (10000, 1)
+    assert store.snapshot_usage("child") == (2 * 4096, 2)
+    assert store.snapshot_usage("c") == (3 * 4096, 1)
+
+
+def test_usage_skips_holes_and_parent_blocks(store):
+    base = store.create_snapshot("base", "", "active")
+    write_file(store, base.layer_id, b"big", b"x" * (10 * 4096))
+    store.commit_snapshot("c", "base")
+    child = store.create_snapshot("child", "c", "active")
+    layer = store.get_layer(child.layer_id).number
+    big = store.lookup(layer, ROOT_INO, b"big").ino
+    # One byte into the inherited file copies one block, not ten.
+    store.write(layer, big, 5, b"y")
+    sparse = store.mknod(layer, ROOT_INO, b"sparse", stat.S_IFREG | 0o644, 0, 0, 0)
+    store.write(layer, sparse.ino, 100 * 1024 * 1024, b"end")
+    assert store.snapshot_usage("child") == (2 * 4096, 2)
 
 
 def test_remove_frees_space(store):
@@ -378,7 +393,7 @@ def test_service_info_and_mounts(daemon):
     with open(os.path.join(source, "file"), "wb") as f:
         f.write(b"through FUSE")
     usage = client.Usage(pb.UsageRequest(key="a1"))
-    assert (usage.size, usage.inodes) == (12, 1)
+    assert (usage.size, usage.inodes) == (4096, 1)
 
     commit(client, "c1", "a1", {"l": "1"})
     stat_info = client.Stat(pb.StatSnapshotRequest(key="c1")).info

@@ -61,6 +61,15 @@ class DataMixin:
             found.append([block, phys, count, owned])
         return found
 
+    def _layer_blocks(self, ino: int, layer: int) -> int:
+        """Return how many data blocks of ``ino`` the layer holds itself (owned or shared)."""
+        blocks = 0
+        for _key, value in self._prefix_items(self.dbs["extents"], U64X2.pack(ino, layer)):
+            _phys, count, flag = EXTENT.unpack(value)
+            if flag != BORROWED:
+                blocks += count
+        return blocks
+
     def _put_extent(
         self, ino: int, layer: int, block: int, phys: int, count: int, owned: int
     ) -> None:

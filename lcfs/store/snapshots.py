@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from lcfs.journal.crash import crash_point
 
 from . import errors
-from .format import U64, Layer
+from .format import BLOCK_SIZE, U64, Layer
 
 log = logging.getLogger(__name__)
 
@@ -231,10 +231,12 @@ class SnapshotMixin:
     def snapshot_usage(self, key: str) -> tuple[int, int]:
         """Return (bytes, inodes) that the snapshot itself added or changed.
 
-        Both come from the layer's change log: the bytes are the sizes of the
-        regular files and symlinks it changed (as DiffSize counts them) and
-        the inodes are the files, directories and links it changed. The
-        parent's content is not counted.
+        Both come from the layer's change log. The bytes are the data blocks
+        that the layer's own changed files take, much as containerd's
+        overlayfs snapshotter counts the disk space of its upper directory.
+        A hole takes none, and the blocks that a changed file still shares
+        with the parent are the parent's. The inodes are the files,
+        directories and links it changed.
         """
         from .diff import DiffPlan
 
@@ -243,7 +245,8 @@ class SnapshotMixin:
             layer = self._snapshot_layer(self._existing_snapshot(key))
             plan = DiffPlan(self, layer)
             inodes = {ino for _, ino in plan.items.values() if ino is not None}
-            return plan.size(), len(inodes)
+            blocks = sum(self._layer_blocks(ino, layer.number) for ino in inodes)
+            return blocks * BLOCK_SIZE, len(inodes)
 
     # -- changing ----------------------------------------------------------------
 

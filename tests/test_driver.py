@@ -755,6 +755,22 @@ def test_container_run_clears_lost_changes(daemon):
     assert "layer 'c' is in use again" in daemon.log()
 
 
+def test_container_run_after_root_listing(daemon):
+    """A container run clears the record after a listing of the mount root.
+
+    A listing of the mount root hands the kernel every layer's entry, so a
+    later walk into the layer must still reach the daemon.
+    """
+    client = lose_changes_of_container(daemon)
+
+    container = Path(client.ok("GraphDriver.Get", {"ID": "c"})["Dir"])
+    assert "c" in os.listdir(container.parent)
+    os.listdir(container)
+    client.ok("GraphDriver.Put", {"ID": "c"})
+    diff_bytes(client, "c", "base")
+    assert "layer 'c' is in use again" in daemon.log()
+
+
 def test_dockerd_restore_keeps_lost_changes(daemon):
     """dockerd's start after a crash sends Put, Get and Put but runs nothing.
 

@@ -496,7 +496,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         entry.entry_timeout = 0
         return entry
 
-    def _layer_entry(self, layer):
+    def _layer_entry(self, layer, entry_timeout: float = FROZEN_TIMEOUT):
         # A layer's name leads to the same root node for the layer's whole
         # life, so the kernel may keep the entry. Without it, one `docker
         # start` of a busybox container sent about 400 lookups of the
@@ -504,7 +504,7 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
         # layer drops the entry before Remove replies (notify_layer_removed).
         # A name that is not found is not cached, so a new layer shows at once.
         attr = self.store.getattr(layer.number, ROOT_INO)
-        return self._entry(layer.number, attr, entry_timeout=FROZEN_TIMEOUT)
+        return self._entry(layer.number, attr, entry_timeout=entry_timeout)
 
     def _new_owner(self, layer: int, dir_ino: int, mode: int, ctx) -> tuple[int, int]:
         """Return (mode, gid) of a new inode, honouring a setgid directory."""
@@ -813,7 +813,10 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
                 continue
             if layer is None:
                 try:
-                    entry = self._layer_entry(item)
+                    # The kernel gets no lasting entry from a listing, so the
+                    # first walk into a layer still sends a lookup, which
+                    # records the layer in stats.layers_looked_up.
+                    entry = self._layer_entry(item, entry_timeout=0)
                 except errors.NotFound:
                     continue  # removed since the listing was taken
             else:

@@ -42,7 +42,8 @@ class RequestStats:
         # Numbers of the layers whose name was looked up in the mount root.
         # Any process that uses a layer's tree through the mount causes that
         # lookup at least once per mount, because the kernel's cached entry
-        # ends with the mount. The plugin server reads the set from another
+        # ends with the mount and a listing of the root gives it none that
+        # lasts. The plugin server reads the set from another
         # thread, which is safe because set membership tests and adds are
         # atomic under the GIL.
         self.layers_looked_up: set[int] = set()

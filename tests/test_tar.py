@@ -1146,6 +1146,27 @@ def test_opaque_marker_after_changes_below(image, entries, expected, d_links):
     assert fsck.main([image, "--no-progress", "--log-level", "WARNING"]) == 0
 
 
+def test_opaque_marker_after_change_two_levels_below(store):
+    # overlay2 makes d/sub/deep and d/sub in the upper directory for the
+    # new file, so the marker on d hides neither.
+    apply(store, "img", None, make_tar([
+        ("d", DIR, {}), ("d/sub", DIR, {}), ("d/sub/deep", DIR, {}),
+        ("d/sub/deep/old", REG, {"data": b"old"}), ("d/sub/gone", REG, {"data": b"g"}),
+    ]))  # fmt: skip
+    apply(store, "L", "img", make_tar([
+        ("d/sub/deep/new", REG, {"data": b"new"}), ("d/.wh..wh..opq", REG, {}),
+    ]))  # fmt: skip
+    tree = tree_of(store, "L")
+    assert sorted(tree) == [b"/d", b"/d/sub", b"/d/sub/deep", b"/d/sub/deep/new"]
+    assert tree[b"/d/sub/deep/new"][2] == b"new"
+    number = store.get_layer("L").number
+    d = store.lookup(number, ROOT_INO, b"d")
+    assert d.nlink == 3
+    assert store.lookup(number, d.ino, b"sub").nlink == 3
+    apply(store, "copy", "img", b"".join(store.diff("L")))
+    assert tree_of(store, "copy") == tree
+
+
 def test_entry_moved_away_and_back_is_no_change(store):
     apply(store, "img", None, make_tar([
         ("x", DIR, {}), ("x/sl", SYM, {"linkname": "target"}), ("x/f", REG, {"data": b"f"}),

@@ -515,7 +515,8 @@ class _Applier:
         """Hide the entries that older layers put in a directory.
 
         A subdirectory of an older layer that this layer changed before the
-        marker (its metadata, or entries added or removed below it) keeps
+        marker (its metadata, or entries added or removed at any depth below
+        it) keeps
         its name and becomes opaque too, as on overlayfs, where Docker's
         overlay2 driver makes that subdirectory in the upper directory. A
         hidden file with other names elsewhere loses the hidden name's link
@@ -531,8 +532,8 @@ class _Applier:
         inode.opaque = number
         store._put_inode(number, inode)
         for name, ino in hidden.items():
-            owner, child = store._resolve(number, ino)
-            if owner == number and child.is_dir:
+            child = store._inode(number, ino)
+            if child.is_dir and self._changed_below(ino):
                 store._add_entry(number, dir_ino, name, child)
                 self._make_opaque(ino)
             else:
@@ -547,6 +548,21 @@ class _Applier:
         store._put_inode(number, inode)
         # Cached walks may lead through a directory that is hidden now.
         self.dirs.clear()
+
+    def _changed_below(self, dir_ino: int) -> bool:
+        """Tell whether this layer changed the directory ``dir_ino`` or one below it.
+
+        Adding or removing an entry changes the directory's times, so this
+        layer then holds the directory's inode.
+        """
+        store, number = self.store, self.number
+        owner, inode = store._resolve(number, dir_ino)
+        if owner == number:
+            return True
+        return any(
+            store._inode(number, ino).is_dir and self._changed_below(ino)
+            for ino in store._entries(number, inode).values()
+        )
 
     def _is_symlink(self, parts: list[bytes]) -> bool:
         """Tell whether the path ``parts`` names a symbolic link."""

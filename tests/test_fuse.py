@@ -257,6 +257,44 @@ def test_removed_layers_leave_no_node_state(mounted):
     assert len(operations._attrs) <= 10
 
 
+def test_listing_racing_layer_removal(mounted, monkeypatch):
+    """A listing that a layer's removal cuts short leaves no node state behind.
+
+    The removal runs between two entries of the listing. The kernel must
+    get the entries whose nodes the handlers counted, or it never sends
+    FORGET for them.
+    """
+    mounted.store.create_layer("gone", "base")
+    gone = mounted.store.get_layer("gone").number
+    os.makedirs(mounted.at("gone", "d"))
+    for name in ("f1", "f2", "f3"):
+        write_file(mounted.at("gone", "d", name), b"x")
+    d = mounted.store.lookup(gone, ROOT_INO, b"d").ino
+    files = {mounted.store.lookup(gone, d, name).ino for name in (b"f1", b"f2", b"f3")}
+    operations = mounted.server.operations
+    original = mounted.store.node_id
+    given = []
+
+    def remove_after_first_entry(layer, ino):
+        if layer == gone and ino in files and given:
+            mounted.store.remove_layer("gone")
+        node = original(layer, ino)
+        if layer == gone and ino in files:
+            given.append(node)
+        return node
+
+    monkeypatch.setattr(mounted.store, "node_id", remove_after_first_entry)
+    with contextlib.suppress(FileNotFoundError):
+        os.listdir(mounted.at("gone", "d"))
+    monkeypatch.undo()
+    assert len(given) == 1
+    mounted.server.notify_layer_removed("gone")
+    deadline = time.monotonic() + 10
+    while given[0] in operations.lookup_counts and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert given[0] not in operations.lookup_counts
+
+
 def test_root_is_read_only(mounted):
     root = mounted.path
     expect_errno(errno.EROFS, os.mkdir, os.path.join(root, "new"))

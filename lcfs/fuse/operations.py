@@ -820,7 +820,12 @@ class LayerOperations(XattrHandlers, pyfuse3.Operations):
                 except errors.NotFound:
                     continue  # removed since the listing was taken
             else:
-                entry = self._entry(layer, item)
+                try:
+                    entry = self._entry(layer, item)
+                except errors.LayerNotFound:
+                    # Removed since the listing was taken. The entries given
+                    # so far were counted, so the kernel must get them.
+                    return True
             if not pyfuse3.readdir_reply(token, name, entry, offset):
                 if entry.st_ino not in self.lookup_counts:
                     self._attrs.pop(entry.st_ino, None)  # the kernel did not take it

@@ -565,6 +565,27 @@ def test_put_waits_for_store_lock_off_event_loop(tmp_path):
     assert lag < 0.5
 
 
+def test_remove_forgets_layer_looked_up(tmp_path):
+    """The record of layers looked up through the mount drops removed layers.
+
+    Layer numbers never come back, so a daemon that ran many containers
+    would otherwise keep one entry for each layer it ever served.
+    """
+    image = str(tmp_path / "store.img")
+    Store.mkfs(image, size=64 << 20)
+    with Store.open(image) as store:
+        store.create_layer("kept")
+        store.create_layer("c")
+        store.commit()
+        plugin = GraphDriverPlugin(store, image, MountManager(store, None))
+        looked_up = plugin.mounts.stats.layers_looked_up
+        kept = store.get_layer("kept").number
+        removed = store.get_layer("c").number
+        looked_up.update({kept, removed})
+        assert asyncio.run(plugin.remove({"ID": "c"})) == {}
+    assert looked_up == {kept}
+
+
 def lcfs_mounts_at(path: Path) -> int:
     """Count the lcfs mounts at ``path`` in /proc/self/mountinfo, hidden ones too."""
     with open("/proc/self/mountinfo") as f:

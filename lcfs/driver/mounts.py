@@ -189,6 +189,10 @@ class MountManager:
         server = self._server
         if server is not None:
             server.notify_layer_removed(layer_id)
+        # Layer numbers never come back, so only live layers stay in the
+        # record, which otherwise grows by every layer the daemon served.
+        live_numbers = {layer.number for layer in self._store.list_layers()}
+        self.stats.layers_looked_up.intersection_update(live_numbers)
 
     def _mount(self, path: str) -> None:
         path = os.path.abspath(path)

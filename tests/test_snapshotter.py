@@ -22,11 +22,12 @@ from snapshotter_helpers import KIND_NAMES, SnapshotterDaemon, check_list_consis
 
 from lcfs.driver.proto import snapshots_pb2 as pb
 from lcfs.driver.reconcile import find_orphans
-from lcfs.driver.snapshotter import SnapshotService, snapshot_fields
+from lcfs.driver.snapshotter import SnapshotService, info_message, snapshot_fields
 from lcfs.driver.snapshotter_filters import FilterError, parse_filters
 from lcfs.store import ROOT_INO, Store, errors
 from lcfs.store.store import write_op
 from lcfs.store.snapshots import (
+    MAX_LABELS_TOTAL_BYTES,
     SNAPSHOT_LAYER_PREFIX,
     SnapshotExists,
     SnapshotHasChildren,
@@ -237,6 +238,17 @@ def test_labels_total_size_limit(store):
     removed = [f"labels.{key}" for key in list(labels)[:100]]
     store.update_snapshot("a", more, removed + paths)
     assert len(store.stat_snapshot("a").labels) == 700
+
+
+def test_labels_limit_counts_encoding(store):
+    """Many small labels must still fit one gRPC message once protobuf frames them."""
+    small = {f"k{i:06d}": "v" for i in range(300_000)}
+    assert sum(len(key) + len(value) for key, value in small.items()) < MAX_LABELS_TOTAL_BYTES
+    with pytest.raises(errors.Invalid, match="labels of snapshot s: "):
+        store.create_snapshot("s", "", "active", small)
+    fitting = dict(list(small.items())[:180_000])
+    info = store.create_snapshot("t", "", "active", fitting)
+    assert info_message(info).ByteSize() < MAX_LABELS_TOTAL_BYTES + 4096
 
 
 def test_records_survive_reopen(image):

@@ -55,12 +55,16 @@ KINDS = (KIND_VIEW, KIND_ACTIVE, KIND_COMMITTED)
 # containerd rejects a label whose key and value together exceed 4096 bytes
 # (labels.Validate in containerd 1.6).
 MAX_LABEL_BYTES = 4096
-# Maximum bytes of all the labels of one snapshot, keys and values. The
+# Maximum bytes of all the labels of one snapshot as protobuf encodes them. The
 # snapshotter sends a snapshot's Info in one gRPC message. A message over the
 # 4 MiB that gRPC clients receive by default (16 MiB for containerd 1.6's
 # proxy client) fails every Stat and List that includes it, and a failed List
 # stops containerd's garbage collection.
 MAX_LABELS_TOTAL_BYTES = 3 * 1024 * 1024
+# Bytes that protobuf adds to each label of an Info at most: the map entry's
+# tag and length, and the tag and length of its key and of its value, each
+# length below 16,384 (MAX_LABEL_BYTES), so two bytes long.
+LABEL_ENCODING_BYTES = 9
 # LMDB's default maximum key size, in bytes.
 # NOTE: containerd's own snapshotters (bolt) accept longer keys. The keys
 # containerd sends (namespace/sequence/key, about 100 bytes for an unpack)
@@ -155,7 +159,7 @@ def check_labels(labels: dict[str, str], name: str) -> dict[str, str]:
                 f"the maximum of {MAX_LABEL_BYTES}"
             )
         if value:
-            total += size
+            total += size + LABEL_ENCODING_BYTES
     if total > MAX_LABELS_TOTAL_BYTES:
         raise errors.Invalid(
             f"labels of snapshot {name}: {total} bytes in all, more than the maximum "

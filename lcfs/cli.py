@@ -515,8 +515,9 @@ def _layers_from_daemon(device: str, socket_path: str, busy: Exception) -> list:
     except OSError as error:
         raise UserError(
             f"{busy}, and the request for the layer list on the daemon's plugin "
-            f"socket {socket_path} failed: {error}; pass the socket of the daemon "
-            "that has the device locked with --socket, or stop that daemon"
+            f"socket {socket_path} failed: {error}; pass the plugin socket of the "
+            "daemon that has the device locked with --socket, or stop that daemon "
+            "(a daemon started with --socket none has no plugin socket)"
         ) from None
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(
@@ -542,7 +543,8 @@ def _run_stats(args: argparse.Namespace) -> int:
     except OSError as error:
         raise UserError(
             f"cannot read statistics from {args.socket}: {error}; is lcfs "
-            "daemon running? pass its plugin socket with --socket"
+            "daemon running? pass its plugin socket with --socket (a daemon "
+            "started with --socket none has no plugin socket and serves no statistics)"
         ) from error
     if args.json:
         print(json.dumps(snapshot, indent=2, sort_keys=True))

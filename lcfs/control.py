@@ -16,6 +16,10 @@ import socket
 STATS_PATH = "/lcfs.Stats"
 LAYERS_PATH = "/lcfs.Layers"
 FETCH_TIMEOUT = 10.0
+# An HTTP/2 server, such as the gRPC server on the containerd snapshotter
+# socket, replies to an HTTP/1.1 request with a frame header: a 3-byte length,
+# then the frame type, 0x04 for SETTINGS or 0x07 for GOAWAY (RFC 9113).
+HTTP2_FRAME_TYPES = ("\x04", "\x07")
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -40,6 +44,14 @@ def fetch_json(socket_path: str, path: str, timeout: float = FETCH_TIMEOUT):
         connection.request("POST", path, body=b"")
         reply = connection.getresponse()
         body = reply.read()
+    except http.client.BadStatusLine as error:
+        if len(error.line) > 3 and error.line[3] in HTTP2_FRAME_TYPES:
+            raise OSError(
+                f"{socket_path} replied in HTTP/2, as the containerd snapshotter "
+                "socket (--snapshotter-socket) does, and is not the daemon's plugin "
+                "socket (--socket)"
+            ) from error
+        raise OSError(f"invalid HTTP reply: {error}") from error
     except http.client.HTTPException as error:
         raise OSError(f"invalid HTTP reply: {error}") from error
     finally:

@@ -17,6 +17,7 @@ import time
 import grpc
 import pytest
 from dockerd import unix_http
+import lcfs_daemon
 from lcfs_daemon import PLUGIN_HEADERS, fsck_command
 from snapshotter_helpers import KIND_NAMES, SnapshotterDaemon, check_list_consistent
 
@@ -390,6 +391,26 @@ def test_service_logs_snapshot_of_update(daemon):
     update = pb.UpdateSnapshotRequest(info=pb.Info(name="missing-for-update"))
     assert rpc_code(lambda: daemon.client.Update(update)) == grpc.StatusCode.NOT_FOUND
     assert "Update of snapshot missing-for-update failed" in daemon.log_tail()
+
+
+@pytest.mark.fuse
+def test_cli_names_snapshotter_socket(daemon):
+    # A user of a daemon started with --socket none has only the snapshotter
+    # socket to pass, and that one speaks gRPC, not the plugin protocol.
+    lcfs = lcfs_daemon.lcfs_command()
+    commands = {
+        "layers": [lcfs, "layers", "--device", str(daemon.device), "--socket",
+                   str(daemon.socket_path)],
+        "stats": [lcfs, "stats", "--socket", str(daemon.socket_path)],
+    }  # fmt: skip
+    for name, command in commands.items():
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        message = result.stderr.strip()
+        assert result.returncode == 2, (name, result.stdout, message)
+        assert len(message.splitlines()) == 1, (name, message)
+        assert f"{daemon.socket_path} replied in HTTP/2" in message, (name, message)
+        assert "containerd snapshotter socket" in message, (name, message)
+        assert "--socket none has no plugin socket" in message, (name, message)
 
 
 @pytest.mark.fuse

@@ -934,6 +934,27 @@ def test_watchdog_leaves_other_mount(lcfs_image):
         assert mounted.server.watchdog is None
 
 
+def test_stop_with_layer_bind_mount(tmp_path):
+    # containerd bind-mounts a snapshot's directory as each container's root
+    # filesystem, and that mount outlives the daemon's unmount.
+    bound = tmp_path / "rootfs"
+    bound.mkdir()
+    try:
+        with running_daemon(tmp_path / "daemon") as daemon:
+            daemon.call("GraphDriver.Create", {"ID": "base"})
+            layer = os.path.join(daemon.mountpoint, "base")
+            subprocess.run(["mount", "--bind", layer, str(bound)], check=True)
+            assert daemon.stop() == 0
+            log_text = daemon.log_tail(20000)
+            assert find_mount(str(daemon.mountpoint)) is None
+            assert find_mount(str(bound)) is not None
+    finally:
+        unmount_under(tmp_path)
+    assert "still mounted" not in log_text
+    assert f"1 bind mounts of its layers remain ({bound})" in log_text
+    assert "ended without unmounting" not in log_text
+
+
 # -- 64-bit layer and inode numbers, file handles ------------------------------------
 
 HANDLE_SCRIPT = """

@@ -533,13 +533,26 @@ class FuseServer:
             except Exception:
                 log.exception("unmount of lcfs from %s failed", mountpoint)
             else:
-                # libfuse reports a failed unmount only on standard error.
-                if any(device == self._device for _, _, device in _mount_table()):
-                    log.error("lcfs is still mounted at %s (device %s) after the "
-                              "unmount; detach it with umount -l", mountpoint,
-                              self._device)  # fmt: skip
-                else:
-                    log.info("unmounted lcfs from %s", mountpoint)
+                self._log_unmount(mountpoint)
+
+    def _log_unmount(self, mountpoint: str) -> None:
+        # libfuse reports a failed unmount only on standard error. Bind
+        # mounts of a layer directory, such as the root filesystem that
+        # containerd mounts for each container of a snapshot, stay after the
+        # unmount and keep the same device number.
+        points = [point for point, _, device in _mount_table() if device == self._device]
+        if os.path.realpath(mountpoint) in points:
+            log.error("lcfs is still mounted at %s (device %s) after the "
+                      "unmount; detach it with umount -l", mountpoint,
+                      self._device)  # fmt: skip
+        elif points:
+            log.warning("unmounted lcfs from %s, but %d bind mounts of its layers "
+                        "remain (%s), and reads there fail with 'transport endpoint "
+                        "is not connected': stop the containers that use them, or "
+                        "detach them with umount -l", mountpoint, len(points),
+                        ", ".join(points[:3]) + (", ..." if len(points) > 3 else ""))  # fmt: skip
+        else:
+            log.info("unmounted lcfs from %s", mountpoint)
 
     def _plain_loop(self, operations: LayerOperations, wake_read: int) -> None:
         """Process requests one at a time until stop() or the end of the session."""

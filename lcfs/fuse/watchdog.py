@@ -60,32 +60,40 @@ def top_mount_device(mountpoint: str) -> str | None:
     return found
 
 
-def mount_id(device: str) -> int | None:
-    """Return the mount id of the lcfs FUSE mount with ``major:minor``, hidden or not, or None."""
+def mount_ids(device: str) -> set[int]:
+    """Return the mount ids of every lcfs FUSE mount with ``major:minor``, hidden or not.
+
+    A bind mount of a directory of the mount has the same device number.
+    """
+    found = set()
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
             separator = fields.index("-")
             if fields[2] == device and fields[separator + 1] == FSTYPE:
-                return int(fields[0])
-    return None
+                found.add(int(fields[0]))
+    return found
 
 
 def detach_through_parent(parent_fd: int, mountpoint: str, device: str) -> bool:
     """Detach the mount of ``device`` at the mount point below ``parent_fd``.
 
-    Returns False when the mount point there is another mount now.
-    Raises OSError when the open or the detach fails.
+    Returns False when the mount point there is missing or no mount of
+    ``device`` now, such as after the daemon unmounted it while bind mounts
+    of its layers stay elsewhere. Raises OSError when the open or the
+    detach fails.
     """
-    expected = mount_id(device)
     path = f"/proc/self/fd/{parent_fd}/{os.path.basename(mountpoint)}"
     # The kernel serves an O_PATH open without asking the FUSE server, so
     # the dead server cannot block it.
-    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
     try:
         with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
             found = next(int(line.split()[1]) for line in f if line.startswith("mnt_id:"))
-        if found != expected:
+        if found not in mount_ids(device):
             return False
         detach(f"/proc/self/fd/{fd}")
         return True
@@ -126,23 +134,22 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     wait_for_end_of_file(0)
-    if parent_fd is not None:
-        still_mounted = mount_id(device) is not None
-    else:
-        still_mounted = top_mount_device(mountpoint) == device
-    if not still_mounted:
-        log.debug("mount %s of %s is gone; nothing to do", device, mountpoint)
-        return 0
-    log.warning("the process serving %s (device %s) has ended without unmounting; "
-                "detaching the mount", mountpoint, device)
     try:
-        if parent_fd is None:
+        if parent_fd is not None:
+            detached = detach_through_parent(parent_fd, mountpoint, device)
+        elif top_mount_device(mountpoint) == device:
             detach(mountpoint)
-        elif not detach_through_parent(parent_fd, mountpoint, device):
-            log.info("%s is another mount now; leaving it", mountpoint)
+            detached = True
+        else:
+            detached = False
     except OSError as exc:
         log.error("detaching %s (device %s) failed: %s", mountpoint, device, exc)
         return 1
+    if detached:
+        log.warning("the process serving %s (device %s) ended without unmounting; "
+                    "detached the mount", mountpoint, device)
+    else:
+        log.debug("%s is no mount of %s now; nothing to do", mountpoint, device)
     return 0
 
 

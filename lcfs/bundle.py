@@ -329,6 +329,10 @@ def plugin_config() -> dict:
             f"/run/docker/plugins/{PLUGIN_SOCKET}",
             "--device",
             f"{DATA_DIR}/lcfs.img",
+            # Docker's data root is outside the plugin, where the parent of
+            # the driver home is the propagated mount.
+            "--docker-root",
+            "none",
         ],
         "workdir": "/",
         "interface": {"types": ["docker.graphdriver/1.0"], "socket": PLUGIN_SOCKET},

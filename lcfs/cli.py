@@ -131,7 +131,9 @@ def _build_parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--docker-root",
         help="Docker's data root, used to log layers Docker no longer "
-        "references (default: the parent directory of Init's Home)",
+        "references (default: the parent directory of Init's Home), or 'none' "
+        "to skip that check where Docker's data root is not visible, as in a "
+        "managed plugin",
     )
     daemon.add_argument(
         "--grace",
@@ -443,7 +445,8 @@ def _run_daemon(args: argparse.Namespace) -> int:
         snapshotter_socket=args.snapshotter_socket,
         mountpoint=args.mountpoint,
         pid_file=args.pid_file,
-        docker_root=args.docker_root,
+        docker_root=None if args.docker_root == "none" else args.docker_root,
+        orphan_report=args.docker_root != "none",
         grace=args.grace,
         fuse=_fuse_settings(args),
     )

@@ -227,6 +227,22 @@ def test_socket_served_names_pid(workdir):
         assert not (workdir / "b.img").exists()
 
 
+def test_docker_root_none_skips_orphans(workdir):
+    # A managed plugin cannot see Docker's data root, because the parent of
+    # its driver home is the plugin's propagated mount.
+    daemon = LcfsDaemon(workdir / "a", size="64M", mountpoint=workdir / "a.mnt",
+                        options=("--docker-root", "none"))  # fmt: skip
+    daemon.start()
+    try:
+        daemon.call("GraphDriver.Create", {"ID": "base"})
+    finally:
+        assert daemon.stop() == 0
+    log_text = daemon.log_tail(20000)
+    assert "(--docker-root none)" in log_text
+    assert "layer references" not in log_text
+    assert "WARNING" not in log_text
+
+
 def daemon_options(
     workdir: Path,
     name: str,

@@ -103,6 +103,9 @@ class DaemonConfig:
     pid_file: str | None = None
     stop_timeout: float = SHUTDOWN_TIMEOUT
     docker_root: str | None = None
+    # Whether to log the layers that Docker no longer references at start;
+    # False with --docker-root none.
+    orphan_report: bool = True
     grace: float = 3600.0
     fuse: FuseSettings = field(default_factory=FuseSettings)
 
@@ -578,6 +581,10 @@ class Daemon:
         socket_path = self.config.socket_path or self.config.snapshotter_socket
         store.set_meta("daemon.socket", os.path.abspath(socket_path).encode())
         store.commit()
+        if not self.config.orphan_report:
+            log.info("not checking for layers that Docker no longer references "
+                     "(--docker-root none)")  # fmt: skip
+            return
         docker_root = self.config.docker_root or docker_root_from_home(home)
         if not docker_root:
             return

@@ -74,6 +74,7 @@ PROGRAMS = ("usr/bin/python3.11", "bin/fusermount3")
 PLUGIN_SOCKET = "lcfs.sock"
 DATA_DIR = "/var/lib/lcfs"
 PROPAGATED_MOUNT = "/mnt/lcfs"
+BDI_DIR = "/sys/devices/virtual/bdi"
 
 REMOVED_TREES = (
     "usr/share",
@@ -347,7 +348,19 @@ def plugin_config() -> dict:
                 "type": "bind",
                 "options": ["rbind", "rw"],
                 "settable": ["source"],
-            }
+            },
+            {
+                # The plugin's /sys is read-only, and the daemon sets its
+                # mount's read-ahead in /sys/class/bdi/MAJOR:MINOR, a link
+                # into this directory.
+                "name": "bdi",
+                "description": "the kernel's backing-device settings, where the "
+                "daemon sets the read-ahead of its mount",
+                "source": BDI_DIR,
+                "destination": BDI_DIR,
+                "type": "bind",
+                "options": ["rbind", "rw"],
+            },
         ],
         "args": {
             "name": "args",

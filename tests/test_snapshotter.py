@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import time
 
 import grpc
@@ -288,6 +289,31 @@ def test_usage_skips_holes_and_parent_blocks(store):
     sparse = store.mknod(layer, ROOT_INO, b"sparse", stat.S_IFREG | 0o644, 0, 0, 0)
     store.write(layer, sparse.ino, 100 * 1024 * 1024, b"end")
     assert store.snapshot_usage("child") == (2 * 4096, 2)
+
+
+CRASH_WITH_CHANGE_MARK = """
+import os, sys
+from lcfs.store import Store
+store = Store.open(sys.argv[1])
+info = store.create_snapshot("default/7/work-1", "", "active")
+store.mark_layer(info.layer_id)
+store.commit()
+os._exit(0)
+"""
+
+
+def test_lost_changes_name_snapshot(image, caplog):
+    # A process that ends with a change mark on a snapshot's layer, as a
+    # daemon killed while a container writes does.
+    subprocess.run([sys.executable, "-c", CRASH_WITH_CHANGE_MARK, image], check=True,
+                   timeout=60)  # fmt: skip
+    with caplog.at_level("WARNING", logger="lcfs.store.store"):
+        reopened = Store.open(image)
+    reopened.close()
+    lost = [record.getMessage() for record in caplog.records
+            if "may have lost the changes" in record.getMessage()]  # fmt: skip
+    assert len(lost) == 1, lost
+    assert "(containerd snapshot default/7/work-1)" in lost[0]
 
 
 def test_remove_frees_space(store):

@@ -207,6 +207,21 @@ class SnapshotMixin:
             )
         return layer
 
+    def _snapshot_names_by_layer(self, txn) -> dict[str, str]:
+        """Return the name of the snapshot of each snapshot layer, by layer id.
+
+        Used for log messages while the store opens, so a malformed record
+        is skipped here (lcfs-fsck reports it) instead of failing the open.
+        """
+        names = {}
+        for key, value in txn.cursor(db=self.dbs["snapshots"]):
+            try:
+                layer_id = json.loads(bytes(value))["layer"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            names[layer_id] = bytes(key).decode("utf-8", "surrogateescape")
+        return names
+
     def _next_snapshot_layer_id(self) -> str:
         raw = self._txn.get(NEXT_SNAPSHOT, db=self.dbs["meta"])
         number = U64.unpack(raw)[0] if raw is not None else 1

@@ -59,7 +59,7 @@ from .format import (
     read_superblock,
 )
 from .namespace import NamespaceMixin
-from .snapshots import SnapshotMixin
+from .snapshots import SnapshotMixin, is_snapshot_layer
 from .tar import TarMixin
 
 log = logging.getLogger(__name__)
@@ -444,6 +444,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
         for key, value in list(self._prefix_items(meta, LOST_CHANGES)):
             self._lost_changes[U64.unpack(key[len(LOST_CHANGES):])[0]] = U64.unpack(value)[0]
         now = time.time_ns()
+        snapshot_names = None
         for key, _ in list(self._prefix_items(meta, CHANGE_MARK)):
             number = U64.unpack(key[len(CHANGE_MARK):])[0]
             layer = self._layers.get(number)
@@ -451,10 +452,19 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
                 txn.delete(key, db=meta)
             if layer is None or layer.frozen:
                 continue
+            described = layer.id
+            if is_snapshot_layer(layer.id):
+                # containerd's users know the snapshot by its name, not by
+                # the id of its layer.
+                if snapshot_names is None:
+                    snapshot_names = self._snapshot_names_by_layer(txn)
+                name = snapshot_names.get(layer.id)
+                if name is not None:
+                    described = f"{layer.id} (containerd snapshot {name})"
             log.warning(
                 "layer %s may have lost the changes made through the mount in "
                 "the last second before the process that had %s open ended "
-                "without committing them", layer.id, self.path)  # fmt: skip
+                "without committing them", described, self.path)  # fmt: skip
             self._lost_changes[number] = now
             if not self.readonly:
                 txn.put(LOST_CHANGES + U64.pack(number), U64.pack(now), db=meta)

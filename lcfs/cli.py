@@ -298,7 +298,9 @@ def _add_install_commands(commands) -> None:
         description="Build the directory that 'docker plugin create NAME OUTDIR' "
         "reads: Debian's Python 3.11 and libfuse3 from apt-get download, lcfs's "
         "dependencies from pip, and lcfs itself, cut down to what the daemon "
-        "uses. Needs root, apt-get, dpkg-deb and binutils.",
+        "uses. Needs root, apt-get, dpkg-deb, binutils, and for the rebuilt "
+        "pyfuse3 pkg-config, libfuse3-dev, a C compiler and the Python headers "
+        "(python3-dev), all of which scripts/install.sh installs.",
     )
     bundle.add_argument("outdir", metavar="OUTDIR", help="directory to create")
     bundle.add_argument(

@@ -1088,6 +1088,24 @@ def test_changes_list_entries_of_directory_moved_away(store):
     }  # fmt: skip
 
 
+def test_changes_list_deletions_below_replaced_directory(store):
+    apply(store, "img", None, make_tar([
+        ("o", DIR, {}), ("o/sub", DIR, {}), ("o/sub/gone", REG, {"data": b"g"}),
+        ("o/sub/deeper", DIR, {}), ("o/sub/deeper/gone", REG, {"data": b"g"}),
+        ("p", DIR, {}), ("p/sub", DIR, {}), ("p/sub/deeper", DIR, {}),
+    ]))  # fmt: skip
+    store.create_layer("ctr", "img")
+    number = store.get_layer("ctr").number
+    store.rename(number, ROOT_INO, b"o", ROOT_INO, b"o2")
+    store.rename(number, ROOT_INO, b"p", ROOT_INO, b"o")
+    # As Docker's tree comparison: it compares the old and new "sub" and
+    # "deeper" too, because both are directories at the same path.
+    changes = dict(store.changes("ctr"))
+    assert changes["/o/sub/gone"] == 2
+    assert changes["/o/sub/deeper/gone"] == 2
+    assert changes["/o/sub/deeper"] == 0
+
+
 def test_opaque_directory_counts_only_its_own_subdirectories(store):
     apply(store, "img", None, make_tar([
         ("o", DIR, {}), ("o/x", DIR, {}), ("o/x/y", REG, {"data": b"y"}),

@@ -287,8 +287,9 @@ class DiffPlan:
         """Return (path, kind) of every change, as Docker's Changes call lists them.
 
         Where the tar has an opaque whiteout, the entries of the replaced
-        directory that the new one lacks are listed as deleted, one level
-        deep, as Docker's own tree comparison lists them.
+        directory that the new one lacks are listed as deleted. The
+        comparison goes on down every subdirectory name that is a directory
+        in both, as Docker's own tree comparison does.
         """
         found = {}
         for path, (kind, _) in self.items.items():
@@ -300,21 +301,30 @@ class DiffPlan:
 
     def _replaced_entries(self, path: bytes) -> dict[bytes, int]:
         """Return {path: CHANGE_DELETE} for what the parent layer had in the replaced directory ``path``."""
-        store, number = self.store, self.number
         old_ino = self._parent_entry(path)
         new_ino = self.items.get(path, (None, None))[1]
         if old_ino is None or new_ino is None:
             return {}
+        return self._entries_gone(path, old_ino, new_ino)
+
+    def _entries_gone(self, path: bytes, old_ino: int, new_ino: int) -> dict[bytes, int]:
+        """Return {path: CHANGE_DELETE} for the entries of the parent's directory
+        ``old_ino`` that the layer's directory ``new_ino`` lacks, at any depth."""
+        store, number = self.store, self.number
         old_dir = store._inode(self.parent, old_ino)
         new_dir = store._inode(number, new_ino)
         if not old_dir.is_dir or not new_dir.is_dir:
             return {}
         new_names = store._entries(number, new_dir)
-        return {
-            path + b"/" + name: CHANGE_DELETE
-            for name in store._entries(self.parent, old_dir)
-            if name not in new_names
-        }
+        found = {}
+        for name, old_child in store._entries(self.parent, old_dir).items():
+            child = path + b"/" + name
+            new_child = new_names.get(name)
+            if new_child is None:
+                found[child] = CHANGE_DELETE
+            else:
+                found.update(self._entries_gone(child, old_child, new_child))
+        return found
 
     def size(self) -> int:
         """Return the bytes of the changed files and symlinks, each hard-linked file once.

@@ -1106,6 +1106,19 @@ def test_changes_list_deletions_below_replaced_directory(store):
     assert changes["/o/sub/deeper"] == 0
 
 
+def test_diff_keeps_mtime_before_1970(store):
+    store.create_layer("ctr", None)
+    number = store.get_layer("ctr").number
+    ino = store.mknod(number, ROOT_INO, b"old", stat.S_IFREG | 0o644).ino
+    store.setattr(number, ino, mtime_ns=-3600_000_000_005)
+    data = b"".join(store.diff("ctr"))
+    member = tarfile.open(fileobj=io.BytesIO(data)).getmember("old")
+    assert member.pax_headers["mtime"] == "-3600.000000005"
+    apply(store, "committed", None, data)
+    committed = store.get_layer("committed").number
+    assert store.lookup(committed, ROOT_INO, b"old").mtime_ns == -3600_000_000_005
+
+
 def test_opaque_directory_counts_only_its_own_subdirectories(store):
     apply(store, "img", None, make_tar([
         ("o", DIR, {}), ("o/x", DIR, {}), ("o/x/y", REG, {"data": b"y"}),

@@ -418,5 +418,11 @@ class DiffPlan:
 
 
 def _format_ns(ns: int) -> str:
-    seconds, fraction = divmod(ns, 1_000_000_000)
-    return f"{seconds}.{fraction:09d}".rstrip("0").rstrip(".")
+    """Format a time in nanoseconds since 1970 as a PAX time record.
+
+    The sign applies to the whole number, so a time before 1970 is written
+    from its absolute value, as Go's archive/tar writes it.
+    """
+    sign = "-" if ns < 0 else ""
+    seconds, fraction = divmod(abs(ns), 1_000_000_000)
+    return f"{sign}{seconds}.{fraction:09d}".rstrip("0").rstrip(".")

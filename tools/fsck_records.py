@@ -17,7 +17,7 @@ from lcfs.journal import intents
 from lcfs.store import Store, errors
 from lcfs.store.data import BORROWED, OWNED, REFS, SHARED
 from lcfs.store.format import DATABASES, U64, U64X2, Inode, Layer
-from lcfs.store.snapshots import KINDS, MAX_KEY_BYTES, SNAPSHOT_LAYER_PREFIX
+from lcfs.store.snapshots import MAX_KEY_BYTES, MalformedSnapshot, SnapshotInfo
 
 # Length of an inode record with an empty name and target; its last two
 # bytes are the name length.
@@ -82,26 +82,12 @@ def read_intent(value: bytes) -> dict | None:
     return intent
 
 
-def read_snapshot(value: bytes) -> dict | None:
-    """Decode a snapshot record, or return None if it is malformed."""
+def read_snapshot(key: bytes, value: bytes) -> SnapshotInfo | None:
+    """Decode a snapshot record as the daemon does, or return None if it is malformed."""
     try:
-        record = json.loads(value)
-    except ValueError:
+        return SnapshotInfo.unpack(bytes(key).decode("utf-8", "surrogateescape"), value)
+    except MalformedSnapshot:
         return None
-    if not isinstance(record, dict):
-        return None
-    labels = record.get("labels")
-    valid = (
-        record.get("kind") in KINDS
-        and isinstance(record.get("layer"), str)
-        and record["layer"].startswith(SNAPSHOT_LAYER_PREFIX)
-        and isinstance(record.get("parent"), str)
-        and isinstance(record.get("created"), int)
-        and isinstance(record.get("updated"), int)
-        and isinstance(labels, dict)
-        and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
-    )
-    return record if valid else None
 
 
 KEY_RULES = {
@@ -134,7 +120,7 @@ VALUE_RULES = {
     "node_keys": lambda k, v: len(v) == 8,
     "intents": lambda k, v: read_intent(v) is not None,
     "refs": lambda k, v: len(v) == REFS.size,
-    "snapshots": lambda k, v: read_snapshot(v) is not None,
+    "snapshots": lambda k, v: read_snapshot(k, v) is not None,
 }
 
 

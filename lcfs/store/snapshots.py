@@ -132,7 +132,11 @@ class SnapshotInfo:
 
     @classmethod
     def unpack(cls, name: str, raw: bytes) -> SnapshotInfo:
-        """Decode a record; raise StoreError naming the record if it is malformed."""
+        """Decode a record; raise MalformedSnapshot naming the record if it is malformed.
+
+        lcfs-fsck applies the same rules, so the daemon and fsck agree on
+        which records are damaged.
+        """
         try:
             rec = json.loads(bytes(raw))
             info = cls(name, rec["kind"], rec["parent"], rec["created"], rec["updated"],
@@ -141,6 +145,15 @@ class SnapshotInfo:
             raise MalformedSnapshot(name, f"{type(error).__name__}: {error}") from None
         if info.kind not in KINDS:
             raise MalformedSnapshot(name, f"unknown kind {info.kind!r}")
+        if not (isinstance(info.layer_id, str) and is_snapshot_layer(info.layer_id)):
+            raise MalformedSnapshot(name, f"invalid layer id {info.layer_id!r}")
+        if not (isinstance(info.parent, str) and isinstance(info.created_ns, int)
+                and isinstance(info.updated_ns, int)):  # fmt: skip
+            raise MalformedSnapshot(name, "parent, created or updated has the wrong type")
+        labels = info.labels
+        if not (isinstance(labels, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())):  # fmt: skip
+            raise MalformedSnapshot(name, "labels are not a map of strings")
         return info
 
 

@@ -103,8 +103,8 @@ class DaemonConfig:
     pid_file: str | None = None
     stop_timeout: float = SHUTDOWN_TIMEOUT
     docker_root: str | None = None
-    # Whether to log the layers that Docker no longer references at start;
-    # False with --docker-root none.
+    # Whether to log at start the layers that Docker no longer references.
+    # --docker-root none turns it off.
     orphan_report: bool = True
     grace: float = 3600.0
     fuse: FuseSettings = field(default_factory=FuseSettings)

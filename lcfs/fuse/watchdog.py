@@ -146,10 +146,10 @@ def main(argv: list[str]) -> int:
         log.error("detaching %s (device %s) failed: %s", mountpoint, device, exc)
         return 1
     if detached:
-        log.warning("the process serving %s (device %s) ended without unmounting; "
-                    "detached the mount", mountpoint, device)
+        log.warning("the process serving %s (device %s) ended without unmounting, "
+                    "so the watchdog detached the mount", mountpoint, device)
     else:
-        log.debug("%s is no mount of %s now; nothing to do", mountpoint, device)
+        log.debug("the mount of device %s at %s was already gone", device, mountpoint)
     return 0
 
 

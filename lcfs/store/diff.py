@@ -308,8 +308,11 @@ class DiffPlan:
         return self._entries_gone(path, old_ino, new_ino)
 
     def _entries_gone(self, path: bytes, old_ino: int, new_ino: int) -> dict[bytes, int]:
-        """Return {path: CHANGE_DELETE} for the entries of the parent's directory
-        ``old_ino`` that the layer's directory ``new_ino`` lacks, at any depth."""
+        """Return {path: CHANGE_DELETE} for what ``new_ino`` lacks of the parent's ``old_ino``.
+
+        Both are directories at ``path``. The comparison goes on down every
+        name that is a directory in both.
+        """
         store, number = self.store, self.number
         old_dir = store._inode(self.parent, old_ino)
         new_dir = store._inode(number, new_ino)

@@ -201,9 +201,8 @@ def lock_holder(path: str) -> int | None:
     return None
 
 
-def describe_holder(path: str) -> str:
-    """Return "pid N (COMMAND LINE)" of the process that has locked ``path``, for messages."""
-    holder = lock_holder(path)
+def describe_holder(holder: int | None) -> str:
+    """Return "pid N (COMMAND LINE)" of the process ``holder`` from lock_holder, for messages."""
     if holder is None:
         return "another process, which has ended or is not visible here"
     try:
@@ -340,7 +339,7 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
 
         holder = lock_holder(path) if os.path.exists(path) else None
         if holder is not None:
-            raise errors.DeviceBusy(f"{path} is in use by {describe_holder(path)}")
+            raise errors.DeviceBusy(f"{path} is in use by {describe_holder(holder)}")
         superblock = mkfs(path, size, metadata_size, force)
         log.info("formatted %s: %d data blocks, %d bytes of metadata", path,
                  superblock["data_blocks"], superblock["metadata_size"])  # fmt: skip
@@ -366,7 +365,8 @@ class Store(NamespaceMixin, DataMixin, TarMixin, SnapshotMixin):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise errors.DeviceBusy(f"{path} is in use by {describe_holder(path)}") from None
+            holder = describe_holder(lock_holder(path))
+            raise errors.DeviceBusy(f"{path} is in use by {holder}") from None
         try:
             superblock = read_superblock(path)
             if superblock is None or superblock.get("magic") != "lcfs":

@@ -51,7 +51,7 @@ COMMIT_INTERVAL = 1.0
 MAX_SYMLINKS = 40
 # Namespaces of the xattr names that Linux stores on a file. ext4 and the
 # kernel's overlayfs reject any other name with EOPNOTSUPP, and Docker's
-# applier skips an xattr that fails so (setxattr in its archive package).
+# applier skips an xattr whose setxattr fails with EOPNOTSUPP.
 # The system namespace takes only the POSIX ACL names.
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 SYSTEM_XATTRS = (b"system.posix_acl_access", b"system.posix_acl_default")
@@ -516,11 +516,10 @@ class _Applier:
 
         A subdirectory of an older layer that this layer changed before the
         marker (its metadata, or entries added or removed at any depth below
-        it) keeps
-        its name and becomes opaque too, as on overlayfs, where Docker's
-        overlay2 driver makes that subdirectory in the upper directory. A
-        hidden file with other names elsewhere loses the hidden name's link
-        (``_drop_hidden``), so the link count matches the names left.
+        it) keeps its name and becomes opaque too. Docker's overlay2 driver
+        likewise makes that subdirectory in the upper directory. A hidden file with other names elsewhere loses the hidden
+        name's link (``_drop_hidden``), so the link count matches the names
+        left.
         """
         store, number, txn = self.store, self.number, self.store._txn
         inode = store._own(number, dir_ino)
@@ -538,8 +537,8 @@ class _Applier:
                 self._make_opaque(ino)
             else:
                 self._drop_hidden(ino)
-        # The older layers' subdirectories no longer count as links; those
-        # this layer made or kept still do.
+        # The older layers' subdirectories no longer count as links, but
+        # those this layer made or kept still do.
         inode = store._own(number, dir_ino)
         inode.nlink = 2 + sum(
             1 for ino in store._entries(number, inode).values()
@@ -553,7 +552,7 @@ class _Applier:
         """Tell whether this layer changed the directory ``dir_ino`` or one below it.
 
         Adding or removing an entry changes the directory's times, so this
-        layer then holds the directory's inode.
+        layer then owns the directory's inode.
         """
         store, number = self.store, self.number
         owner, inode = store._resolve(number, dir_ino)
